@@ -1,0 +1,108 @@
+"""Building blocks shared by the text decoder and the vision tower.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`); the names are
+mapped to mesh axes in one table, `ares_jax.train.sharding.LOGICAL_RULES`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+Axes = tuple[str | None, ...]
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked (padding) rows stay NaN-free
+
+
+def dense(features: int | Sequence[int], axes: Axes, *, axis: int | Sequence[int] = -1, use_bias: bool,
+          dtype, param_dtype, name: str) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel (and bias) carry logical axis names.
+
+  `axes` names the kernel dimensions: input dims first, then output dims. The bias takes the
+  output names.
+  """
+  n_in = 1 if isinstance(axis, int) else len(axis)
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[n_in:]),
+      precision=jax.lax.Precision.HIGHEST, name=name)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm computed in float32 and cast back before the scale, as transformers does."""
+
+  eps: float
+  axis_name: str = "norm"
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return jnp.asarray(scale, x.dtype) * y.astype(x.dtype)
+
+
+class GatedMLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  hidden: int
+  axes: tuple[str, str]  # (model width, hidden width) logical names
+  use_bias: bool
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    width, hid = self.axes
+    gate = dense(self.hidden, (width, hid), name="gate_proj", **kw)(x)
+    up = dense(self.hidden, (width, hid), name="up_proj", **kw)(x)
+    return dense(x.shape[-1], (hid, width), name="down_proj", **kw)(nn.silu(gate) * up)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: [..., T, H, D]; cos/sin: [..., T, D] (broadcast over heads). Done in float32."""
+  x32 = x.astype(jnp.float32)
+  out = x32 * cos[..., None, :] + rotate_half(x32) * sin[..., None, :]
+  return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query softmax attention.
+
+  q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h reads kv head h // (H/K),
+  the layout of transformers' repeat_kv); mask: bool, broadcastable to [B, T, S]. Returns [B, T, H, D].
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST) * (d**-0.5)
+  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(b, t, h, d)
+
+
+def remat_policy(name: str):
+  """Maps `ModelConfig.remat_policy` to a jax checkpoint policy (None = no remat)."""
+  policies = {
+      "none": None,
+      "full": jax.checkpoint_policies.nothing_saveable,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  }
+  if name not in policies:
+    raise ValueError(f"model.remat_policy={name!r}; choose one of {sorted(policies)}")
+  return policies[name]

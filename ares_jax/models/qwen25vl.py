@@ -1,0 +1,175 @@
+"""The Qwen2.5-VL policy: token embedding, vision tower, decoder, LM head; and `forward`.
+
+`forward` takes exactly what the Hugging Face processor returns; everything that depends on
+concrete image sizes is prepared on the host (`positions`), then one jitted program runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from ares_jax.models import positions as pos_lib
+from ares_jax.models.config import ModelConfig
+from ares_jax.models.layers import RMSNorm
+from ares_jax.models.text import Decoder, causal_padding_mask, mrope_cos_sin
+from ares_jax.models.vision import VisionInputs, VisionTower
+
+Params = Any
+
+
+class Qwen25VL(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    cfg, tc = self.config, self.config.text
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed_tokens = nn.Embed(
+        tc.vocab_size, tc.hidden_size, dtype=cfg.compute_dtype, param_dtype=pd,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+    self.visual = VisionTower(cfg)
+    self.decoder = Decoder(cfg)
+    self.norm = RMSNorm(tc.rms_norm_eps, "embed", pd)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                         ("embed", "vocab")),
+                                (tc.hidden_size, tc.vocab_size), pd)
+
+  def embed(self, input_ids: jax.Array, vision: VisionInputs | None) -> jax.Array:
+    """Token embeddings with image placeholders replaced by merged vision features: [B, T, E]."""
+    x = self.embed_tokens(input_ids)
+    if vision is None:
+      return x
+    feats = self.visual(vision).astype(x.dtype)  # [M, E], Hugging Face order
+    is_image = input_ids == self.config.image_token_id
+    # masked_scatter semantics: the k-th image token (row-major over the batch) takes feature k
+    k = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    gathered = jnp.take(feats, jnp.clip(k, 0, feats.shape[0] - 1), axis=0)
+    return jnp.where(is_image[..., None], gathered, x)
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """[B, T, E] final hidden states -> float32 logits [B, T, V] (float32 accumulation in bf16 too)."""
+    x = self.norm(x)
+    w = self.embed_tokens.embedding.T if self.config.tie_word_embeddings else self.lm_head
+    out = jnp.einsum("bte,ev->btv", x, jnp.asarray(w, x.dtype), preferred_element_type=jnp.float32,
+                     precision=jax.lax.Precision.HIGHEST)
+    return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def __call__(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None):
+    """input_ids/attention_mask [B, T]; positions [3, B, T] M-RoPE ids. Returns logits [B, T, V] f32."""
+    x = self.embed(input_ids, vision)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    cos, sin = mrope_cos_sin(self.config.text, positions)
+    x = self.decoder(x, cos, sin, causal_padding_mask(attention_mask))
+    return self.logits(x)
+
+
+def _check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw):
+  if input_ids.ndim != 2:
+    raise pos_lib.InputError(f"input_ids must be [batch, length]; got shape {input_ids.shape}")
+  if attention_mask.shape != input_ids.shape:
+    raise pos_lib.InputError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+  n_video = int((input_ids == config.video_token_id).sum())
+  if n_video:
+    raise pos_lib.InputError(
+        f"input_ids hold {n_video} video tokens: ares_jax supports text and still images "
+        "(pixel_values + image_grid_thw); videos are not supported")
+  n_tokens = int(((input_ids == config.image_token_id) & (attention_mask > 0)).sum())
+  if pixel_values is None or image_grid_thw is None:
+    if n_tokens:
+      raise pos_lib.InputError(f"input_ids hold {n_tokens} image tokens but no pixel_values/image_grid_thw "
+                               "were given")
+    return
+  vc = config.vision
+  grid = np.asarray(image_grid_thw).reshape(-1, 3)
+  n_patches = int(grid.prod(-1).sum())
+  if pixel_values.ndim != 2 or pixel_values.shape != (n_patches, vc.patch_dim):
+    raise pos_lib.InputError(
+        f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw, which implies "
+        f"({n_patches}, {vc.patch_dim}) = (sum of t*h*w, channels*temporal_patch*patch**2)")
+  if np.any(grid[:, 1:] % vc.spatial_merge_size):
+    raise pos_lib.InputError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of spatial_merge_size")
+  n_merged = int(pos_lib.merged_token_counts(grid, vc).sum())
+  if n_tokens != n_merged:
+    raise pos_lib.InputError(
+        f"input_ids hold {n_tokens} image tokens but image_grid_thw gives {n_merged} merged patches "
+        f"(t*h*w/{vc.merge_unit} per image); likely causes: the prompt was truncated (max_prompt_length) "
+        "through the image, or <|image_pad|> was expanded with a different max_pixels/min_pixels than the "
+        "image processor that produced pixel_values")
+
+
+def prepare_vision(config: ModelConfig, pixel_values: np.ndarray, image_grid_thw: np.ndarray,
+                   min_windows: int = 1) -> VisionInputs:
+  """Host-side: pixel rows and image grids -> `VisionInputs` in the bucketed slot layout."""
+  layout = pos_lib.vision_layout(image_grid_thw, config.vision, min_windows)
+  src = layout["patch_src"]
+  pixel_values = np.asarray(pixel_values, dtype=np.float32)
+  patches = np.where((src >= 0)[:, None], pixel_values[np.maximum(src, 0)], 0.0).astype(np.float32)
+  full = np.isin(np.arange(config.vision.depth), config.vision.fullatt_block_indexes)
+  return VisionInputs(patches=patches, slot_segment=layout["slot_segment"], pos_hw=layout["pos_hw"],
+                      merged_index=layout["merged_index"], full_layer=full)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(config: ModelConfig, params, input_ids, positions, attention_mask, vision):
+  return Qwen25VL(config).apply({"params": params}, input_ids, positions, attention_mask, vision)
+
+
+def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixel_values=None,
+            image_grid_thw=None, *, length_bucket: int = 64) -> jax.Array:
+  """Logits [B, T, V] float32 for a batch as the Hugging Face processor returns it.
+
+  Left or right padding; images as `pixel_values` [sum(t*h*w), 1176] with `image_grid_thw`
+  [num_images, 3]. The sequence is padded on the right to a multiple of `length_bucket` (and the
+  image slots to a bucket) so that nearby shapes share one compiled program; padding is cut off
+  again. Params may be sharded: the program then runs on their mesh.
+  """
+  input_ids = np.asarray(input_ids)
+  attention_mask = np.asarray(attention_mask)
+  _check_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw)
+  vision = None
+  if pixel_values is not None and image_grid_thw is not None:
+    vision = prepare_vision(config, np.asarray(pixel_values), np.asarray(image_grid_thw))
+  positions, _ = pos_lib.mrope_positions(input_ids, attention_mask, image_grid_thw if vision else None, config)
+  b, t = input_ids.shape
+  pad = -t % max(length_bucket, 1)
+  ids = np.pad(input_ids, ((0, 0), (0, pad))).astype(np.int32)
+  mask = np.pad(attention_mask, ((0, 0), (0, pad))).astype(np.int32)
+  positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
+  from ares_jax.train import sharding  # local: train depends on models, not the reverse at import time
+  with sharding.mesh_context_of(params):
+    logits = _apply(config, params, ids, positions, mask, vision)
+  return logits[:, :t]
+
+
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+  """Random parameters (plain arrays, logical-axis metadata stripped)."""
+  return nn.unbox(_init_boxed(config, key))
+
+
+def _dummy_inputs(config: ModelConfig):
+  vc = config.vision
+  grid = np.array([[1, 2 * vc.spatial_merge_size, 2 * vc.spatial_merge_size]])
+  vision = prepare_vision(config, np.zeros((int(grid.prod()), vc.patch_dim), np.float32), grid)
+  n = int(pos_lib.merged_token_counts(grid, vc).sum())
+  ids = np.full((1, n + 2), config.image_token_id, np.int32)
+  ids[0, 0] = ids[0, -1] = 0
+  positions, _ = pos_lib.mrope_positions(ids, np.ones_like(ids), grid, config)
+  return ids, positions, np.ones_like(ids), vision
+
+
+def _init_boxed(config: ModelConfig, key: jax.Array):
+  ids, positions, mask, vision = _dummy_inputs(config)
+  return jax.jit(lambda k: Qwen25VL(config).init(k, ids, positions, mask, vision)["params"])(key)
+
+
+def abstract_params(config: ModelConfig):
+  """Shapes, dtypes and logical axis names of every parameter, without allocating (eval_shape)."""
+  ids, positions, mask, vision = _dummy_inputs(config)
+  return jax.eval_shape(lambda k: Qwen25VL(config).init(k, ids, positions, mask, vision)["params"],
+                        jax.random.key(0))

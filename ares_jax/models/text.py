@@ -1,0 +1,88 @@
+"""Qwen2 text decoder with GQA and multimodal rotary embeddings (M-RoPE), scanned over layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from ares_jax.models.config import ModelConfig, TextConfig
+from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, attention, dense, remat_policy
+
+
+def mrope_cos_sin(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos/sin [B, T, head_dim] for M-RoPE position ids `positions` [3, B, T] (temporal, height, width).
+
+  Frequency j of the rotary half-dimension reads the position of axis a(j), where `mrope_section`
+  splits the half-dimension into three contiguous chunks (the chunked, not interleaved, layout).
+  """
+  half = cfg.head_dim // 2
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+  axis_of_freq = np.repeat(np.arange(3), cfg.mrope_section)  # [half]
+  assert axis_of_freq.shape == (half,)
+  pos = jnp.take(positions.astype(jnp.float32), axis_of_freq, axis=0)  # [half, B, T]
+  freqs = jnp.moveaxis(pos, 0, -1) * inv_freq  # [B, T, half]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    cfg, tc = self.config, self.config.text
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
+    q = dense((tc.num_heads, tc.head_dim), ("embed", "q_heads", "head_dim"), use_bias=True, name="q_proj", **kw)(x)
+    k = dense((tc.num_kv_heads, tc.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k_proj",
+              **kw)(x)
+    v = dense((tc.num_kv_heads, tc.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v_proj",
+              **kw)(x)
+    q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length",
+                                                                "activation_heads", None))
+    k = apply_rotary(k, cos, sin)
+    out = attention(q, k, v, mask)
+    return dense(tc.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
+                 **kw)(out)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    cfg, tc = self.config, self.config.text
+    pd = jnp.dtype(cfg.param_dtype)
+    h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="input_layernorm")(x)
+    x = x + Attention(cfg, name="self_attn")(h, cos, sin, mask)
+    h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="post_attention_layernorm")(x)
+    x = x + GatedMLP(tc.intermediate_size, ("embed", "mlp"), False, cfg.compute_dtype, pd, name="mlp")(h)
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, None
+
+
+class Decoder(nn.Module):
+  """All decoder layers as one `nn.scan` (parameters stacked on a leading 'layers' axis)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, mask):
+    cfg = self.config
+    layer = DecoderLayer
+    policy = remat_policy(cfg.remat_policy)
+    if cfg.remat_policy != "none":
+      layer = nn.remat(layer, policy=policy, prevent_cse=False)
+    stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.text.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = stack(cfg, name="layers")(x, cos, sin, mask)
+    return x
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+  """[B, T, T] bool: query t sees key s iff s <= t and key s is a real token."""
+  t = attention_mask.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+  return causal[None] & attention_mask.astype(bool)[:, None, :]

@@ -1,0 +1,1 @@
+"""Shared training machinery: mesh and sharding (more lands with the AEPO stage)."""

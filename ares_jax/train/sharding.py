@@ -1,0 +1,123 @@
+"""Mesh construction and the one table mapping logical axis names to mesh axes (MaxText-style).
+
+Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters sharded),
+`tensor` (heads / MLP width). A rule may name several mesh axes; a mesh axis that does not divide
+the dimension, or is already used by another dimension of the same array, is dropped for that
+array (e.g. 2 KV heads of the 3B model on a tensor axis of 4 stay replicated) instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (in order of preference); None = replicated.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+    ("vision_patch", None),
+    ("vision_embed", "fsdp"),
+    ("vision_heads", "tensor"),
+    ("vision_mlp", "tensor"),
+    ("vision_merged", "fsdp"),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_heads", "tensor"),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axes; one of the sizes may be -1 (takes the rest)."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {len(devices)} devices are present")
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def _mesh_axes(name: str | None, rules) -> tuple[str, ...]:
+  for logical, target in rules:
+    if logical == name:
+      return () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  return ()
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=LOGICAL_RULES) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dims carry logical `names`."""
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(names, shape):
+    axes = []
+    size = 1
+    for axis in _mesh_axes(name, rules):
+      n = mesh.shape[axis]
+      if axis in used or n == 1 or dim % (size * n):
+        continue
+      axes.append(axis)
+      size *= n
+    used.update(axes)
+    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return PartitionSpec(*spec)
+
+
+def param_shardings(boxed_params: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+  """NamedSharding per parameter from a tree of `nn.LogicallyPartitioned` (abstract or concrete)."""
+  def one(leaf):
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else (None,) * len(leaf.shape)
+    value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
+    return NamedSharding(mesh, logical_to_spec(names, value.shape, mesh, rules))
+  return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+  return jax.tree.map(jax.device_put, params, shardings)
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh a tree of arrays is sharded over, if it spans more than one device."""
+  for leaf in jax.tree.leaves(tree):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+      return sharding.mesh
+  return None
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh | None, rules=LOGICAL_RULES):
+  """Activates `mesh` (if any) and the logical rules, so activation constraints take effect."""
+  with contextlib.ExitStack() as stack:
+    if mesh is not None:
+      stack.enter_context(jax.set_mesh(mesh))
+      stack.enter_context(nn.logical_axis_rules(rules))
+    yield
+
+
+def mesh_context_of(tree: Any, rules=LOGICAL_RULES):
+  return mesh_context(mesh_of(tree), rules)
