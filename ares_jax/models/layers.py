@@ -17,19 +17,46 @@ Axes = tuple[str | None, ...]
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked (padding) rows stay NaN-free
 
 
-def dense(features: int | Sequence[int], axes: Axes, *, axis: int | Sequence[int] = -1, use_bias: bool,
-          dtype, param_dtype, name: str) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel (and bias) carry logical axis names.
+class Dense(nn.Module):
+  """y = x . kernel (+ bias), contracting the last `n_in` dims of x with the first of the kernel.
 
-  `axes` names the kernel dimensions: input dims first, then output dims. The bias takes the
-  output names.
+  The kernel is created in its final (multi-dimensional) shape, so its logical axis names fit it
+  exactly (flax's DenseGeneral initialises a flattened kernel, which breaks sharded init).
   """
+
+  features: tuple[int, ...]
+  axes: Axes  # kernel dims: input dims first, then output dims; the bias takes the output names
+  n_in: int = 1
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = tuple(x.shape[x.ndim - self.n_in:]) + tuple(self.features)
+    kernel = self.param("kernel", nn.with_logical_partitioning(_kernel_init(self.n_in), self.axes), shape,
+                        self.param_dtype)
+    contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), (contract, ((), ())),
+                            precision=jax.lax.Precision.HIGHEST)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[self.n_in:]),
+                        tuple(self.features), self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+def _kernel_init(n_in: int):
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+                                          out_axis=())
+
+
+def dense(features: int | Sequence[int], axes: Axes, *, axis: int | Sequence[int] = -1, use_bias: bool,
+          dtype, param_dtype, name: str) -> Dense:
+  """A `Dense` over the last one (`axis=-1`) or last two (`axis=(-2, -1)`) input dims."""
   n_in = 1 if isinstance(axis, int) else len(axis)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[n_in:]),
-      precision=jax.lax.Precision.HIGHEST, name=name)
+  feats = (features,) if isinstance(features, int) else tuple(features)
+  return Dense(feats, axes, n_in, use_bias, dtype, param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):
