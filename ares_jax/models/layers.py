@@ -122,6 +122,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   return out.reshape(b, t, h, d)
 
 
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array, k_new: jax.Array,
+                     v_new: jax.Array) -> jax.Array:
+  """One decode step: softmax over the cached keys allowed by `mask` [B, 1, S] plus the new key.
+
+  q: [B, 1, H, D]; k_cache, v_cache: [B, S, K, D]; k_new, v_new: [B, 1, K, D]. The two score blocks
+  are normalised jointly, so the cache is read once and never concatenated or copied.
+  """
+  b, t, h, d = q.shape
+  kv = k_cache.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, d)
+  prec = jax.lax.Precision.HIGHEST
+  s_cache = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32,
+                       precision=prec) * (d**-0.5)
+  s_cache = jnp.where(mask[:, None, None, :, :], s_cache, _NEG)
+  s_new = jnp.einsum("btkgd,btkd->bkgt", qg, k_new, preferred_element_type=jnp.float32,
+                     precision=prec)[..., None] * (d**-0.5)
+  m = jnp.maximum(s_cache.max(-1, keepdims=True), s_new)
+  p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
+  denom = p_cache.sum(-1, keepdims=True) + p_new
+  out = jnp.einsum("bkgts,bskd->btkgd", (p_cache / denom).astype(v_cache.dtype), v_cache, precision=prec)
+  out = out.astype(jnp.float32) + jnp.einsum("bkgt,btkd->btkgd", (p_new / denom)[..., 0],
+                                             v_new.astype(jnp.float32), precision=prec)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
 def remat_policy(name: str):
   """Maps `ModelConfig.remat_policy` to a jax checkpoint policy (None = no remat)."""
   policies = {

@@ -65,8 +65,28 @@ class Qwen25VL(nn.Module):
     x = self.embed(input_ids, vision)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = mrope_cos_sin(self.config.text, positions)
-    x = self.decoder(x, cos, sin, causal_padding_mask(attention_mask))
+    x, _ = self.decoder(x, cos, sin, causal_padding_mask(attention_mask))
     return self.logits(x)
+
+  def prefill(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None):
+    """Runs the prompt and returns its KV cache entries (k, v) [L, B, T, K, D]; no LM head."""
+    x = self.embed(input_ids, vision)
+    cos, sin = mrope_cos_sin(self.config.text, positions)
+    _, kv = self.decoder(x, cos, sin, causal_padding_mask(attention_mask))
+    return kv
+
+  def decode(self, tokens, positions, cache_k, cache_v, cache_mask):
+    """One cached decode step.
+
+    tokens [B]; positions [B] (text tokens: the same id on all three M-RoPE axes); cache_k/v
+    [L, B, S, K, D]; cache_mask [B, S] keys the token may attend to besides itself.
+    Returns (logits [B, V] float32, (k, v) [L, B, K, D] of the new token).
+    """
+    x = self.embed_tokens(tokens[:, None])
+    pos3 = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
+    cos, sin = mrope_cos_sin(self.config.text, pos3)
+    x, (k, v) = self.decoder(x, cos, sin, cache_mask[:, None, :], cache_k, cache_v)
+    return self.logits(x)[:, 0], (k[:, :, 0], v[:, :, 0])
 
 
 def _check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw):

@@ -8,7 +8,8 @@ import numpy as np
 from flax import linen as nn
 
 from ares_jax.models.config import ModelConfig, TextConfig
-from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, attention, dense, remat_policy
+from ares_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, attention, cached_attention, dense,
+                                    remat_policy)
 
 
 def mrope_cos_sin(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -28,10 +29,18 @@ def mrope_cos_sin(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax
 
 
 class Attention(nn.Module):
+  """GQA self-attention.
+
+  Without a cache (training, prefill) `mask` is [B, T, T]. With a cache (one decode step, T = 1)
+  the query attends to the cached keys allowed by `mask` [B, 1, S] and to its own key, which is
+  returned for the caller to write into the cache (so no per-layer copy of the cache is made).
+  Returns (output [B, T, E], (k, v) [B, T, K, D] of this call's tokens).
+  """
+
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, cache=None):
     cfg, tc = self.config, self.config.text
     kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
     q = dense((tc.num_heads, tc.head_dim), ("embed", "q_heads", "head_dim"), use_bias=True, name="q_proj", **kw)(x)
@@ -42,43 +51,51 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length",
                                                                 "activation_heads", None))
     k = apply_rotary(k, cos, sin)
-    out = attention(q, k, v, mask)
-    return dense(tc.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
-                 **kw)(out)
+    if cache is None:
+      out = attention(q, k, v, mask)
+    else:
+      out = cached_attention(q, cache[0], cache[1], mask, k, v)
+    out = dense(tc.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
+                **kw)(out)
+    return out, (k, v)
 
 
 class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None):
     cfg, tc = self.config, self.config.text
     pd = jnp.dtype(cfg.param_dtype)
     h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="input_layernorm")(x)
-    x = x + Attention(cfg, name="self_attn")(h, cos, sin, mask)
+    cache = None if cache_k is None else (cache_k, cache_v)
+    a, kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, cache)
+    x = x + a
     h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="post_attention_layernorm")(x)
     x = x + GatedMLP(tc.intermediate_size, ("embed", "mlp"), False, cfg.compute_dtype, pd, name="mlp")(h)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    return x, None
+    return x, kv
 
 
 class Decoder(nn.Module):
-  """All decoder layers as one `nn.scan` (parameters stacked on a leading 'layers' axis)."""
+  """All decoder layers as one `nn.scan` (parameters stacked on a leading 'layers' axis).
+
+  Returns (hidden [B, T, E], (k, v) [L, B, T, K, D] of the input tokens, for a KV cache).
+  `cache_k`/`cache_v` [L, B, S, K, D] switch the layers to cached single-token decoding.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None):
     cfg = self.config
     layer = DecoderLayer
-    policy = remat_policy(cfg.remat_policy)
     if cfg.remat_policy != "none":
-      layer = nn.remat(layer, policy=policy, prevent_cse=False)
+      layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
     stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.text.num_layers,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.text.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    x, _ = stack(cfg, name="layers")(x, cos, sin, mask)
-    return x
+    return stack(cfg, name="layers")(x, cos, sin, mask, cache_k, cache_v)
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:

@@ -1,0 +1,78 @@
+"""Sampling settings and the rollout record the sampler returns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to decode. Hashable: it is a static argument of the compiled sampler.
+
+  temperature 0.0 is greedy; `n` samples per prompt; `window` is w of the window entropy
+  (design.md 5.1); `max_branches` forks per prompt when a threshold is given (None: n // 2);
+  `eos_ids` end a trajectory (the EOS token is kept and counted in `length`).
+  """
+
+  max_new_tokens: int = 256
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  n: int = 1
+  window: int = 4
+  max_branches: int | None = None
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  cache_dtype: str | None = None  # None: the model's compute dtype; "bfloat16" halves cache memory
+  prompt_bucket: int = 64  # prompts are left-padded to a multiple of this (few compiled shapes)
+  track_entropy: bool = True  # entropy / window entropy / HWE bookkeeping (off only for benchmarks)
+
+  def __post_init__(self):
+    checks = {
+        "max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
+        "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0, "n": self.n >= 1, "window": self.window >= 1,
+        "max_branches": self.max_branches is None or self.max_branches >= 0,
+    }
+    for field, ok in checks.items():
+      if not ok:
+        raise ValueError(f"SamplingConfig.{field}={getattr(self, field)!r} is out of range")
+    object.__setattr__(self, "eos_ids", tuple(int(e) for e in np.atleast_1d(self.eos_ids)))
+
+  def branches(self, branching: bool) -> int:
+    if not branching:
+      return 0
+    return self.n // 2 if self.max_branches is None else self.max_branches
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+  """Trajectories of one `generate` call; S slots = prompts * (n + max_branches), N = max_new_tokens.
+
+  Slot g*(n+b) + i holds sample i of prompt g (i < n) or its branches (i >= n); unused branch slots
+  have length 0. `window_entropy[s, t]` is the mean entropy of tokens t..t+w-1, valid where
+  `window_valid`; `hwe` marks valid windows with window_entropy >= tau_high. A branch shares its
+  parent's tokens before `fork_pos` and was sampled on its own from there.
+  """
+
+  tokens: np.ndarray  # [S, N] int32 (pad_id past length)
+  logprobs: np.ndarray  # [S, N] float32
+  entropy: np.ndarray  # [S, N] float32
+  window_entropy: np.ndarray  # [S, N] float32 (0 where not valid)
+  window_valid: np.ndarray  # [S, N] bool
+  hwe: np.ndarray  # [S, N] bool
+  length: np.ndarray  # [S] int32
+  prompt_index: np.ndarray  # [S] int32
+  parent: np.ndarray  # [S] int32, -1 = root
+  fork_pos: np.ndarray  # [S] int32, -1 = root
+
+  @property
+  def mask(self) -> np.ndarray:
+    """[S, N] bool: positions holding generated tokens."""
+    return np.arange(self.tokens.shape[1])[None, :] < self.length[:, None]
+
+  @property
+  def used(self) -> np.ndarray:
+    """[S] bool: slots that hold a trajectory (roots, and branches that were forked)."""
+    return self.length > 0
