@@ -13,7 +13,10 @@ class SamplingConfig:
 
   temperature 0.0 is greedy; `n` samples per prompt; `window` is w of the window entropy
   (design.md 5.1); `max_branches` forks per prompt when a threshold is given (None: n // 2);
-  `eos_ids` end a trajectory (the EOS token is kept and counted in `length`).
+  `eos_ids` end a trajectory (the EOS token is kept and counted in `length`). `suppress_ids` are
+  never sampled (None: the model's vision placeholder tokens, which would otherwise be taken for
+  image slots when the rollout is scored again with `models.forward`); their probability still
+  counts in log-probs and entropy, which are always those of the full distribution.
   """
 
   max_new_tokens: int = 256
@@ -24,6 +27,7 @@ class SamplingConfig:
   window: int = 4
   max_branches: int | None = None
   eos_ids: tuple[int, ...] = ()
+  suppress_ids: tuple[int, ...] | None = None
   pad_id: int = 0
   cache_dtype: str | None = None  # None: the model's compute dtype; "bfloat16" halves cache memory
   prompt_bucket: int = 64  # prompts are left-padded to a multiple of this (few compiled shapes)
@@ -39,6 +43,8 @@ class SamplingConfig:
       if not ok:
         raise ValueError(f"SamplingConfig.{field}={getattr(self, field)!r} is out of range")
     object.__setattr__(self, "eos_ids", tuple(int(e) for e in np.atleast_1d(self.eos_ids)))
+    if self.suppress_ids is not None:
+      object.__setattr__(self, "suppress_ids", tuple(int(e) for e in np.atleast_1d(self.suppress_ids)))
 
   def branches(self, branching: bool) -> int:
     if not branching:

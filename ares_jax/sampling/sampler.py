@@ -10,6 +10,7 @@ rewinding a trajectory to response position t is just setting its length to t.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -93,7 +94,10 @@ def _step(model: Qwen25VL, params, sc: SamplingConfig, group: int, n_roots: int,
 
   log_probs = dist.scaled_log_probs(logits, sc.temperature)
   keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(key, s), n))(rows, state.length)
-  tok = jax.vmap(lambda k, lp: dist.sample(k, lp, sc.temperature, sc.top_k, sc.top_p))(keys, log_probs)
+  sample_from = log_probs
+  if sc.suppress_ids:
+    sample_from = log_probs.at[:, jnp.asarray(sc.suppress_ids)].set(jnp.finfo(jnp.float32).min)
+  tok = jax.vmap(lambda k, lp: dist.sample(k, lp, sc.temperature, sc.top_k, sc.top_p))(keys, sample_from)
   lp_tok = jnp.take_along_axis(log_probs, tok[:, None], axis=-1)[:, 0]
   at = (jnp.arange(n_max)[None, :] == state.length[:, None]) & state.active[:, None]
   upd = lambda buf, val: jnp.where(at, val[:, None].astype(buf.dtype), buf)
@@ -164,6 +168,9 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   optionally pixel_values / image_grid_thw. Deterministic for a given `key`.
   """
   sc = sampling_config
+  if sc.suppress_ids is None:
+    sc = dataclasses.replace(sc, suppress_ids=(config.image_token_id, config.video_token_id,
+                                               config.vision_start_token_id, config.vision_end_token_id))
   ids = np.asarray(batch["input_ids"])
   mask = np.asarray(batch["attention_mask"])
   pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
