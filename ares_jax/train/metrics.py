@@ -1,0 +1,57 @@
+"""Step metrics to `{workdir}/metrics.jsonl` and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends one JSON object per step; mirrors scalars to TensorBoard (tensorboardX) when available.
+
+  On resume, lines for steps after the restored checkpoint are dropped first, so the file reads as
+  one uninterrupted run.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None and os.path.exists(self.path):
+      with open(self.path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+      with open(self.path, "w") as f:
+        f.writelines(keep)
+    elif resume_step is None and os.path.exists(self.path):
+      os.remove(self.path)
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # metrics.jsonl is always written
+      self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> dict:
+    row = {"step": int(step)}
+    for k, v in sorted(metrics.items()):
+      v = float(np.asarray(v))
+      row[k] = v if math.isfinite(v) else None
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != "step" and v is not None:
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    return row
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]

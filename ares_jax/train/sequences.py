@@ -1,0 +1,107 @@
+"""Prompt + response sequences for teacher-forced scoring and training.
+
+Row layout: [left padding | prompt | response | right padding] with the prompt region `P` wide and
+the response region `R` wide (both bucketed), so response token j of every row sits at column
+P + j and is scored by the logits at column P + j - 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ares_jax.models import positions as pos_lib
+from ares_jax.models.config import ModelConfig
+from ares_jax.models.qwen25vl import Qwen25VL, prepare_vision
+from ares_jax.models.vision import VisionInputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """One prompt as the processor produced it, unpadded, with its own images (or none)."""
+
+  ids: np.ndarray  # [T] int32
+  pixel_values: np.ndarray | None = None  # [sum t*h*w, 1176]
+  image_grid_thw: np.ndarray | None = None  # [I, 3]
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-max(int(n), 1) // multiple) * multiple
+
+
+def prompt_batch(prompts: Sequence[Prompt], pad_id: int, bucket: int = 64) -> dict:
+  """Processor-style batch (left padding) of several prompts with their images concatenated."""
+  width = round_up(max(len(p.ids) for p in prompts), bucket)
+  ids = np.full((len(prompts), width), pad_id, np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p.ids):] = p.ids
+    mask[i, width - len(p.ids):] = 1
+  out = {"input_ids": ids, "attention_mask": mask}
+  imgs = [p for p in prompts if p.image_grid_thw is not None and len(p.image_grid_thw)]
+  if imgs:
+    out["pixel_values"] = np.concatenate([p.pixel_values for p in imgs]).astype(np.float32)
+    out["image_grid_thw"] = np.concatenate([p.image_grid_thw for p in imgs]).astype(np.int64)
+  return out
+
+
+@dataclasses.dataclass
+class Packed:
+  """Host arrays for one forward over prompt + response rows."""
+
+  input_ids: np.ndarray  # [B, P + R]
+  attention_mask: np.ndarray  # [B, P + R]
+  positions: np.ndarray  # [3, B, P + R]
+  vision: VisionInputs | None
+  prompt_width: int  # P
+
+
+def pack(config: ModelConfig, prompts: Sequence[Prompt], responses: Sequence[np.ndarray], pad_id: int,
+         prompt_bucket: int = 64, response_width: int | None = None, min_windows: int = 1) -> Packed:
+  """Rows prompt_i + responses_i; `response_width` fixes R (default: the longest response, bucketed)."""
+  batch = prompt_batch(prompts, pad_id, prompt_bucket)
+  p_width = batch["input_ids"].shape[1]
+  r_width = response_width or round_up(max(len(r) for r in responses), 16)
+  b = len(prompts)
+  resp = np.full((b, r_width), pad_id, np.int32)
+  rmask = np.zeros((b, r_width), np.int32)
+  for i, r in enumerate(responses):
+    resp[i, :len(r)] = r
+    rmask[i, :len(r)] = 1
+  ids = np.concatenate([batch["input_ids"], resp], axis=1)
+  mask = np.concatenate([batch["attention_mask"], rmask], axis=1)
+  grid = batch.get("image_grid_thw")
+  vision = None if grid is None else prepare_vision(config, batch["pixel_values"], grid, min_windows)
+  positions, _ = pos_lib.mrope_positions(ids, mask, grid, config)
+  return Packed(ids, mask, positions, vision, p_width)
+
+
+def scored_logits(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision) -> jax.Array:
+  return Qwen25VL(model_config).apply({"params": params}, input_ids, positions, attention_mask, vision)
+
+
+def response_logprobs(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision,
+                      prompt_width: int, temperature: float = 1.0, with_entropy: bool = False):
+  """log p(response token j | prefix) [B, R] under softmax(logits / temperature), and optionally the
+  full-vocabulary entropy [B, R] of those distributions. Traceable (use inside jit / grad)."""
+  logits = scored_logits(model_config, params, input_ids, attention_mask, positions, vision)
+  logits = logits[:, prompt_width - 1:-1].astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+  logp_all = jax.nn.log_softmax(logits, axis=-1)
+  targets = input_ids[:, prompt_width:]
+  logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+  if not with_entropy:
+    return logp
+  return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def score(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision, prompt_width: int,
+          temperature: float):
+  """Jitted `response_logprobs` (old-policy and reference log-probs)."""
+  return response_logprobs(model_config, params, input_ids, attention_mask, positions, vision, prompt_width,
+                           temperature)

@@ -1,0 +1,37 @@
+"""The train state pytree: everything a resumed run needs to continue step for step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+  """step; policy params; optimizer state; RNG key; running algorithm statistics.
+
+  `stats` holds the EMA state of AEPO (tau_high EMA, per-bin target EMA, whether they are set) so
+  that `target_mode="ema"` and `tau_ema` resume exactly; `skipped` counts updates dropped for a
+  non-finite loss or gradient.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  stats: dict[str, jax.Array]
+  skipped: jax.Array
+
+  @classmethod
+  def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+               stats=initial_stats(), skipped=jnp.zeros((), jnp.int32))
+
+
+def initial_stats() -> dict[str, jax.Array]:
+  return {"tau_high": jnp.zeros((), jnp.float32), "tau_set": jnp.zeros((), bool),
+          "target_ema": jnp.zeros((3,), jnp.float32), "target_set": jnp.zeros((3,), bool)}
