@@ -1,0 +1,228 @@
+"""Building blocks of the experiment configs in `configs/`, and `config.model` -> `ModelConfig`.
+
+Every file in `configs/` is a big_vision-style `get_config()` returning an `ml_collections`
+ConfigDict; `--config.a.b=value` overrides it on the command line. The pieces that all experiments
+share (the top-level fields, the Qwen2.5-VL vision tower, the paper's AEPO hyper-parameters) are
+built here once, so an experiment file only states what makes it different.
+
+This module is imported while flags are parsed, before `jax.distributed.initialize()`: it must not
+touch a JAX backend (model code is imported lazily inside `to_model_config`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import ml_collections
+from ml_collections import config_dict
+
+if TYPE_CHECKING:
+  from ares_jax.models import ModelConfig
+
+STAGES = ("inspect", "sample", "aepo", "adacs", "eval")
+
+# Qwen2.5-VL's token ids (identical for 3B and 7B).
+QWEN_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                      vision_end_token_id=151653, bos_token_id=151643, eos_token_id=151645)
+
+
+def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
+  """Top-level fields every experiment has, with the paper's RL hyper-parameters (design.md 5)."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage  # one of STAGES
+  c.workdir = workdir  # checkpoints, metrics, reports
+  c.seed = 0
+  c.total_steps = 1000
+  c.checkpoint_every = 50
+  c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters)
+
+  # Device mesh (design.md 2): one size may be -1 to take the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.kind = "hf"  # "hf": a local folder; "tiny": the built-in tiny BPE (data/tokenizer.py)
+  c.tokenizer.path = config_dict.placeholder(str)  # defaults to config.model.hf_path
+
+  # Image preprocessing bounds (pixels after smart_resize). EasyR1's defaults; the paper is silent.
+  c.processor = ml_collections.ConfigDict(dict(min_pixels=262144, max_pixels=4194304))
+
+  c.rollout = rollout_defaults()
+  c.aepo = aepo_defaults()
+  c.optim = optim_defaults()
+
+  c.inspect = ml_collections.ConfigDict()
+  c.inspect.forward = True  # False: only the parameter table (no weights are loaded or initialised)
+  c.inspect.prompt = "How many sides does the shape in the image have? Put the answer in \\boxed{}."
+  c.inspect.image_size = (96, 128)  # (height, width) of the drawn test image
+  c.inspect.top_k = 5
+  return c
+
+
+def rollout_defaults() -> ml_collections.ConfigDict:
+  """Sampling settings of an AEPO step (design.md 5.4, 5.10)."""
+  r = ml_collections.ConfigDict()
+  r.n = 8  # trajectories per prompt
+  r.temperature = 1.0
+  r.top_p = 0.99
+  r.top_k = -1  # -1: off
+  r.max_branches = 4  # per prompt (n / 2); forks at high-window-entropy positions
+  r.prompts_per_step = 512  # rollout batch (EasyR1 default; the paper does not state it)
+  r.max_prompt_length = 2048
+  r.max_response_length = 2048
+  return r
+
+
+def aepo_defaults() -> ml_collections.ConfigDict:
+  """AEPO's algorithm settings with the paper's / design.md's defaults (sections 5.1-5.10)."""
+  a = ml_collections.ConfigDict()
+  a.window = 4  # w of the window entropy (5.1); the sampler uses it too
+  a.entropy_quantile = 0.95  # per-trajectory quantile averaged into tau_high (5.2)
+  a.tau_ema = 0.0  # 0: off; else EMA decay of tau_high
+  a.trigger_words = ()  # empty: count every marked window (5.3)
+  a.easy_threshold = 2 / 3  # pass rate >= this: easy (5.5)
+  a.hard_threshold = 1 / 3  # pass rate < this: hard
+  a.target_mode = "correct_mean"  # correct_mean | batch_mean | ema | ares_release (5.6)
+  a.max_penalty = 1.0
+  a.eps = 1e-6
+  a.format_weight = 0.0  # (5.7)
+  a.grading_timeout_s = 5.0
+  a.filter_low = 0.01  # DAPO online filter bounds on group mean accuracy (5.8)
+  a.filter_high = 0.99
+  a.kl_coef = 1e-2  # (5.9)
+  a.kl_bin_scale = (2.0, 1.0, 0.5)  # beta_d = kl_coef * scale for (easy, medium, hard)
+  a.rho = 0.5  # KL relaxation inside validated HWE windows
+  a.clip_low = 0.2  # (5.10)
+  a.clip_high = 0.28
+  a.dual_clip = 0.0  # 0: off; else the dual-clip constant c (> 1)
+  a.loss_agg = "token_mean"  # token_mean | seq_mean_token_mean
+  a.global_batch_size = 128  # trajectories per optimizer step (EasyR1 default)
+  a.micro_batch_size = 8
+  return a
+
+
+def optim_defaults() -> ml_collections.ConfigDict:
+  """AdamW as in the paper's RL stage (5.10)."""
+  o = ml_collections.ConfigDict()
+  o.lr = 1e-6
+  o.weight_decay = 1e-2
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.grad_clip = 1.0
+  o.warmup_steps = 0
+  return o
+
+
+def qwen25vl_vision(**overrides: Any) -> ml_collections.ConfigDict:
+  """The Qwen2.5-VL vision tower (the same for 3B and 7B except `out_hidden_size`)."""
+  v = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+           in_channels=3, patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+           fullatt_block_indexes=(7, 15, 23, 31), rope_theta=10000.0, tokens_per_second=2)
+  unknown = set(overrides) - set(v)
+  if unknown:
+    raise KeyError(f"unknown vision fields {sorted(unknown)}")
+  v.update(overrides)
+  return ml_collections.ConfigDict(v)
+
+
+def model_fields(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
+                 num_kv_heads: int, tie_word_embeddings: bool, vision: ml_collections.ConfigDict,
+                 rms_norm_eps: float = 1e-6, rope_theta: float = 1e6, mrope_section: tuple[int, int, int] = (16, 24, 24),
+                 max_position_embeddings: int = 128000, token_ids: dict[str, int] | None = None,
+                 dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = True,
+                 remat_policy: str = "none") -> ml_collections.ConfigDict:
+  """`config.model`: the architecture (mirrors HF config.json), numerics, and an optional checkpoint.
+
+  `vision.out_hidden_size` is tied to `hidden_size` by a FieldReference, so overriding the width
+  on the command line keeps the vision merger consistent.
+  """
+  m = ml_collections.ConfigDict()
+  m.hf_path = config_dict.placeholder(str)  # HF Qwen2.5-VL folder; unset: random initialisation
+  m.vocab_size = vocab_size
+  m.hidden_size = hidden_size
+  m.intermediate_size = intermediate_size
+  m.num_layers = num_layers
+  m.num_heads = num_heads
+  m.num_kv_heads = num_kv_heads
+  m.rms_norm_eps = rms_norm_eps
+  m.rope_theta = rope_theta
+  m.mrope_section = tuple(mrope_section)
+  m.max_position_embeddings = max_position_embeddings
+  m.tie_word_embeddings = tie_word_embeddings
+  m.vision = vision
+  m.vision.out_hidden_size = m.get_ref("hidden_size")
+  for k, val in (token_ids or QWEN_TOKEN_IDS).items():
+    m[k] = val
+  m.dtype = dtype  # compute dtype
+  m.param_dtype = param_dtype
+  m.scan_layers = scan_layers
+  m.remat_policy = remat_policy  # none | full | dots | dots_with_no_batch_dims
+  return m
+
+
+def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
+  """`config.model` -> `models.ModelConfig`, checking the shapes fit; errors name the config field."""
+  from ares_jax.models import ConfigError, ModelConfig, TextConfig, VisionConfig
+
+  def need(ok: bool, msg: str) -> None:
+    if not ok:
+      raise ConfigError(msg)
+
+  need(m.hidden_size % m.num_heads == 0,
+       f"config.model.hidden_size={m.hidden_size} is not divisible by config.model.num_heads={m.num_heads}")
+  need(m.num_heads % m.num_kv_heads == 0,
+       f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads={m.num_kv_heads}")
+  head_dim = m.hidden_size // m.num_heads
+  need(len(m.mrope_section) == 3 and sum(m.mrope_section) == head_dim // 2,
+       f"config.model.mrope_section={tuple(m.mrope_section)} must have 3 entries summing to head_dim/2 = "
+       f"{head_dim // 2}")
+  v = m.vision
+  need(v.hidden_size % v.num_heads == 0, f"config.model.vision.hidden_size={v.hidden_size} is not divisible by "
+       f"config.model.vision.num_heads={v.num_heads}")
+  need(v.out_hidden_size == m.hidden_size, f"config.model.vision.out_hidden_size={v.out_hidden_size} must equal "
+       f"config.model.hidden_size={m.hidden_size}")
+  need(all(0 <= i < v.depth for i in v.fullatt_block_indexes),
+       f"config.model.vision.fullatt_block_indexes={tuple(v.fullatt_block_indexes)} must lie in [0, {v.depth})")
+  text = TextConfig(
+      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, rms_norm_eps=m.rms_norm_eps,
+      rope_theta=float(m.rope_theta), mrope_section=tuple(int(s) for s in m.mrope_section),
+      max_position_embeddings=m.max_position_embeddings)
+  vision = VisionConfig(
+      depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
+      out_hidden_size=v.out_hidden_size, in_channels=v.in_channels, patch_size=v.patch_size,
+      temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+      window_size=v.window_size, fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes),
+      rope_theta=float(v.rope_theta), tokens_per_second=v.tokens_per_second)
+  return ModelConfig(
+      text=text, vision=vision, tie_word_embeddings=m.tie_word_embeddings, image_token_id=m.image_token_id,
+      video_token_id=m.video_token_id, vision_start_token_id=m.vision_start_token_id,
+      vision_end_token_id=m.vision_end_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
+      dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+
+
+# Fields that a checkpoint's config.json fixes; the config file must agree with them.
+_ARCH_FIELDS = (
+    ("vocab_size", "text.vocab_size"), ("hidden_size", "text.hidden_size"),
+    ("intermediate_size", "text.intermediate_size"), ("num_layers", "text.num_layers"),
+    ("num_heads", "text.num_heads"), ("num_kv_heads", "text.num_kv_heads"),
+    ("mrope_section", "text.mrope_section"), ("tie_word_embeddings", "tie_word_embeddings"),
+    ("image_token_id", "image_token_id"), ("vision.depth", "vision.depth"),
+    ("vision.hidden_size", "vision.hidden_size"), ("vision.fullatt_block_indexes", "vision.fullatt_block_indexes"),
+    ("vision.window_size", "vision.window_size"))
+
+
+def _get(obj: Any, dotted: str) -> Any:
+  for part in dotted.split("."):
+    obj = obj[part] if isinstance(obj, ml_collections.ConfigDict) else getattr(obj, part)
+  return tuple(obj) if isinstance(obj, (list, tuple)) else obj
+
+
+def architecture_mismatches(m: ml_collections.ConfigDict, loaded: "ModelConfig") -> list[str]:
+  """Fields where `config.model` disagrees with a checkpoint's config.json, as readable lines."""
+  out = []
+  for ours, theirs in _ARCH_FIELDS:
+    a, b = _get(m, ours), _get(loaded, theirs)
+    if a != b:
+      out.append(f"config.model.{ours}={a!r} but the checkpoint has {b!r}")
+  return out

@@ -1,0 +1,117 @@
+"""ares_jax entry point: reads an ml_collections config file and runs the stage it names.
+
+  python -m ares_jax.main --config=configs/tiny.py
+  python -m ares_jax.main --config=configs/aepo_7b.py --config.model.hf_path=/data/Qwen2.5-VL-7B-Instruct
+
+Any field can be overridden with `--config.some.field=value`; a field the config does not have is a
+flag error that names it. Stage modules are imported only when dispatched, so flag parsing stays fast
+and no JAX backend starts before `jax.distributed.initialize()` (config.distributed=True).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from typing import Any, Callable
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py); override fields with --config.field=value.",
+    lock_config=True)
+
+# stage name -> "module:function" taking the config. Only stages that exist are listed.
+STAGES: dict[str, str] = {
+    "inspect": "ares_jax.stages.inspect_model:run",
+}
+PLANNED_STAGES = ("sample", "aepo", "adacs", "eval")
+
+
+class StageNotAvailable(ValueError):
+  """A stage name that the config asks for but this version of ares_jax does not run."""
+
+
+def resolve_stage(name: str) -> Callable[[Any], Any]:
+  """The function that runs stage `name`; a clear error for planned or unknown stages."""
+  available = ", ".join(STAGES)
+  if name in PLANNED_STAGES:
+    raise StageNotAvailable(f"stage {name!r} is not implemented yet; available: {available}")
+  if name not in STAGES:
+    raise StageNotAvailable(f"unknown stage {name!r}; available: {available} "
+                            f"(planned: {', '.join(PLANNED_STAGES)})")
+  module, fn = STAGES[name].split(":")
+  return getattr(importlib.import_module(module), fn)
+
+
+def _bad_override_message(argv: list[str], error: Exception) -> str:
+  """'--config.mesh.fsdpp=2: config.mesh has no field 'fsdpp' (Did you mean "fsdp" ...?)'."""
+  text = str(error.args[0] if error.args else error)
+  found = re.search(r"'([^'\\]+)\\?'", text)
+  key = found.group(1) if found else None
+  hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', text)
+  suffix = f" ({hint.group(0)})" if hint else ""
+  for arg in argv[1:]:
+    if key and arg.startswith("--config."):
+      parts = arg.split("=", 1)[0][len("--config."):].split(".")
+      if key in parts:
+        parent = ".".join(["config", *parts[:parts.index(key)]])
+        return f"{arg}: {parent} has no field {key!r}{suffix}"
+  return f"a --config override names a field the config does not have: {key or text}{suffix}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad `--config.a.b` override reported as a one-line error naming the field.
+
+  ml_collections raises a bare KeyError/AttributeError (with a traceback) for an unknown field.
+  """
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (KeyError, AttributeError) as e:
+    sys.stderr.write(f"FATAL Flags parsing error: {_bad_override_message(argv, e)}\n")
+    sys.exit(1)
+
+
+def init_distributed() -> None:
+  """`jax.distributed.initialize()` before any device is touched.
+
+  TPU pods, SLURM, Open MPI and Kubernetes are detected by JAX itself (no arguments). Elsewhere
+  (plain multi-node GPU or CPU runs, see launch/gpu.sh) JAX reads JAX_COORDINATOR_ADDRESS and we
+  pass JAX_NUM_PROCESSES / JAX_PROCESS_ID from the environment.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  kwargs = {}
+  for env, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+    if os.environ.get(env):
+      kwargs[key] = int(os.environ[env])
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=configs/<experiment>.py is required")
+  try:
+    run = resolve_stage(config.stage)
+  except StageNotAvailable as e:
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(2)
+  if config.get("distributed", False):
+    init_distributed()
+  logging.info("stage %s with config:\n%s", config.stage, config)
+  run(config)
+
+
+def cli() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  sys.exit(cli())

@@ -1,0 +1,1 @@
+"""Stage implementations dispatched by `ares_jax.main` on `config.stage`."""

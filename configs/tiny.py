@@ -1,0 +1,42 @@
+"""A tiny Qwen2.5-VL-shaped model with the built-in tiny tokenizer: every stage on a laptop CPU.
+
+  python -m ares_jax.main --config=configs/tiny.py
+  python -m ares_jax.main --config=configs/tiny.py --config.mesh.fsdp=2 --config.mesh.tensor=4
+      (with XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices)
+
+Same structure as the real models (GQA, M-RoPE, windowed + full-attention vision blocks, an
+untied LM head) at a size where a forward pass takes milliseconds.
+"""
+
+from ares_jax import configs
+from ares_jax.data.tokenizer import TINY_SPECIAL_IDS, TINY_VOCAB_SIZE
+
+
+def get_config():
+  c = configs.base_config(stage="inspect", workdir="workdirs/tiny")
+  c.total_steps = 20
+  c.checkpoint_every = 10
+  c.mesh.fsdp = -1  # all local devices
+  c.tokenizer.kind = "tiny"
+  c.processor.min_pixels = 28 * 28 * 4
+  c.processor.max_pixels = 28 * 28 * 64
+  c.model = configs.model_fields(
+      vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+      num_kv_heads=2, tie_word_embeddings=False, rope_theta=10000.0, mrope_section=(2, 3, 3),
+      max_position_embeddings=4096,
+      vision=configs.qwen25vl_vision(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                     fullatt_block_indexes=(1,)),
+      token_ids=dict(image_token_id=TINY_SPECIAL_IDS["<|image_pad|>"],
+                     video_token_id=TINY_SPECIAL_IDS["<|video_pad|>"],
+                     vision_start_token_id=TINY_SPECIAL_IDS["<|vision_start|>"],
+                     vision_end_token_id=TINY_SPECIAL_IDS["<|vision_end|>"],
+                     bos_token_id=TINY_SPECIAL_IDS["<|endoftext|>"],
+                     eos_token_id=TINY_SPECIAL_IDS["<|im_end|>"]))
+  c.rollout.n = 4
+  c.rollout.max_branches = 2
+  c.rollout.prompts_per_step = 8
+  c.rollout.max_prompt_length = 256
+  c.rollout.max_response_length = 64
+  c.aepo.global_batch_size = 16
+  c.aepo.micro_batch_size = 8
+  return c
