@@ -51,7 +51,7 @@ def job_args(config: str, overrides: list[str], sweep: str | None, distributed: 
   """Keyword arguments of each job (XManager turns {'a.b': v} into --a.b=v)."""
   base: dict[str, Any] = {"config": config, **_parse_pairs(overrides, "override")}
   if distributed:
-    base["config.distributed"] = True
+    base["config.distributed"] = "True"  # a string: XManager turns a bool into a bare --flag
   if not sweep:
     return [base]
   (field, values), = _parse_pairs([sweep], "sweep").items()
