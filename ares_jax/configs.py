@@ -49,6 +49,23 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.rollout = rollout_defaults()
   c.aepo = aepo_defaults()
   c.optim = optim_defaults()
+  c.ppo_epochs = 1  # passes over each rollout batch (verl/EasyR1 default)
+  c.grading_workers = 2  # processes that grade answers (math-verify), each item under a timeout
+
+  # Prompts for RL: the built-in synthetic task or a JSONL file in the ARES layout
+  # ({"question", "answer", "image" | "images"} per line, image paths relative to the file).
+  c.data = ml_collections.ConfigDict(dict(kind="synthetic", path="", min_steps=1, max_steps=6, ops="+-*",
+                                                images=False))
+  # Supervised warm start on the synthetic task's programmatic traces (tiny runs); 0 steps = none.
+  c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3))
+  # Greedy accuracy on held-out prompts every `every` steps (0 = never).
+  c.eval = ml_collections.ConfigDict(dict(every=0, prompts=64))
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompts = ()  # empty: problems of the synthetic task
+  c.sample.num_prompts = 2
+  c.sample.images = True  # synthetic prompts: every other one also shown as an image
+  c.sample.tau_high = config_dict.placeholder(float)  # unset: from a warm-up batch
 
   c.inspect = ml_collections.ConfigDict()
   c.inspect.forward = True  # False: only the parameter table (no weights are loaded or initialised)

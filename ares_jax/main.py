@@ -26,8 +26,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 # stage name -> "module:function" taking the config. Only stages that exist are listed.
 STAGES: dict[str, str] = {
     "inspect": "ares_jax.stages.inspect_model:run",
+    "sample": "ares_jax.stages.sample:run",
+    "aepo": "ares_jax.stages.aepo:run",
 }
-PLANNED_STAGES = ("sample", "aepo", "adacs", "eval")
+PLANNED_STAGES = ("adacs", "eval")
 
 
 class StageNotAvailable(ValueError):

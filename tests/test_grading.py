@@ -4,7 +4,7 @@ import time
 
 import numpy as np
 
-from ares_jax.aepo import grading
+from ares_jax.data import grading
 
 
 def slow_or_crashing(response: str, gold: str) -> float:

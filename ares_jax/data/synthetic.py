@@ -31,7 +31,7 @@ class Problem:
 
   @property
   def question(self) -> str:
-    return f"Digit arithmetic (each step mod 10): {self.expression}. Give the final digit."
+    return f"Mod 10: {self.expression} = ?"
 
   def steps(self) -> list[tuple[int, str, int, int]]:
     """(value before, op, operand, value after) per operation."""
@@ -58,11 +58,14 @@ def apply(x: int, op: str, d: int) -> int:
   return (x * d) % 10
 
 
-def problem(seed: int, index: int, min_steps: int = 1, max_steps: int = 6) -> Problem:
+def problem(seed: int, index: int, min_steps: int = 1, max_steps: int = 6, ops: str = "+-*") -> Problem:
+  """Problem `index` of the stream `seed`: k in [min_steps, max_steps] operations drawn from `ops`."""
+  if not ops or set(ops) - set(OPS):
+    raise ValueError(f"ops={ops!r}: choose a non-empty subset of {''.join(OPS)!r}")
   rng = np.random.default_rng([seed, index])
   k = int(rng.integers(min_steps, max_steps + 1))
   start = int(rng.integers(0, 10))
-  ops = tuple((OPS[int(rng.integers(0, 3))], int(rng.integers(1, 10))) for _ in range(k))
+  ops = tuple((ops[int(rng.integers(0, len(ops)))], int(rng.integers(1, 10))) for _ in range(k))
   x = start
   for op, d in ops:
     x = apply(x, op, d)

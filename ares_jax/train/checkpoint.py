@@ -8,15 +8,31 @@ finished checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+
+class _QuietOrbax(logging.Filter):
+  """Orbax logs every save step at INFO through absl; keep its warnings and errors only."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def _quiet_orbax() -> None:
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietOrbax) for f in handler.filters):
+    handler.addFilter(_QuietOrbax())
 
 
 class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3):
+    _quiet_orbax()
     self.directory = os.path.abspath(directory)
     self._mgr = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),

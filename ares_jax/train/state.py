@@ -33,5 +33,6 @@ class TrainState:
 
 
 def initial_stats() -> dict[str, jax.Array]:
-  return {"tau_high": jnp.zeros((), jnp.float32), "tau_set": jnp.zeros((), bool),
-          "target_ema": jnp.zeros((3,), jnp.float32), "target_set": jnp.zeros((3,), bool)}
+  """tau_high of the last batch (its EMA when `tau_ema` > 0) and the per-bin target EMA of
+  `target_mode="ema"`; NaN means "not set yet" (the first batch is a warm-up without branching)."""
+  return {"tau_high": jnp.full((), jnp.nan, jnp.float32), "target_ema": jnp.full((3,), jnp.nan, jnp.float32)}

@@ -1,6 +1,8 @@
 """Verifiable rewards on the host (design.md 5.7): accuracy by math-verify, a format check.
 
-Grading runs in a persistent pool of worker processes; each item has a timeout. A parse that hangs
+Grading runs in a persistent pool of worker processes, started and warmed (math-verify imported)
+before the first item so start-up never counts against an item; each item then has a timeout.
+This module imports nothing heavy: spawned workers load it by name. A parse that hangs
 or crashes scores 0 and is counted, and a hung worker is replaced, so grading never stalls training.
 Model output is only ever parsed, never evaluated.
 """
@@ -49,6 +51,10 @@ def grade_one(response: str, gold: str) -> float:
   return float(verify(gold_parsed, pred))
 
 
+def _warm_up(_: int) -> None:
+  import math_verify  # noqa: F401  (first import takes seconds)
+
+
 @dataclasses.dataclass
 class Grades:
   accuracy: np.ndarray  # [S] float32 in {0, 1}
@@ -71,6 +77,7 @@ class Grader:
   def _get_pool(self):
     if self._pool is None:
       self._pool = self._ctx.Pool(self.workers)
+      self._pool.map(_warm_up, range(self.workers))
     return self._pool
 
   def _restart(self) -> None:

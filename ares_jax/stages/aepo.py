@@ -1,0 +1,224 @@
+"""Stage `aepo`: the RL loop of ARES (design.md 5), top to bottom.
+
+data -> sampling.generate (tau_high of the previous batch; a warm-up batch first) -> grading ->
+tau, N_HE, bins, targets, lambda -> online filter -> advantages and KL weights -> old/reference
+log-probs -> PPO epochs of mini-batches of micro-batches -> metrics -> checkpoint.
+The tiny config first runs a short supervised warm start on programmatic traces so that pass rates
+span easy, medium and hard; its result is also the reference policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from ares_jax import aepo, configs, models, sampling
+from ares_jax.data.grading import Grader
+from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
+from ares_jax.data.processor import QwenVLProcessor
+from ares_jax.stages import inspect_model
+from ares_jax.stages.aepo_batch import shape_batch
+from ares_jax.stages.sample import sampling_config
+from ares_jax.train import optimizer as optim_lib
+from ares_jax.train import sft
+from ares_jax.train.checkpoint import Checkpointer
+from ares_jax.train.metrics import MetricsWriter
+from ares_jax.train.sequences import pack, prompt_batch, response_logprobs, score
+from ares_jax.train.state import TrainState
+from ares_jax.train.update import Updater
+
+
+def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
+  d = config.data
+  if d.kind == "synthetic":
+    return SyntheticSource(config.seed * 1000 + split_seed, d.min_steps, d.max_steps, d.images, d.ops)
+  if d.kind == "jsonl":
+    return JsonlSource(d.path)
+  raise ValueError(f"config.data.kind={d.kind!r}: expected 'synthetic' or 'jsonl'")
+
+
+def aepo_loss_fn(model_config: models.ModelConfig):
+  def loss(params, arrays, static):
+    prompt_width, temperature, clip_low, clip_high, dual_clip, loss_agg = static
+    logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
+                             arrays["positions"], arrays["vision"], prompt_width, temperature)
+    return aepo.aepo_loss(logp, arrays["old_logp"], arrays["ref_logp"], arrays["adv"], arrays["loss_mask"],
+                          arrays["weights"], clip_low, clip_high, dual_clip, loss_agg)
+  return loss
+
+
+def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenizer) -> Any:
+  """Supervised warm start on the synthetic task's programmatic traces (config.warm_start)."""
+  w = config.warm_start
+  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+  def batches(step):
+    exs, _ = stream.take(10_000_000 + step * w.batch_size, w.batch_size)
+    prompts = [e.prompt for e in exs]
+    traces = [stream.source.problem(e.index).trace() for e in exs]
+    responses = [np.array(tokenizer(t)["input_ids"] + [eos], np.int32) for t in traces]
+    return prompts, responses
+
+  optim = ml_collections.ConfigDict(dict(config.optim))
+  optim.lr = w.lr
+  params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
+                               jax.random.key(config.seed), frozen=(), desc="warm start")
+  logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
+  return params
+
+
+def evaluate(mcfg, params, stream: PromptStream, grader: Grader, tokenizer, sc: sampling.SamplingConfig,
+             n: int, key) -> dict[str, float]:
+  """Greedy accuracy and length on `n` held-out prompts, per difficulty when known."""
+  exs, _ = stream.take(0, n)
+  greedy = dataclasses.replace(sc, n=1, temperature=0.0, max_branches=0)
+  r = sampling.generate(mcfg, params, prompt_batch([e.prompt for e in exs], sc.pad_id), greedy, key)
+  texts = tokenizer.batch_decode([r.tokens[s, :r.length[s]].tolist() for s in range(len(exs))],
+                                 skip_special_tokens=True)
+  acc = grader.grade(texts, [e.answer for e in exs]).accuracy
+  out = {"eval/accuracy": float(acc.mean()), "eval/length": float(r.length[:len(exs)].mean())}
+  diff = np.array([e.difficulty or 0 for e in exs])
+  for d in np.unique(diff):
+    out[f"eval/accuracy_d{d}"] = float(acc[diff == d].mean())
+  return out
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  os.makedirs(config.workdir, exist_ok=True)
+  mesh = inspect_model.build_mesh(config)
+  mcfg = configs.to_model_config(config.model)
+  tok = inspect_model.build_tokenizer(config)
+  inspect_model.check_tokenizer(tok, mcfg)
+  pad_id = int(tok.pad_token_id or 0)
+  vc = mcfg.vision
+  proc = QwenVLProcessor.create(tok, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels,
+                                patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
+                                merge_size=vc.spatial_merge_size)
+  train_stream = PromptStream(make_source(config, 0), proc, config.rollout.max_prompt_length)
+  eval_stream = PromptStream(make_source(config, 1), proc, config.rollout.max_prompt_length)
+  a, r_cfg = config.aepo, config.rollout
+  sc = sampling_config(config, tok, mcfg)
+  tx = optim_lib.make_optimizer(config.optim, config.total_steps)
+  loss_fn = aepo_loss_fn(mcfg)
+  updater = Updater(loss_fn, tx)
+  ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
+  grader = Grader(workers=config.get("grading_workers", 2), timeout_s=a.grading_timeout_s)
+
+  mcfg, params = inspect_model.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  start = ckpt.latest_step()
+  if start is None:
+    if config.warm_start.steps > 0:
+      params = warm_start(config, mcfg, params, train_stream, pad_id, tok)
+    ref_params = params
+    state = TrainState.create(params, tx, jax.random.key(config.seed))
+    meta = {"data_position": 0}
+    ckpt.save(0, {"state": state, "ref": ref_params}, meta)
+    start = 0
+  else:
+    template = {"state": TrainState.create(params, tx, jax.random.key(config.seed)), "ref": params}
+    restored, meta = ckpt.restore(template, start)
+    state, ref_params = restored["state"], restored["ref"]
+    logging.info("resumed from step %d (data position %d)", start, meta["data_position"])
+  writer = MetricsWriter(config.workdir, resume_step=start if start > 0 else None)
+  position = int(meta["data_position"])
+  static = (None, r_cfg.temperature, a.clip_low, a.clip_high, a.dual_clip or None, a.loss_agg)
+  history = []
+  if start == 0 and config.eval.every > 0:
+    history.append(writer.write(0, evaluate(mcfg, state.params, eval_stream, grader, tok, sc, config.eval.prompts,
+                                            jax.random.key(1))))
+  for step in tqdm(range(start + 1, config.total_steps + 1), desc="aepo", initial=start, total=config.total_steps):
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    t0 = time.perf_counter()
+    exs, position = train_stream.take(position, r_cfg.prompts_per_step)
+    batch = prompt_batch([e.prompt for e in exs], pad_id)
+    tau_prev = float(state.stats["tau_high"])
+    if not np.isfinite(tau_prev):  # warm-up batch: sets tau_high, no branching
+      warm = sampling.generate(mcfg, state.params, batch, sc, jax.random.fold_in(key, 7))
+      tau_prev = float(aepo.entropy_threshold(warm.entropy, warm.mask, a.entropy_quantile))
+    rollouts = sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
+    t1 = time.perf_counter()
+    used = np.flatnonzero(rollouts.used)
+    texts = tok.batch_decode([rollouts.tokens[s, :rollouts.length[s]].tolist() for s in used],
+                             skip_special_tokens=True)
+    grades = grader.grade(texts, [exs[rollouts.prompt_index[s]].answer for s in used])
+    acc = np.zeros(len(rollouts.length), np.float32)
+    fmt = np.zeros_like(acc)
+    acc[used], fmt[used] = grades.accuracy, grades.format
+    t2 = time.perf_counter()
+    shaped = shape_batch(rollouts, acc, fmt, a, float(state.stats["tau_high"]), np.asarray(state.stats["target_ema"]))
+    state = state.replace(stats={"tau_high": jnp.float32(shaped.tau_high),
+                                 "target_ema": jnp.asarray(shaped.ema_state, jnp.float32)})
+    metrics = dict(shaped.metrics, **{"grading/timeouts": grades.timeouts, "grading/errors": grades.errors,
+                                      "data/skipped": sum(train_stream.skipped.values())})
+    rows = np.flatnonzero(shaped.train)
+    if len(rows):
+      state, upd = ppo_update(mcfg, state, ref_params, updater, rollouts, shaped, rows, exs, config, static, step,
+                              pad_id, sc.max_new_tokens)
+      metrics.update(upd)
+    t3 = time.perf_counter()
+    metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+                    "skipped_updates": float(state.skipped)})
+    if config.eval.every > 0 and step % config.eval.every == 0:
+      metrics.update(evaluate(mcfg, state.params, eval_stream, grader, tok, sc, config.eval.prompts,
+                              jax.random.key(1)))
+    history.append(writer.write(step, metrics))
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+      ckpt.save(step, {"state": state, "ref": ref_params}, {"data_position": position})
+  grader.close()
+  writer.close()
+  ckpt.close()
+  return {"history": history, "skipped_rows": dict(train_stream.skipped)}
+
+
+def ppo_update(mcfg, state, ref_params, updater, r, shaped, rows, exs, config, static, step, pad_id, width):
+  """Old and reference log-probs, then PPO epochs over shuffled mini-batches of `rows`."""
+  a = config.aepo
+  prompts = [exs[r.prompt_index[s]].prompt for s in rows]
+  responses = [r.tokens[s, :r.length[s]] for s in rows]
+  mb = a.micro_batch_size
+  packs = {}
+  def packed(idx):  # idx: positions into `rows`
+    k = tuple(idx)
+    if k not in packs:
+      packs[k] = pack(mcfg, [prompts[i] for i in idx], [responses[i] for i in idx], pad_id, response_width=width)
+    return packs[k]
+
+  old, ref = np.zeros((len(rows), width), np.float32), np.zeros((len(rows), width), np.float32)
+  for i in range(0, len(rows), mb):
+    idx = list(range(i, min(i + mb, len(rows))))
+    p = packed(idx)
+    args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, static[1])
+    old[idx] = np.asarray(score(mcfg, state.params, *args))
+    ref[idx] = np.asarray(score(mcfg, ref_params, *args))
+  loss_mask = shaped.loss_mask[rows]
+  metrics: dict[str, float] = {}
+  n_updates = 0
+  rng = np.random.default_rng([config.seed, step])
+  for epoch in range(config.ppo_epochs):
+    order = rng.permutation(len(rows))
+    for lo in range(0, len(rows), a.global_batch_size):
+      mini = order[lo:lo + a.global_batch_size]
+      tokens = loss_mask[mini].sum()
+      micro = []
+      for j in range(0, len(mini), mb):
+        idx = sorted(mini[j:j + mb].tolist())
+        p = packed(idx)
+        arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions,
+                      vision=p.vision, old_logp=old[idx], ref_logp=ref[idx], adv=shaped.adv[rows[idx]],
+                      loss_mask=loss_mask[idx], weights=shaped.kl_weights[rows[idx]])
+        share = (loss_mask[idx].sum() / max(tokens, 1) if a.loss_agg == "token_mean" else len(idx) / len(mini))
+        micro.append((arrays, (p.prompt_width,) + static[1:], float(share)))
+      state, m = updater.update(state, micro)
+      n_updates += 1
+      for k, v in m.items():
+        metrics[k] = metrics.get(k, 0.0) + v
+  return state.replace(step=state.step + 1), {k: v / max(n_updates, 1) for k, v in metrics.items()}

@@ -1,0 +1,91 @@
+"""Stage `sample`: roll out the policy on a few prompts and show where it is uncertain.
+
+Prompts come from `config.sample.prompts` or, when empty, from the synthetic task. A warm-up batch
+without branching sets tau_high (design.md 5.2) unless `config.sample.tau_high` is given; the
+second batch marks high-window-entropy (HWE) windows and forks there. Each answer is printed with
+the HWE window starts marked as `⟦token⟧` and its entropy statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ares_jax import aepo, configs, models, sampling
+from ares_jax.data import processor as processor_lib
+from ares_jax.data import synthetic
+from ares_jax.stages import inspect_model
+
+
+def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: models.ModelConfig,
+                    **overrides) -> sampling.SamplingConfig:
+  """The rollout section of an experiment config as a `SamplingConfig`."""
+  r = config.rollout
+  eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
+  kw = dict(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
+            top_k=max(int(r.top_k), 0), n=r.n, window=config.aepo.window, max_branches=r.max_branches,
+            eos_ids=tuple(e for e in eos if e is not None), pad_id=int(tokenizer.pad_token_id or 0),
+            cache_dtype=r.get("cache_dtype", None))
+  kw.update(overrides)
+  return sampling.SamplingConfig(**kw)
+
+
+def prompts(config: ml_collections.ConfigDict) -> tuple[list[str], list[Any]]:
+  """Questions and their images (None for text-only)."""
+  s = config.sample
+  if s.prompts:
+    return list(s.prompts), [None] * len(s.prompts)
+  probs = [synthetic.problem(config.seed, i) for i in range(s.num_prompts)]
+  imgs = [synthetic.render(p) if s.images and i % 2 == 0 else None for i, p in enumerate(probs)]
+  return [p.question for p in probs], imgs
+
+
+def marked_text(tokenizer: Any, tokens: np.ndarray, hwe: np.ndarray) -> str:
+  pieces = []
+  for t, (tok, mark) in enumerate(zip(tokens, hwe)):
+    text = tokenizer.decode([int(tok)])
+    pieces.append(f"⟦{text}⟧" if mark else text)
+  return "".join(pieces)
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  t0 = time.time()
+  mesh = inspect_model.build_mesh(config)
+  mcfg = configs.to_model_config(config.model)
+  tok = inspect_model.build_tokenizer(config)
+  inspect_model.check_tokenizer(tok, mcfg)
+  mcfg, params = inspect_model.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  vc = mcfg.vision
+  proc = processor_lib.QwenVLProcessor.create(
+      tok, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels,
+      patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+  questions, imgs = prompts(config)
+  batch = proc.encode_chat(questions, imgs if any(i is not None for i in imgs) else None)
+  key = jax.random.key(config.seed)
+  tau = config.sample.tau_high
+  if tau is None:
+    warm = sampling.generate(mcfg, params, batch, sampling_config(config, tok, mcfg), key)
+    tau = float(aepo.entropy_threshold(warm.entropy, warm.mask, config.aepo.entropy_quantile))
+    print(f"tau_high from a warm-up batch (quantile {config.aepo.entropy_quantile}): {tau:.3f}")
+  r = sampling.generate(mcfg, params, batch, sampling_config(config, tok, mcfg), jax.random.fold_in(key, 1),
+                        tau_high=tau)
+  n_he = np.asarray(aepo.hwe_counts(r.window_entropy, r.window_valid, tau))
+  rows = []
+  for s in np.flatnonzero(r.used):
+    n = int(r.length[s])
+    kind = "root" if r.parent[s] < 0 else f"branch of {int(r.parent[s])} at {int(r.fork_pos[s])}"
+    stats = dict(slot=int(s), prompt=int(r.prompt_index[s]), kind=kind, length=n,
+                 mean_entropy=float(r.entropy[s, :n].mean()),
+                 max_window_entropy=float(r.window_entropy[s][r.window_valid[s]].max(initial=0.0)),
+                 n_he=int(n_he[s]))
+    rows.append(stats)
+    print(f"\n[prompt {stats['prompt']} slot {s} {kind}] length {n}  mean H {stats['mean_entropy']:.3f}  "
+          f"max window H {stats['max_window_entropy']:.3f}  N_HE {stats['n_he']}")
+    print("  " + marked_text(tok, r.tokens[s, :n], r.hwe[s, :n]).replace("\n", "\n  "))
+  logging.info("sample stage finished in %.1fs", time.time() - t0)
+  return {"tau_high": tau, "answers": rows, "branches": int((r.parent >= 0).sum())}

@@ -1,0 +1,71 @@
+"""Supervised fine-tuning on (prompt, response) pairs: masked cross-entropy on assistant tokens only.
+
+Used by the AdaCS stage and by the tiny config's warm start. The vision tower is frozen by default
+(its parameters get no update and no optimizer state).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from ares_jax.models.config import ModelConfig
+from ares_jax.train import optimizer as optim_lib
+from ares_jax.train.sequences import Prompt, pack, response_logprobs
+from ares_jax.train.state import TrainState
+from ares_jax.train.update import Updater, freeze
+
+
+def sft_loss(model_config: ModelConfig):
+  """(params, arrays, prompt_width) -> (mean negative log-likelihood of the response tokens, metrics)."""
+  def loss(params, arrays, prompt_width):
+    logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
+                             arrays["positions"], arrays["vision"], prompt_width)
+    mask = arrays["loss_mask"]
+    n = jnp.maximum(mask.sum(), 1)
+    nll = -(logp * mask).sum() / n
+    return nll, {"nll": nll, "tokens": mask.sum().astype(jnp.float32)}
+  return loss
+
+
+def micro_batches(model_config: ModelConfig, prompts: Sequence[Prompt], responses: Sequence[np.ndarray],
+                  micro_batch_size: int, pad_id: int, response_width: int | None = None):
+  """Packs (prompt, response) pairs into micro-batches weighted by their share of loss tokens."""
+  total = sum(len(r) for r in responses)
+  out = []
+  for i in range(0, len(prompts), micro_batch_size):
+    ps, rs = prompts[i:i + micro_batch_size], responses[i:i + micro_batch_size]
+    packed = pack(model_config, ps, rs, pad_id, response_width=response_width)
+    width = packed.input_ids.shape[1] - packed.prompt_width
+    mask = (np.arange(width)[None, :] < np.array([len(r) for r in rs])[:, None]).astype(np.float32)
+    arrays = dict(input_ids=packed.input_ids, attention_mask=packed.attention_mask, positions=packed.positions,
+                  vision=packed.vision, loss_mask=mask)
+    out.append((arrays, packed.prompt_width, sum(len(r) for r in rs) / total))
+  return out
+
+
+def make_sft(model_config: ModelConfig, params: Any, optim: ml_collections.ConfigDict, total_steps: int,
+             frozen: Sequence[str] = ("visual",)) -> tuple[Updater, Any]:
+  tx = freeze(optim_lib.make_optimizer(optim, total_steps), params, frozen)
+  return Updater(sft_loss(model_config), tx), tx
+
+
+def run_sft(model_config: ModelConfig, params: Any, batches, optim: ml_collections.ConfigDict, steps: int,
+            micro_batch_size: int, pad_id: int, rng: jax.Array, frozen: Sequence[str] = ("visual",),
+            desc: str = "sft", on_step=None) -> tuple[Any, list[float]]:
+  """Runs `steps` updates; `batches(step) -> (prompts, responses)`. Returns params and the losses."""
+  updater, tx = make_sft(model_config, params, optim, steps, frozen)
+  state = TrainState.create(params, tx, rng)
+  losses = []
+  for step in tqdm(range(steps), desc=desc, leave=False):
+    prompts, responses = batches(step)
+    state, m = updater.update(state, micro_batches(model_config, prompts, responses, micro_batch_size, pad_id))
+    losses.append(m["loss"])
+    if on_step is not None:
+      on_step(step, m)
+  return state.params, losses
