@@ -127,6 +127,7 @@ def optim_defaults() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.grad_clip = 1.0
   o.warmup_steps = 0
+  o.schedule = "constant"  # constant (the paper) | cosine
   return o
 
 
@@ -146,7 +147,7 @@ def model_fields(*, vocab_size: int, hidden_size: int, intermediate_size: int, n
                  num_kv_heads: int, tie_word_embeddings: bool, vision: ml_collections.ConfigDict,
                  rms_norm_eps: float = 1e-6, rope_theta: float = 1e6, mrope_section: tuple[int, int, int] = (16, 24, 24),
                  max_position_embeddings: int = 128000, token_ids: dict[str, int] | None = None,
-                 dtype: str = "float32", param_dtype: str = "float32", scan_layers: bool = True,
+                 dtype: str = "float32", param_dtype: str = "float32",
                  remat_policy: str = "none") -> ml_collections.ConfigDict:
   """`config.model`: the architecture (mirrors HF config.json), numerics, and an optional checkpoint.
 
@@ -172,7 +173,6 @@ def model_fields(*, vocab_size: int, hidden_size: int, intermediate_size: int, n
     m[k] = val
   m.dtype = dtype  # compute dtype
   m.param_dtype = param_dtype
-  m.scan_layers = scan_layers
   m.remat_policy = remat_policy  # none | full | dots | dots_with_no_batch_dims
   return m
 
@@ -215,7 +215,7 @@ def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
       text=text, vision=vision, tie_word_embeddings=m.tie_word_embeddings, image_token_id=m.image_token_id,
       video_token_id=m.video_token_id, vision_start_token_id=m.vision_start_token_id,
       vision_end_token_id=m.vision_end_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-      dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat_policy=m.remat_policy)
+      dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
 
 
 # Fields that a checkpoint's config.json fixes; the config file must agree with them.

@@ -22,7 +22,7 @@ def test_rules_drop_axes_that_do_not_divide():
 
 def test_make_mesh_errors_name_the_sizes():
   with pytest.raises(ValueError, match="devices"):
-    sharding.make_mesh(data=3, fsdp=1, tensor=1)
+    sharding.make_mesh(data=3, fsdp=3, tensor=1)
   assert sharding.make_mesh(data=2, fsdp=-1, tensor=1).shape == {"data": 2, "fsdp": 4, "tensor": 1}
 
 

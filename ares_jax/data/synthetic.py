@@ -1,10 +1,13 @@
-"""A built-in, difficulty-graded reasoning task with verifiable answers: digit arithmetic.
+"""A built-in, difficulty-graded reasoning task with verifiable answers: repeated digit arithmetic.
 
-A problem starts from a digit and applies k operations (+d, -d, *d), each taken modulo 10;
-difficulty is k. The answer is the final digit in `\\boxed{}`. Problems are a pure function of
-(seed, index), so a data position is just an integer and a resumed run sees the same stream.
-Teacher traces write one line per step, optionally with re-checks (longer traces for AdaCS).
-Problems can also be rendered as small images so that the vision tower is exercised.
+"Mod 10, start 5, apply +7 4 times = ?": the answer is the final digit in `\\boxed{}`, and the
+difficulty is the number of repetitions k. The teacher trace writes one numbered line per step,
+so the response length grows with difficulty and every step is a local computation (the previous
+result, the one operation of the prompt, a numbered counter that stops at k): a tiny transformer
+learns it in a few hundred steps, and its per-step error compounds into pass rates that fall with
+k, i.e. easy, medium and hard problems. Problems are a pure function of (seed, index), so a data
+position is just an integer and a resumed run sees the same stream. Problems can also be rendered
+as small images so that the vision tower is exercised.
 """
 
 from __future__ import annotations
@@ -21,33 +24,38 @@ OPS = ("+", "-", "*")
 class Problem:
   index: int
   start: int
-  ops: tuple[tuple[str, int], ...]
-  answer: str
-  difficulty: int  # number of operations
+  op: str
+  operand: int
+  difficulty: int  # k, the number of times the operation is applied
 
   @property
   def expression(self) -> str:
-    return f"{self.start} " + " ".join(f"{op}{d}" for op, d in self.ops)
+    return f"start {self.start}, apply {self.op}{self.operand} {self.difficulty} times"
 
   @property
   def question(self) -> str:
-    return f"Mod 10: {self.expression} = ?"
+    return f"Mod 10, {self.expression} = ?"
 
-  def steps(self) -> list[tuple[int, str, int, int]]:
-    """(value before, op, operand, value after) per operation."""
+  def steps(self) -> list[tuple[int, int]]:
+    """(value before, value after) per application."""
     out, x = [], self.start
-    for op, d in self.ops:
-      y = apply(x, op, d)
-      out.append((x, op, d, y))
+    for _ in range(self.difficulty):
+      y = apply(x, self.op, self.operand)
+      out.append((x, y))
       x = y
     return out
 
+  @property
+  def answer(self) -> str:
+    return str(self.steps()[-1][1])
+
   def trace(self, checks: int = 0) -> str:
-    """Teacher response: `<think>` one line per step (`checks` re-verifies the last steps) `</think>`."""
-    lines = [f"{x}{op}{d}={y}." for x, op, d, y in self.steps()]
-    for x, op, d, y in self.steps()[-checks:] if checks else []:
-      lines.append(f"check {x}{op}{d}={y}.")
-    return "<think>" + " ".join(lines) + f"</think> \\boxed{{{self.answer}}}"
+    """Teacher response: `<think>` one numbered line per step (`checks` re-verifies the last
+    steps, for longer traces) `</think>` and the boxed answer."""
+    op, d = self.op, self.operand
+    lines = [f"{i + 1}: {x}{op}{d}={y}." for i, (x, y) in enumerate(self.steps())]
+    lines += [f"check {x}{op}{d}={y}." for x, y in (self.steps()[-checks:] if checks else [])]
+    return "<think> " + " ".join(lines) + f"</think> \\boxed{{{self.answer}}}"
 
 
 def apply(x: int, op: str, d: int) -> int:
@@ -59,17 +67,15 @@ def apply(x: int, op: str, d: int) -> int:
 
 
 def problem(seed: int, index: int, min_steps: int = 1, max_steps: int = 6, ops: str = "+-*") -> Problem:
-  """Problem `index` of the stream `seed`: k in [min_steps, max_steps] operations drawn from `ops`."""
+  """Problem `index` of the stream `seed`: k in [min_steps, max_steps], one operation from `ops`."""
+  if not 1 <= min_steps <= max_steps:
+    raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
   if not ops or set(ops) - set(OPS):
     raise ValueError(f"ops={ops!r}: choose a non-empty subset of {''.join(OPS)!r}")
   rng = np.random.default_rng([seed, index])
   k = int(rng.integers(min_steps, max_steps + 1))
-  start = int(rng.integers(0, 10))
-  ops = tuple((ops[int(rng.integers(0, len(ops)))], int(rng.integers(1, 10))) for _ in range(k))
-  x = start
-  for op, d in ops:
-    x = apply(x, op, d)
-  return Problem(index=index, start=start, ops=ops, answer=str(x), difficulty=k)
+  return Problem(index=index, start=int(rng.integers(0, 10)), op=ops[int(rng.integers(0, len(ops)))],
+                 operand=int(rng.integers(1, 10)), difficulty=k)
 
 
 def render(p: Problem, height: int = 56, width: int = 224) -> Image.Image:

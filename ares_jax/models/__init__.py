@@ -3,10 +3,10 @@
 from ares_jax.models.config import ConfigError, ModelConfig, TextConfig, VisionConfig, from_hf_dict, to_hf_dict
 from ares_jax.models.positions import InputError, mrope_positions
 from ares_jax.models.qwen25vl import Qwen25VL, abstract_params, forward, init_params, prepare_vision
-from ares_jax.models.hf_io import CheckpointError, load_hf, save_hf
+from ares_jax.models.hf_io import CheckpointError, load_hf, read_config, save_hf
 
 __all__ = [
     "CheckpointError", "ConfigError", "InputError", "ModelConfig", "Qwen25VL", "TextConfig", "VisionConfig",
     "abstract_params", "forward", "from_hf_dict", "init_params", "load_hf", "mrope_positions", "prepare_vision",
-    "save_hf", "to_hf_dict",
+    "read_config", "save_hf", "to_hf_dict",
 ]

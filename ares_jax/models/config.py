@@ -85,7 +85,6 @@ class ModelConfig:
   eos_token_id: int | tuple[int, ...] | None = 151645
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
-  scan_layers: bool = True
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
 
   @property

@@ -29,7 +29,7 @@ from ares_jax.stages import inspect_model
 from ares_jax.stages.aepo_batch import shape_batch
 from ares_jax.stages.sample import sampling_config
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.train import sft
+from ares_jax.train import sft, sharding
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.metrics import MetricsWriter
 from ares_jax.train.sequences import pack, prompt_batch, response_logprobs, score
@@ -69,7 +69,7 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
     return prompts, responses
 
   optim = ml_collections.ConfigDict(dict(config.optim))
-  optim.lr = w.lr
+  optim.update(lr=w.lr, schedule="cosine", warmup_steps=max(1, w.steps // 20))
   params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
                                jax.random.key(config.seed), frozen=(), desc="warm start")
   logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
@@ -118,13 +118,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if start is None:
     if config.warm_start.steps > 0:
       params = warm_start(config, mcfg, params, train_stream, pad_id, tok)
-    ref_params = params
-    state = TrainState.create(params, tx, jax.random.key(config.seed))
+    ref_params = jax.tree.map(jnp.copy, params)  # own buffers: updates donate the policy's
+    state = sharding.replicate_rest(TrainState.create(params, tx, jax.random.key(config.seed)), mesh)
     meta = {"data_position": 0}
     ckpt.save(0, {"state": state, "ref": ref_params}, meta)
     start = 0
   else:
-    template = {"state": TrainState.create(params, tx, jax.random.key(config.seed)), "ref": params}
+    template = {"state": sharding.replicate_rest(TrainState.create(params, tx, jax.random.key(config.seed)), mesh),
+                "ref": params}
     restored, meta = ckpt.restore(template, start)
     state, ref_params = restored["state"], restored["ref"]
     logging.info("resumed from step %d (data position %d)", start, meta["data_position"])

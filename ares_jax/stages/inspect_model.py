@@ -96,7 +96,7 @@ def build_params(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, bo
       raise models.ConfigError(f"the checkpoint {path} does not match the config file:\n  " + "\n  ".join(bad))
     logging.info("loading %s onto the mesh", path)
     loaded, params = models.load_hf(path, jnp.dtype(mcfg.param_dtype), mesh=mesh,
-                                    scan_layers=mcfg.scan_layers, remat_policy=mcfg.remat_policy)
+                                    remat_policy=mcfg.remat_policy)
     # load_hf computes in the parameter dtype; the config's compute dtype wins.
     return loaded.replace(dtype=mcfg.dtype), params
   shardings = sharding.param_shardings(boxed, mesh)

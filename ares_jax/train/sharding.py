@@ -46,9 +46,15 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axes; one of the sizes may be -1 (takes the rest)."""
+  """A (data, fsdp, tensor) mesh with Auto axes; one of the sizes may be -1 (takes the rest).
+
+  With three fixed sizes whose product is below the device count, the mesh takes the first devices
+  (e.g. a one-device run on a host with several).
+  """
   devices = list(devices if devices is not None else jax.devices())
   sizes = [data, fsdp, tensor]
+  if -1 not in sizes and 0 < int(np.prod(sizes)) < len(devices):
+    devices = devices[:int(np.prod(sizes))]
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
   known = int(np.prod([s for s in sizes if s != -1]))
@@ -98,6 +104,16 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
 
 def shard_params(params: Any, shardings: Any) -> Any:
   return jax.tree.map(jax.device_put, params, shardings)
+
+
+def replicate_rest(tree: Any, mesh: Mesh) -> Any:
+  """Places every leaf not already sharded over `mesh` replicated on it (step counters, RNG keys,
+  optimizer counts), so a train state is one consistent pytree for jit, checkpoints and restore."""
+  def place(x):
+    if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+  return jax.tree.map(place, tree)
 
 
 def mesh_of(tree: Any) -> Mesh | None:

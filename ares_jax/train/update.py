@@ -46,7 +46,7 @@ class Updater:
     params = optax.apply_updates(state.params, updates)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     return state.replace(params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                         skipped=state.skipped + (~ok).astype(jnp.int32)), ok, optax.global_norm(grads)
+                         skipped=state.skipped + (~ok).astype(jnp.int32)), ok, optax.tree.norm(grads)
 
   def update(self, state: TrainState, micro_batches: Sequence[tuple[dict, Hashable, float]]):
     """micro_batches: (arrays, static spec, weight). Returns (new state, metrics dict of floats)."""

@@ -1,0 +1,66 @@
+"""Prompt sources: bad rows are skipped, counted and reported with their index; synthetic problems."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ares_jax.data import synthetic
+from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
+from ares_jax.data.processor import QwenVLProcessor
+from ares_jax.data.tokenizer import tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+  tok = tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
+  return QwenVLProcessor.create(tok, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+
+
+def test_bad_rows_are_skipped_counted_and_located(tmp_path, proc, caplog):
+  Image.new("RGB", (56, 56), "white").save(tmp_path / "ok.png")
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  rows = [
+      {"question": "What is 2+2?", "answer": "4"},
+      {"question": "No answer here"},
+      {"question": "Look", "answer": "1", "image": "broken.png"},
+      {"question": "word " * 400, "answer": "1"},
+      {"question": "Shape?", "answer": "3", "image": "ok.png"},
+      {"question": "Missing file", "answer": "2", "image": "nowhere.png"},
+  ]
+  path = tmp_path / "data.jsonl"
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  stream = PromptStream(JsonlSource(str(path)), proc, max_prompt_length=64)
+  with caplog.at_level(logging.WARNING):
+    exs, pos = stream.take(0, 2)
+  assert [e.index for e in exs] == [0, 4] and pos == 5
+  assert exs[1].prompt.image_grid_thw is not None and exs[1].prompt.pixel_values.shape[1] == 1176
+  assert dict(stream.skipped) == {"missing_answer": 1, "unreadable": 1, "too_long": 1}
+  text = caplog.text
+  assert "row 1" in text and "row 2" in text and "row 3" in text
+  more, _ = stream.take(pos, 1)  # row 5 (missing file) is skipped too, then it wraps to row 0
+  assert more[0].index == 0 and stream.skipped["unreadable"] == 2
+
+
+def test_a_source_with_no_usable_row_fails_clearly(tmp_path, proc):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"question": "q"}) + "\n")
+  with pytest.raises(ValueError, match="no usable row"):
+    PromptStream(JsonlSource(str(path)), proc, 64).take(0, 1)
+
+
+def test_synthetic_problems_are_deterministic_graded_and_verifiable(proc):
+  p = synthetic.problem(3, 17, 2, 5)
+  assert p == synthetic.problem(3, 17, 2, 5) and 2 <= p.difficulty <= 5
+  x = p.start
+  for _ in range(p.difficulty):
+    x = {"+": x + p.operand, "-": x - p.operand, "*": x * p.operand}[p.op] % 10
+  assert p.answer == str(x) and p.trace().endswith(f"\\boxed{{{x}}}")
+  assert len(p.trace(checks=2)) > len(p.trace())
+  src = SyntheticSource(0, 1, 4, images=True)
+  ex = PromptStream(src, proc, 256).encode(0)
+  assert ex.prompt.image_grid_thw is not None and ex.difficulty == src.problem(0).difficulty
+  with pytest.raises(ValueError, match="ops"):
+    synthetic.problem(0, 0, ops="/")
