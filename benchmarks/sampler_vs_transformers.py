@@ -65,8 +65,6 @@ def main():
   ap.add_argument("--hbm_gbps", type=float, default=3350.0, help="HBM bandwidth for the roofline (H100 SXM)")
   args = ap.parse_args()
   p = PRESETS[args.preset]
-  if p["threads"]:
-    os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={p['threads']}")
   import jax
   import jax.numpy as jnp
   import torch

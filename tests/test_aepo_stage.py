@@ -44,6 +44,7 @@ def tiny_rl_config(workdir: str, total_steps: int):
   c.aepo.filter_low = 0.0  # keep every group: with a near-random tiny policy most are all-wrong
   c.optim.lr = 1e-3
   c.data.max_steps = 3
+  c.data.images = True  # every other prompt carries an image: the vision path runs in rollouts and updates
   return c
 
 
@@ -102,3 +103,41 @@ def test_full_update_lowers_at_real_shapes(name):
   assert jax.tree.structure(new_state.params) == jax.tree.structure(params) and ok.dtype == jnp.bool_
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
   assert n > (3e9 if "3b" in name else 8e9)
+
+
+def test_update_moves_logprobs_along_the_advantages():
+  """One real AEPO update raises log pi of positive-advantage responses and lowers the others."""
+  from ares_jax.train.sequences import score
+  c = load_config("tiny.py")
+  mcfg = configs.to_model_config(c.model)
+  params = models.init_params(mcfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  prompts = [Prompt(rng.integers(5, 400, 20).astype(np.int32)) for _ in range(4)]
+  p = pack(mcfg, prompts, [rng.integers(5, 400, 12).astype(np.int32) for _ in range(4)], 0, response_width=16)
+  args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, 1.0)
+  old = np.asarray(score(mcfg, params, *args))
+  mask = np.zeros((4, 16), bool)
+  mask[:, :12] = True
+  adv = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
+  arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions, vision=p.vision,
+                old_logp=old, ref_logp=old, adv=adv, loss_mask=mask, weights=np.full((4, 16), 0.01, np.float32))
+  c.optim.lr = 1e-3
+  tx = optim_lib.make_optimizer(c.optim, 10)
+  state = TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.key(0))
+  state, m = Updater(aepo_stage.aepo_loss_fn(mcfg), tx).update(
+      state, [(arrays, (p.prompt_width, 1.0, 0.2, 0.28, None, "token_mean"), 1.0)])
+  assert m["update_skipped"] == 0 and m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+  delta = ((np.asarray(score(mcfg, state.params, *args)) - old) * mask).sum(1)
+  assert (np.sign(delta) == adv).all()
+
+
+def test_non_finite_loss_skips_the_update():
+  c = load_config("tiny.py")
+  mcfg = configs.to_model_config(c.model)
+  params = models.init_params(mcfg, jax.random.key(1))
+  tx = optim_lib.make_optimizer(c.optim, 10)
+  state = TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.key(0))
+  bad = Updater(lambda prm, arrays, static: (jnp.sum(prm["norm"]["scale"]) * jnp.nan, {}), tx)
+  state2, m = bad.update(state, [({}, None, 1.0)])
+  assert m["update_skipped"] == 1 and int(state2.skipped) == 1
+  jax.tree.map(np.testing.assert_array_equal, state2.params, params)

@@ -181,7 +181,8 @@ def _main(*args: str, devices: int = 1, cache: str | None = None) -> subprocess.
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   if cache:
     env["ARES_JAX_CACHE"] = cache
-  return subprocess.run([sys.executable, "-m", "ares_jax.main", "--config=configs/tiny.py", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "ares_jax.main", "--config=configs/tiny.py", "--config.stage=inspect",
+                         *args], cwd=ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -222,7 +223,7 @@ def test_main_two_process_distributed_run(cache_dir):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              ARES_JAX_CACHE=cache_dir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
   procs = [subprocess.Popen([sys.executable, "-m", "ares_jax.main", "--config=configs/tiny.py",
-                             "--config.distributed=True"], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
+                             "--config.stage=inspect", "--config.distributed=True"], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   try:
     outs = [p.communicate(timeout=240) for p in procs]

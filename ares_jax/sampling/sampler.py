@@ -125,7 +125,6 @@ def _generate(config: ModelConfig, sc: SamplingConfig, params, ids, positions, m
   n_branch = sc.branches(tau is not None)
   group = sc.n + n_branch
   s_slots, n_max = n_prompts * group, sc.max_new_tokens
-  c = t_prompt + n_max
   prompt_of = jnp.arange(s_slots) // group
 
   k, v = model.apply({"params": params}, ids, positions, mask, vision, method=Qwen25VL.prefill)  # [L,P,T,K,D]

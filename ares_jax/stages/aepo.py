@@ -24,8 +24,7 @@ from tqdm import tqdm
 from ares_jax import aepo, configs, models, sampling
 from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
-from ares_jax.data.processor import QwenVLProcessor
-from ares_jax.stages import inspect_model
+from ares_jax.stages import setup
 from ares_jax.stages.aepo_batch import shape_batch
 from ares_jax.stages.sample import sampling_config
 from ares_jax.train import optimizer as optim_lib
@@ -94,15 +93,12 @@ def evaluate(mcfg, params, stream: PromptStream, grader: Grader, tokenizer, sc: 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   os.makedirs(config.workdir, exist_ok=True)
-  mesh = inspect_model.build_mesh(config)
+  mesh = setup.build_mesh(config)
   mcfg = configs.to_model_config(config.model)
-  tok = inspect_model.build_tokenizer(config)
-  inspect_model.check_tokenizer(tok, mcfg)
+  tok = setup.build_tokenizer(config)
+  setup.check_tokenizer(tok, mcfg)
   pad_id = int(tok.pad_token_id or 0)
-  vc = mcfg.vision
-  proc = QwenVLProcessor.create(tok, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels,
-                                patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size,
-                                merge_size=vc.spatial_merge_size)
+  proc = setup.build_processor(config, tok, mcfg)
   train_stream = PromptStream(make_source(config, 0), proc, config.rollout.max_prompt_length)
   eval_stream = PromptStream(make_source(config, 1), proc, config.rollout.max_prompt_length)
   a, r_cfg = config.aepo, config.rollout
@@ -113,7 +109,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
   grader = Grader(workers=config.get("grading_workers", 2), timeout_s=a.grading_timeout_s)
 
-  mcfg, params = inspect_model.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
   start = ckpt.latest_step()
   if start is None:
     if config.warm_start.steps > 0:
@@ -181,30 +177,40 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def ppo_update(mcfg, state, ref_params, updater, r, shaped, rows, exs, config, static, step, pad_id, width):
-  """Old and reference log-probs, then PPO epochs over shuffled mini-batches of `rows`."""
+  """Old and reference log-probs, then PPO epochs over shuffled mini-batches of `rows`.
+
+  Every micro-batch is padded to `micro_batch_size` rows (copies of its first row with an empty
+  loss mask), so the jitted scoring and gradient programs compile once instead of once per size.
+  """
   a = config.aepo
+  mb = a.micro_batch_size
   prompts = [exs[r.prompt_index[s]].prompt for s in rows]
   responses = [r.tokens[s, :r.length[s]] for s in rows]
-  mb = a.micro_batch_size
   packs = {}
-  def packed(idx):  # idx: positions into `rows`
+
+  def packed(idx):  # idx: positions into `rows`, padded to mb with idx[0]
     k = tuple(idx)
     if k not in packs:
-      packs[k] = pack(mcfg, [prompts[i] for i in idx], [responses[i] for i in idx], pad_id, response_width=width)
+      full = list(idx) + [idx[0]] * (mb - len(idx))
+      packs[k] = pack(mcfg, [prompts[i] for i in full], [responses[i] for i in full], pad_id,
+                      response_width=width)
     return packs[k]
+
+  def padded(x, n):
+    return np.concatenate([x, np.repeat(x[:1], mb - n, axis=0)]) if n < mb else x
 
   old, ref = np.zeros((len(rows), width), np.float32), np.zeros((len(rows), width), np.float32)
   for i in range(0, len(rows), mb):
     idx = list(range(i, min(i + mb, len(rows))))
     p = packed(idx)
     args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, static[1])
-    old[idx] = np.asarray(score(mcfg, state.params, *args))
-    ref[idx] = np.asarray(score(mcfg, ref_params, *args))
+    old[idx] = np.asarray(score(mcfg, state.params, *args))[:len(idx)]
+    ref[idx] = np.asarray(score(mcfg, ref_params, *args))[:len(idx)]
   loss_mask = shaped.loss_mask[rows]
   metrics: dict[str, float] = {}
   n_updates = 0
   rng = np.random.default_rng([config.seed, step])
-  for epoch in range(config.ppo_epochs):
+  for _ in range(config.ppo_epochs):
     order = rng.permutation(len(rows))
     for lo in range(0, len(rows), a.global_batch_size):
       mini = order[lo:lo + a.global_batch_size]
@@ -212,11 +218,15 @@ def ppo_update(mcfg, state, ref_params, updater, r, shaped, rows, exs, config, s
       micro = []
       for j in range(0, len(mini), mb):
         idx = sorted(mini[j:j + mb].tolist())
+        n = len(idx)
         p = packed(idx)
+        mask = np.zeros((mb, width), bool)
+        mask[:n] = loss_mask[idx]
         arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions,
-                      vision=p.vision, old_logp=old[idx], ref_logp=ref[idx], adv=shaped.adv[rows[idx]],
-                      loss_mask=loss_mask[idx], weights=shaped.kl_weights[rows[idx]])
-        share = (loss_mask[idx].sum() / max(tokens, 1) if a.loss_agg == "token_mean" else len(idx) / len(mini))
+                      vision=p.vision, old_logp=padded(old[idx], n), ref_logp=padded(ref[idx], n),
+                      adv=padded(shaped.adv[rows[idx]], n), loss_mask=mask,
+                      weights=padded(shaped.kl_weights[rows[idx]], n))
+        share = (mask.sum() / max(tokens, 1) if a.loss_agg == "token_mean" else n / len(mini))
         micro.append((arrays, (p.prompt_width,) + static[1:], float(share)))
       state, m = updater.update(state, micro)
       n_updates += 1

@@ -17,9 +17,8 @@ import numpy as np
 from absl import logging
 
 from ares_jax import aepo, configs, models, sampling
-from ares_jax.data import processor as processor_lib
 from ares_jax.data import synthetic
-from ares_jax.stages import inspect_model
+from ares_jax.stages import setup
 
 
 def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: models.ModelConfig,
@@ -55,15 +54,12 @@ def marked_text(tokenizer: Any, tokens: np.ndarray, hwe: np.ndarray) -> str:
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   t0 = time.time()
-  mesh = inspect_model.build_mesh(config)
+  mesh = setup.build_mesh(config)
   mcfg = configs.to_model_config(config.model)
-  tok = inspect_model.build_tokenizer(config)
-  inspect_model.check_tokenizer(tok, mcfg)
-  mcfg, params = inspect_model.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
-  vc = mcfg.vision
-  proc = processor_lib.QwenVLProcessor.create(
-      tok, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels,
-      patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+  tok = setup.build_tokenizer(config)
+  setup.check_tokenizer(tok, mcfg)
+  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  proc = setup.build_processor(config, tok, mcfg)
   questions, imgs = prompts(config)
   batch = proc.encode_chat(questions, imgs if any(i is not None for i in imgs) else None)
   key = jax.random.key(config.seed)

@@ -109,10 +109,15 @@ def shard_params(params: Any, shardings: Any) -> Any:
 def replicate_rest(tree: Any, mesh: Mesh) -> Any:
   """Places every leaf not already sharded over `mesh` replicated on it (step counters, RNG keys,
   optimizer counts), so a train state is one consistent pytree for jit, checkpoints and restore."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+
   def place(x):
     if isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh:
       return x
-    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys travel as their raw data
+      return jax.random.wrap_key_data(place(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)  # the same value on every process (counters, keys made from the seed)
+    return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
   return jax.tree.map(place, tree)
 
 

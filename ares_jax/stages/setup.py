@@ -1,0 +1,73 @@
+"""What every stage builds first from a config: mesh, tokenizer, processor, model parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from ares_jax import configs, models
+from ares_jax.data import processor as processor_lib
+from ares_jax.data import tokenizer as tokenizer_lib
+from ares_jax.models import hf_io
+from ares_jax.train import sharding
+
+
+def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  m = config.mesh
+  return sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+
+
+def build_tokenizer(config: ml_collections.ConfigDict):
+  kind = config.tokenizer.kind
+  if kind == "tiny":
+    return tokenizer_lib.tiny_tokenizer()
+  if kind == "hf":
+    path = config.tokenizer.path or config.model.hf_path
+    if not path:
+      raise ValueError("config.tokenizer.kind='hf' needs a local folder: set --config.model.hf_path (a Qwen2.5-VL "
+                       "checkpoint folder) or --config.tokenizer.path, or run with --config.inspect.forward=False")
+    return tokenizer_lib.load_tokenizer(path)
+  raise ValueError(f"config.tokenizer.kind={kind!r}: expected 'tiny' or 'hf'")
+
+
+def check_tokenizer(tok: Any, mcfg: models.ModelConfig) -> None:
+  """The model's special token ids must be the tokenizer's, or images silently become text."""
+  wanted = {"<|image_pad|>": mcfg.image_token_id, "<|video_pad|>": mcfg.video_token_id,
+            "<|vision_start|>": mcfg.vision_start_token_id, "<|vision_end|>": mcfg.vision_end_token_id}
+  bad = [f"{t}: tokenizer {tok.convert_tokens_to_ids(t)} vs model {i}" for t, i in wanted.items()
+         if tok.convert_tokens_to_ids(t) != i]
+  if bad:
+    raise ValueError("tokenizer and config.model disagree on special token ids: " + "; ".join(bad))
+  if len(tok) > mcfg.text.vocab_size:
+    raise ValueError(f"tokenizer has {len(tok)} tokens but config.model.vocab_size={mcfg.text.vocab_size}")
+
+
+def build_params(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, boxed: Any,
+                 mesh: jax.sharding.Mesh) -> tuple[models.ModelConfig, Any]:
+  """Checkpoint weights when `config.model.hf_path` is set, else a sharded random initialisation."""
+  if config.model.hf_path:
+    path = config.model.hf_path
+    bad = configs.architecture_mismatches(config.model, hf_io.read_config(path))  # before reading weights
+    if bad:
+      raise models.ConfigError(f"the checkpoint {path} does not match the config file:\n  " + "\n  ".join(bad))
+    logging.info("loading %s onto the mesh", path)
+    loaded, params = models.load_hf(path, jnp.dtype(mcfg.param_dtype), mesh=mesh,
+                                    remat_policy=mcfg.remat_policy)
+    # load_hf computes in the parameter dtype; the config's compute dtype wins.
+    return loaded.replace(dtype=mcfg.dtype), params
+  shardings = sharding.param_shardings(boxed, mesh)
+  init = jax.jit(lambda key: models.init_params(mcfg, key), out_shardings=shardings)
+  return mcfg, init(jax.random.key(config.seed))
+
+
+def build_processor(config: ml_collections.ConfigDict, tok: Any,
+                    mcfg: models.ModelConfig) -> processor_lib.QwenVLProcessor:
+  """The Qwen2.5-VL processor with the config's pixel bounds and the model's patch geometry."""
+  vc = mcfg.vision
+  return processor_lib.QwenVLProcessor.create(
+      tok, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels,
+      patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
