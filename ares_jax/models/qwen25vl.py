@@ -89,7 +89,8 @@ class Qwen25VL(nn.Module):
     return self.logits(x)[:, 0], (k[:, :, 0], v[:, :, 0])
 
 
-def _check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw):
+def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
+  """Raises `InputError` naming what was found and what was expected (shapes, token counts, video)."""
   if input_ids.ndim != 2:
     raise pos_lib.InputError(f"input_ids must be [batch, length]; got shape {input_ids.shape}")
   if attention_mask.shape != input_ids.shape:
@@ -151,7 +152,7 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixe
   """
   input_ids = np.asarray(input_ids)
   attention_mask = np.asarray(attention_mask)
-  _check_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw)
+  check_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw)
   vision = None
   if pixel_values is not None and image_grid_thw is not None:
     vision = prepare_vision(config, np.asarray(pixel_values), np.asarray(image_grid_thw))

@@ -21,7 +21,7 @@ from flax import struct
 
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import Qwen25VL, _check_inputs, prepare_vision
+from ares_jax.models.qwen25vl import Qwen25VL, check_inputs, prepare_vision
 from ares_jax.sampling import distributions as dist
 from ares_jax.sampling.branching import fork
 from ares_jax.sampling.config import Rollouts, SamplingConfig
@@ -173,7 +173,7 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   ids = np.asarray(batch["input_ids"])
   mask = np.asarray(batch["attention_mask"])
   pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
-  _check_inputs(config, ids, mask, pixel_values, grid)
+  check_inputs(config, ids, mask, pixel_values, grid)
   ids, mask = _left_align(ids, mask, sc.prompt_bucket, sc.pad_id)
   vision = None
   if pixel_values is not None and grid is not None:

@@ -152,8 +152,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     acc[used], fmt[used] = grades.accuracy, grades.format
     t2 = time.perf_counter()
     shaped = shape_batch(rollouts, acc, fmt, a, float(state.stats["tau_high"]), np.asarray(state.stats["target_ema"]))
-    state = state.replace(stats={"tau_high": jnp.float32(shaped.tau_high),
-                                 "target_ema": jnp.asarray(shaped.ema_state, jnp.float32)})
+    state = sharding.replicate_rest(state.replace(stats={
+        "tau_high": np.float32(shaped.tau_high), "target_ema": np.asarray(shaped.ema_state, np.float32)}), mesh)
     metrics = dict(shaped.metrics, **{"grading/timeouts": grades.timeouts, "grading/errors": grades.errors,
                                       "data/skipped": sum(train_stream.skipped.values())})
     rows = np.flatnonzero(shaped.train)
