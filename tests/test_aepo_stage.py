@@ -66,6 +66,7 @@ def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
   assert all(np.isfinite(r["loss"]) for r in rows)
   assert any(r["branches"] > 0 for r in rows)
   assert (Path(straight.workdir) / "tensorboard").is_dir()
+  assert (Path(straight.workdir) / "curves.png").stat().st_size > 10_000
   assert out["skipped_rows"] == {}
 
   stopped = tiny_rl_config(str(tmp_path / "resumed"), 2)

@@ -30,7 +30,7 @@ from ares_jax.stages.sample import sampling_config
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import sft, sharding
 from ares_jax.train.checkpoint import Checkpointer
-from ares_jax.train.metrics import MetricsWriter
+from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.sequences import pack, prompt_batch, response_logprobs, score
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
@@ -173,6 +173,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   grader.close()
   writer.close()
   ckpt.close()
+  logging.info("curves: %s", plot_curves(config.workdir))
   return {"history": history, "skipped_rows": dict(train_stream.skipped)}
 
 
