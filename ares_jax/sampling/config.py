@@ -78,6 +78,10 @@ class Rollouts:
     """[S, N] bool: positions holding generated tokens."""
     return np.arange(self.tokens.shape[1])[None, :] < self.length[:, None]
 
+  def response(self, s: int) -> np.ndarray:
+    """The generated tokens of slot `s` (EOS included when it stopped on one)."""
+    return self.tokens[s, :self.length[s]]
+
   @property
   def used(self) -> np.ndarray:
     """[S] bool: slots that hold a trajectory (roots, and branches that were forked)."""

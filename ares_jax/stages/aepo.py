@@ -26,7 +26,6 @@ from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
 from ares_jax.stages import setup
 from ares_jax.stages.aepo_batch import shape_batch
-from ares_jax.stages.sample import sampling_config
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import sft, sharding
 from ares_jax.train.checkpoint import Checkpointer
@@ -81,7 +80,7 @@ def evaluate(mcfg, params, stream: PromptStream, grader: Grader, tokenizer, sc: 
   exs, _ = stream.take(0, n)
   greedy = dataclasses.replace(sc, n=1, temperature=0.0, max_branches=0)
   r = sampling.generate(mcfg, params, prompt_batch([e.prompt for e in exs], sc.pad_id), greedy, key)
-  texts = tokenizer.batch_decode([r.tokens[s, :r.length[s]].tolist() for s in range(len(exs))],
+  texts = tokenizer.batch_decode([r.response(s).tolist() for s in range(len(exs))],
                                  skip_special_tokens=True)
   acc = grader.grade(texts, [e.answer for e in exs]).accuracy
   out = {"eval/accuracy": float(acc.mean()), "eval/length": float(r.length[:len(exs)].mean())}
@@ -102,7 +101,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   train_stream = PromptStream(make_source(config, 0), proc, config.rollout.max_prompt_length)
   eval_stream = PromptStream(make_source(config, 1), proc, config.rollout.max_prompt_length)
   a, r_cfg = config.aepo, config.rollout
-  sc = sampling_config(config, tok, mcfg)
+  sc = setup.sampling_config(config, tok, mcfg)
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)
   loss_fn = aepo_loss_fn(mcfg)
   updater = Updater(loss_fn, tx)
@@ -144,7 +143,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     rollouts = sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
     t1 = time.perf_counter()
     used = np.flatnonzero(rollouts.used)
-    texts = tok.batch_decode([rollouts.tokens[s, :rollouts.length[s]].tolist() for s in used],
+    texts = tok.batch_decode([rollouts.response(s).tolist() for s in used],
                              skip_special_tokens=True)
     grades = grader.grade(texts, [exs[rollouts.prompt_index[s]].answer for s in used])
     acc = np.zeros(len(rollouts.length), np.float32)
@@ -186,7 +185,7 @@ def ppo_update(mcfg, state, ref_params, updater, r, shaped, rows, exs, config, s
   a = config.aepo
   mb = a.micro_batch_size
   prompts = [exs[r.prompt_index[s]].prompt for s in rows]
-  responses = [r.tokens[s, :r.length[s]] for s in rows]
+  responses = [r.response(s) for s in rows]
   packs = {}
 
   def packed(idx):  # idx: positions into `rows`, padded to mb with idx[0]

@@ -21,19 +21,6 @@ from ares_jax.data import synthetic
 from ares_jax.stages import setup
 
 
-def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: models.ModelConfig,
-                    **overrides) -> sampling.SamplingConfig:
-  """The rollout section of an experiment config as a `SamplingConfig`."""
-  r = config.rollout
-  eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
-  kw = dict(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
-            top_k=max(int(r.top_k), 0), n=r.n, window=config.aepo.window, max_branches=r.max_branches,
-            eos_ids=tuple(e for e in eos if e is not None), pad_id=int(tokenizer.pad_token_id or 0),
-            cache_dtype=r.get("cache_dtype", None))
-  kw.update(overrides)
-  return sampling.SamplingConfig(**kw)
-
-
 def prompts(config: ml_collections.ConfigDict) -> tuple[list[str], list[Any]]:
   """Questions and their images (None for text-only)."""
   s = config.sample
@@ -65,10 +52,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   key = jax.random.key(config.seed)
   tau = config.sample.tau_high
   if tau is None:
-    warm = sampling.generate(mcfg, params, batch, sampling_config(config, tok, mcfg), key)
+    warm = sampling.generate(mcfg, params, batch, setup.sampling_config(config, tok, mcfg), key)
     tau = float(aepo.entropy_threshold(warm.entropy, warm.mask, config.aepo.entropy_quantile))
     print(f"tau_high from a warm-up batch (quantile {config.aepo.entropy_quantile}): {tau:.3f}")
-  r = sampling.generate(mcfg, params, batch, sampling_config(config, tok, mcfg), jax.random.fold_in(key, 1),
+  r = sampling.generate(mcfg, params, batch, setup.sampling_config(config, tok, mcfg), jax.random.fold_in(key, 1),
                         tau_high=tau)
   n_he = np.asarray(aepo.hwe_counts(r.window_entropy, r.window_valid, tau))
   rows = []
@@ -82,6 +69,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     rows.append(stats)
     print(f"\n[prompt {stats['prompt']} slot {s} {kind}] length {n}  mean H {stats['mean_entropy']:.3f}  "
           f"max window H {stats['max_window_entropy']:.3f}  N_HE {stats['n_he']}")
-    print("  " + marked_text(tok, r.tokens[s, :n], r.hwe[s, :n]).replace("\n", "\n  "))
+    print("  " + marked_text(tok, r.response(s), r.hwe[s, :n]).replace("\n", "\n  "))
   logging.info("sample stage finished in %.1fs", time.time() - t0)
   return {"tau_high": tau, "answers": rows, "branches": int((r.parent >= 0).sum())}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ares_jax import configs, models
+from ares_jax import configs, models, sampling
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
 from ares_jax.models import hf_io
@@ -71,3 +71,16 @@ def build_processor(config: ml_collections.ConfigDict, tok: Any,
   return processor_lib.QwenVLProcessor.create(
       tok, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels,
       patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+
+
+def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: models.ModelConfig,
+                    **overrides) -> sampling.SamplingConfig:
+  """The rollout section of an experiment config as a `SamplingConfig`."""
+  r = config.rollout
+  eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
+  kw = dict(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
+            top_k=max(int(r.top_k), 0), n=r.n, window=config.aepo.window, max_branches=r.max_branches,
+            eos_ids=tuple(e for e in eos if e is not None), pad_id=int(tokenizer.pad_token_id or 0),
+            cache_dtype=r.get("cache_dtype", None))
+  kw.update(overrides)
+  return sampling.SamplingConfig(**kw)
