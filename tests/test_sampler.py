@@ -107,6 +107,14 @@ def test_window_entropy_and_marks(tiny):
   assert (r.parent == -1).all()  # max_branches=0: marks but no forks
 
 
+def test_budget_shorter_than_window_has_no_windows(tiny):
+  _, _, config, params = tiny
+  sc = sampling.SamplingConfig(max_new_tokens=2, temperature=1.0, n=2, window=4, max_branches=2)
+  r = sampling.generate(config, params, _batch(), sc, jax.random.key(0), tau_high=0.0)
+  assert r.tokens.shape[1] == 2 and (r.length[r.length > 0] <= 2).all()
+  assert not r.window_valid.any() and not r.hwe.any() and (r.parent == -1).all()
+
+
 def test_branch_invariants(tiny):
   _, _, config, params = tiny
   batch = _batch()

@@ -67,6 +67,8 @@ def _left_align(ids: np.ndarray, mask: np.ndarray, bucket: int, pad_id: int):
 
 def _window_update(state: DecodeState, was_active, w: int, tau):
   """Scores the newest complete window [length - w, length) of every slot that just grew."""
+  if w > state.entropy.shape[1]:  # max_new_tokens < w: no window can ever complete
+    return state, jnp.zeros_like(was_active), jnp.zeros_like(state.length)
   t = state.length - w
   ok = was_active & (t >= 0)
   start = jnp.maximum(t, 0)
