@@ -1,5 +1,5 @@
-"""One cached decode step: the scanned decoder (stacked weights, sliced per layer inside the loop)
-against the same layers unrolled over per-layer weight arrays passed in whole.
+"""One cached decode step: the layers as one scan (weights and cache sliced per layer with a dynamic index)
+against `models.decode_step`, the same layers unrolled over per-layer buffers (what the sampler runs).
 
 On a memory-bound CPU decode the per-layer slices of stacked weights can cost a copy per step;
 this measures that cost on the sampler benchmark's configs: ~120M fp32 (batch 8, 96 cached positions) on CPU,
@@ -24,6 +24,7 @@ from ares_jax import models  # noqa: E402
 from ares_jax.models.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from ares_jax.models.qwen25vl import Qwen25VL  # noqa: E402
 from ares_jax.models.text import DecoderLayer, mrope_cos_sin  # noqa: E402
+from flax import linen as nn  # noqa: E402
 
 
 PRESETS = {
@@ -47,34 +48,39 @@ def main(preset: str, repeats: int = 30):
       dtype=p["dtype"], param_dtype=p["dtype"])
   tc = cfg.text
   params = jax.tree.map(lambda x: x.astype(dtype), models.init_params(cfg, jax.random.key(0)))
-  ck = jnp.zeros((tc.num_layers, batch, context, tc.num_kv_heads, tc.head_dim), dtype)
-  cv = jnp.zeros_like(ck)
+  ck = jax.random.normal(jax.random.key(1), (tc.num_layers, batch, context, tc.num_kv_heads, tc.head_dim), dtype)
+  cv = jax.random.normal(jax.random.key(2), ck.shape, dtype)
   mask = jnp.ones((batch, context), bool)
   tok = jnp.zeros((batch,), jnp.int32)
   pos = jnp.full((batch,), context // 2, jnp.int32)
 
-  scanned = jax.jit(lambda p, t: Qwen25VL(cfg).apply({"params": p}, t, pos, ck, cv, mask,
-                                                     method=Qwen25VL.decode)[0])
-  layer = DecoderLayer(cfg)
-  per_layer = [jax.tree.map(lambda x, i=i: jnp.asarray(x[i]), params["decoder"]["layers"])
-               for i in range(tc.num_layers)]
+  class ScannedDecode(nn.Module):  # the layers as one nn.scan, cache slices scanned with them
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_k, cache_v):
+      stack = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=tc.num_layers)
+      return stack(cfg, name="layers")(x, cos, sin, mask, cache_k, cache_v)
 
-  def unrolled_fn(p, layers, t):
+  def scanned_fn(p, t, ck, cv):
     m = Qwen25VL(cfg)
     x = m.apply({"params": p}, t[:, None], method=lambda mod, tt: mod.embed_tokens(tt))
     cos, sin = mrope_cos_sin(tc, jnp.broadcast_to(pos[None, :, None], (3, batch, 1)))
-    for i, lp in enumerate(layers):
-      x, _ = layer.apply({"params": lp}, x, cos, sin, mask[:, None, :], ck[i], cv[i])
-    return m.apply({"params": p}, x, method=lambda mod, xx: mod.logits(xx))[:, 0]
+    x, _ = ScannedDecode().apply({"params": p["decoder"]}, x, cos, sin, mask[:, None, :], ck, cv)
+    return m.apply({"params": p}, x, method=Qwen25VL.logits)[:, 0]
 
-  unrolled = jax.jit(unrolled_fn)
-  a = np.asarray(scanned(params, tok))
-  b = np.asarray(unrolled(params, per_layer, tok))
+  def unrolled_fn(p, layers, t, ck, cv):
+    return models.decode_step(cfg, p, layers, t, pos, ck, cv, mask)[0]
+
+  scanned, unrolled = jax.jit(scanned_fn), jax.jit(unrolled_fn)
+  layers = models.unstack_layers(params)
+  per_layer = (tuple(ck), tuple(cv))
+  a = np.asarray(scanned(params, tok, ck, cv), np.float32)
+  b = np.asarray(unrolled(params, layers, tok, *per_layer), np.float32)
   tol = 1e-4 if dtype == jnp.float32 else 5e-2 * float(np.abs(a).max())
   assert np.allclose(a, b, atol=tol), "the two decoders must agree"
   rows = []
-  for name, fn, args in (("scanned (stacked weights)", scanned, (params, tok)),
-                         ("unrolled (per-layer weights)", unrolled, (params, per_layer, tok))):
+  for name, fn, args in (("scanned (stacked weights)", scanned, (params, tok, ck, cv)),
+                         ("unrolled (models.decode_step)", unrolled, (params, layers, tok, *per_layer))):
     fn(*args).block_until_ready()
     t0 = time.perf_counter()
     for _ in range(repeats):

@@ -58,6 +58,23 @@ def time_it(fn, repeats):
   return min(times)
 
 
+def matmul_floor_s(p, repeats: int = 10) -> float:
+  """Seconds per decode step spent in its matrix products alone: one XLA program running every product
+  of a step (same shapes and dtype, distinct weight buffers, so weights stream from memory as in a real
+  step) and nothing else. A floor that no XLA decoder on this machine beats, whatever else it does."""
+  import jax
+  import jax.numpy as jnp
+  b, h, head_dim = p["batch"], p["hidden"], p["hidden"] // p["heads"]
+  per_layer = [(h, h), (h, p["kv"] * head_dim), (h, p["kv"] * head_dim), (h, h), (h, p["mlp"]), (h, p["mlp"]),
+               (p["mlp"], h)]
+  shapes = per_layer * p["layers"] + [(h, p["vocab"])]
+  weights = [jnp.full(s, 1e-3, p["dtype"]) for s in shapes]
+  acts = {k: jnp.ones((b, k), p["dtype"]) for k in {s[0] for s in shapes}}
+  step = jax.jit(lambda acts, ws: sum(jnp.sum(acts[w.shape[0]] @ w, dtype=jnp.float32) for w in ws))
+  step(acts, weights).block_until_ready()
+  return time_it(lambda: step(acts, weights).block_until_ready(), repeats)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -133,6 +150,10 @@ def main():
   print(f"prefill (1 new token): {prefill_t:.3f}s; decode loop alone: {decode_rate:.1f} tokens/s, "
         f"{(on - prefill_t) / (p['new'] - 1) * 1e3:.2f} ms/step")
   print(f"entropy + window entropy + HWE bookkeeping: {100 * (on - off) / (on - prefill_t):+.1f}% of decode time")
+  floor = matmul_floor_s(p)
+  print(f"matrix products alone: {floor * 1e3:.2f} ms/step -> at most {p['batch'] / floor:.0f} tokens/s here; "
+        f"decode loop at {floor / ((on - prefill_t) / (p['new'] - 1)):.0%} of that floor" +
+        (f"; 2x transformers needs {hf_t / p['new'] / 2 * 1e3:.2f} ms/step" if hf_rate else ""))
   if jax.devices()[0].platform == "gpu":
     itemsize = jnp.dtype(p["dtype"]).itemsize
     head_dim = p["hidden"] // p["heads"]

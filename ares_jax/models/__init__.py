@@ -2,7 +2,8 @@
 
 from ares_jax.models.config import ConfigError, ModelConfig, TextConfig, VisionConfig, from_hf_dict, to_hf_dict
 from ares_jax.models.positions import InputError, mrope_positions
-from ares_jax.models.qwen25vl import Qwen25VL, abstract_params, forward, init_params, prepare_vision
+from ares_jax.models.qwen25vl import (Qwen25VL, abstract_params, decode_step, forward, init_params,
+                                     prepare_vision, unstack_layers)
 from ares_jax.models.hf_io import CheckpointError, load_hf, read_config, save_hf
 
 __all__ = [

@@ -7,7 +7,7 @@ concrete image sizes is prepared on the host (`positions`), then one jitted prog
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,7 @@ from flax import linen as nn
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.layers import RMSNorm
-from ares_jax.models.text import Decoder, causal_padding_mask, mrope_cos_sin
+from ares_jax.models.text import Decoder, DecoderLayer, causal_padding_mask, mrope_cos_sin
 from ares_jax.models.vision import VisionInputs, VisionTower
 
 Params = Any
@@ -75,18 +75,38 @@ class Qwen25VL(nn.Module):
     _, kv = self.decoder(x, cos, sin, causal_padding_mask(attention_mask))
     return kv
 
-  def decode(self, tokens, positions, cache_k, cache_v, cache_mask):
-    """One cached decode step.
 
-    tokens [B]; positions [B] (text tokens: the same id on all three M-RoPE axes); cache_k/v
-    [L, B, S, K, D]; cache_mask [B, S] keys the token may attend to besides itself.
-    Returns (logits [B, V] float32, (k, v) [L, B, K, D] of the new token).
-    """
-    x = self.embed_tokens(tokens[:, None])
-    pos3 = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
-    cos, sin = mrope_cos_sin(self.config.text, pos3)
-    x, (k, v) = self.decoder(x, cos, sin, cache_mask[:, None, :], cache_k, cache_v)
-    return self.logits(x)[:, 0], (k[:, :, 0], v[:, :, 0])
+@jax.jit
+def unstack_layers(params) -> tuple[Params, ...]:
+  """The stacked decoder weights as L per-layer trees, each leaf its own buffer (a copy)."""
+  stacked = params["decoder"]["layers"]
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+
+
+def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, positions,
+                cache_k: Sequence[jax.Array], cache_v: Sequence[jax.Array], cache_mask):
+  """One cached decode step over per-layer weights `layers` (from `unstack_layers(params)`).
+
+  tokens [B]; positions [B] (text tokens: the same id on all three M-RoPE axes); cache_k/v: L arrays
+  [B, S, K, D]; cache_mask [B, S] keys the token may attend to besides itself.
+  Returns (logits [B, V] float32, (k, v): L arrays [B, K, D] each, of the new token).
+
+  Why unrolled over separate buffers: a scanned decoder slices every layer's weights and cache out
+  of the stacked arrays each step, and XLA materialises those slices as copies (so do static slices
+  taken inside the jitted loop); benchmarks/decode_scan_vs_unrolled.py measures the difference.
+  """
+  model = Qwen25VL(config)
+  x = model.apply({"params": params}, tokens[:, None], method=lambda m, t: m.embed_tokens(t))
+  pos3 = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
+  cos, sin = mrope_cos_sin(config.text, pos3)
+  layer = DecoderLayer(config)
+  ks, vs = [], []
+  for layer_params, ck, cv in zip(layers, cache_k, cache_v, strict=True):
+    x, (k, v) = layer.apply({"params": layer_params}, x, cos, sin, cache_mask[:, None, :], ck, cv)
+    ks.append(k[:, 0])
+    vs.append(v[:, 0])
+  return model.apply({"params": params}, x, method=Qwen25VL.logits)[:, 0], (ks, vs)
 
 
 def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:

@@ -81,21 +81,21 @@ class Decoder(nn.Module):
   """All decoder layers as one `nn.scan` (parameters stacked on a leading 'layers' axis).
 
   Returns (hidden [B, T, E], (k, v) [L, B, T, K, D] of the input tokens, for a KV cache).
-  `cache_k`/`cache_v` [L, B, S, K, D] switch the layers to cached single-token decoding.
+  Cached decoding runs the layers unrolled instead (`qwen25vl.decode_step`).
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None):
+  def __call__(self, x, cos, sin, mask):
     cfg = self.config
     layer = DecoderLayer
     if cfg.remat_policy != "none":
       layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
     stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0), length=cfg.text.num_layers,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.text.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    return stack(cfg, name="layers")(x, cos, sin, mask, cache_k, cache_v)
+    return stack(cfg, name="layers")(x, cos, sin, mask)
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:

@@ -1,7 +1,7 @@
 """HWE branching inside the decode loop (design.md 5.4).
 
 When the newest complete window of a trajectory is marked (window entropy >= tau_high), the
-trajectory forks: the next free branch slot of the same prompt gets a copy of its cache row and
+trajectory forks: the next free branch slot of the same prompt gets a copy of its cache rows and
 tokens and is rewound to the window start t, from where it samples on its own RNG stream. Rules:
 one fork per HWE window (a slot that forked, and its child, may fork again only at window starts
 >= t + w); at most `n_branch` forks per prompt; slots are taken in order, so free slots are simply
@@ -44,7 +44,7 @@ def fork(state, marked: jax.Array, start: jax.Array, *, group: int, n_roots: int
     prev_tok = jnp.take_along_axis(take(state.tokens), jnp.maximum(t_child - 1, 0)[:, None], axis=1)[:, 0]
     pending = jnp.where(t_child > 0, prev_tok, first_token)
     return state.replace(
-        cache_k=take(state.cache_k, 1), cache_v=take(state.cache_v, 1),
+        cache_k=jax.tree.map(take, state.cache_k), cache_v=jax.tree.map(take, state.cache_v),
         tokens=jnp.where(keep, take(state.tokens), 0),
         logprobs=jnp.where(keep, take(state.logprobs), 0.0),
         entropy=jnp.where(keep, take(state.entropy), 0.0),

@@ -2,10 +2,14 @@
 samples, scores (log-prob, exact entropy, window entropy, HWE marks) and forks trajectories.
 
 Layout: every prompt owns G = n + max_branches consecutive trajectory slots; roots first, branch
-slots after them, filled in order. The KV cache is position-indexed, [L, S, C, K, D] with
-C = T + max_new_tokens: slots 0..T-2 hold the prompt but its last token, and the token fed at
+slots after them, filled in order. The KV cache is position-indexed, L arrays [S, C, K, D] with
+C = T + max_new_tokens (one array per layer, so a decode step reads and updates each in place): slots 0..T-2 hold the prompt but its last token, and the token fed at
 step k of a trajectory (the last prompt token, then each sampled token) is written to T-1+k. So
 rewinding a trajectory to response position t is just setting its length to t.
+
+Decode runs the layers unrolled over per-layer weight buffers (`models.unstack_layers`, made once per
+call): the price is one extra copy of the decoder weights while sampling, the gain 2.06x per decode
+step on an H100 (1.5B, bf16, batch 64; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from flax import struct
 
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import Qwen25VL, check_inputs, prepare_vision
+from ares_jax.models.qwen25vl import Qwen25VL, check_inputs, decode_step, prepare_vision, unstack_layers
 from ares_jax.sampling import distributions as dist
 from ares_jax.sampling.branching import fork
 from ares_jax.sampling.config import Rollouts, SamplingConfig
@@ -33,8 +37,8 @@ class DecodeState:
   """Everything the decode loop carries (a pytree; S slots, N = max_new_tokens, C cache length)."""
 
   step: jax.Array  # [] int32
-  cache_k: jax.Array  # [L, S, C, K, D]
-  cache_v: jax.Array
+  cache_k: tuple[jax.Array, ...]  # L x [S, C, K, D]
+  cache_v: tuple[jax.Array, ...]
   tokens: jax.Array  # [S, N] int32
   logprobs: jax.Array  # [S, N] float32
   entropy: jax.Array  # [S, N] float32
@@ -81,18 +85,18 @@ def _window_update(state: DecodeState, was_active, w: int, tau):
       hwe=jnp.where(at, marked[:, None], state.hwe)), ok & marked, start
 
 
-def _step(model: Qwen25VL, params, sc: SamplingConfig, group: int, n_roots: int, n_branch: int,
+def _step(config: ModelConfig, params, layers, sc: SamplingConfig, group: int, n_roots: int, n_branch: int,
           key, tau, t_prompt: int, prompt_valid, first_token, last_pos, state: DecodeState) -> DecodeState:
   s_slots, n_max = state.tokens.shape
-  c = state.cache_k.shape[2]
+  c = state.cache_k[0].shape[1]
   write = t_prompt - 1 + state.length  # cache slot of the token fed now
   cols = jnp.arange(c)[None, :]
   cache_mask = prompt_valid | ((cols >= t_prompt - 1) & (cols < write[:, None]))
-  logits, (k_new, v_new) = model.apply({"params": params}, state.pending, last_pos + state.length,
-                                       state.cache_k, state.cache_v, cache_mask, method=Qwen25VL.decode)
+  logits, (k_new, v_new) = decode_step(config, params, layers, state.pending, last_pos + state.length, state.cache_k,
+                                       state.cache_v, cache_mask)
   rows = jnp.arange(s_slots)
-  cache_k = state.cache_k.at[:, rows, write].set(k_new.astype(state.cache_k.dtype))
-  cache_v = state.cache_v.at[:, rows, write].set(v_new.astype(state.cache_v.dtype))
+  put = lambda caches, new: tuple(c.at[rows, write].set(x.astype(c.dtype)) for c, x in zip(caches, new))
+  cache_k, cache_v = put(state.cache_k, k_new), put(state.cache_v, v_new)
 
   log_probs = dist.scaled_log_probs(logits, sc.temperature)
   keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(key, s), n))(rows, state.length)
@@ -121,7 +125,7 @@ def _step(model: Qwen25VL, params, sc: SamplingConfig, group: int, n_roots: int,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(config: ModelConfig, sc: SamplingConfig, params, ids, positions, mask, vision, key, tau):
+def _generate(config: ModelConfig, sc: SamplingConfig, params, layers, ids, positions, mask, vision, key, tau):
   model = Qwen25VL(config)
   n_prompts, t_prompt = ids.shape
   n_branch = sc.branches(tau is not None)
@@ -131,10 +135,11 @@ def _generate(config: ModelConfig, sc: SamplingConfig, params, ids, positions, m
 
   k, v = model.apply({"params": params}, ids, positions, mask, vision, method=Qwen25VL.prefill)  # [L,P,T,K,D]
   cache_dtype = jnp.dtype(sc.cache_dtype or config.dtype)
-  spec = (None, "cache_batch", None, "cache_heads", None)
-  def to_slots(x):
+  spec = ("cache_batch", None, "cache_heads", None)
+  def to_slots(x):  # [L, P, T, K, D] -> L x [S, C, K, D]
     x = jnp.take(x.astype(cache_dtype), prompt_of, axis=1)
-    return nn.with_logical_constraint(jnp.pad(x, ((0, 0), (0, 0), (0, n_max), (0, 0), (0, 0))), spec)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, n_max), (0, 0), (0, 0)))
+    return tuple(nn.with_logical_constraint(x[i], spec) for i in range(x.shape[0]))
 
   prompt_valid = jnp.pad(jnp.take(mask, prompt_of, axis=0)[:, :t_prompt - 1].astype(bool),
                          ((0, 0), (0, n_max + 1)))
@@ -150,7 +155,7 @@ def _generate(config: ModelConfig, sc: SamplingConfig, params, ids, positions, m
       parent=jnp.full((s_slots,), -1, jnp.int32), fork_pos=jnp.full((s_slots,), -1, jnp.int32),
       next_fork=jnp.zeros((s_slots,), jnp.int32), branches=jnp.zeros((n_prompts,), jnp.int32))
   tau = jnp.float32(jnp.inf) if tau is None else jnp.asarray(tau, jnp.float32)
-  body = functools.partial(_step, model, params, sc, group, sc.n, n_branch, key, tau, t_prompt, prompt_valid,
+  body = functools.partial(_step, config, params, layers, sc, group, sc.n, n_branch, key, tau, t_prompt, prompt_valid,
                            first_token, last_pos)
   max_steps = n_max * (1 + n_branch)  # every fork restarts at most n_max steps
   state = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), body, state)
@@ -182,6 +187,6 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
     vision = prepare_vision(config, np.asarray(pixel_values), np.asarray(grid))
   positions, _ = pos_lib.mrope_positions(ids, mask, grid if vision else None, config)
   with sharding.mesh_context_of(params):
-    out = _generate(config, sc, params, ids, positions, mask, vision, key,
+    out = _generate(config, sc, params, unstack_layers(params), ids, positions, mask, vision, key,
                     None if tau_high is None else np.float32(tau_high))
   return Rollouts(**{k: np.asarray(v) for k, v in jax.device_get(out).items()})
