@@ -19,7 +19,7 @@ from ml_collections import config_dict
 if TYPE_CHECKING:
   from ares_jax.models import ModelConfig
 
-STAGES = ("inspect", "sample", "aepo", "adacs", "eval")
+STAGES = ("inspect", "sample", "aepo", "adacs", "ares", "eval")  # ares: adacs, then aepo from its policy
 
 # Qwen2.5-VL's token ids (identical for 3B and 7B).
 QWEN_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
@@ -57,9 +57,11 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(kind="synthetic", path="", min_steps=1, max_steps=6, ops="+-*",
                                                 images=False))
   # Supervised warm start on the synthetic task's programmatic traces (tiny runs); 0 steps = none.
-  c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3))
+  # unboxed_rate: share of warm-start traces that state the answer without \boxed{} (format to learn in RL).
+  c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3, unboxed_rate=0.0))
   # Greedy accuracy on held-out prompts every `every` steps (0 = never).
   c.eval = ml_collections.ConfigDict(dict(every=0, prompts=64))
+  c.adacs = adacs_defaults()
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # empty: problems of the synthetic task
@@ -73,6 +75,28 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.inspect.image_size = (96, 128)  # (height, width) of the drawn test image
   c.inspect.top_k = 5
   return c
+
+
+def adacs_defaults() -> ml_collections.ConfigDict:
+  """AdaCS (design.md 6): pool, pass rates, selection budget and the SFT step (paper: 2 epochs, lr 2e-5)."""
+  a = ml_collections.ConfigDict()
+  # JSONL / parquet files or folders in the ARES cold-start layout (question, image(s), answer, response,
+  # source; optional id, pass_rate). Empty: the synthetic task with teacher traces of varied length.
+  a.pool_paths = ()
+  a.synthetic_questions = 512
+  a.max_checks = 3  # synthetic teacher traces re-check 0..max_checks of their last steps
+  a.slip_rate = 0.15  # each synthetic teacher trace is wrong (one slipped step) with this probability
+  a.pass_rate_samples = 8  # n of design.md 6
+  a.pass_rate_batch = 64  # questions per sampling call (and per line block of pass_rates.jsonl)
+  a.max_response_length = 4096  # longer candidates cannot be trained on and are not eligible
+  a.budget = 1 << 30  # questions to select; the tiers are filled evenly up to it
+  a.epochs = 2
+  a.batch_size = 256  # examples per optimizer step
+  a.micro_batch_size = 8  # gradient accumulation
+  a.lr = 2e-5
+  a.freeze_vision = True
+  a.eval_prompts = 64  # held-out synthetic problems for Spearman(length, difficulty) before/after SFT
+  return a
 
 
 def rollout_defaults() -> ml_collections.ConfigDict:

@@ -28,8 +28,10 @@ STAGES: dict[str, str] = {
     "inspect": "ares_jax.stages.inspect_model:run",
     "sample": "ares_jax.stages.sample:run",
     "aepo": "ares_jax.stages.aepo:run",
+    "adacs": "ares_jax.stages.adacs:run",
+    "ares": "ares_jax.stages.pipeline:run",
 }
-PLANNED_STAGES = ("adacs", "eval")
+PLANNED_STAGES = ("eval",)
 
 
 class StageNotAvailable(ValueError):

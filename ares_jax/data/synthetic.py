@@ -49,13 +49,30 @@ class Problem:
   def answer(self) -> str:
     return str(self.steps()[-1][1])
 
-  def trace(self, checks: int = 0) -> str:
+  def trace(self, checks: int = 0, slip: int | None = None, boxed: bool = True) -> str:
     """Teacher response: `<think>` one numbered line per step (`checks` re-verifies the last
-    steps, for longer traces) `</think>` and the boxed answer."""
+    steps, for longer traces) `</think>` and the boxed answer. `slip` = i makes step i come out
+    one too high, and every later value (and the answer) follows from the slip: a wrong trace.
+    `boxed=False` states the answer as "answer: y", which the accuracy reward does not accept."""
     op, d = self.op, self.operand
-    lines = [f"{i + 1}: {x}{op}{d}={y}." for i, (x, y) in enumerate(self.steps())]
-    lines += [f"check {x}{op}{d}={y}." for x, y in (self.steps()[-checks:] if checks else [])]
-    return "<think> " + " ".join(lines) + f"</think> \\boxed{{{self.answer}}}"
+    steps, x = [], self.start
+    for i in range(self.difficulty):
+      y = (apply(x, op, d) + (1 if i == slip else 0)) % 10
+      steps.append((x, y))
+      x = y
+    lines = [f"{i + 1}: {x}{op}{d}={y}." for i, (x, y) in enumerate(steps)]
+    lines += [f"check {x}{op}{d}={y}." for x, y in (steps[-checks:] if checks else [])]
+    final = f"\\boxed{{{steps[-1][1]}}}" if boxed else f"answer: {steps[-1][1]}"
+    return "<think> " + " ".join(lines) + f"</think> {final}"
+
+  def teacher_candidates(self, max_checks: int, slip_rate: float, rng: np.random.Generator) -> list[str]:
+    """AdaCS teacher responses of varied length: the plain trace and traces re-checking 1..max_checks
+    of the last steps; each one, with probability `slip_rate`, slips once (so it is wrong)."""
+    out = []
+    for checks in range(max_checks + 1):
+      slip = int(rng.integers(self.difficulty)) if rng.random() < slip_rate else None
+      out.append(self.trace(min(checks, self.difficulty), slip))
+    return out
 
 
 def apply(x: int, op: str, d: int) -> int:

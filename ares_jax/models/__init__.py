@@ -8,6 +8,6 @@ from ares_jax.models.hf_io import CheckpointError, load_hf, read_config, save_hf
 
 __all__ = [
     "CheckpointError", "ConfigError", "InputError", "ModelConfig", "Qwen25VL", "TextConfig", "VisionConfig",
-    "abstract_params", "forward", "from_hf_dict", "init_params", "load_hf", "mrope_positions", "prepare_vision",
-    "read_config", "save_hf", "to_hf_dict",
+    "abstract_params", "decode_step", "forward", "from_hf_dict", "init_params", "load_hf", "mrope_positions",
+    "prepare_vision", "read_config", "save_hf", "to_hf_dict", "unstack_layers",
 ]

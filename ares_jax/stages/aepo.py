@@ -9,7 +9,6 @@ span easy, medium and hard; its result is also the reference policy.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from typing import Any
@@ -23,25 +22,17 @@ from tqdm import tqdm
 
 from ares_jax import aepo, configs, models, sampling
 from ares_jax.data.grading import Grader
-from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
+from ares_jax.data.pipeline import PromptStream
 from ares_jax.stages import setup
+from ares_jax.stages.evaluation import evaluate
 from ares_jax.stages.aepo_batch import shape_batch
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.train import sft, sharding
+from ares_jax.train import sharding
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.sequences import pack, prompt_batch, response_logprobs, score
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
-
-
-def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
-  d = config.data
-  if d.kind == "synthetic":
-    return SyntheticSource(config.seed * 1000 + split_seed, d.min_steps, d.max_steps, d.images, d.ops)
-  if d.kind == "jsonl":
-    return JsonlSource(d.path)
-  raise ValueError(f"config.data.kind={d.kind!r}: expected 'synthetic' or 'jsonl'")
 
 
 def aepo_loss_fn(model_config: models.ModelConfig):
@@ -54,42 +45,6 @@ def aepo_loss_fn(model_config: models.ModelConfig):
   return loss
 
 
-def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenizer) -> Any:
-  """Supervised warm start on the synthetic task's programmatic traces (config.warm_start)."""
-  w = config.warm_start
-  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-  def batches(step):
-    exs, _ = stream.take(10_000_000 + step * w.batch_size, w.batch_size)
-    prompts = [e.prompt for e in exs]
-    traces = [stream.source.problem(e.index).trace() for e in exs]
-    responses = [np.array(tokenizer(t)["input_ids"] + [eos], np.int32) for t in traces]
-    return prompts, responses
-
-  optim = ml_collections.ConfigDict(dict(config.optim))
-  optim.update(lr=w.lr, schedule="cosine", warmup_steps=max(1, w.steps // 20))
-  params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
-                               jax.random.key(config.seed), frozen=(), desc="warm start")
-  logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
-  return params
-
-
-def evaluate(mcfg, params, stream: PromptStream, grader: Grader, tokenizer, sc: sampling.SamplingConfig,
-             n: int, key) -> dict[str, float]:
-  """Greedy accuracy and length on `n` held-out prompts, per difficulty when known."""
-  exs, _ = stream.take(0, n)
-  greedy = dataclasses.replace(sc, n=1, temperature=0.0, max_branches=0)
-  r = sampling.generate(mcfg, params, prompt_batch([e.prompt for e in exs], sc.pad_id), greedy, key)
-  texts = tokenizer.batch_decode([r.response(s).tolist() for s in range(len(exs))],
-                                 skip_special_tokens=True)
-  acc = grader.grade(texts, [e.answer for e in exs]).accuracy
-  out = {"eval/accuracy": float(acc.mean()), "eval/length": float(r.length[:len(exs)].mean())}
-  diff = np.array([e.difficulty or 0 for e in exs])
-  for d in np.unique(diff):
-    out[f"eval/accuracy_d{d}"] = float(acc[diff == d].mean())
-  return out
-
-
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   os.makedirs(config.workdir, exist_ok=True)
   mesh = setup.build_mesh(config)
@@ -98,8 +53,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   setup.check_tokenizer(tok, mcfg)
   pad_id = int(tok.pad_token_id or 0)
   proc = setup.build_processor(config, tok, mcfg)
-  train_stream = PromptStream(make_source(config, 0), proc, config.rollout.max_prompt_length)
-  eval_stream = PromptStream(make_source(config, 1), proc, config.rollout.max_prompt_length)
+  train_stream = PromptStream(setup.make_source(config, 0), proc, config.rollout.max_prompt_length)
+  eval_stream = PromptStream(setup.make_source(config, 1), proc, config.rollout.max_prompt_length)
   a, r_cfg = config.aepo, config.rollout
   sc = setup.sampling_config(config, tok, mcfg)
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)
@@ -112,7 +67,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   start = ckpt.latest_step()
   if start is None:
     if config.warm_start.steps > 0:
-      params = warm_start(config, mcfg, params, train_stream, pad_id, tok)
+      params = setup.warm_start(config, mcfg, params, train_stream, pad_id, tok)
     ref_params = jax.tree.map(jnp.copy, params)  # own buffers: updates donate the policy's
     state = sharding.replicate_rest(TrainState.create(params, tx, jax.random.key(config.seed)), mesh)
     meta = {"data_position": 0}

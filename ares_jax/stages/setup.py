@@ -1,4 +1,5 @@
-"""What every stage builds first from a config: mesh, tokenizer, processor, model parameters."""
+"""What every stage builds first from a config: mesh, tokenizer, processor, model parameters (and, for
+the synthetic task, the supervised warm start that stands in for a pretrained base model)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from ares_jax import configs, models, sampling
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
+from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
 from ares_jax.models import hf_io
-from ares_jax.train import sharding
+from ares_jax.train import sft, sharding
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -84,3 +87,34 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: mod
             cache_dtype=r.get("cache_dtype", None))
   kw.update(overrides)
   return sampling.SamplingConfig(**kw)
+
+
+def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
+  d = config.data
+  if d.kind == "synthetic":
+    return SyntheticSource(config.seed * 1000 + split_seed, d.min_steps, d.max_steps, d.images, d.ops)
+  if d.kind == "jsonl":
+    return JsonlSource(d.path)
+  raise ValueError(f"config.data.kind={d.kind!r}: expected 'synthetic' or 'jsonl'")
+
+
+def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenizer) -> Any:
+  """Supervised warm start on the synthetic task's programmatic traces (config.warm_start)."""
+  w = config.warm_start
+  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+  def batches(step):
+    exs, _ = stream.take(10_000_000 + step * w.batch_size, w.batch_size)
+    prompts = [e.prompt for e in exs]
+    # A base policy that does not always follow the answer format (w.unboxed_rate): RL's first job.
+    boxed = np.random.default_rng([config.seed, step]).random(len(exs)) >= w.get("unboxed_rate", 0.0)
+    traces = [stream.source.problem(e.index).trace(boxed=bool(b)) for e, b in zip(exs, boxed)]
+    responses = [np.array(tokenizer(t)["input_ids"] + [eos], np.int32) for t in traces]
+    return prompts, responses
+
+  optim = ml_collections.ConfigDict(dict(config.optim))
+  optim.update(lr=w.lr, schedule="cosine", warmup_steps=max(1, w.steps // 20))
+  params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
+                               jax.random.key(config.seed), frozen=(), desc="warm start")
+  logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
+  return params

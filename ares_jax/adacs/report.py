@@ -1,0 +1,89 @@
+"""The AdaCS report: response length against pass rate per source, before and after selection, and
+the policy's length-difficulty correlation; `adacs_report.json` and `adacs_report.png` in the workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+  """Spearman's rank correlation (ties get average ranks); NaN when either side is constant."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+    return float("nan")
+  return float(stats.spearmanr(x, y).statistic)
+
+
+def length_by_pass_rate(questions: Sequence[dict], chosen: dict[str, int] | None = None) -> dict[str, dict]:
+  """source -> {pass rate: {"n", "median", "mean"}} of token lengths.
+
+  Before selection (`chosen` None): every correct candidate of every question. After: the chosen
+  candidate of each selected question (`chosen`: id -> candidate index).
+  """
+  out: dict[str, dict[float, list[int]]] = {}
+  for q in questions:
+    if q["pass_rate"] is None:
+      continue
+    if chosen is None:
+      lengths = [c["length"] for c in q["candidates"] if c["correct"]]
+    elif q["id"] in chosen:
+      lengths = [q["candidates"][chosen[q["id"]]]["length"]]
+    else:
+      continue
+    out.setdefault(q["source"], {}).setdefault(float(q["pass_rate"]), []).extend(lengths)
+  return {s: {f"{p:.3f}": {"n": len(v), "median": float(np.median(v)), "mean": float(np.mean(v))}
+              for p, v in sorted(tiers.items()) if v}
+          for s, tiers in out.items()}
+
+
+def write_report(workdir: str, report: dict[str, Any]) -> tuple[str, str]:
+  """Writes the JSON report and its plot; returns both paths."""
+  path = os.path.join(workdir, "adacs_report.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(report, f, indent=1)
+  os.replace(tmp, path)
+  return path, plot_report(workdir, report)
+
+
+def plot_report(workdir: str, report: dict[str, Any]) -> str:
+  """One panel per source: median response length against pass rate, before and after selection;
+  a last panel with the policy's response length against difficulty before and after SFT."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  sources = sorted(report["length_vs_pass_rate"]["before_selection"])
+  panels = len(sources) + (1 if report.get("policy_length_by_difficulty") else 0)
+  fig, axes = plt.subplots(1, max(panels, 1), figsize=(4.4 * max(panels, 1), 3.4))
+  axes = np.atleast_1d(axes)
+  for ax, source in zip(axes, sources):
+    for stage, style in (("before_selection", "o--"), ("after_selection", "s-")):
+      tiers = report["length_vs_pass_rate"][stage].get(source, {})
+      if tiers:
+        ax.plot([float(p) for p in tiers], [t["median"] for t in tiers.values()], style, label=stage)
+    l0, l1 = report["anchors"].get(source, (None, None))
+    if l0 is not None:
+      ax.plot([0, 1], [l0, l1], ":", color="gray", label="L_target(p)")
+    ax.set_title(f"source {source}")
+    ax.set_xlabel("pass rate p")
+    ax.set_ylabel("response tokens (median)")
+    ax.legend(fontsize=7)
+  if report.get("policy_length_by_difficulty"):
+    ax = axes[-1]
+    for stage, by_d in report["policy_length_by_difficulty"].items():
+      ax.plot([int(d) for d in by_d], list(by_d.values()), "o-", label=stage)
+    ax.set_title("policy on held-out problems")
+    ax.set_xlabel("difficulty (steps)")
+    ax.set_ylabel("response tokens (mean)")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  path = os.path.join(workdir, "adacs_report.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

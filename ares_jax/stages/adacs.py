@@ -1,0 +1,206 @@
+"""Stage `adacs`: difficulty-aware cold start (design.md 6), top to bottom.
+
+pool (teacher responses per question) -> grade and measure every candidate -> pass rates of the policy
+(n samples each, resumable) -> selection (per-source target lengths, water-filled pass-rate tiers) ->
+SFT on the selection (assistant tokens only, vision tower frozen, checkpointed, resumable) -> the policy
+saved as a Hugging Face folder for AEPO -> `adacs_report.json` + `adacs_report.png`.
+The synthetic task supplies the pool when `config.adacs.pool_paths` is empty: each problem gets
+teacher traces of several lengths, some with a slip; its warm-started tiny policy gives the pass rates.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from ares_jax import adacs, configs, models
+from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
+from ares_jax.adacs.report import length_by_pass_rate, write_report
+from ares_jax.data import synthetic
+from ares_jax.data.coldstart import PoolQuestion, PoolSource, read_pool
+from ares_jax.data.grading import Grader
+from ares_jax.data.pipeline import PromptStream
+from ares_jax.stages import setup
+from ares_jax.stages.evaluation import evaluate
+from ares_jax.train import optimizer as optim_lib
+from ares_jax.train import sft, sharding
+from ares_jax.train.checkpoint import Checkpointer
+from ares_jax.train.metrics import MetricsWriter, plot_curves
+from ares_jax.train.state import TrainState
+from ares_jax.train.update import Updater, freeze
+
+
+def synthetic_pool(config: ml_collections.ConfigDict) -> list[PoolQuestion]:
+  """`adacs.synthetic_questions` problems of the synthetic task with teacher traces of varied length."""
+  d, a = config.data, config.adacs
+  seed = config.seed * 1000 + 2  # a stream of its own: not the AEPO train (0) or eval (1) problems
+  rng = np.random.default_rng([seed, 1])
+  pool = []
+  for i in range(a.synthetic_questions):
+    p = synthetic.problem(seed, i, d.min_steps, d.max_steps, d.ops)
+    images = []
+    if d.images and i % 2 == 0:
+      buf = io.BytesIO()
+      synthetic.render(p).save(buf, format="PNG")
+      images = [buf.getvalue()]
+    pool.append(PoolQuestion(id=f"synthetic-{i}", source=f"synthetic_{d.ops}", question=p.question,
+                             answer=p.answer, images=images, difficulty=p.difficulty,
+                             responses=p.teacher_candidates(a.max_checks, a.slip_rate, rng)))
+  return pool
+
+
+def measure_candidates(pool: list[PoolQuestion], tokenizer, grader: Grader, max_length: int):
+  """Per question and candidate: token ids (with EOS), correctness (math-verify), and length."""
+  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  flat = [(q, r) for q, qu in enumerate(pool) for r in qu.responses]
+  ids = tokenizer([r for _, r in flat])["input_ids"]
+  grades = grader.grade([r for _, r in flat], [pool[q].answer for q, _ in flat])
+  tokens: list[list[np.ndarray]] = [[] for _ in pool]
+  candidates: list[list[dict]] = [[] for _ in pool]
+  too_long = 0
+  for (q, _), t, acc in zip(flat, ids, grades.accuracy):
+    fits = len(t) + 1 <= max_length
+    too_long += not fits
+    tokens[q].append(np.array(t + [eos], np.int32))
+    # An over-long candidate cannot be trained on: not eligible, and not part of the length anchors.
+    candidates[q].append({"length": len(t), "correct": bool(acc > 0) and fits})
+  return tokens, candidates, {"candidates": len(flat), "correct": int(sum(c["correct"] for cs in candidates
+                                                                          for c in cs)),
+                              "too_long": too_long, "grading_timeouts": grades.timeouts}
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  a = config.adacs
+  os.makedirs(config.workdir, exist_ok=True)
+  mesh = setup.build_mesh(config)
+  mcfg = configs.to_model_config(config.model)
+  tok = setup.build_tokenizer(config)
+  setup.check_tokenizer(tok, mcfg)
+  pad_id = int(tok.pad_token_id or 0)
+  proc = setup.build_processor(config, tok, mcfg)
+  grader = Grader(workers=config.get("grading_workers", 2), timeout_s=config.aepo.grading_timeout_s)
+  sc = setup.sampling_config(config, tok, mcfg, n=a.pass_rate_samples, max_branches=0)
+  eval_stream = PromptStream(setup.make_source(config, 3), proc, config.rollout.max_prompt_length)
+  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
+  resumed = ckpt.latest_step() is not None
+  if not resumed and config.warm_start.steps > 0 and not config.model.hf_path:
+    params = setup.warm_start(config, mcfg, params, PromptStream(setup.make_source(config, 0), proc,
+                                                                 config.rollout.max_prompt_length), pad_id, tok)
+
+  # 1. The pool, every candidate graded and measured.
+  skipped: collections.Counter = collections.Counter()
+  pool = read_pool(list(a.pool_paths), skipped) if a.pool_paths else synthetic_pool(config)
+  if not pool:
+    raise ValueError(f"config.adacs.pool_paths={tuple(a.pool_paths)} holds no usable question (skipped: "
+                     f"{dict(skipped)})")
+  tokens, candidates, cand_stats = measure_candidates(pool, tok, grader, a.max_response_length)
+  stream = PromptStream(PoolSource(pool), proc, config.rollout.max_prompt_length)
+
+  # 2. Pass rates: supplied, or estimated with the policy before SFT (resumable).
+  ids = [q.id for q in pool]
+  todo = [i for i, q in enumerate(pool) if q.pass_rate is None]
+  rates = {q.id: q.pass_rate for q in pool}
+  progress = os.path.join(config.workdir, "pass_rates.jsonl")
+  if resumed and any(ids[i] not in read_progress(progress) for i in todo):
+    raise ValueError(f"{config.workdir} has SFT checkpoints but {progress} lacks pass rates, which must come "
+                     "from the policy before SFT: restore that file or start in a fresh workdir")
+  if todo:
+    rates.update(estimate_pass_rates(mcfg, params, stream, ids, todo, tok, grader, sc, jax.random.key(config.seed),
+                                     progress, a.pass_rate_batch))
+
+  # 3. Selection.
+  questions = [{"id": q.id, "source": q.source, "pass_rate": rates[q.id], "candidates": candidates[i]}
+               for i, q in enumerate(pool)]
+  scored = [q for q in questions if q["pass_rate"] is not None]
+  plan = adacs.select(scored, a.budget, seed=config.seed)
+  if not plan:
+    raise ValueError("AdaCS selected no question: no question has a correct candidate within "
+                     f"config.adacs.max_response_length={a.max_response_length}")
+  index = {q.id: i for i, q in enumerate(pool)}
+  with open(os.path.join(config.workdir, "selection.jsonl"), "w") as f:
+    f.writelines(json.dumps(p) + "\n" for p in plan)
+
+  # 4. SFT on the selection, evaluated before and after on held-out synthetic problems.
+  examples = [(stream.encode(index[p["id"]]), tokens[index[p["id"]]][p["candidate"]]) for p in plan]
+  examples = [(e.prompt, t) for e, t in examples if e is not None]
+  eval_key = jax.random.key(config.seed + 1)
+  before_path = os.path.join(config.workdir, "eval_before_sft.json")
+  if not os.path.exists(before_path):
+    with open(before_path, "w") as f:
+      json.dump(evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key), f)
+  with open(before_path) as f:
+    before = json.load(f)
+  state = train_sft(config, mcfg, params, examples, ckpt, mesh, pad_id)
+  after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key)
+  grader.close()
+  ckpt.close()
+
+  policy = os.path.join(config.workdir, "policy")
+  models.save_hf(policy, mcfg, state.params)
+  tok.save_pretrained(policy)
+  chosen = {p["id"]: p["candidate"] for p in plan}
+  by_d = lambda ev: {k.rsplit("_d", 1)[1]: v for k, v in ev.items() if k.startswith("eval/length_d")}
+  report = {
+      "questions": len(pool), "rows_skipped": dict(skipped), "prompts_skipped": dict(stream.skipped),
+      "candidates": cand_stats, "selected": len(plan), "budget": a.budget,
+      "selected_per_tier": {f"{t:.3f}": n for t, n in sorted(collections.Counter(p["tier"] for p in plan).items())},
+      "anchors": {s: list(v) for s, v in adacs.anchor_lengths(scored).items()},
+      "length_vs_pass_rate": {"before_selection": length_by_pass_rate(scored),
+                              "after_selection": length_by_pass_rate(scored, chosen)},
+      "eval_before_sft": before, "eval_after_sft": after,
+      "spearman_length_vs_difficulty": after.get("eval/spearman_length_vs_difficulty"),
+      "spearman_length_vs_difficulty_before_sft": before.get("eval/spearman_length_vs_difficulty"),
+      "policy_length_by_difficulty": {"before SFT": by_d(before), "after SFT": by_d(after)},
+      "policy": policy,
+  }
+  paths = write_report(config.workdir, report)
+  logging.info("AdaCS: %d of %d questions selected; Spearman(length, difficulty) %.3f -> %.3f; report %s",
+               len(plan), len(pool), before.get("eval/spearman_length_vs_difficulty", float("nan")),
+               after.get("eval/spearman_length_vs_difficulty", float("nan")), paths[0])
+  return report
+
+
+def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: int) -> TrainState:
+  """`adacs.epochs` shuffled passes in batches of `adacs.batch_size` (micro-batches of similar length
+  accumulate into one update); checkpoints every `checkpoint_every` steps; resumes from the latest."""
+  a = config.adacs
+  optim = ml_collections.ConfigDict(dict(config.optim))
+  optim.lr = a.lr
+  frozen = ("visual",) if a.freeze_vision else ()
+  steps_per_epoch = -(-len(examples) // a.batch_size)
+  total = a.epochs * steps_per_epoch
+  tx = freeze(optim_lib.make_optimizer(optim, total), params, frozen)
+  updater = Updater(sft.sft_loss(mcfg), tx)
+  state = sharding.replicate_rest(TrainState.create(params, tx, jax.random.key(config.seed)), mesh)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(state)[0]
+    logging.info("AdaCS SFT resumed from step %d of %d", start, total)
+  writer = MetricsWriter(config.workdir, resume_step=start or None)
+  lengths = np.array([len(t) for _, t in examples])
+  for step in tqdm(range(start + 1, total + 1), desc="adacs sft", initial=start, total=total):
+    epoch, k = divmod(step - 1, steps_per_epoch)
+    order = np.random.default_rng([config.seed, epoch]).permutation(len(examples))
+    batch = order[k * a.batch_size:(k + 1) * a.batch_size]
+    batch = batch[np.argsort(lengths[batch], kind="stable")]  # length bucketing: similar widths per micro-batch
+    micro = sft.micro_batches(mcfg, [examples[i][0] for i in batch], [examples[i][1] for i in batch],
+                              a.micro_batch_size, pad_id)
+    state, m = updater.update(state, micro)
+    writer.write(step, {"sft/loss": m["loss"], "sft/grad_norm": m["grad_norm"], "sft/examples": len(batch),
+                        "epoch": epoch, "update_skipped": m["update_skipped"]})
+    if step % config.checkpoint_every == 0 or step == total:
+      ckpt.save(step, state, {"epoch": epoch})
+  writer.close()
+  if total:
+    plot_curves(config.workdir, panels=(("SFT loss", ("sft/loss",)),), filename="sft_curves.png")
+  return state
