@@ -1,6 +1,8 @@
 """A tiny Qwen2.5-VL-shaped model with the built-in tiny tokenizer: every stage on a laptop CPU.
 
-  python -m ares_jax.main --config=configs/tiny.py          # AEPO on the synthetic task, minutes
+  python -m ares_jax.main --config=configs/tiny.py          # ARES on the synthetic task: AdaCS, then AEPO
+  python -m ares_jax.main --config=configs/tiny.py --config.stage=aepo     # AEPO alone (after a warm start)
+  python -m ares_jax.main --config=configs/tiny.py --config.stage=adacs    # AdaCS alone
   python -m ares_jax.main --config=configs/tiny.py --config.stage=inspect
   python -m ares_jax.main --config=configs/tiny.py --config.mesh.fsdp=2 --config.mesh.tensor=4
       (with XLA_FLAGS=--xla_force_host_platform_device_count=8 to simulate 8 devices)
@@ -14,7 +16,7 @@ from ares_jax.data.tokenizer import TINY_SPECIAL_IDS, TINY_VOCAB_SIZE
 
 
 def get_config():
-  c = configs.base_config(stage="aepo", workdir="workdirs/tiny")
+  c = configs.base_config(stage="ares", workdir="workdirs/tiny")
   c.total_steps = 60
   c.checkpoint_every = 20
   c.mesh.fsdp = -1  # all local devices
@@ -41,6 +43,15 @@ def get_config():
   c.warm_start.steps = 300  # enough for the format and the counter, not for the whole addition table
   c.warm_start.batch_size = 32
   c.warm_start.lr = 3e-3
+  # AdaCS: 256 problems, four teacher traces each (0-3 re-checks, some with a slip), pass rates of the
+  # warm-started policy from 8 samples, 128 selected over the pass-rate tiers, 2 epochs of SFT.
+  c.adacs.synthetic_questions = 256
+  c.adacs.max_checks = 3
+  c.adacs.budget = 128
+  c.adacs.batch_size = 16
+  c.adacs.micro_batch_size = 16
+  c.adacs.lr = 3e-4  # 1e-3 cost the warm-started policy half its accuracy; 3e-4 a third
+  c.adacs.max_response_length = 96
   c.eval.every = 10
   c.eval.prompts = 64
   c.rollout.n = 8

@@ -1,0 +1,212 @@
+"""The AdaCS stage: teacher candidates, resumable pass rates, SFT on assistant tokens only with a frozen
+vision tower, the stage end to end (report, plot, policy, resume) and the AdaCS -> AEPO pipeline."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from ares_jax import configs, models
+from ares_jax.adacs import report as report_lib
+from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
+from ares_jax.data import synthetic
+from ares_jax.data.coldstart import PoolSource
+from ares_jax.data.grading import Grader, grade_one
+from ares_jax.data.pipeline import PromptStream
+from ares_jax.stages import adacs as adacs_stage
+from ares_jax.stages import pipeline, setup
+from ares_jax.train import sft
+from ares_jax.train.checkpoint import Checkpointer
+from ares_jax.train.sequences import pack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_adacs_config(workdir: str, **adacs):
+  c = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
+  c.stage = "adacs"
+  c.workdir = workdir
+  c.mesh.fsdp = 1
+  c.checkpoint_every = 2
+  c.warm_start.steps = 0
+  c.data.max_steps = 3
+  c.rollout.max_response_length = 32
+  c.adacs.synthetic_questions = 12
+  c.adacs.max_checks = 2
+  c.adacs.pass_rate_samples = 2
+  c.adacs.pass_rate_batch = 4
+  c.adacs.budget = 8
+  c.adacs.batch_size = 4
+  c.adacs.micro_batch_size = 2
+  c.adacs.epochs = 2
+  c.adacs.lr = 1e-3
+  c.adacs.eval_prompts = 6
+  c.adacs.update(adacs)
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+  c = tiny_adacs_config("/unused")
+  mcfg = configs.to_model_config(c.model)
+  tok = setup.build_tokenizer(c)
+  proc = setup.build_processor(c, tok, mcfg)
+  params = models.init_params(mcfg, jax.random.key(0))
+  return c, mcfg, tok, proc, params
+
+
+def test_teacher_candidates_vary_in_length_and_slips_are_wrong():
+  p = synthetic.problem(0, 5, 3, 3, "+")
+  rng = np.random.default_rng(0)
+  clean = p.teacher_candidates(3, 0.0, rng)
+  assert clean[0] == p.trace()
+  assert [len(t) for t in clean] == sorted(len(t) for t in clean) and len(set(map(len, clean))) == 4
+  assert all(grade_one(t, p.answer) == 1.0 for t in clean)
+  slipped = p.teacher_candidates(3, 1.0, rng)
+  assert all(grade_one(t, p.answer) == 0.0 for t in slipped)
+  assert grade_one(p.trace(boxed=False), p.answer) == 0.0
+
+
+def test_spearman_and_length_tables():
+  assert report_lib.spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486833, abs=1e-6)
+  assert np.isnan(report_lib.spearman([1, 1, 1], [1, 2, 3]))
+  qs = [{"id": "a", "source": "s", "pass_rate": 0.0, "candidates": [{"length": 10, "correct": True},
+                                                                    {"length": 30, "correct": True},
+                                                                    {"length": 5, "correct": False}]},
+        {"id": "b", "source": "s", "pass_rate": 1.0, "candidates": [{"length": 4, "correct": True}]}]
+  before = report_lib.length_by_pass_rate(qs)
+  assert before == {"s": {"0.000": {"n": 2, "median": 20.0, "mean": 20.0},
+                          "1.000": {"n": 1, "median": 4.0, "mean": 4.0}}}
+  after = report_lib.length_by_pass_rate(qs, {"a": 1})
+  assert after == {"s": {"0.000": {"n": 1, "median": 30.0, "mean": 30.0}}}
+
+
+def test_pass_rates_resume_equals_uninterrupted(tmp_path, tiny_parts):
+  c, mcfg, tok, proc, params = tiny_parts
+  pool = adacs_stage.synthetic_pool(c)[:10]
+  ids = [q.id for q in pool]
+  sc = setup.sampling_config(c, tok, mcfg, n=3, max_branches=0)
+  stream = lambda: PromptStream(PoolSource(pool), proc, c.rollout.max_prompt_length)
+  with Grader(workers=1) as grader:
+    full_path = str(tmp_path / "full.jsonl")
+    full = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc, jax.random.key(3),
+                               full_path, batch_size=4)
+    lines = Path(full_path).read_text().splitlines()
+    assert len(lines) == 10 and all(r in {0.0, 1 / 3, 2 / 3, 1.0} for r in full.values())
+    # Killed during batch 2 (rows 4..7): its first line made it, the second was cut off mid-write.
+    part_path = tmp_path / "part.jsonl"
+    part_path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:7])
+    assert len(read_progress(str(part_path))) == 5
+    resumed = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc,
+                                  jax.random.key(3), str(part_path), batch_size=4)
+  assert resumed == full
+
+
+def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_parts):
+  c, mcfg, tok, proc, params = tiny_parts
+  pool = adacs_stage.synthetic_pool(c)[:3]
+  stream = PromptStream(PoolSource(pool), proc, c.rollout.max_prompt_length)
+  prompts = [stream.encode(i).prompt for i in range(3)]
+  responses = [np.array(tok(q.responses[0])["input_ids"] + [1], np.int32) for q in pool]
+  (arrays, width, weight), = sft.micro_batches(mcfg, prompts, responses, 3, pad_id=0)
+  loss, _ = jax.jit(sft.sft_loss(mcfg), static_argnums=2)(params, arrays, width)
+  packed = pack(mcfg, prompts, responses, 0)
+  logits = np.asarray(models.forward(mcfg, params, packed.input_ids, packed.attention_mask), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+      -1, keepdims=True)
+  nll = []
+  for b, r in enumerate(responses):  # token j of the response is predicted at position P + j - 1
+    nll += [-logp[b, width + j - 1, r[j]] for j in range(len(r))]
+  assert weight == 1.0
+  np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
+
+
+def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path):
+  c = tiny_adacs_config(str(tmp_path / "run"))
+  c.data.images = True  # half the pool shows its problem as an image: the frozen tower is exercised
+  report = adacs_stage.run(c)
+  work = Path(c.workdir)
+  for name in ("adacs_report.json", "adacs_report.png", "sft_curves.png", "selection.jsonl", "pass_rates.jsonl",
+               "policy/config.json", "policy/model.safetensors"):
+    assert (work / name).exists(), name
+  saved = json.loads((work / "adacs_report.json").read_text())
+  assert saved["selected"] == report["selected"] <= c.adacs.budget
+  assert set(saved["length_vs_pass_rate"]) == {"before_selection", "after_selection"}
+  assert "spearman_length_vs_difficulty" in saved and "eval/length_d1" in saved["eval_after_sft"]
+  rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  total = c.adacs.epochs * -(-report["selected"] // c.adacs.batch_size)
+  assert [r["step"] for r in rows] == list(range(1, total + 1))
+  assert rows[-1]["sft/loss"] < rows[0]["sft/loss"]  # SFT loss falls
+
+  mcfg, policy = models.load_hf(str(work / "policy"))
+  init = models.init_params(configs.to_model_config(c.model), jax.random.key(c.seed))  # build_params' init
+  for path, a in jax.tree_util.tree_leaves_with_path(policy["visual"]):
+    b = init["visual"]
+    for k in path:
+      b = b[k.key]
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))  # frozen
+  assert not np.allclose(np.asarray(policy["lm_head"]), np.asarray(init["lm_head"]))
+
+  # A second run resumes from the last SFT checkpoint: no new step, the same selection and policy.
+  assert Checkpointer(str(work / "checkpoints")).latest_step() == total
+  again = adacs_stage.run(c)
+  assert again["selected_per_tier"] == report["selected_per_tier"]
+  assert len((work / "metrics.jsonl").read_text().splitlines()) == total
+
+
+def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path):
+  c = tiny_adacs_config(str(tmp_path / "ares"))
+  c.stage = "ares"
+  c.total_steps = 2
+  c.rollout.n = 4
+  c.rollout.max_branches = 2
+  c.rollout.prompts_per_step = 4
+  c.aepo.global_batch_size = 8
+  c.aepo.micro_batch_size = 8
+  c.aepo.filter_low = 0.0
+  c.eval.every = 0
+  out = pipeline.run(c)
+  assert out["adacs"]["selected"] > 0
+  assert [h["step"] for h in out["aepo"]["history"]] == [1, 2]
+  assert (tmp_path / "ares" / "adacs" / "adacs_report.json").exists()
+  assert (tmp_path / "ares" / "aepo" / "metrics.jsonl").exists()
+
+
+def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
+  """value-and-grad of the SFT loss and the frozen-vision optimizer update, abstractly (jax.eval_shape)."""
+  import jax.numpy as jnp
+  from flax import linen as nn
+
+  from ares_jax.train import optimizer as optim_lib
+  from ares_jax.train.sequences import Prompt
+  from ares_jax.train.state import TrainState
+  from ares_jax.train.update import Updater, freeze
+
+  c = runpy.run_path(str(ROOT / "configs" / "adacs_7b.py"))["get_config"]()
+  assert (c.stage, c.adacs.epochs, c.adacs.lr, c.adacs.batch_size, c.adacs.freeze_vision) == ("adacs", 2, 2e-5, 256,
+                                                                                             True)
+  mcfg = configs.to_model_config(c.model)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(models.abstract_params(mcfg)))
+  assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) > 8e9
+  b, r = 2, 64
+  prompt = Prompt(np.concatenate([np.full(196, mcfg.image_token_id), np.arange(100, 140)]).astype(np.int32),
+                  np.zeros((784, mcfg.vision.patch_dim), np.float32), np.array([[1, 28, 28]]))
+  (arrays, width, _), = sft.micro_batches(mcfg, [prompt] * b, [np.arange(r, dtype=np.int32)] * b, b, pad_id=0)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), arrays)
+  loss_fn = sft.sft_loss(mcfg)
+  (loss, _), grads = jax.eval_shape(lambda p_, a_: jax.value_and_grad(loss_fn, has_aux=True)(p_, a_, width),
+                                    params, abstract)
+  assert loss.shape == () and jax.tree.structure(grads) == jax.tree.structure(params)
+  tx = freeze(optim_lib.make_optimizer(c.optim, 100), params, ("visual",))
+  state = jax.eval_shape(lambda p_: TrainState.create(p_, tx, jax.random.key(0)), params)
+  moments = sum(np.prod(x.shape) for x in jax.tree.leaves(state.opt_state) if x.ndim)
+  n_visual = sum(np.prod(x.shape) for x in jax.tree.leaves(params["visual"]))
+  n_all = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
+  assert moments == 2 * (n_all - n_visual)  # Adam moments for the trainable part only
+  new_state, ok, _ = jax.eval_shape(Updater(loss_fn, tx)._apply_impl, state, grads, loss)
+  assert jax.tree.structure(new_state.params) == jax.tree.structure(params) and ok.dtype == jnp.bool_
