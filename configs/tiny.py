@@ -53,7 +53,7 @@ def get_config():
   c.adacs.lr = 3e-4  # 1e-3 cost the warm-started policy half its accuracy; 3e-4 a third
   c.adacs.max_response_length = 96
   c.eval.every = 10
-  c.eval.prompts = 64
+  c.eval.prompts = 128  # 64 left a standard error of ~0.06 on the accuracy
   c.rollout.n = 8
   c.rollout.max_branches = 4
   c.rollout.prompts_per_step = 8

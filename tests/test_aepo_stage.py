@@ -142,3 +142,31 @@ def test_non_finite_loss_skips_the_update():
   state2, m = bad.update(state, [({}, None, 1.0)])
   assert m["update_skipped"] == 1 and int(state2.skipped) == 1
   jax.tree.map(np.testing.assert_array_equal, state2.params, params)
+
+
+def test_warm_start_can_cover_a_wider_difficulty_range_than_the_rl_prompts(monkeypatch):
+  from ares_jax.data.pipeline import PromptStream
+  from ares_jax.data.synthetic import Problem
+  from ares_jax.stages import setup
+  from ares_jax.train import sft
+
+  c = load_config("tiny.py")
+  c.data.max_steps = 1
+  c.warm_start.max_steps = 8
+  c.warm_start.steps = 1
+  mcfg = configs.to_model_config(c.model)
+  tok = setup.build_tokenizer(c)
+  rl_stream = PromptStream(setup.make_source(c, 0), setup.build_processor(c, tok, mcfg), 256)
+  seen = {}
+
+  def fake_run_sft(mcfg_, params, batches, *args, **kwargs):
+    seen["prompts"], seen["responses"] = batches(0)
+    return params, [0.0]
+
+  monkeypatch.setattr(sft, "run_sft", fake_run_sft)
+  setup.warm_start(c, mcfg, {}, rl_stream, 0, tok)
+  texts = tok.batch_decode([r.tolist() for r in seen["responses"]], skip_special_tokens=True)
+  steps = {t.count(": ") for t in texts}
+  assert len(texts) == c.warm_start.batch_size and max(steps) > 1 and steps <= set(range(1, 9))
+  assert {rl_stream.take(i, 1)[0][0].difficulty for i in range(20)} == {1}
+  assert isinstance(rl_stream.source.problem(0), Problem)

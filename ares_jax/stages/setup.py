@@ -102,6 +102,10 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
   """Supervised warm start on the synthetic task's programmatic traces (config.warm_start)."""
   w = config.warm_start
   eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+  if w.get("max_steps", 0):  # a difficulty range of its own (e.g. wider than the RL prompts')
+    d = config.data
+    source = SyntheticSource(config.seed * 1000, w.get("min_steps", 0) or d.min_steps, w.max_steps, d.images, d.ops)
+    stream = PromptStream(source, stream.processor, stream.max_prompt_length)
 
   def batches(step):
     exs, _ = stream.take(10_000_000 + step * w.batch_size, w.batch_size)
