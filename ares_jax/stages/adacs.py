@@ -58,24 +58,26 @@ def synthetic_pool(config: ml_collections.ConfigDict) -> list[PoolQuestion]:
   return pool
 
 
-def measure_candidates(pool: list[PoolQuestion], tokenizer, grader: Grader, max_length: int):
-  """Per question and candidate: token ids (with EOS), correctness (math-verify), and length."""
-  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+def measure_candidates(pool: list[PoolQuestion], tokenizer, grader: Grader, max_length: int,
+                       chunk: int = 4096):
+  """Per question and candidate: token length and correctness (math-verify), in chunks so that a pool of
+  hundreds of thousands of long responses never holds all their token ids at once."""
   flat = [(q, r) for q, qu in enumerate(pool) for r in qu.responses]
-  ids = tokenizer([r for _, r in flat])["input_ids"]
-  grades = grader.grade([r for _, r in flat], [pool[q].answer for q, _ in flat])
-  tokens: list[list[np.ndarray]] = [[] for _ in pool]
   candidates: list[list[dict]] = [[] for _ in pool]
-  too_long = 0
-  for (q, _), t, acc in zip(flat, ids, grades.accuracy):
-    fits = len(t) + 1 <= max_length
-    too_long += not fits
-    tokens[q].append(np.array(t + [eos], np.int32))
-    # An over-long candidate cannot be trained on: not eligible, and not part of the length anchors.
-    candidates[q].append({"length": len(t), "correct": bool(acc > 0) and fits})
-  return tokens, candidates, {"candidates": len(flat), "correct": int(sum(c["correct"] for cs in candidates
-                                                                          for c in cs)),
-                              "too_long": too_long, "grading_timeouts": grades.timeouts}
+  too_long = timeouts = 0
+  for lo in tqdm(range(0, len(flat), chunk), desc="grading candidates", leave=False):
+    part = flat[lo:lo + chunk]
+    lengths = [len(t) for t in tokenizer([r for _, r in part])["input_ids"]]
+    grades = grader.grade([r for _, r in part], [pool[q].answer for q, _ in part])
+    timeouts += grades.timeouts
+    for (q, _), n, acc in zip(part, lengths, grades.accuracy):
+      fits = n + 1 <= max_length  # + EOS
+      too_long += not fits
+      # An over-long candidate cannot be trained on: not eligible, and not part of the length anchors.
+      candidates[q].append({"length": n, "correct": bool(acc > 0) and fits})
+  correct = sum(c["correct"] for cs in candidates for c in cs)
+  return candidates, {"candidates": len(flat), "correct": correct, "too_long": too_long,
+                      "grading_timeouts": timeouts}
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -103,7 +105,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if not pool:
     raise ValueError(f"config.adacs.pool_paths={tuple(a.pool_paths)} holds no usable question (skipped: "
                      f"{dict(skipped)})")
-  tokens, candidates, cand_stats = measure_candidates(pool, tok, grader, a.max_response_length)
+  candidates, cand_stats = measure_candidates(pool, tok, grader, a.max_response_length)
   stream = PromptStream(PoolSource(pool), proc, config.rollout.max_prompt_length)
 
   # 2. Pass rates: supplied, or estimated with the policy before SFT (resumable).
@@ -131,7 +133,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     f.writelines(json.dumps(p) + "\n" for p in plan)
 
   # 4. SFT on the selection, evaluated before and after on held-out synthetic problems.
-  examples = [(stream.encode(index[p["id"]]), tokens[index[p["id"]]][p["candidate"]]) for p in plan]
+  eos = tok.convert_tokens_to_ids("<|im_end|>")
+  chosen_text = [pool[index[p["id"]]].responses[p["candidate"]] for p in plan]
+  examples = [(stream.encode(index[p["id"]]), np.array(t + [eos], np.int32))
+              for p, t in zip(plan, tok(chosen_text)["input_ids"])]
   examples = [(e.prompt, t) for e, t in examples if e is not None]
   eval_key = jax.random.key(config.seed + 1)
   before_path = os.path.join(config.workdir, "eval_before_sft.json")
