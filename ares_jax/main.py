@@ -30,8 +30,9 @@ STAGES: dict[str, str] = {
     "aepo": "ares_jax.stages.aepo:run",
     "adacs": "ares_jax.stages.adacs:run",
     "ares": "ares_jax.stages.pipeline:run",
+    "eval": "ares_jax.stages.eval_policy:run",
 }
-PLANNED_STAGES = ("eval",)
+PLANNED_STAGES: tuple[str, ...] = ()
 
 
 class StageNotAvailable(ValueError):
@@ -44,8 +45,8 @@ def resolve_stage(name: str) -> Callable[[Any], Any]:
   if name in PLANNED_STAGES:
     raise StageNotAvailable(f"stage {name!r} is not implemented yet; available: {available}")
   if name not in STAGES:
-    raise StageNotAvailable(f"unknown stage {name!r}; available: {available} "
-                            f"(planned: {', '.join(PLANNED_STAGES)})")
+    planned = f" (planned: {', '.join(PLANNED_STAGES)})" if PLANNED_STAGES else ""
+    raise StageNotAvailable(f"unknown stage {name!r}; available: {available}{planned}")
   module, fn = STAGES[name].split(":")
   return getattr(importlib.import_module(module), fn)
 

@@ -210,3 +210,19 @@ def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
   assert moments == 2 * (n_all - n_visual)  # Adam moments for the trainable part only
   new_state, ok, _ = jax.eval_shape(Updater(loss_fn, tx)._apply_impl, state, grads, loss)
   assert jax.tree.structure(new_state.params) == jax.tree.structure(params) and ok.dtype == jnp.bool_
+
+
+def test_eval_stage_writes_accuracy_and_length_per_difficulty(tmp_path, capsys):
+  from ares_jax.stages import eval_policy
+
+  c = tiny_adacs_config(str(tmp_path / "eval"))
+  c.stage = "eval"
+  c.eval.prompts = 6
+  out = eval_policy.run(c)
+  saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+  assert saved["policy"] == "random initialisation" and saved["prompts"] == 6
+  assert 0.0 <= saved["accuracy"] <= 1.0 and saved["length"] > 0 and out["accuracy"] == saved["accuracy"]
+  levels = {k for k in saved if k.startswith("length_d")}
+  assert levels and levels <= {f"length_d{d}" for d in range(1, 4)}
+  printed = capsys.readouterr().out
+  assert "greedy accuracy" in printed and "difficulty" in printed

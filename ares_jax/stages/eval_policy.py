@@ -1,0 +1,52 @@
+"""Stage `eval`: greedy accuracy and response length of a policy on held-out prompts.
+
+  python -m ares_jax.main --config=configs/tiny.py --config.stage=eval \
+      --config.model.hf_path=workdirs/tiny/adacs/policy
+
+The policy is `config.model.hf_path` (e.g. the folder AdaCS saves), else the random initialisation;
+prompts are the held-out split of `config.data` (the synthetic task or a JSONL file). Writes
+`{workdir}/eval.json` and prints accuracy and length per difficulty when the prompts carry one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from ares_jax import configs, models
+from ares_jax.data.grading import Grader
+from ares_jax.data.pipeline import PromptStream
+from ares_jax.stages import setup
+from ares_jax.stages.evaluation import evaluate
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  os.makedirs(config.workdir, exist_ok=True)
+  mesh = setup.build_mesh(config)
+  mcfg = configs.to_model_config(config.model)
+  tok = setup.build_tokenizer(config)
+  setup.check_tokenizer(tok, mcfg)
+  proc = setup.build_processor(config, tok, mcfg)
+  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  stream = PromptStream(setup.make_source(config, 1), proc, config.rollout.max_prompt_length)
+  sc = setup.sampling_config(config, tok, mcfg)
+  with Grader(workers=config.get("grading_workers", 2), timeout_s=config.aepo.grading_timeout_s) as grader:
+    out = evaluate(mcfg, params, stream, grader, tok, sc, config.eval.prompts, jax.random.key(config.seed))
+  out = {k.removeprefix("eval/"): v for k, v in out.items()}
+  out.update(policy=config.model.hf_path or "random initialisation", prompts=config.eval.prompts,
+             skipped_rows=dict(stream.skipped))
+  with open(os.path.join(config.workdir, "eval.json"), "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"policy {out['policy']}: greedy accuracy {out['accuracy']:.3f}, mean length {out['length']:.1f} tokens "
+        f"over {config.eval.prompts} held-out prompts")
+  levels = sorted(int(k.removeprefix("accuracy_d")) for k in out if k.startswith("accuracy_d"))
+  if levels:
+    print(f"{'difficulty':>10s} {'accuracy':>9s} {'length':>8s}")
+    for d in levels:
+      print(f"{d:10d} {out[f'accuracy_d{d}']:9.3f} {out[f'length_d{d}']:8.1f}")
+    print(f"Spearman(length, difficulty) = {out['spearman_length_vs_difficulty']:.3f}")
+  return out
