@@ -92,6 +92,8 @@ def init_distributed() -> None:
   for env, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
     if os.environ.get(env):
       kwargs[key] = int(os.environ[env])
+  # CPU processes need a collectives backend of their own (GPU/TPU backends ignore this setting).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

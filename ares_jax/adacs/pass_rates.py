@@ -55,13 +55,15 @@ def estimate_pass_rates(mcfg: ModelConfig, params: Any, stream: PromptStream, id
   pending = [b for b, rows in enumerate(batches) if any(ids[i] not in done for i in rows)]
   logging.info("pass rates: %d questions in %d batches, %d batches already in %s", len(todo), len(batches),
                len(batches) - len(pending), progress_path)
-  with open(progress_path, "a") as out:
+  primary = jax.process_index() == 0  # every process samples (a collective); process 0 writes
+  with open(progress_path if primary else os.devnull, "a") as out:
     for b in tqdm(pending, desc="pass rates", initial=len(batches) - len(pending), total=len(batches)):
       records = _estimate_batch(mcfg, params, stream, ids, batches[b], tokenizer, grader, sc,
                                 jax.random.fold_in(key, b))
       out.write("".join(json.dumps(r) + "\n" for r in records))
       out.flush()
-      os.fsync(out.fileno())
+      if primary:
+        os.fsync(out.fileno())
       done.update({r["id"]: r for r in records})
   return {ids[i]: done[ids[i]]["pass_rate"] for i in todo}
 

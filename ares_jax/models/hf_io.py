@@ -211,9 +211,13 @@ def save_hf(path: str, config: ModelConfig, params: Any, *, max_shard_bytes: int
   """Writes a folder that transformers' `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads.
 
   Tensors are fetched one layer at a time and written in shards of at most `max_shard_bytes`;
-  every file is written to a temporary name first and renamed into place.
+  every file is written to a temporary name first and renamed into place. In a multi-process run every
+  process must call it (tensors are gathered from all of them); process 0 writes.
   """
-  os.makedirs(path, exist_ok=True)
+  from ares_jax.train import sharding  # local import: train builds on models
+  primary = sharding.is_primary()
+  if primary:
+    os.makedirs(path, exist_ok=True)
   flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
   dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -224,13 +228,19 @@ def save_hf(path: str, config: ModelConfig, params: Any, *, max_shard_bytes: int
     shape = hf_shape(rule, per_layer, config)
     count = _layer_count(rule, config) if rule.stacked else 1
     for i in range(count):
-      a = np.asarray(jax.device_get(leaf[i] if rule.stacked else leaf))
+      a = np.asarray(sharding.to_host(leaf[i] if rule.stacked else leaf))
       t = to_hf(rule, a, shape)
       if size and size + t.nbytes > max_shard_bytes:
         shards.append({})
         size = 0
       shards[-1][rule.hf.format(i=i)] = t
       size += t.nbytes
+  if primary:
+    _write_folder(path, config, dtype, shards)
+  sharding.barrier(f"save_hf {path}")  # nobody reads the folder before process 0 has written it
+
+
+def _write_folder(path: str, config: ModelConfig, dtype, shards: list[dict[str, np.ndarray]]) -> None:
   names = ([f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
            if len(shards) > 1 else ["model.safetensors"])
   for name, tensors in zip(names, shards):

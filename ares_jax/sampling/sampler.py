@@ -189,4 +189,4 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   with sharding.mesh_context_of(params):
     out = _generate(config, sc, params, unstack_layers(params), ids, positions, mask, vision, key,
                     None if tau_high is None else np.float32(tau_high))
-  return Rollouts(**{k: np.asarray(v) for k, v in jax.device_get(out).items()})
+  return Rollouts(**{k: np.asarray(v) for k, v in sharding.to_host(out).items()})

@@ -129,8 +129,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError("AdaCS selected no question: no question has a correct candidate within "
                      f"config.adacs.max_response_length={a.max_response_length}")
   index = {q.id: i for i, q in enumerate(pool)}
-  with open(os.path.join(config.workdir, "selection.jsonl"), "w") as f:
-    f.writelines(json.dumps(p) + "\n" for p in plan)
+  if sharding.is_primary():
+    with open(os.path.join(config.workdir, "selection.jsonl"), "w") as f:
+      f.writelines(json.dumps(p) + "\n" for p in plan)
 
   # 4. SFT on the selection, evaluated before and after on held-out synthetic problems.
   eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -140,19 +141,24 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   examples = [(e.prompt, t) for e, t in examples if e is not None]
   eval_key = jax.random.key(config.seed + 1)
   before_path = os.path.join(config.workdir, "eval_before_sft.json")
-  if not os.path.exists(before_path):
-    with open(before_path, "w") as f:
-      json.dump(evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key), f)
-  with open(before_path) as f:
-    before = json.load(f)
+  if os.path.exists(before_path):  # a resumed run: `params` are no longer the policy before SFT
+    with open(before_path) as f:
+      before = json.load(f)
+  else:
+    before = evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key)
+    if sharding.is_primary():
+      with open(before_path, "w") as f:
+        json.dump(before, f)
   state = train_sft(config, mcfg, params, examples, ckpt, mesh, pad_id)
   after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key)
   grader.close()
   ckpt.close()
 
   policy = os.path.join(config.workdir, "policy")
-  models.save_hf(policy, mcfg, state.params)
-  tok.save_pretrained(policy)
+  models.save_hf(policy, mcfg, state.params)  # every process gathers; process 0 writes
+  if sharding.is_primary():
+    tok.save_pretrained(policy)
+  sharding.barrier("adacs tokenizer")
   chosen = {p["id"]: p["candidate"] for p in plan}
   by_d = lambda ev: {k.rsplit("_d", 1)[1]: v for k, v in ev.items() if k.startswith("eval/length_d")}
   report = {
@@ -168,7 +174,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "policy_length_by_difficulty": {"before SFT": by_d(before), "after SFT": by_d(after)},
       "policy": policy,
   }
-  paths = write_report(config.workdir, report)
+  paths = write_report(config.workdir, report) if sharding.is_primary() else ("", "")
   logging.info("AdaCS: %d of %d questions selected; Spearman(length, difficulty) %.3f -> %.3f; report %s",
                len(plan), len(pool), before.get("eval/spearman_length_vs_difficulty", float("nan")),
                after.get("eval/spearman_length_vs_difficulty", float("nan")), paths[0])

@@ -159,8 +159,8 @@ def ppo_update(mcfg, state, ref_params, updater, r, shaped, rows, exs, config, s
     idx = list(range(i, min(i + mb, len(rows))))
     p = packed(idx)
     args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, static[1])
-    old[idx] = np.asarray(score(mcfg, state.params, *args))[:len(idx)]
-    ref[idx] = np.asarray(score(mcfg, ref_params, *args))[:len(idx)]
+    old[idx] = np.asarray(sharding.to_host(score(mcfg, state.params, *args)))[:len(idx)]
+    ref[idx] = np.asarray(sharding.to_host(score(mcfg, ref_params, *args)))[:len(idx)]
   loss_mask = shaped.loss_mask[rows]
   metrics: dict[str, float] = {}
   n_updates = 0

@@ -22,6 +22,7 @@ from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import PromptStream
 from ares_jax.stages import setup
 from ares_jax.stages.evaluation import evaluate
+from ares_jax.train import sharding
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -39,8 +40,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   out = {k.removeprefix("eval/"): v for k, v in out.items()}
   out.update(policy=config.model.hf_path or "random initialisation", prompts=config.eval.prompts,
              skipped_rows=dict(stream.skipped))
-  with open(os.path.join(config.workdir, "eval.json"), "w") as f:
-    json.dump(out, f, indent=1)
+  if sharding.is_primary():
+    with open(os.path.join(config.workdir, "eval.json"), "w") as f:
+      json.dump(out, f, indent=1)
   print(f"policy {out['policy']}: greedy accuracy {out['accuracy']:.3f}, mean length {out['length']:.1f} tokens "
         f"over {config.eval.prompts} held-out prompts")
   levels = sorted(int(k.removeprefix("accuracy_d")) for k in out if k.startswith("accuracy_d"))

@@ -7,6 +7,7 @@ import math
 import os
 from typing import Mapping
 
+import jax
 import numpy as np
 
 
@@ -18,8 +19,12 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None):
-    os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    self._primary = jax.process_index() == 0  # one writer in a multi-process run
+    if not self._primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
     if resume_step is not None and os.path.exists(self.path):
       with open(self.path) as f:
         keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -38,6 +43,8 @@ class MetricsWriter:
     for k, v in sorted(metrics.items()):
       v = float(np.asarray(v))
       row[k] = v if math.isfinite(v) else None
+    if not self._primary:
+      return row
     with open(self.path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if self._tb is not None:
@@ -64,7 +71,11 @@ CURVES = (("accuracy", ("accuracy/easy", "accuracy/medium", "accuracy/hard", "ac
 
 
 def plot_curves(workdir: str, panels=CURVES, filename: str = "curves.png") -> str:
-  """Draws the metrics of `metrics.jsonl` against the step, one panel per group; returns the PNG path."""
+  """Draws the metrics of `metrics.jsonl` against the step, one panel per group; returns the PNG path
+  (drawn by process 0 only)."""
+  path = os.path.join(workdir, filename)
+  if jax.process_index() != 0:
+    return path
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -80,7 +91,6 @@ def plot_curves(workdir: str, panels=CURVES, filename: str = "curves.png") -> st
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  path = os.path.join(workdir, filename)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path

@@ -142,3 +142,24 @@ def mesh_context(mesh: Mesh | None, rules=LOGICAL_RULES):
 
 def mesh_context_of(tree: Any, rules=LOGICAL_RULES):
   return mesh_context(mesh_of(tree), rules)
+
+
+def is_primary() -> bool:
+  """Whether this process writes the run's files (metrics, reports, exported weights): process 0."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches `name` (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(tree: Any) -> Any:
+  """The numpy values of a pytree of arrays; an array that spans several processes is gathered from all
+  of them first (every process must call this, as with any collective)."""
+  if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree, tiled=True)
