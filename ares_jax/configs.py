@@ -169,6 +169,15 @@ def qwen25vl_vision(**overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(v)
 
 
+def qwen25vl_7b() -> ml_collections.ConfigDict:
+  """`config.model` of Qwen2.5-VL-7B-Instruct (untied head), bf16 compute over fp32 master weights, full remat."""
+  return model_fields(
+      vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+      num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(16, 24, 24),
+      tie_word_embeddings=False, vision=qwen25vl_vision(),
+      dtype="bfloat16", param_dtype="float32", remat_policy="full")
+
+
 def model_fields(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int,
                  num_kv_heads: int, tie_word_embeddings: bool, vision: ml_collections.ConfigDict,
                  rms_norm_eps: float = 1e-6, rope_theta: float = 1e6, mrope_section: tuple[int, int, int] = (16, 24, 24),

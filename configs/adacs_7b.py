@@ -17,11 +17,7 @@ def get_config():
   c = configs.base_config(stage="adacs", workdir="workdirs/adacs_7b")
   c.checkpoint_every = 200
   c.mesh.fsdp = -1
-  c.model = configs.model_fields(
-      vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-      num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(16, 24, 24),
-      tie_word_embeddings=False, vision=configs.qwen25vl_vision(),
-      dtype="bfloat16", param_dtype="float32", remat_policy="full")
+  c.model = configs.qwen25vl_7b()
   c.adacs.epochs = 2
   c.adacs.lr = 2e-5
   c.adacs.batch_size = 256

@@ -4,7 +4,6 @@ vision tower, the stage end to end (report, plot, policy, resume) and the AdaCS 
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import jax
@@ -23,12 +22,12 @@ from ares_jax.stages import pipeline, setup
 from ares_jax.train import sft
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.sequences import pack
+from tiny_configs import load_config, small_rl
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_adacs_config(workdir: str, **adacs):
-  c = runpy.run_path(str(ROOT / "configs" / "tiny.py"))["get_config"]()
+  c = load_config("tiny.py")
   c.stage = "adacs"
   c.workdir = workdir
   c.mesh.fsdp = 1
@@ -161,15 +160,9 @@ def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path):
 
 def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path):
   c = tiny_adacs_config(str(tmp_path / "ares"))
+  c = small_rl(c)
   c.stage = "ares"
   c.total_steps = 2
-  c.rollout.n = 4
-  c.rollout.max_branches = 2
-  c.rollout.prompts_per_step = 4
-  c.aepo.global_batch_size = 8
-  c.aepo.micro_batch_size = 8
-  c.aepo.filter_low = 0.0
-  c.eval.every = 0
   out = pipeline.run(c)
   assert out["adacs"]["selected"] > 0
   assert [h["step"] for h in out["aepo"]["history"]] == [1, 2]
@@ -187,7 +180,7 @@ def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
   from ares_jax.train.state import TrainState
   from ares_jax.train.update import Updater, freeze
 
-  c = runpy.run_path(str(ROOT / "configs" / "adacs_7b.py"))["get_config"]()
+  c = load_config("adacs_7b.py")
   assert (c.stage, c.adacs.epochs, c.adacs.lr, c.adacs.batch_size, c.adacs.freeze_vision) == ("adacs", 2, 2e-5, 256,
                                                                                              True)
   mcfg = configs.to_model_config(c.model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 
 import jax
@@ -18,30 +17,19 @@ from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.sequences import Prompt, pack
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
+from tiny_configs import load_config, small_rl
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(name: str):
-  return runpy.run_path(str(ROOT / "configs" / name))["get_config"]()
 
 
 def tiny_rl_config(workdir: str, total_steps: int):
-  c = load_config("tiny.py")
+  c = small_rl(load_config("tiny.py"))
   c.stage = "aepo"
   c.workdir = workdir
   c.total_steps = total_steps
   c.checkpoint_every = 2
   c.mesh.fsdp = 1  # one of the 8 simulated devices: the loop, not sharding, is under test here
   c.warm_start.steps = 3
-  c.eval.every = 0
-  c.rollout.n = 4
-  c.rollout.max_branches = 2
-  c.rollout.prompts_per_step = 4
   c.rollout.max_response_length = 24
-  c.aepo.global_batch_size = 8
-  c.aepo.micro_batch_size = 8
-  c.aepo.filter_low = 0.0  # keep every group: with a near-random tiny policy most are all-wrong
   c.optim.lr = 1e-3
   c.data.max_steps = 3
   c.data.images = True  # every other prompt carries an image: the vision path runs in rollouts and updates

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import runpy
 import socket
 import subprocess
 import sys
@@ -18,13 +17,10 @@ from ares_jax import configs
 from ares_jax.data import images as images_lib
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
+from tiny_configs import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 64
-
-
-def load_config(name: str):
-  return runpy.run_path(str(ROOT / "configs" / name))["get_config"]()
 
 
 @pytest.fixture(scope="module")

@@ -207,10 +207,9 @@ def test_bfloat16_kv_cache_stays_close(tiny):
 
 
 def test_sample_stage_prints_marked_answers(capsys):
-  import runpy
-  from pathlib import Path
   from ares_jax.stages import sample as sample_stage
-  c = runpy.run_path(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"))["get_config"]()
+  from tiny_configs import load_config
+  c = load_config("tiny.py")
   c.mesh.fsdp = 1
   c.sample.num_prompts = 2
   c.rollout.n = 2

@@ -23,6 +23,7 @@ from ares_jax import sampling
 from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import PromptStream
 from ares_jax.models.config import ModelConfig
+from ares_jax.train import sharding
 from ares_jax.train.sequences import prompt_batch
 
 
@@ -55,7 +56,7 @@ def estimate_pass_rates(mcfg: ModelConfig, params: Any, stream: PromptStream, id
   pending = [b for b, rows in enumerate(batches) if any(ids[i] not in done for i in rows)]
   logging.info("pass rates: %d questions in %d batches, %d batches already in %s", len(todo), len(batches),
                len(batches) - len(pending), progress_path)
-  primary = jax.process_index() == 0  # every process samples (a collective); process 0 writes
+  primary = sharding.is_primary()  # every process samples (a collective); process 0 writes
   with open(progress_path if primary else os.devnull, "a") as out:
     for b in tqdm(pending, desc="pass rates", initial=len(batches) - len(pending), total=len(batches)):
       records = _estimate_batch(mcfg, params, stream, ids, batches[b], tokenizer, grader, sc,

@@ -2,14 +2,15 @@
 samples, scores (log-prob, exact entropy, window entropy, HWE marks) and forks trajectories.
 
 Layout: every prompt owns G = n + max_branches consecutive trajectory slots; roots first, branch
-slots after them, filled in order. The KV cache is position-indexed, L arrays [S, C, K, D] with
-C = T + max_new_tokens (one array per layer, so a decode step reads and updates each in place): slots 0..T-2 hold the prompt but its last token, and the token fed at
-step k of a trajectory (the last prompt token, then each sampled token) is written to T-1+k. So
-rewinding a trajectory to response position t is just setting its length to t.
+slots after them, filled in order. The KV cache is position-indexed, L arrays [S, C, K, D] (one per
+layer, so a decode step reads and updates each in place) with C = T + max_new_tokens: slots 0..T-2
+hold the prompt but its last token, and the token fed at step k of a trajectory (the last prompt
+token, then each sampled token) is written to T-1+k. So rewinding a trajectory to response position t
+is just setting its length to t.
 
 Decode runs the layers unrolled over per-layer weight buffers (`models.unstack_layers`, made once per
 call): the price is one extra copy of the decoder weights while sampling, the gain 2.06x per decode
-step on an H100 (1.5B, bf16, batch 64; benchmarks/README.md).
+step on an H100 (~1.8B, bf16, batch 64; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def _step(config: ModelConfig, params, layers, sc: SamplingConfig, group: int, n
   write = t_prompt - 1 + state.length  # cache slot of the token fed now
   cols = jnp.arange(c)[None, :]
   cache_mask = prompt_valid | ((cols >= t_prompt - 1) & (cols < write[:, None]))
-  logits, (k_new, v_new) = decode_step(config, params, layers, state.pending, last_pos + state.length, state.cache_k,
-                                       state.cache_v, cache_mask)
+  logits, (k_new, v_new) = decode_step(config, params, layers, state.pending, last_pos + state.length,
+                                       state.cache_k, state.cache_v, cache_mask)
   rows = jnp.arange(s_slots)
   put = lambda caches, new: tuple(c.at[rows, write].set(x.astype(c.dtype)) for c, x in zip(caches, new))
   cache_k, cache_v = put(state.cache_k, k_new), put(state.cache_v, v_new)
@@ -155,8 +156,8 @@ def _generate(config: ModelConfig, sc: SamplingConfig, params, layers, ids, posi
       parent=jnp.full((s_slots,), -1, jnp.int32), fork_pos=jnp.full((s_slots,), -1, jnp.int32),
       next_fork=jnp.zeros((s_slots,), jnp.int32), branches=jnp.zeros((n_prompts,), jnp.int32))
   tau = jnp.float32(jnp.inf) if tau is None else jnp.asarray(tau, jnp.float32)
-  body = functools.partial(_step, config, params, layers, sc, group, sc.n, n_branch, key, tau, t_prompt, prompt_valid,
-                           first_token, last_pos)
+  body = functools.partial(_step, config, params, layers, sc, group, sc.n, n_branch, key, tau, t_prompt,
+                           prompt_valid, first_token, last_pos)
   max_steps = n_max * (1 + n_branch)  # every fork restarts at most n_max steps
   state = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), body, state)
   tokens = jnp.where(jnp.arange(n_max)[None, :] < state.length[:, None], state.tokens, sc.pad_id)

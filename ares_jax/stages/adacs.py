@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import adacs, configs, models
+from ares_jax import adacs, models
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.adacs.report import length_by_pass_rate, write_report
 from ares_jax.data import synthetic
@@ -82,22 +82,15 @@ def measure_candidates(pool: list[PoolQuestion], tokenizer, grader: Grader, max_
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   a = config.adacs
-  os.makedirs(config.workdir, exist_ok=True)
-  mesh = setup.build_mesh(config)
-  mcfg = configs.to_model_config(config.model)
-  tok = setup.build_tokenizer(config)
-  setup.check_tokenizer(tok, mcfg)
-  pad_id = int(tok.pad_token_id or 0)
-  proc = setup.build_processor(config, tok, mcfg)
-  grader = Grader(workers=config.get("grading_workers", 2), timeout_s=config.aepo.grading_timeout_s)
+  b = setup.build(config)
+  mesh, mcfg, tok, proc, params, pad_id = b.mesh, b.mcfg, b.tokenizer, b.processor, b.params, b.pad_id
+  grader = setup.build_grader(config)
   sc = setup.sampling_config(config, tok, mcfg, n=a.pass_rate_samples, max_branches=0)
-  eval_stream = PromptStream(setup.make_source(config, 3), proc, config.rollout.max_prompt_length)
-  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  eval_stream = setup.prompt_stream(config, proc, 3)
   ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
   resumed = ckpt.latest_step() is not None
   if not resumed and config.warm_start.steps > 0 and not config.model.hf_path:
-    params = setup.warm_start(config, mcfg, params, PromptStream(setup.make_source(config, 0), proc,
-                                                                 config.rollout.max_prompt_length), pad_id, tok)
+    params = setup.warm_start(config, mcfg, params, setup.prompt_stream(config, proc, 0), pad_id, tok)
 
   # 1. The pool, every candidate graded and measured.
   skipped: collections.Counter = collections.Counter()

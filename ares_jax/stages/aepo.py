@@ -20,9 +20,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import aepo, configs, models, sampling
-from ares_jax.data.grading import Grader
-from ares_jax.data.pipeline import PromptStream
+from ares_jax import aepo, models, sampling
 from ares_jax.stages import setup
 from ares_jax.stages.evaluation import evaluate
 from ares_jax.stages.aepo_batch import shape_batch
@@ -46,24 +44,18 @@ def aepo_loss_fn(model_config: models.ModelConfig):
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  os.makedirs(config.workdir, exist_ok=True)
-  mesh = setup.build_mesh(config)
-  mcfg = configs.to_model_config(config.model)
-  tok = setup.build_tokenizer(config)
-  setup.check_tokenizer(tok, mcfg)
-  pad_id = int(tok.pad_token_id or 0)
-  proc = setup.build_processor(config, tok, mcfg)
-  train_stream = PromptStream(setup.make_source(config, 0), proc, config.rollout.max_prompt_length)
-  eval_stream = PromptStream(setup.make_source(config, 1), proc, config.rollout.max_prompt_length)
+  b = setup.build(config)
+  mesh, mcfg, tok, params, pad_id = b.mesh, b.mcfg, b.tokenizer, b.params, b.pad_id
+  train_stream = setup.prompt_stream(config, b.processor, 0)
+  eval_stream = setup.prompt_stream(config, b.processor, 1)
   a, r_cfg = config.aepo, config.rollout
   sc = setup.sampling_config(config, tok, mcfg)
   tx = optim_lib.make_optimizer(config.optim, config.total_steps)
   loss_fn = aepo_loss_fn(mcfg)
   updater = Updater(loss_fn, tx)
   ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
-  grader = Grader(workers=config.get("grading_workers", 2), timeout_s=a.grading_timeout_s)
+  grader = setup.build_grader(config)
 
-  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
   start = ckpt.latest_step()
   if start is None:
     if config.warm_start.steps > 0:

@@ -17,26 +17,18 @@ from typing import Any
 import jax
 import ml_collections
 
-from ares_jax import configs, models
-from ares_jax.data.grading import Grader
-from ares_jax.data.pipeline import PromptStream
 from ares_jax.stages import setup
 from ares_jax.stages.evaluation import evaluate
 from ares_jax.train import sharding
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  os.makedirs(config.workdir, exist_ok=True)
-  mesh = setup.build_mesh(config)
-  mcfg = configs.to_model_config(config.model)
-  tok = setup.build_tokenizer(config)
-  setup.check_tokenizer(tok, mcfg)
-  proc = setup.build_processor(config, tok, mcfg)
-  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
-  stream = PromptStream(setup.make_source(config, 1), proc, config.rollout.max_prompt_length)
-  sc = setup.sampling_config(config, tok, mcfg)
-  with Grader(workers=config.get("grading_workers", 2), timeout_s=config.aepo.grading_timeout_s) as grader:
-    out = evaluate(mcfg, params, stream, grader, tok, sc, config.eval.prompts, jax.random.key(config.seed))
+  b = setup.build(config)
+  stream = setup.prompt_stream(config, b.processor, 1)
+  sc = setup.sampling_config(config, b.tokenizer, b.mcfg)
+  with setup.build_grader(config) as grader:
+    out = evaluate(b.mcfg, b.params, stream, grader, b.tokenizer, sc, config.eval.prompts,
+                   jax.random.key(config.seed))
   out = {k.removeprefix("eval/"): v for k, v in out.items()}
   out.update(policy=config.model.hf_path or "random initialisation", prompts=config.eval.prompts,
              skipped_rows=dict(stream.skipped))

@@ -30,7 +30,7 @@ from ares_jax.stages.setup import build_mesh, build_params, build_processor, bui
 
 def _say(text: str = "") -> None:
   """Prints on the first process only: every host runs the stage, one report is enough."""
-  if jax.process_index() == 0:
+  if sharding.is_primary():
     print(text, flush=True)
 
 

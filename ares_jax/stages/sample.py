@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ares_jax import aepo, configs, models, sampling
+from ares_jax import aepo, sampling
 from ares_jax.data import synthetic
 from ares_jax.stages import setup
 
@@ -41,12 +41,8 @@ def marked_text(tokenizer: Any, tokens: np.ndarray, hwe: np.ndarray) -> str:
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   t0 = time.time()
-  mesh = setup.build_mesh(config)
-  mcfg = configs.to_model_config(config.model)
-  tok = setup.build_tokenizer(config)
-  setup.check_tokenizer(tok, mcfg)
-  mcfg, params = setup.build_params(config, mcfg, models.abstract_params(mcfg), mesh)
-  proc = setup.build_processor(config, tok, mcfg)
+  b = setup.build(config)
+  mcfg, tok, proc, params = b.mcfg, b.tokenizer, b.processor, b.params
   questions, imgs = prompts(config)
   batch = proc.encode_chat(questions, imgs if any(i is not None for i in imgs) else None)
   key = jax.random.key(config.seed)

@@ -3,6 +3,8 @@ the synthetic task, the supervised warm start that stands in for a pretrained ba
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -14,9 +16,47 @@ from absl import logging
 from ares_jax import configs, models, sampling
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
+from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
 from ares_jax.models import hf_io
 from ares_jax.train import sft, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """What a stage that runs the model starts from: the mesh, the model config, tokenizer, processor and
+  parameters (loaded from `config.model.hf_path`, else a sharded random initialisation)."""
+
+  mesh: jax.sharding.Mesh
+  mcfg: models.ModelConfig
+  tokenizer: Any
+  processor: processor_lib.QwenVLProcessor
+  params: Any
+
+  @property
+  def pad_id(self) -> int:
+    return int(self.tokenizer.pad_token_id or 0)
+
+
+def build(config: ml_collections.ConfigDict) -> Built:
+  """The workdir, mesh, checked tokenizer, processor and parameters of `config`."""
+  os.makedirs(config.workdir, exist_ok=True)
+  mesh = build_mesh(config)
+  mcfg = configs.to_model_config(config.model)
+  tok = build_tokenizer(config)
+  check_tokenizer(tok, mcfg)
+  proc = build_processor(config, tok, mcfg)
+  mcfg, params = build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  return Built(mesh, mcfg, tok, proc, params)
+
+
+def prompt_stream(config: ml_collections.ConfigDict, processor, split: int) -> PromptStream:
+  """Prompts of split `split` of `config.data` (see `make_source`), length-checked."""
+  return PromptStream(make_source(config, split), processor, config.rollout.max_prompt_length)
+
+
+def build_grader(config: ml_collections.ConfigDict) -> Grader:
+  return Grader(workers=config.get("grading_workers", 2), timeout_s=config.aepo.grading_timeout_s)
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -90,6 +130,8 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: mod
 
 
 def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
+  """Split 0: AEPO train prompts (and the warm start); 1: held-out evaluation; 3: AdaCS's held-out
+  evaluation (the synthetic AdaCS pool draws from seed * 1000 + 2)."""
   d = config.data
   if d.kind == "synthetic":
     return SyntheticSource(config.seed * 1000 + split_seed, d.min_steps, d.max_steps, d.images, d.ops)

@@ -7,8 +7,9 @@ import math
 import os
 from typing import Mapping
 
-import jax
 import numpy as np
+
+from ares_jax.train import sharding
 
 
 class MetricsWriter:
@@ -21,7 +22,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, resume_step: int | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
-    self._primary = jax.process_index() == 0  # one writer in a multi-process run
+    self._primary = sharding.is_primary()  # one writer in a multi-process run
     if not self._primary:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -74,7 +75,7 @@ def plot_curves(workdir: str, panels=CURVES, filename: str = "curves.png") -> st
   """Draws the metrics of `metrics.jsonl` against the step, one panel per group; returns the PNG path
   (drawn by process 0 only)."""
   path = os.path.join(workdir, filename)
-  if jax.process_index() != 0:
+  if not sharding.is_primary():
     return path
   import matplotlib
   matplotlib.use("Agg")
