@@ -15,7 +15,7 @@ from ares_jax.adacs import report as report_lib
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.data import synthetic
 from ares_jax.data.coldstart import PoolSource
-from ares_jax.data.grading import Grader, grade_one
+from ares_jax.data.grading import Grader, Grades, grade_one
 from ares_jax.data.pipeline import PromptStream
 from ares_jax.stages import adacs as adacs_stage
 from ares_jax.stages import pipeline, setup
@@ -66,6 +66,7 @@ def test_teacher_candidates_vary_in_length_and_slips_are_wrong():
   assert clean[0] == p.trace()
   assert [len(t) for t in clean] == sorted(len(t) for t in clean) and len(set(map(len, clean))) == 4
   assert all(grade_one(t, p.answer) == 1.0 for t in clean)
+  assert [ln.split(":")[0] for ln in clean[0].split(". ")[:3]] == ["<think> 3", "2", "1"]  # counts down
   slipped = p.teacher_candidates(3, 1.0, rng)
   assert all(grade_one(t, p.answer) == 0.0 for t in slipped)
   assert grade_one(p.trace(boxed=False), p.answer) == 0.0
@@ -218,4 +219,31 @@ def test_eval_stage_writes_accuracy_and_length_per_difficulty(tmp_path, capsys):
   levels = {k for k in saved if k.startswith("length_d")}
   assert levels and levels <= {f"length_d{d}" for d in range(1, 4)}
   printed = capsys.readouterr().out
-  assert "greedy accuracy" in printed and "difficulty" in printed
+  assert "mean@4 accuracy" in printed and "difficulty" in printed and saved["samples"] == c.eval.samples == 4
+
+
+def test_sampled_evaluation_grades_every_sample_against_its_own_prompt(tiny_parts):
+  from ares_jax.stages.evaluation import evaluate
+
+  c, mcfg, tok, proc, params = tiny_parts
+  stream = PromptStream(setup.make_source(c, 1), proc, 256)
+  exs, _ = stream.take(0, 5)
+  seen = {}
+
+  class Recorder:  # accuracy 1 exactly for the samples of prompts 0 and 3
+    def grade(self, texts, golds):
+      seen["golds"] = list(golds)
+      return Grades(np.array([g in (exs[0].answer, exs[3].answer) for g in golds], np.float32),
+                    np.zeros(len(golds), np.float32), 0, 0)
+
+  sc = setup.sampling_config(c, tok, mcfg, max_new_tokens=8)
+  out = evaluate(mcfg, params, stream, Recorder(), tok, sc, 5, jax.random.key(0), samples=3)
+  assert sorted(seen["golds"]) == sorted([e.answer for e in exs] * 3)
+  want = np.mean([e.answer in (exs[0].answer, exs[3].answer) for e in exs])
+  assert out["eval/accuracy"] == pytest.approx(want)
+  for d in {e.difficulty for e in exs}:
+    of_d = [e for e in exs if e.difficulty == d]
+    assert out[f"eval/accuracy_d{d}"] == pytest.approx(np.mean([e.answer in (exs[0].answer, exs[3].answer)
+                                                                for e in of_d]))
+  greedy = evaluate(mcfg, params, stream, Recorder(), tok, sc, 5, jax.random.key(0))
+  assert len(seen["golds"]) == 5 and greedy["eval/accuracy"] == pytest.approx(want)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -158,3 +159,28 @@ def test_warm_start_can_cover_a_wider_difficulty_range_than_the_rl_prompts(monke
   assert len(texts) == c.warm_start.batch_size and max(steps) > 1 and steps <= set(range(1, 9))
   assert {rl_stream.take(i, 1)[0][0].difficulty for i in range(20)} == {1}
   assert isinstance(rl_stream.source.problem(0), Problem)
+
+
+def test_warm_start_traces_slip_at_the_configured_rate(monkeypatch):
+  from ares_jax.data.pipeline import PromptStream
+  from ares_jax.stages import setup
+  from ares_jax.train import sft
+
+  c = load_config("tiny.py")
+  c.warm_start.steps, c.warm_start.batch_size, c.warm_start.slip_rate = 1, 64, 0.3
+  mcfg = configs.to_model_config(c.model)
+  tok = setup.build_tokenizer(c)
+  stream = PromptStream(setup.make_source(c, 0), setup.build_processor(c, tok, mcfg), 256)
+  seen = {}
+
+  def fake_run_sft(mcfg_, params, batches, *args, **kwargs):
+    seen["responses"] = batches(0)[1]
+    return params, [0.0]
+
+  monkeypatch.setattr(sft, "run_sft", fake_run_sft)
+  setup.warm_start(c, mcfg, {}, stream, 0, tok)
+  texts = tok.batch_decode([r.tolist() for r in seen["responses"]], skip_special_tokens=True)
+  steps = [(int(x), int(d), int(y)) for t in texts for x, d, y in re.findall(r"(\d)\+(\d)=(\d)\.", t)]
+  slipped = np.mean([y == (x + d + 1) % 10 for x, d, y in steps])
+  assert len(steps) > 150 and all(y in ((x + d) % 10, (x + d + 1) % 10) for x, d, y in steps)
+  assert 0.2 < slipped < 0.4  # 0.3 per step (binomial sd ~0.03 here)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 
 import pytest
 from PIL import Image
@@ -58,6 +59,10 @@ def test_synthetic_problems_are_deterministic_graded_and_verifiable(proc):
     x = {"+": x + p.operand, "-": x - p.operand, "*": x * p.operand}[p.op] % 10
   assert p.answer == str(x) and p.trace().endswith(f"\\boxed{{{x}}}")
   assert len(p.trace(checks=2)) > len(p.trace())
+  lines = re.findall(r"(\d): (\d)\+?-?\*?(\d)=(\d)\.", synthetic.problem(3, 17, 4, 4, "+").trace())
+  assert [int(n) for n, *_ in lines] == [4, 3, 2, 1]  # numbered k down to 1: when to stop is local
+  q = synthetic.problem(0, 1, 3, 3, "+")
+  assert q.trace(slips=(0, 2)).endswith(f"\\boxed{{{(int(q.answer) + 2) % 10}}}")  # each slip adds one
   src = SyntheticSource(0, 1, 4, images=True)
   ex = PromptStream(src, proc, 256).encode(0)
   assert ex.prompt.image_grid_thw is not None and ex.difficulty == src.problem(0).difficulty

@@ -14,6 +14,7 @@ same stream. Problems can also be rendered as small images so that the vision to
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,18 +51,19 @@ class Problem:
   def answer(self) -> str:
     return str(self.steps()[-1][1])
 
-  def trace(self, checks: int = 0, slip: int | None = None, boxed: bool = True) -> str:
-    """Teacher response: `<think>` one numbered line per step (`checks` re-verifies the last
-    steps, for longer traces) `</think>` and the boxed answer. `slip` = i makes step i come out
-    one too high, and every later value (and the answer) follows from the slip: a wrong trace.
-    `boxed=False` states the answer as "answer: y", which the accuracy reward does not accept."""
+  def trace(self, checks: int = 0, slips: Collection[int] = (), boxed: bool = True) -> str:
+    """Teacher response: `<think>` one line per step, numbered k down to 1 (`checks` re-verifies the
+    last steps, for longer traces) `</think>` and the boxed answer. Each step i in `slips` comes out
+    one too high, and every later value (and the answer) follows from it: a wrong trace (unless ten
+    slips cancel). `boxed=False` states the answer as "answer: y", which the accuracy reward does
+    not accept."""
     op, d = self.op, self.operand
     steps, x = [], self.start
     for i in range(self.difficulty):
-      y = (apply(x, op, d) + (1 if i == slip else 0)) % 10
+      y = (apply(x, op, d) + (1 if i in slips else 0)) % 10
       steps.append((x, y))
       x = y
-    lines = [f"{i + 1}: {x}{op}{d}={y}." for i, (x, y) in enumerate(steps)]
+    lines = [f"{self.difficulty - i}: {x}{op}{d}={y}." for i, (x, y) in enumerate(steps)]
     lines += [f"check {x}{op}{d}={y}." for x, y in (steps[-checks:] if checks else [])]
     final = f"\\boxed{{{steps[-1][1]}}}" if boxed else f"answer: {steps[-1][1]}"
     return "<think> " + " ".join(lines) + f"</think> {final}"
@@ -71,8 +73,8 @@ class Problem:
     of the last steps; each one, with probability `slip_rate`, slips once (so it is wrong)."""
     out = []
     for checks in range(max_checks + 1):
-      slip = int(rng.integers(self.difficulty)) if rng.random() < slip_rate else None
-      out.append(self.trace(min(checks, self.difficulty), slip))
+      slips = (int(rng.integers(self.difficulty)),) if rng.random() < slip_rate else ()
+      out.append(self.trace(min(checks, self.difficulty), slips))
     return out
 
 

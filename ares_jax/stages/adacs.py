@@ -138,12 +138,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     with open(before_path) as f:
       before = json.load(f)
   else:
-    before = evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key)
+    before = evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
+                      config.eval.samples)
     if sharding.is_primary():
       with open(before_path, "w") as f:
         json.dump(before, f)
   state = train_sft(config, mcfg, params, examples, ckpt, mesh, pad_id)
-  after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key)
+  after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
+                   config.eval.samples)
   grader.close()
   ckpt.close()
 

@@ -77,7 +77,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   history = []
   if start == 0 and config.eval.every > 0:
     history.append(writer.write(0, evaluate(mcfg, state.params, eval_stream, grader, tok, sc, config.eval.prompts,
-                                            jax.random.key(1))))
+                                            jax.random.key(1), config.eval.samples)))
   for step in tqdm(range(start + 1, config.total_steps + 1), desc="aepo", initial=start, total=config.total_steps):
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     t0 = time.perf_counter()
@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                     "skipped_updates": float(state.skipped)})
     if config.eval.every > 0 and step % config.eval.every == 0:
       metrics.update(evaluate(mcfg, state.params, eval_stream, grader, tok, sc, config.eval.prompts,
-                              jax.random.key(1)))
+                              jax.random.key(1), config.eval.samples))
     history.append(writer.write(step, metrics))
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       ckpt.save(step, {"state": state, "ref": ref_params}, {"data_position": position})

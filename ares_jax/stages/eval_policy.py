@@ -1,4 +1,5 @@
-"""Stage `eval`: greedy accuracy and response length of a policy on held-out prompts.
+"""Stage `eval`: accuracy and response length of a policy on held-out prompts (greedy, or the mean
+over `config.eval.samples` samples per prompt at the rollout temperature).
 
   python -m ares_jax.main --config=configs/tiny.py --config.stage=eval \
       --config.model.hf_path=workdirs/tiny/adacs/policy
@@ -28,14 +29,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   sc = setup.sampling_config(config, b.tokenizer, b.mcfg)
   with setup.build_grader(config) as grader:
     out = evaluate(b.mcfg, b.params, stream, grader, b.tokenizer, sc, config.eval.prompts,
-                   jax.random.key(config.seed))
+                   jax.random.key(config.seed), config.eval.samples)
   out = {k.removeprefix("eval/"): v for k, v in out.items()}
   out.update(policy=config.model.hf_path or "random initialisation", prompts=config.eval.prompts,
+             samples=config.eval.samples,
              skipped_rows=dict(stream.skipped))
   if sharding.is_primary():
     with open(os.path.join(config.workdir, "eval.json"), "w") as f:
       json.dump(out, f, indent=1)
-  print(f"policy {out['policy']}: greedy accuracy {out['accuracy']:.3f}, mean length {out['length']:.1f} tokens "
+  how = f"mean@{config.eval.samples}" if config.eval.samples > 0 else "greedy"
+  print(f"policy {out['policy']}: {how} accuracy {out['accuracy']:.3f}, mean length {out['length']:.1f} tokens "
         f"over {config.eval.prompts} held-out prompts")
   levels = sorted(int(k.removeprefix("accuracy_d")) for k in out if k.startswith("accuracy_d"))
   if levels:

@@ -153,8 +153,15 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
     exs, _ = stream.take(10_000_000 + step * w.batch_size, w.batch_size)
     prompts = [e.prompt for e in exs]
     # A base policy that does not always follow the answer format (w.unboxed_rate): RL's first job.
-    boxed = np.random.default_rng([config.seed, step]).random(len(exs)) >= w.get("unboxed_rate", 0.0)
-    traces = [stream.source.problem(e.index).trace(boxed=bool(b)) for e, b in zip(exs, boxed)]
+    rng = np.random.default_rng([config.seed, step])
+    boxed = rng.random(len(exs)) >= w.get("unboxed_rate", 0.0)
+    traces = []
+    for e, b in zip(exs, boxed):
+      p = stream.source.problem(e.index)
+      # A base policy that slips (one step one too high) with probability w.slip_rate per step: its
+      # pass rate falls with the number of steps, and not slipping is what RL can teach it.
+      slips = np.flatnonzero(rng.random(p.difficulty) < w.get("slip_rate", 0.0)).tolist()
+      traces.append(p.trace(slips=slips, boxed=bool(b)))
     responses = [np.array(tokenizer(t)["input_ids"] + [eos], np.int32) for t in traces]
     return prompts, responses
 
