@@ -60,8 +60,9 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   # unboxed_rate: share of warm-start traces that state the answer without \boxed{} (format to learn in RL).
   # min_steps / max_steps: its own difficulty range (0: data.min_steps / data.max_steps).
   # slip_rate: per-step probability that a warm-start trace's step comes out one too high (wrong answer).
-  c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3, unboxed_rate=0.0, slip_rate=0.0,
-                                                min_steps=0, max_steps=0))
+  # weight_decay: AdamW's, for the warm start alone (the rest of config.optim is shared).
+  c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3, weight_decay=1e-2, unboxed_rate=0.0,
+                                                slip_rate=0.0, min_steps=0, max_steps=0))
   # Accuracy on held-out prompts every `every` steps (0 = never): greedy, or with samples > 0 the mean
   # over that many samples per prompt at the rollout temperature.
   c.eval = ml_collections.ConfigDict(dict(every=0, prompts=64, samples=0))

@@ -1,14 +1,14 @@
 """A built-in, difficulty-graded reasoning task with verifiable answers: repeated digit arithmetic.
 
 "Mod 10, start 5, apply +7 4 times = ?": the answer is the final digit in `\\boxed{}`, and the
-difficulty is the number of repetitions k. The teacher trace writes one numbered line per step,
-so the response length grows with difficulty. Each step is a local computation (the previous result
-and the one operation of the prompt); stopping after line k needs k read from the prompt, which the
-tiny config's 2-layer model does not learn in its 300-step warm start (it gets the arithmetic right
-and often the count wrong, so its pass rates are not monotone in k; README "Known limits").
-The answer is periodic in k for a fixed operand, so a wrong count can still hit it. Problems are a
-pure function of (seed, index), so a data position is just an integer and a resumed run sees the
-same stream. Problems can also be rendered as small images so that the vision tower is exercised.
+difficulty is the number of repetitions k. The teacher trace writes one line per step, numbered k
+down to 1, so the response length grows with difficulty and every decision is local: each line needs
+the previous line and the prompt's operation, and the trace stops after line 1 (a count up to k
+made the tiny 2-layer model guess where to stop). A slipped step (one too high) makes the trace
+wrong; the warm start of the tiny config slips on purpose, so that sampled pass rates fall with k.
+Problems are a pure function of (seed, index), so a data position is just an integer and a resumed
+run sees the same stream. Problems can also be rendered as small images so that the vision tower
+is exercised.
 """
 
 from __future__ import annotations

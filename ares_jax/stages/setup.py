@@ -166,7 +166,7 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
     return prompts, responses
 
   optim = ml_collections.ConfigDict(dict(config.optim))
-  optim.update(lr=w.lr, schedule="cosine", warmup_steps=max(1, w.steps // 20))
+  optim.update(lr=w.lr, weight_decay=w.weight_decay, schedule="cosine", warmup_steps=max(1, w.steps // 20))
   params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
                                jax.random.key(config.seed), frozen=(), desc="warm start")
   logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
