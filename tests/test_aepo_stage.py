@@ -133,28 +133,36 @@ def test_non_finite_loss_skips_the_update():
   jax.tree.map(np.testing.assert_array_equal, state2.params, params)
 
 
-def test_warm_start_can_cover_a_wider_difficulty_range_than_the_rl_prompts(monkeypatch):
+def _warm_start_texts(c, monkeypatch):
+  """The responses of the first warm-start batch (SFT itself replaced), the RL prompt stream and the
+  warm start's optimizer config."""
   from ares_jax.data.pipeline import PromptStream
-  from ares_jax.data.synthetic import Problem
   from ares_jax.stages import setup
   from ares_jax.train import sft
 
-  c = load_config("tiny.py")
-  c.data.max_steps = 1
-  c.warm_start.max_steps = 8
-  c.warm_start.steps = 1
   mcfg = configs.to_model_config(c.model)
   tok = setup.build_tokenizer(c)
   rl_stream = PromptStream(setup.make_source(c, 0), setup.build_processor(c, tok, mcfg), 256)
   seen = {}
 
   def fake_run_sft(mcfg_, params, batches, *args, **kwargs):
-    seen["prompts"], seen["responses"] = batches(0)
+    seen["responses"], seen["optim"] = batches(0)[1], args[0]
     return params, [0.0]
 
   monkeypatch.setattr(sft, "run_sft", fake_run_sft)
   setup.warm_start(c, mcfg, {}, rl_stream, 0, tok)
   texts = tok.batch_decode([r.tolist() for r in seen["responses"]], skip_special_tokens=True)
+  return texts, rl_stream, seen["optim"]
+
+
+def test_warm_start_can_cover_a_wider_difficulty_range_than_the_rl_prompts(monkeypatch):
+  from ares_jax.data.synthetic import Problem
+
+  c = load_config("tiny.py")
+  c.data.max_steps = 1
+  c.warm_start.max_steps = 8
+  c.warm_start.steps = 1
+  texts, rl_stream, _ = _warm_start_texts(c, monkeypatch)
   steps = {t.count(": ") for t in texts}
   assert len(texts) == c.warm_start.batch_size and max(steps) > 1 and steps <= set(range(1, 9))
   assert {rl_stream.take(i, 1)[0][0].difficulty for i in range(20)} == {1}
@@ -162,24 +170,11 @@ def test_warm_start_can_cover_a_wider_difficulty_range_than_the_rl_prompts(monke
 
 
 def test_warm_start_traces_slip_at_the_configured_rate(monkeypatch):
-  from ares_jax.data.pipeline import PromptStream
-  from ares_jax.stages import setup
-  from ares_jax.train import sft
-
   c = load_config("tiny.py")
   c.warm_start.steps, c.warm_start.batch_size, c.warm_start.slip_rate = 1, 64, 0.3
-  mcfg = configs.to_model_config(c.model)
-  tok = setup.build_tokenizer(c)
-  stream = PromptStream(setup.make_source(c, 0), setup.build_processor(c, tok, mcfg), 256)
-  seen = {}
-
-  def fake_run_sft(mcfg_, params, batches, *args, **kwargs):
-    seen["responses"] = batches(0)[1]
-    return params, [0.0]
-
-  monkeypatch.setattr(sft, "run_sft", fake_run_sft)
-  setup.warm_start(c, mcfg, {}, stream, 0, tok)
-  texts = tok.batch_decode([r.tolist() for r in seen["responses"]], skip_special_tokens=True)
+  texts, _, optim = _warm_start_texts(c, monkeypatch)
+  assert (optim.lr, optim.weight_decay) == (c.warm_start.lr, c.warm_start.weight_decay) == (3e-3, 0.1)
+  assert c.optim.weight_decay == 1e-2  # the RL optimizer keeps its own
   steps = [(int(x), int(d), int(y)) for t in texts for x, d, y in re.findall(r"(\d)\+(\d)=(\d)\.", t)]
   slipped = np.mean([y == (x + d + 1) % 10 for x, d, y in steps])
   assert len(steps) > 150 and all(y in ((x + d) % 10, (x + d + 1) % 10) for x, d, y in steps)

@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/tiny.py", "--config.stage=ares", "--config.warm_start.steps=3", "--config.total_steps=2",
@@ -68,8 +70,16 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
                        capture_output=True, text=True, env=_env(4), timeout=600)
   assert one.returncode == 0, one.stderr[-3000:]
 
-  for part in ("adacs", "aepo"):  # one writer: no duplicated lines
-    _assert_rows_close(_rows(multi / part / "metrics.jsonl"), _rows(single / part / "metrics.jsonl"))
+  # One writer: no duplicated lines. Collectives sum in another order, so the two runs differ by float32
+  # round-off; after one RL update that can move a window entropy across tau_high and fork one more
+  # branch, so AEPO rows are compared in full up to its first update, then by their keys.
+  _assert_rows_close(_rows(multi / "adacs" / "metrics.jsonl"), _rows(single / "adacs" / "metrics.jsonl"))
+  aepo_multi, aepo_single = _rows(multi / "aepo" / "metrics.jsonl"), _rows(single / "aepo" / "metrics.jsonl")
+  _assert_rows_close(aepo_multi[:1], aepo_single[:1])
+  assert [(r["step"], r.keys()) for r in aepo_multi] == [(r["step"], r.keys()) for r in aepo_single]
   for name in ("selection.jsonl", "pass_rates.jsonl"):
     assert (multi / "adacs" / name).read_text() == (single / "adacs" / name).read_text()
-  assert (multi / "adacs" / "policy" / "model.safetensors").exists()
+  a, b = (load_file(str(w / "adacs" / "policy" / "model.safetensors")) for w in (multi, single))
+  assert a.keys() == b.keys()
+  for name in a:  # the exported policy was gathered from both processes' shards
+    np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
