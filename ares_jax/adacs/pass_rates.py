@@ -78,9 +78,10 @@ def _estimate_batch(mcfg, params, stream: PromptStream, ids, rows: list[int], to
     return records
   batch = prompt_batch([examples[i].prompt for i in usable], sc.pad_id)
   r = sampling.generate(mcfg, params, batch, sc, key)
-  texts = tokenizer.batch_decode([r.response(s).tolist() for s in range(len(r.length))], skip_special_tokens=True)
-  acc = grader.grade(texts, [examples[usable[q]].answer for q in r.prompt_index]).accuracy
+  slots, texts = r.texts(tokenizer)
+  of = r.prompt_index[slots]
+  acc = grader.grade(texts, [examples[usable[q]].answer for q in of]).accuracy
   per_prompt = np.zeros(len(usable))
-  np.add.at(per_prompt, r.prompt_index, acc)
+  np.add.at(per_prompt, of, acc)
   records += [{"id": ids[i], "pass_rate": float(per_prompt[q] / sc.n)} for q, i in enumerate(usable)]
   return records

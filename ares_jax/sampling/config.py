@@ -86,3 +86,9 @@ class Rollouts:
   def used(self) -> np.ndarray:
     """[S] bool: slots that hold a trajectory (roots, and branches that were forked)."""
     return self.length > 0
+
+  def texts(self, tokenizer) -> tuple[np.ndarray, list[str]]:
+    """The used slots and their responses decoded (special tokens dropped), ready for grading against
+    the answer of `prompt_index[slots]`."""
+    slots = np.flatnonzero(self.used)
+    return slots, tokenizer.batch_decode([self.response(s).tolist() for s in slots], skip_special_tokens=True)

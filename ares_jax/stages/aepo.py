@@ -75,9 +75,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   position = int(meta["data_position"])
   static = (None, r_cfg.temperature, a.clip_low, a.clip_high, a.dual_clip or None, a.loss_agg)
   history = []
+  held_out = lambda params: evaluate(mcfg, params, eval_stream, grader, tok, sc, config.eval.prompts,
+                                     jax.random.key(1), config.eval.samples)
   if start == 0 and config.eval.every > 0:
-    history.append(writer.write(0, evaluate(mcfg, state.params, eval_stream, grader, tok, sc, config.eval.prompts,
-                                            jax.random.key(1), config.eval.samples)))
+    history.append(writer.write(0, held_out(state.params)))
   for step in tqdm(range(start + 1, config.total_steps + 1), desc="aepo", initial=start, total=config.total_steps):
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     t0 = time.perf_counter()
@@ -89,10 +90,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       tau_prev = float(aepo.entropy_threshold(warm.entropy, warm.mask, a.entropy_quantile))
     rollouts = sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
     t1 = time.perf_counter()
-    used = np.flatnonzero(rollouts.used)
-    texts = tok.batch_decode([rollouts.response(s).tolist() for s in used],
-                             skip_special_tokens=True)
-    grades = grader.grade(texts, [exs[rollouts.prompt_index[s]].answer for s in used])
+    used, texts = rollouts.texts(tok)
+    grades = grader.grade(texts, [exs[i].answer for i in rollouts.prompt_index[used]])
     acc = np.zeros(len(rollouts.length), np.float32)
     fmt = np.zeros_like(acc)
     acc[used], fmt[used] = grades.accuracy, grades.format
@@ -111,8 +110,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                     "skipped_updates": float(state.skipped)})
     if config.eval.every > 0 and step % config.eval.every == 0:
-      metrics.update(evaluate(mcfg, state.params, eval_stream, grader, tok, sc, config.eval.prompts,
-                              jax.random.key(1), config.eval.samples))
+      metrics.update(held_out(state.params))
     history.append(writer.write(step, metrics))
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       ckpt.save(step, {"state": state, "ref": ref_params}, {"data_position": position})

@@ -27,11 +27,10 @@ def evaluate(mcfg, params, stream: PromptStream, grader: Grader, tokenizer, sc: 
   else:
     decode = dataclasses.replace(sc, n=1, temperature=0.0, max_branches=0)
   r = sampling.generate(mcfg, params, prompt_batch([e.prompt for e in exs], sc.pad_id), decode, key)
-  slots = np.flatnonzero(r.used)
-  texts = tokenizer.batch_decode([r.response(s).tolist() for s in slots], skip_special_tokens=True)
-  of = np.asarray(r.prompt_index)[slots]
+  slots, texts = r.texts(tokenizer)
+  of = r.prompt_index[slots]
   acc = grader.grade(texts, [exs[i].answer for i in of]).accuracy
-  length = np.asarray(r.length)[slots].astype(np.float64)
+  length = r.length[slots].astype(np.float64)
   out = {"eval/accuracy": float(acc.mean()), "eval/length": float(length.mean())}
   if any(e.difficulty is None for e in exs):
     return out

@@ -56,7 +56,7 @@ def prompt_stream(config: ml_collections.ConfigDict, processor, split: int) -> P
 
 
 def build_grader(config: ml_collections.ConfigDict) -> Grader:
-  return Grader(workers=config.get("grading_workers", 2), timeout_s=config.aepo.grading_timeout_s)
+  return Grader(workers=config.grading_workers, timeout_s=config.aepo.grading_timeout_s)
 
 
 def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -144,9 +144,9 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
   """Supervised warm start on the synthetic task's programmatic traces (config.warm_start)."""
   w = config.warm_start
   eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-  if w.get("max_steps", 0):  # a difficulty range of its own (e.g. wider than the RL prompts')
+  if w.max_steps:  # a difficulty range of its own (e.g. wider than the RL prompts')
     d = config.data
-    source = SyntheticSource(config.seed * 1000, w.get("min_steps", 0) or d.min_steps, w.max_steps, d.images, d.ops)
+    source = SyntheticSource(config.seed * 1000, w.min_steps or d.min_steps, w.max_steps, d.images, d.ops)
     stream = PromptStream(source, stream.processor, stream.max_prompt_length)
 
   def batches(step):
@@ -154,13 +154,13 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
     prompts = [e.prompt for e in exs]
     # A base policy that does not always follow the answer format (w.unboxed_rate): RL's first job.
     rng = np.random.default_rng([config.seed, step])
-    boxed = rng.random(len(exs)) >= w.get("unboxed_rate", 0.0)
+    boxed = rng.random(len(exs)) >= w.unboxed_rate
     traces = []
     for e, b in zip(exs, boxed):
       p = stream.source.problem(e.index)
       # A base policy that slips (one step one too high) with probability w.slip_rate per step: its
       # pass rate falls with the number of steps, and not slipping is what RL can teach it.
-      slips = np.flatnonzero(rng.random(p.difficulty) < w.get("slip_rate", 0.0)).tolist()
+      slips = np.flatnonzero(rng.random(p.difficulty) < w.slip_rate).tolist()
       traces.append(p.trace(slips=slips, boxed=bool(b)))
     responses = [np.array(tokenizer(t)["input_ids"] + [eos], np.int32) for t in traces]
     return prompts, responses
