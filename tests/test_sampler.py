@@ -9,7 +9,7 @@ import torch
 
 import hf_reference as R
 from ares_jax import models, sampling
-from ares_jax.train import sharding
+from ares_jax import sharding
 
 EOS = 1
 

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 import hf_reference as R
 from ares_jax import models
-from ares_jax.train import sharding
+from ares_jax import sharding
 
 
 def test_rules_drop_axes_that_do_not_divide():

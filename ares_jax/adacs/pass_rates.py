@@ -19,11 +19,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import sampling
+from ares_jax import sampling, sharding
 from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import PromptStream
 from ares_jax.models.config import ModelConfig
-from ares_jax.train import sharding
 from ares_jax.train.sequences import prompt_batch
 
 

@@ -161,9 +161,9 @@ def load_hf(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = No
   """Reads a Hugging Face Qwen2.5-VL folder (config.json + *.safetensors) into (config, params).
 
   Parameters are cast to `dtype` (also the compute dtype unless overridden) and, with `mesh`,
-  placed straight onto their shardings from `train.sharding.LOGICAL_RULES`.
+  placed straight onto their shardings from `ares_jax.sharding.LOGICAL_RULES`.
   """
-  from ares_jax.train import sharding  # local import: train builds on models
+  from ares_jax import sharding
 
   name = jnp.dtype(dtype).name
   config = read_config(path, **{"dtype": name, "param_dtype": name, **config_overrides})
@@ -214,7 +214,7 @@ def save_hf(path: str, config: ModelConfig, params: Any, *, max_shard_bytes: int
   every file is written to a temporary name first and renamed into place. In a multi-process run every
   process must call it (tensors are gathered from all of them); process 0 writes.
   """
-  from ares_jax.train import sharding  # local import: train builds on models
+  from ares_jax import sharding
   primary = sharding.is_primary()
   if primary:
     os.makedirs(path, exist_ok=True)

@@ -1,7 +1,7 @@
 """Building blocks shared by the text decoder and the vision tower.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`); the names are
-mapped to mesh axes in one table, `ares_jax.train.sharding.LOGICAL_RULES`.
+mapped to mesh axes in one table, `ares_jax.sharding.LOGICAL_RULES`.
 """
 
 from __future__ import annotations

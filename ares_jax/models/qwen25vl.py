@@ -182,7 +182,7 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixe
   ids = np.pad(input_ids, ((0, 0), (0, pad))).astype(np.int32)
   mask = np.pad(attention_mask, ((0, 0), (0, pad))).astype(np.int32)
   positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
-  from ares_jax.train import sharding  # local: train depends on models, not the reverse at import time
+  from ares_jax import sharding
   with sharding.mesh_context_of(params):
     logits = _apply(config, params, ids, positions, mask, vision)
   return logits[:, :t]

@@ -24,13 +24,13 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from ares_jax import sharding
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.qwen25vl import Qwen25VL, check_inputs, decode_step, prepare_vision, unstack_layers
 from ares_jax.sampling import distributions as dist
 from ares_jax.sampling.branching import fork
 from ares_jax.sampling.config import Rollouts, SamplingConfig
-from ares_jax.train import sharding
 
 
 @struct.dataclass

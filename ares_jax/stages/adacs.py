@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import adacs, models
+from ares_jax import adacs, models, sharding
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.adacs.report import length_by_pass_rate, write_report
 from ares_jax.data import synthetic
@@ -32,7 +32,7 @@ from ares_jax.data.pipeline import PromptStream
 from ares_jax.stages import setup
 from ares_jax.stages.evaluation import evaluate
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.train import sft, sharding
+from ares_jax.train import sft
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState

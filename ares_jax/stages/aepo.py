@@ -20,12 +20,11 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import aepo, models, sampling
+from ares_jax import aepo, models, sampling, sharding
 from ares_jax.stages import setup
 from ares_jax.stages.evaluation import evaluate
 from ares_jax.stages.aepo_batch import shape_batch
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.train import sharding
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.sequences import pack, prompt_batch, response_logprobs, score

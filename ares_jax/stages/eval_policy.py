@@ -18,9 +18,9 @@ from typing import Any
 import jax
 import ml_collections
 
+from ares_jax import sharding
 from ares_jax.stages import setup
 from ares_jax.stages.evaluation import evaluate
-from ares_jax.train import sharding
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -21,10 +21,9 @@ from jax.experimental import multihost_utils
 from flax import linen as nn
 from flax import traverse_util
 
-from ares_jax import configs, models
+from ares_jax import configs, models, sharding
 from ares_jax.data import images as images_lib
 from ares_jax.data import processor as processor_lib
-from ares_jax.train import sharding
 from ares_jax.stages.setup import build_mesh, build_params, build_processor, build_tokenizer, check_tokenizer
 
 

@@ -13,13 +13,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ares_jax import configs, models, sampling
+from ares_jax import configs, models, sampling, sharding
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
 from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
 from ares_jax.models import hf_io
-from ares_jax.train import sft, sharding
+from ares_jax.train import sft
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Shared training machinery: mesh and sharding (more lands with the AEPO stage)."""
+"""Training machinery: optimizer, train state, updates, SFT, sequences for scoring, checkpoints, metrics."""

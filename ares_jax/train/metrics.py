@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ares_jax.train import sharding
+from ares_jax import sharding
 
 
 class MetricsWriter:
