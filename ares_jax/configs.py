@@ -35,6 +35,9 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.checkpoint_every = 50
   c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters)
+  # Persistent XLA compilation cache (local or gs://; "" = off): a relaunch reuses every compiled program.
+  c.compilation_cache_dir = "~/.cache/ares_jax/xla"
+  c.log_compiles = True  # log every new compile with its shapes (a bounded set per run is expected)
 
   # Device mesh (design.md 2): one size may be -1 to take the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -73,6 +76,11 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.sample.num_prompts = 2
   c.sample.images = True  # synthetic prompts: every other one also shown as an image
   c.sample.tau_high = config_dict.placeholder(float)  # unset: from a warm-up batch
+
+  # Memory plans (`python -m ares_jax.plan`) and the automatic rollout chunk (rollout.chunk_prompts=0):
+  # image load per prompt, images at `image_pixels` (0: processor.max_pixels); HBM per device (0: the
+  # device's own, or the topology's); a program fits when resident state + its peak <= usable * HBM.
+  c.plan = ml_collections.ConfigDict(dict(images_per_prompt=1, image_pixels=0, hbm_gib=0.0, usable=0.95))
 
   c.inspect = ml_collections.ConfigDict()
   c.inspect.forward = True  # False: only the parameter table (no weights are loaded or initialised)
@@ -115,6 +123,9 @@ def rollout_defaults() -> ml_collections.ConfigDict:
   r.prompts_per_step = 512  # rollout batch (EasyR1 default; the paper does not state it)
   r.max_prompt_length = 2048
   r.max_response_length = 2048
+  # Prompts per compiled rollout call (bounds the KV cache); 0: the largest that fits the memory budget,
+  # found by the memory planner at startup. Results do not depend on it.
+  r.chunk_prompts = 0
   return r
 
 

@@ -221,3 +221,20 @@ def test_sample_stage_prints_marked_answers(capsys):
   assert "tau_high from a warm-up batch" in text and "[prompt 0 slot 0 root]" in text and "N_HE" in text
   assert len(out["answers"]) >= 4 and all(a["length"] > 0 for a in out["answers"])
   assert sum(a["n_he"] for a in out["answers"]) > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 2])
+def test_chunked_rollouts_equal_one_call(tiny, chunk):
+  """Random streams are keyed by (prompt, slot, position): any chunking samples the same rollouts,
+  branches included (prompts with images of different sizes; the last chunk is filled up)."""
+  _, _, config, params = tiny
+  batch = _batch()
+  sc = sampling.SamplingConfig(max_new_tokens=12, temperature=1.0, n=3, window=2, max_branches=2)
+  one = sampling.generate(config, params, batch, sc, jax.random.key(3), tau_high=4.0)
+  chunked = sampling.generate(config, params, batch, dataclasses.replace(sc, chunk_prompts=chunk),
+                              jax.random.key(3), tau_high=4.0)
+  assert (one.parent >= 0).any(), "tau chosen so that forks happen"
+  for field in ("tokens", "length", "prompt_index", "parent", "fork_pos", "hwe", "window_valid"):
+    np.testing.assert_array_equal(getattr(chunked, field), getattr(one, field), err_msg=field)
+  for field in ("logprobs", "entropy", "window_entropy"):
+    np.testing.assert_allclose(getattr(chunked, field), getattr(one, field), atol=1e-5, err_msg=field)

@@ -35,8 +35,16 @@ def fork(state, marked: jax.Array, start: jax.Array, *, group: int, n_roots: int
   is_child = src != jnp.arange(s_slots)
   t_child = jnp.take(start, src)  # fork position of each new child
 
+  # Gathers stay inside each prompt's group of slots ([P, G, ...] with a per-prompt index), so with the
+  # slot axis sharded over devices no device reads another's cache rows (an unstructured gather over S
+  # would make the partitioner all-gather every layer's cache).
+  src_in_group = (src - (jnp.arange(s_slots) // group) * group).reshape(n_prompts, group)
+
+  def take(x):
+    grouped = x.reshape(n_prompts, group, *x.shape[1:])
+    return jax.vmap(lambda rows, i: jnp.take(rows, i, axis=0))(grouped, src_in_group).reshape(x.shape)
+
   def apply(state):
-    take = lambda x, axis=0: jnp.take(x, src, axis=axis)
     cols = jnp.arange(n_max)[None, :]
     keep = ~is_child[:, None] | (cols < t_child[:, None])  # a child keeps its parent's prefix
     # windows that reach into the resampled part are recomputed by the child

@@ -32,12 +32,14 @@ class SamplingConfig:
   cache_dtype: str | None = None  # None: the model's compute dtype; "bfloat16" halves cache memory
   prompt_bucket: int = 64  # prompts are left-padded to a multiple of this (few compiled shapes)
   track_entropy: bool = True  # entropy / window entropy / HWE bookkeeping (off only for benchmarks)
+  chunk_prompts: int = 0  # prompts per compiled rollout call (0: all at once); results do not depend on it
 
   def __post_init__(self):
     checks = {
         "max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
         "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0, "n": self.n >= 1, "window": self.window >= 1,
         "max_branches": self.max_branches is None or self.max_branches >= 0,
+        "chunk_prompts": self.chunk_prompts >= 0,
     }
     for field, ok in checks.items():
       if not ok:
@@ -54,7 +56,7 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Rollouts:
-  """Trajectories of one `generate` call; S slots = prompts * (n + max_branches), N = max_new_tokens.
+  """Trajectories of one `generate` call; S slots = prompts * (n + branches), N = max_new_tokens.
 
   Slot g*(n+b) + i holds sample i of prompt g (i < n) or its branches (i >= n); unused branch slots
   have length 0. `window_entropy[s, t]` is the mean entropy of tokens t..t+w-1, valid where

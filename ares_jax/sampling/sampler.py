@@ -1,5 +1,5 @@
-"""The compiled rollout engine: one prefill, then a `lax.while_loop` of cached decode steps that
-samples, scores (log-prob, exact entropy, window entropy, HWE marks) and forks trajectories.
+"""The compiled rollout program of one chunk of prompts: one prefill, then a `lax.while_loop` of cached
+decode steps that samples, scores (log-prob, exact entropy, window entropy, HWE marks) and forks.
 
 Layout: every prompt owns G = n + max_branches consecutive trajectory slots; roots first, branch
 slots after them, filled in order. The KV cache is position-indexed, L arrays [S, C, K, D] (one per
@@ -8,29 +8,26 @@ hold the prompt but its last token, and the token fed at step k of a trajectory 
 token, then each sampled token) is written to T-1+k. So rewinding a trajectory to response position t
 is just setting its length to t.
 
-Decode runs the layers unrolled over per-layer weight buffers (`models.unstack_layers`, made once per
-call): the price is one extra copy of the decoder weights while sampling, the gain 2.06x per decode
-step on an H100 (~1.8B, bf16, batch 64; benchmarks/README.md).
+Decode runs the layers unrolled over per-layer weight buffers in the compute dtype (`decode_weights`,
+made once per `generate` call): the price is one extra copy of the decoder weights while sampling,
+the gain 2.06x per decode step on an H100 (~1.8B, bf16, batch 64; benchmarks/README.md). The host
+side (chunking, input preparation, results) is `sampling.chunks`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from flax import struct
 
-from ares_jax import sharding
-from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import Qwen25VL, check_inputs, decode_step, prepare_vision, unstack_layers
+from ares_jax.models.qwen25vl import Qwen25VL, decode_step, unstack_layers
 from ares_jax.sampling import distributions as dist
 from ares_jax.sampling.branching import fork
-from ares_jax.sampling.config import Rollouts, SamplingConfig
+from ares_jax.sampling.config import SamplingConfig
 
 
 @struct.dataclass
@@ -55,21 +52,6 @@ class DecodeState:
   branches: jax.Array  # [P] int32 forks taken per prompt
 
 
-def _left_align(ids: np.ndarray, mask: np.ndarray, bucket: int, pad_id: int):
-  """Moves every row's tokens to the right end and pads on the left to a multiple of `bucket`."""
-  p, t = ids.shape
-  width = -(-t // bucket) * bucket
-  out_ids = np.full((p, width), pad_id, np.int32)
-  out_mask = np.zeros((p, width), np.int32)
-  for i in range(p):
-    row = ids[i][mask[i] > 0]
-    if len(row) == 0:
-      raise pos_lib.InputError(f"prompt {i} is empty (attention_mask all zero)")
-    out_ids[i, width - len(row):] = row
-    out_mask[i, width - len(row):] = 1
-  return out_ids, out_mask
-
-
 def _window_update(state: DecodeState, was_active, w: int, tau):
   """Scores the newest complete window [length - w, length) of every slot that just grew."""
   if w > state.entropy.shape[1]:  # max_new_tokens < w: no window can ever complete
@@ -86,21 +68,44 @@ def _window_update(state: DecodeState, was_active, w: int, tau):
       hwe=jnp.where(at, marked[:, None], state.hwe)), ok & marked, start
 
 
-def _step(config: ModelConfig, params, layers, sc: SamplingConfig, group: int, n_roots: int, n_branch: int,
-          key, tau, t_prompt: int, prompt_valid, first_token, last_pos, state: DecodeState) -> DecodeState:
+@struct.dataclass
+class ChunkConsts:
+  """What every decode step of one chunk reads and never changes (S slots, T prompt width)."""
+
+  key: jax.Array  # the call's key; each slot draws from fold_in(key, global prompt, slot in group, length)
+  tau: jax.Array  # [] tau_high (inf: no marks, no branching)
+  slot_prompt: jax.Array  # [S] int32 global prompt index of each slot (chunk offset included)
+  slot_in_group: jax.Array  # [S] int32
+  prompt_valid: jax.Array  # [S, C] bool: cache columns holding real prompt tokens
+  first_token: jax.Array  # [S] int32 the prompt's last token (fed again by a child rewound to 0)
+  last_pos: jax.Array  # [S] int32 M-RoPE position of the prompt's last token
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
+  """cache [S, C, K, D], new [S, K, D], at [S]: row s gets new[s] at column at[s]. A per-row dynamic
+  update (a scatter with a batch dimension) stays local when the slot axis is sharded; indexing with
+  (arange(S), at) would be an unstructured scatter the partitioner may replicate."""
+  upd = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x[None].astype(c.dtype), i, axis=0)
+  return jax.vmap(upd)(cache, new, at)
+
+
+def _step(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: int, t_prompt: int, top, layers,
+          consts: ChunkConsts, state: DecodeState) -> DecodeState:
   s_slots, n_max = state.tokens.shape
   c = state.cache_k[0].shape[1]
   write = t_prompt - 1 + state.length  # cache slot of the token fed now
   cols = jnp.arange(c)[None, :]
-  cache_mask = prompt_valid | ((cols >= t_prompt - 1) & (cols < write[:, None]))
-  logits, (k_new, v_new) = decode_step(config, params, layers, state.pending, last_pos + state.length,
+  cache_mask = consts.prompt_valid | ((cols >= t_prompt - 1) & (cols < write[:, None]))
+  logits, (k_new, v_new) = decode_step(config, top, layers, state.pending, consts.last_pos + state.length,
                                        state.cache_k, state.cache_v, cache_mask)
-  rows = jnp.arange(s_slots)
-  put = lambda caches, new: tuple(c.at[rows, write].set(x.astype(c.dtype)) for c, x in zip(caches, new))
-  cache_k, cache_v = put(state.cache_k, k_new), put(state.cache_v, v_new)
+  cache_k = tuple(_write_cache(ck, x, write) for ck, x in zip(state.cache_k, k_new))
+  cache_v = tuple(_write_cache(cv, x, write) for cv, x in zip(state.cache_v, v_new))
 
   log_probs = dist.scaled_log_probs(logits, sc.temperature)
-  keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.fold_in(key, s), n))(rows, state.length)
+  # Streams keyed by (prompt, slot, position), not by row: the same seed samples the same tokens
+  # whatever the chunk size or the other prompts of the call.
+  fold = lambda p, j, n: jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(consts.key, p), j), n)
+  keys = jax.vmap(fold)(consts.slot_prompt, consts.slot_in_group, state.length)
   sample_from = log_probs
   if sc.suppress_ids:
     sample_from = log_probs.at[:, jnp.asarray(sc.suppress_ids)].set(jnp.finfo(jnp.float32).min)
@@ -118,15 +123,32 @@ def _step(config: ModelConfig, params, layers, sc: SamplingConfig, group: int, n
                       active=active)
   if not sc.track_entropy:
     return new
-  new, marked, start = _window_update(new, state.active, sc.window, tau)
+  new, marked, start = _window_update(new, state.active, sc.window, consts.tau)
   if n_branch == 0:
     return new
-  return fork(new, marked, start, group=group, n_roots=n_roots, n_branch=n_branch, window=sc.window,
-              first_token=first_token)
+  return fork(new, marked, start, group=group, n_roots=sc.n, n_branch=n_branch, window=sc.window,
+              first_token=consts.first_token)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_weights(config: ModelConfig, params) -> tuple[dict, tuple]:
+  """What decoding reads, in the compute dtype, made once per `generate` call: the embedding, final
+  norm and LM head, and the decoder's weights as L per-layer trees (each its own buffer; see
+  `models.decode_step` for why unstacked). Casting here instead of per step keeps fp32 master
+  weights from being converted at every decode step, and halves this copy under bf16."""
+  dtype = config.compute_dtype
+  top = {k: v for k, v in params.items() if k not in ("decoder", "visual")}
+  cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+  return cast(top), cast(unstack_layers(params))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _generate(config: ModelConfig, sc: SamplingConfig, params, layers, ids, positions, mask, vision, key, tau):
+def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, top, layers, ids, positions, mask, vision,
+                  key, tau, prompt_offset):
+  """One compiled rollout of a chunk of P prompts: prefill (vision tower included), then the decode
+  loop over P * (n + branches) slots. `tau` None: no marks and no branching (a static choice);
+  `prompt_offset` [] int32: the global index of the chunk's first prompt (for the random streams).
+  Returns a dict of device arrays (see `Rollouts`), `parent` indexing this chunk's slots."""
   model = Qwen25VL(config)
   n_prompts, t_prompt = ids.shape
   n_branch = sc.branches(tau is not None)
@@ -142,22 +164,22 @@ def _generate(config: ModelConfig, sc: SamplingConfig, params, layers, ids, posi
     x = jnp.pad(x, ((0, 0), (0, 0), (0, n_max), (0, 0), (0, 0)))
     return tuple(nn.with_logical_constraint(x[i], spec) for i in range(x.shape[0]))
 
-  prompt_valid = jnp.pad(jnp.take(mask, prompt_of, axis=0)[:, :t_prompt - 1].astype(bool),
-                         ((0, 0), (0, n_max + 1)))
   first_token = jnp.take(ids[:, -1], prompt_of)
-  last_pos = jnp.take(positions[0, :, -1], prompt_of)
-  is_root = (jnp.arange(s_slots) % group) < sc.n
+  consts = ChunkConsts(
+      key=key, tau=jnp.float32(jnp.inf) if tau is None else jnp.asarray(tau, jnp.float32),
+      slot_prompt=(prompt_offset + prompt_of).astype(jnp.int32),
+      slot_in_group=(jnp.arange(s_slots) % group).astype(jnp.int32),
+      prompt_valid=jnp.pad(jnp.take(mask, prompt_of, axis=0)[:, :t_prompt - 1].astype(bool), ((0, 0), (0, n_max + 1))),
+      first_token=first_token, last_pos=jnp.take(positions[0, :, -1], prompt_of))
   zeros = jnp.zeros((s_slots, n_max), jnp.float32)
   state = DecodeState(
       step=jnp.int32(0), cache_k=to_slots(k), cache_v=to_slots(v),
       tokens=jnp.full((s_slots, n_max), sc.pad_id, jnp.int32), logprobs=zeros, entropy=zeros,
       window_entropy=zeros, window_valid=zeros.astype(bool), hwe=zeros.astype(bool),
-      length=jnp.zeros((s_slots,), jnp.int32), pending=first_token, active=is_root,
+      length=jnp.zeros((s_slots,), jnp.int32), pending=first_token, active=consts.slot_in_group < sc.n,
       parent=jnp.full((s_slots,), -1, jnp.int32), fork_pos=jnp.full((s_slots,), -1, jnp.int32),
       next_fork=jnp.zeros((s_slots,), jnp.int32), branches=jnp.zeros((n_prompts,), jnp.int32))
-  tau = jnp.float32(jnp.inf) if tau is None else jnp.asarray(tau, jnp.float32)
-  body = functools.partial(_step, config, params, layers, sc, group, sc.n, n_branch, key, tau, t_prompt,
-                           prompt_valid, first_token, last_pos)
+  body = functools.partial(_step, config, sc, group, n_branch, t_prompt, top, layers, consts)
   max_steps = n_max * (1 + n_branch)  # every fork restarts at most n_max steps
   state = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), body, state)
   tokens = jnp.where(jnp.arange(n_max)[None, :] < state.length[:, None], state.tokens, sc.pad_id)
@@ -165,29 +187,3 @@ def _generate(config: ModelConfig, sc: SamplingConfig, params, layers, ids, posi
               window_entropy=state.window_entropy, window_valid=state.window_valid, hwe=state.hwe,
               length=state.length, prompt_index=prompt_of.astype(jnp.int32), parent=state.parent,
               fork_pos=state.fork_pos)
-
-
-def generate(config: ModelConfig, params, batch: dict, sampling_config: SamplingConfig, key: jax.Array,
-             tau_high: float | None = None) -> Rollouts:
-  """Samples `n` trajectories per prompt (plus HWE branches when `tau_high` is given).
-
-  `batch` is the processor output: input_ids, attention_mask (left or right padding), and
-  optionally pixel_values / image_grid_thw. Deterministic for a given `key`.
-  """
-  sc = sampling_config
-  if sc.suppress_ids is None:
-    sc = dataclasses.replace(sc, suppress_ids=(config.image_token_id, config.video_token_id,
-                                               config.vision_start_token_id, config.vision_end_token_id))
-  ids = np.asarray(batch["input_ids"])
-  mask = np.asarray(batch["attention_mask"])
-  pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
-  check_inputs(config, ids, mask, pixel_values, grid)
-  ids, mask = _left_align(ids, mask, sc.prompt_bucket, sc.pad_id)
-  vision = None
-  if pixel_values is not None and grid is not None:
-    vision = prepare_vision(config, np.asarray(pixel_values), np.asarray(grid))
-  positions, _ = pos_lib.mrope_positions(ids, mask, grid if vision else None, config)
-  with sharding.mesh_context_of(params):
-    out = _generate(config, sc, params, unstack_layers(params), ids, positions, mask, vision, key,
-                    None if tau_high is None else np.float32(tau_high))
-  return Rollouts(**{k: np.asarray(v) for k, v in sharding.to_host(out).items()})

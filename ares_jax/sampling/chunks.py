@@ -1,0 +1,147 @@
+"""`generate`: a batch of prompts rolled out in memory-bounded chunks of the compiled program.
+
+A rollout's device memory grows with the prompts decoded together (the KV cache is
+P x (n + branches) x (T + N) tokens, the vision tower sees every image of the chunk), so a step's
+512 prompts at 7B cannot be one program; `SamplingConfig.chunk_prompts` bounds it (the memory
+planner, `ares_jax.plan`, finds the largest chunk that fits). Every chunk has the same shapes — the
+prompt width of the whole batch, the image slot count of the largest chunk, the last chunk filled with
+copies of a prompt whose slots are dropped — so a step compiles one program whatever its chunking.
+Random streams are keyed by (prompt, slot, position), so chunking does not change what is sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from ares_jax import sharding
+from ares_jax.models import positions as pos_lib
+from ares_jax.models.config import ModelConfig
+from ares_jax.models.qwen25vl import check_inputs, prepare_vision
+from ares_jax.models.vision import VisionInputs
+from ares_jax.sampling.config import Rollouts, SamplingConfig
+from ares_jax.sampling.sampler import decode_weights, rollout_chunk
+
+
+def left_align(ids: np.ndarray, mask: np.ndarray, bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Moves every row's tokens to the right end and pads on the left to a multiple of `bucket`."""
+  p, t = ids.shape
+  width = -(-t // bucket) * bucket
+  out_ids = np.full((p, width), pad_id, np.int32)
+  out_mask = np.zeros((p, width), np.int32)
+  for i in range(p):
+    row = ids[i][mask[i] > 0]
+    if len(row) == 0:
+      raise pos_lib.InputError(f"prompt {i} is empty (attention_mask all zero)")
+    out_ids[i, width - len(row):] = row
+    out_mask[i, width - len(row):] = 1
+  return out_ids, out_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  """The host arrays of one chunk: prompts `rows` of the batch (the last chunk repeats its first)."""
+
+  rows: np.ndarray  # [P_chunk] batch rows; entries past `n_real` are filler copies
+  n_real: int
+  ids: np.ndarray  # [P_chunk, T]
+  mask: np.ndarray
+  positions: np.ndarray  # [3, P_chunk, T]
+  vision: VisionInputs | None
+
+
+def _images_of_rows(config: ModelConfig, ids, mask, grid) -> list[np.ndarray]:
+  """For each prompt row, the indices of its images (images are concatenated in prompt order, each
+  taking t*h*w / merge_unit placeholder tokens)."""
+  per_image = pos_lib.merged_token_counts(grid, config.vision)
+  per_row = ((ids == config.image_token_id) & (mask > 0)).sum(axis=1)
+  out, nxt = [], 0
+  for n in per_row:
+    first = nxt
+    while n > 0:
+      n -= per_image[nxt]
+      nxt += 1
+    out.append(np.arange(first, nxt))
+  return out
+
+
+def _pad_vision(v: VisionInputs, n: int, m: int) -> VisionInputs:
+  """Pads the slot layout to n slots and the merged index to m entries (pad slots are segment -1,
+  extra merged entries are never read), so every chunk's vision inputs have one shape."""
+  extra = n - v.patches.shape[0]
+  return v.replace(
+      patches=np.pad(v.patches, ((0, extra), (0, 0))), slot_segment=np.pad(v.slot_segment, (0, extra),
+                                                                          constant_values=-1),
+      pos_hw=np.pad(v.pos_hw, ((0, extra), (0, 0))),
+      merged_index=np.pad(v.merged_index, (0, m - v.merged_index.shape[0])))
+
+
+def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_Chunk]:
+  """Checks the processor batch and splits it into equally shaped chunks of `sc.chunk_prompts`."""
+  ids = np.asarray(batch["input_ids"])
+  mask = np.asarray(batch["attention_mask"])
+  pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
+  check_inputs(config, ids, mask, pixel_values, grid)
+  ids, mask = left_align(ids, mask, sc.prompt_bucket, sc.pad_id)
+  n_prompts = ids.shape[0]
+  size = min(sc.chunk_prompts or n_prompts, n_prompts)
+  with_images = pixel_values is not None and grid is not None
+  if with_images:
+    grid = np.asarray(grid).reshape(-1, 3)
+    pixel_values = np.asarray(pixel_values)
+    images = _images_of_rows(config, ids, mask, grid)
+    patch_start = np.concatenate([[0], np.cumsum(grid.prod(-1))])
+  chunks = []
+  for lo in range(0, n_prompts, size):
+    real = np.arange(lo, min(lo + size, n_prompts))
+    rows = np.concatenate([real, np.full(size - len(real), real[0])])
+    c_ids, c_mask, c_grid, vision = ids[rows], mask[rows], None, None
+    if with_images:
+      imgs = np.concatenate([images[r] for r in rows]).astype(np.int64)
+      if len(imgs):
+        c_grid = grid[imgs]
+        pv = np.concatenate([pixel_values[patch_start[i]:patch_start[i + 1]] for i in imgs])
+        vision = prepare_vision(config, pv, c_grid)
+    positions, _ = pos_lib.mrope_positions(c_ids, c_mask, c_grid, config)
+    chunks.append(_Chunk(rows, len(real), c_ids, c_mask, positions, vision))
+  visions = [c.vision for c in chunks if c.vision is not None]
+  if visions:  # one vision shape for all chunks; a chunk without images gets an all-padding layout
+    n = max(v.patches.shape[0] for v in visions)
+    m = max(v.merged_index.shape[0] for v in visions)
+    empty = visions[0].replace(patches=np.zeros((0, visions[0].patches.shape[1]), np.float32),
+                               slot_segment=np.zeros((0,), np.int32), pos_hw=np.zeros((0, 2), np.int32),
+                               merged_index=np.zeros((0,), np.int32))
+    chunks = [dataclasses.replace(c, vision=_pad_vision(c.vision if c.vision is not None else empty, n, m))
+              for c in chunks]
+  return chunks
+
+
+def generate(config: ModelConfig, params, batch: dict, sampling_config: SamplingConfig, key: jax.Array,
+             tau_high: float | None = None) -> Rollouts:
+  """Samples `n` trajectories per prompt (plus HWE branches when `tau_high` is given).
+
+  `batch` is the processor output: input_ids, attention_mask (left or right padding), and
+  optionally pixel_values / image_grid_thw. Deterministic for a given `key`, and the same for every
+  `chunk_prompts`. Slots are numbered over the whole batch: slot g * (n + branches) + i.
+  """
+  sc = sampling_config
+  if sc.suppress_ids is None:
+    sc = dataclasses.replace(sc, suppress_ids=(config.image_token_id, config.video_token_id,
+                                               config.vision_start_token_id, config.vision_end_token_id))
+  chunks = make_chunks(config, batch, sc)
+  group = sc.n + sc.branches(tau_high is not None)
+  tau = None if tau_high is None else np.float32(tau_high)
+  parts = []
+  with sharding.mesh_context_of(params):
+    top, layers = decode_weights(config, params)
+    for c in chunks:
+      lo = int(c.rows[0])
+      out = rollout_chunk(config, sc, params, top, layers, c.ids, c.positions, c.mask, c.vision, key, tau,
+                          np.int32(lo))
+      out = {k: np.asarray(v)[:c.n_real * group] for k, v in sharding.to_host(out).items()}
+      out["prompt_index"] = out["prompt_index"] + lo
+      out["parent"] = np.where(out["parent"] >= 0, out["parent"] + lo * group, -1)
+      parts.append(out)
+  return Rollouts(**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
