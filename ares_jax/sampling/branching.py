@@ -44,6 +44,15 @@ def fork(state, marked: jax.Array, start: jax.Array, *, group: int, n_roots: int
     grouped = x.reshape(n_prompts, group, *x.shape[1:])
     return jax.vmap(lambda rows, i: jnp.take(rows, i, axis=0))(grouped, src_in_group).reshape(x.shape)
 
+  def copy_rows(cache):
+    """cache [S, C, K, D] with each new child's rows replaced by its parent's, in place: one row per
+    prompt and branch slot is read and written (a whole-cache gather would double the cache's memory)."""
+    grouped = cache.reshape(n_prompts, group, *cache.shape[1:])
+    for j in range(n_roots, group):  # only branch slots can be new children
+      rows = jax.vmap(lambda g, i: jax.lax.dynamic_index_in_dim(g, i, 0, keepdims=False))(grouped, src_in_group[:, j])
+      grouped = grouped.at[:, j].set(rows)
+    return grouped.reshape(cache.shape)
+
   def apply(state):
     cols = jnp.arange(n_max)[None, :]
     keep = ~is_child[:, None] | (cols < t_child[:, None])  # a child keeps its parent's prefix
@@ -52,7 +61,6 @@ def fork(state, marked: jax.Array, start: jax.Array, *, group: int, n_roots: int
     prev_tok = jnp.take_along_axis(take(state.tokens), jnp.maximum(t_child - 1, 0)[:, None], axis=1)[:, 0]
     pending = jnp.where(t_child > 0, prev_tok, first_token)
     return state.replace(
-        cache_k=jax.tree.map(take, state.cache_k), cache_v=jax.tree.map(take, state.cache_v),
         tokens=jnp.where(keep, take(state.tokens), 0),
         logprobs=jnp.where(keep, take(state.logprobs), 0.0),
         entropy=jnp.where(keep, take(state.entropy), 0.0),
@@ -70,4 +78,9 @@ def fork(state, marked: jax.Array, start: jax.Array, *, group: int, n_roots: int
   state = state.replace(
       next_fork=jnp.where(forked_parent, start + window, state.next_fork),
       branches=state.branches + allowed.sum(axis=1).astype(jnp.int32))
-  return jax.lax.cond(jnp.any(allowed_flat), apply, lambda s: s, state)
+  # One conditional per cache array rather than one around the whole state: a conditional's result is
+  # a buffer apart from its operand, so this bounds the extra memory by one layer's cache.
+  any_fork = jnp.any(allowed_flat)
+  cond_copy = lambda c: jax.lax.cond(any_fork, copy_rows, lambda x: x, c)
+  state = state.replace(cache_k=tuple(map(cond_copy, state.cache_k)), cache_v=tuple(map(cond_copy, state.cache_v)))
+  return jax.lax.cond(any_fork, apply, lambda s: s, state)
