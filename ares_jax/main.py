@@ -11,6 +11,7 @@ and no JAX backend starts before `jax.distributed.initialize()` (config.distribu
 from __future__ import annotations
 
 import importlib
+import logging as logging_std
 import os
 import re
 import sys
@@ -99,6 +100,30 @@ def init_distributed() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+class _CompilesOnly(logging_std.Filter):
+  """Of JAX's compile log (`jax_log_compiles`), keeps the line naming each new program and its shapes."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return not record.getMessage().startswith("Finished")
+
+
+def setup_compilation(config) -> None:
+  """The persistent compilation cache (a relaunch, or every process of a pod, reuses compiled
+  programs) and a log line for every new compile with its shapes, so shape churn is visible."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if config.get("compilation_cache_dir"):
+    path = config.compilation_cache_dir
+    path = path if "://" in path else os.path.expanduser(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if config.get("log_compiles", False):
+    jax.config.update("jax_log_compiles", True)
+    logging_std.getLogger("jax").addFilter(_CompilesOnly())
+    for name in ("jax._src.dispatch", "jax._src.interpreters.pxla"):
+      logging_std.getLogger(name).addFilter(_CompilesOnly())
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -112,6 +137,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   if config.get("distributed", False):
     init_distributed()
+  setup_compilation(config)
   logging.info("stage %s with config:\n%s", config.stage, config)
   run(config)
 

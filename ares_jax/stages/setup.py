@@ -124,9 +124,22 @@ def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: mod
   kw = dict(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
             top_k=max(int(r.top_k), 0), n=r.n, window=config.aepo.window, max_branches=r.max_branches,
             eos_ids=tuple(e for e in eos if e is not None), pad_id=int(tokenizer.pad_token_id or 0),
-            cache_dtype=r.get("cache_dtype", None))
+            cache_dtype=r.get("cache_dtype", None), chunk_prompts=r.chunk_prompts)
   kw.update(overrides)
   return sampling.SamplingConfig(**kw)
+
+
+def chunked(config: ml_collections.ConfigDict, b: Built, sc: sampling.SamplingConfig, most: int,
+            resident: Any = ()) -> sampling.SamplingConfig:
+  """`sc` with `chunk_prompts` set: the config's, or (0) the largest chunk of at most `most` prompts whose
+  rollout fits beside the device arrays `resident` (optimizer state, reference policy), by the memory
+  planner on this run's devices."""
+  if sc.chunk_prompts:
+    return sc
+  from ares_jax import memory_plan  # pylint: disable=g-import-not-at-top  (it uses this module's settings)
+  chunk = memory_plan.auto_chunk(config, b.mesh, b.mcfg, sc, most, memory_plan.device_bytes(resident),
+                                 branching=sc.max_branches != 0)
+  return dataclasses.replace(sc, chunk_prompts=chunk)
 
 
 def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):

@@ -1,0 +1,414 @@
+"""The device programs of one step at a config's shapes, compiled ahead of time, and what they need.
+
+Inputs are made by the real run's host code (`sampling.chunks.make_chunks`, `train.sequences.pack`)
+from synthetic prompts of the config's shapes, then turned into `jax.ShapeDtypeStruct`s; parameters
+are abstract (`models.abstract_params`) with the shardings of the logical rules. So what is compiled
+here is what the run compiles, for any set of devices: a TPU topology's (`plan.py`) or the run's own
+(`largest_rollout_chunk`, for `rollout.chunk_prompts=0`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from ares_jax import configs, models, sampling, sharding
+from ares_jax.sampling import chunks as chunks_lib
+from ares_jax.sampling.sampler import decode_weights, rollout_chunk
+from ares_jax.train import aepo_update, sequences, sft
+from ares_jax.train import optimizer as optim_lib
+from ares_jax.train import update as update_lib
+
+GIB = 1 << 30
+# HBM per chip by topology prefix (Cloud TPU documentation).
+TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramPlan:
+  """One compiled program's per-device memory (bytes) and the resident state beside it."""
+
+  name: str
+  shapes: str
+  args: int
+  out: int
+  alias: int  # outputs written into donated arguments (counted once)
+  temp: int
+  resident: int  # state alive during the program but not among its arguments
+  hbm: int
+
+  @property
+  def peak(self) -> int:
+    return self.resident + self.args + self.out - self.alias + self.temp
+
+  def fits(self, usable: float) -> bool:
+    return self.peak <= usable * self.hbm
+
+  def row(self, usable: float) -> dict[str, Any]:
+    g = lambda b: round(b / GIB, 2)
+    return {"name": self.name, "shapes": self.shapes, "args_gib": g(self.args), "out_gib": g(self.out - self.alias),
+            "temp_gib": g(self.temp), "resident_gib": g(self.resident), "peak_gib": g(self.peak),
+            "fits": self.fits(usable)}
+
+
+def topology_devices(topology: str, hbm_gib: float = 0.0) -> tuple[list[Any], float]:
+  """The devices of `topology` ("v5p:2x2x1", ..., or "cpu:N") and their HBM in GiB (`hbm_gib` > 0 wins)."""
+  if topology.startswith("cpu:"):
+    n = int(topology.split(":", 1)[1])
+    devices = jax.devices("cpu")
+    if len(devices) < n:
+      raise ValueError(f"--topology={topology}: only {len(devices)} CPU devices; set XLA_FLAGS="
+                       f"--xla_force_host_platform_device_count={n} before JAX starts")
+    if hbm_gib <= 0:
+      raise ValueError(f"--topology={topology}: set --config.plan.hbm_gib (the memory to plan for per device)")
+    return devices[:n], hbm_gib
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  prefix = topology.split(":", 1)[0]
+  if hbm_gib <= 0 and prefix not in TPU_HBM_GIB:
+    raise ValueError(f"--topology={topology}: unknown HBM size; set --config.plan.hbm_gib")
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  except Exception as e:  # libtpu absent or an unknown name: say which
+    raise ValueError(f"--topology={topology}: cannot describe this TPU topology ({e}); install the libtpu wheel "
+                     "(pip install -e '.[plan]') or use --topology=cpu:N") from e
+  return list(desc.devices), hbm_gib or TPU_HBM_GIB[prefix]
+
+
+def device_hbm_gib(device: Any, configured: float = 0.0) -> float:
+  """`configured` if > 0, else a real device's allocator limit; on CPU, host memory / local devices."""
+  if configured > 0:
+    return configured
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return stats["bytes_limit"] / GIB
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB / max(jax.local_device_count(), 1)
+
+
+def device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a tree of sharded abstract (or concrete) arrays."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def abstract_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Host arrays (numpy, scalars, typed keys) -> ShapeDtypeStructs replicated on `mesh`, as jit places them."""
+  rep = NamedSharding(mesh, PartitionSpec())
+
+  def one(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+    x = np.asarray(x)
+    return jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype), sharding=rep)
+  return jax.tree.map(one, tree)
+
+
+def abstract_params(mcfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
+  """The parameters as ShapeDtypeStructs in the param dtype, with the logical rules' shardings."""
+  boxed = models.abstract_params(mcfg)
+  shardings = sharding.param_shardings(boxed, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(mcfg.param_dtype), sharding=s),
+                      nn.unbox(boxed), shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """A compiled program's abstract outputs and per-device memory."""
+
+  out: Any  # ShapeDtypeStructs with shardings
+  args: int
+  out_bytes: int
+  alias: int
+  temp: int
+
+
+def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh) -> Compiled:
+  """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it."""
+  with sharding.mesh_context(mesh):
+    compiled = fn.lower(*args).compile()
+  m = compiled.memory_analysis()
+  return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+
+
+def plan_row(name: str, shapes: str, c: Compiled, resident: int, hbm_gib: float) -> ProgramPlan:
+  return ProgramPlan(name, shapes, c.args, c.out_bytes, c.alias, c.temp, resident, int(hbm_gib * GIB))
+
+
+# --- synthetic inputs of the config's shapes -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+  """The shapes one step runs at: prompt and response widths, images per prompt and their grid."""
+
+  prompt_width: int
+  response_width: int
+  images_per_prompt: int
+  grid: tuple[int, int, int]  # (t, h, w) patches of one image
+  note: str = ""
+
+  @property
+  def image_tokens(self) -> int:
+    return self.images_per_prompt * math.prod(self.grid) // 4
+
+  def describe(self, rows: int) -> str:
+    img = f", {self.images_per_prompt} img {self.grid[1] * 14}x{self.grid[2] * 14} px" if self.images_per_prompt else ""
+    return f"{rows} x ({self.prompt_width} + {self.response_width}){img}{self.note}"
+
+
+def step_shapes(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, response_width: int) -> Shapes:
+  """Prompt width from `rollout.max_prompt_length`, image load from `config.plan`; a prompt width too
+  small for the images is raised to hold them (said in the shapes column: such prompts would be
+  skipped by the run's length check unless max_prompt_length is raised to match)."""
+  p, vc = config.plan, mcfg.vision
+  pixels = p.image_pixels or config.processor.max_pixels
+  side = int(math.isqrt(int(pixels)))
+  factor = vc.patch_size * vc.spatial_merge_size
+  h, w = smart_resize(side, side, factor=factor, min_pixels=config.processor.min_pixels, max_pixels=pixels)
+  grid = (1, h // vc.patch_size, w // vc.patch_size)
+  width = int(config.rollout.max_prompt_length)
+  shapes = Shapes(width, response_width, int(p.images_per_prompt), grid)
+  need = shapes.image_tokens + 2 * shapes.images_per_prompt + 32
+  if need > width:
+    raised = sequences.round_up(need, 64)
+    shapes = dataclasses.replace(shapes, prompt_width=raised, note=f" (prompt raised from {width} to hold the images)")
+  return shapes
+
+
+def synthetic_prompts(mcfg: models.ModelConfig, shapes: Shapes, n: int) -> list[sequences.Prompt]:
+  """n prompts filling `shapes.prompt_width` tokens, with their images (zero pixels: values do not
+  change memory)."""
+  per_image = math.prod(shapes.grid) // mcfg.vision.merge_unit
+  image = [mcfg.vision_start_token_id] + [mcfg.image_token_id] * per_image + [mcfg.vision_end_token_id]
+  ids = image * shapes.images_per_prompt
+  ids = np.asarray(ids + [1] * (shapes.prompt_width - len(ids)), np.int32)
+  if not shapes.images_per_prompt:
+    return [sequences.Prompt(ids) for _ in range(n)]
+  grid = np.tile(np.asarray(shapes.grid, np.int64), (shapes.images_per_prompt, 1))
+  pixels = np.zeros((int(grid.prod(-1).sum()), mcfg.vision.patch_dim), np.float32)
+  return [sequences.Prompt(ids, pixels, grid) for _ in range(n)]
+
+
+# --- the programs of a step ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """What every program of a plan shares: the devices' mesh, the model, HBM, the abstract policy."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  mcfg: models.ModelConfig
+  hbm_gib: float
+  params: Any  # abstract policy parameters
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, devices: list[Any], hbm_gib: float) -> "Setting":
+    m = config.mesh
+    mesh = sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
+    mcfg = configs.to_model_config(config.model)
+    return cls(config, mesh, mcfg, hbm_gib, abstract_params(mcfg, mesh))
+
+  def compile(self, fn: Callable, *args) -> Compiled:
+    return compile_program(fn, *args, mesh=self.mesh)
+
+
+def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shapes: Shapes, resident: int,
+                     branching: bool = True, label: str = "rollout") -> list[ProgramPlan]:
+  """The per-call decode-weight copy and one rollout chunk (prefill with the vision tower, decode loop)."""
+  sc = dataclasses.replace(sc, chunk_prompts=chunk)
+  prompts = synthetic_prompts(st.mcfg, shapes, chunk)
+  c = chunks_lib.make_chunks(st.mcfg, sequences.prompt_batch(prompts, sc.pad_id), sc)[0]
+  weights = st.compile(decode_weights, st.mcfg, st.params)
+  top, layers = weights.out
+  inputs = abstract_like((c.ids, c.positions, c.mask, c.vision, jax.random.key(0)), st.mesh)
+  tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
+  offset = abstract_like(np.int32(0), st.mesh)
+  roll = st.compile(rollout_chunk, st.mcfg, sc, st.params, top, layers, *inputs[:4], inputs[4], tau, offset)
+  desc = f"{chunk} prompts x {sc.n + sc.branches(branching)} slots, {shapes.prompt_width} + {sc.max_new_tokens}"
+  if shapes.images_per_prompt:
+    desc += f", {chunk * shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
+  return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
+                   resident, st.hbm_gib),
+          plan_row(f"{label} chunk (prefill + decode loop)", desc + shapes.note, roll, resident, st.hbm_gib)]
+
+
+def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shapes, resident: int, most: int,
+                          branching: bool = True) -> tuple[int, list[ProgramPlan]]:
+  """The largest prompts-per-call that fits beside `resident` bytes, up to `most`; candidates are
+  multiples of the smallest chunk whose slots divide evenly over the batch-sharding devices (else the
+  KV cache would be replicated), doubling. Returns (chunk, its plans); 0 when not even the smallest fits."""
+  batch_devices = st.mesh.shape["data"] * st.mesh.shape["fsdp"]
+  group = sc.n + sc.branches(branching)
+  base = batch_devices // math.gcd(batch_devices, group)
+  usable = st.config.plan.usable
+  fits = lambda plans: all(p.fits(usable) for p in plans)
+  candidates = [base << k for k in range(64) if base << k < most] + [sequences.round_up(most, base)]
+  best, best_plans = 0, []
+  lo, hi = 0, len(candidates) - 1
+  top = rollout_programs(st, sc, candidates[hi], shapes, resident, branching)
+  if fits(top):  # the common case: the whole batch in one call, one compile
+    return candidates[hi], top
+  hi -= 1
+  while lo <= hi:
+    mid = (lo + hi) // 2
+    plans = rollout_programs(st, sc, candidates[mid], shapes, resident, branching)
+    if fits(plans):
+      best, best_plans, lo = candidates[mid], plans, mid + 1
+    else:
+      hi = mid - 1
+  return best, best_plans
+
+
+def _sampling_config(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, **overrides):
+  from ares_jax.stages import setup  # pylint: disable=g-import-not-at-top  (the run's own rollout settings)
+  return setup.sampling_config(config, types.SimpleNamespace(pad_token_id=0), mcfg, **overrides)
+
+
+def _training_rows(st: Setting, shapes: Shapes, micro_batch_size: int):
+  """`micro_batch_size` synthetic prompt + full-width response rows, as the AEPO step holds them."""
+  mb, width = micro_batch_size, shapes.response_width
+  prompts = synthetic_prompts(st.mcfg, shapes, mb)
+  responses = [np.ones((width,), np.int32)] * mb
+  mask = np.ones((mb, width), bool)
+  return aepo_update.UpdateRows(st.mcfg, prompts, responses, np.zeros((mb,), np.float32), mask,
+                                np.ones((mb, width), np.float32), mb, width, 0)
+
+
+def _names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def abstract_state(updater: update_lib.Updater, params: Any, mesh: jax.sharding.Mesh) -> Any:
+  """The train state as the run holds it: optimizer moments sharded like the parameter they belong
+  to (as `tx.init` on sharded arrays makes them), counters and keys replicated (`replicate_rest`)."""
+  shapes = jax.eval_shape(updater.init_state, params, jax.random.key(0))
+  by_path = {_names(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  rep = NamedSharding(mesh, PartitionSpec())
+
+  def place(path, x):
+    names = _names(path)
+    for i in range(len(names)):
+      s = by_path.get(names[i:])
+      if s is not None and len(s.spec) <= x.ndim:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+  return jax.tree_util.tree_map_with_path(place, shapes)
+
+
+def _update_plans(st: Setting, updater: update_lib.Updater, arrays: dict, settings: Any, ref_bytes: int,
+                  label: str) -> tuple[list[ProgramPlan], int]:
+  """The train state's creation (for its size), the gradient micro-step and the optimizer apply."""
+  state = abstract_state(updater, st.params, st.mesh)
+  opt_bytes = device_bytes(state.opt_state)
+  accum = updater.trainable(st.params)  # same shapes, dtypes and shardings as the trainable parameters
+  weight = abstract_like(np.float32(1.0), st.mesh)
+  micro = st.compile(updater.micro_step, st.params, accum, abstract_like(arrays, st.mesh), weight, settings)
+  apply = st.compile(updater.apply, state, accum, weight)
+  rows = arrays["input_ids"].shape
+  return [plan_row(f"{label} gradient micro-step (+ accumulation)", f"{rows[0]} x {rows[1]} tokens", micro,
+                   opt_bytes + ref_bytes, st.hbm_gib),
+          plan_row(f"{label} optimizer apply", "clip + AdamW + finite check", apply, ref_bytes, st.hbm_gib)], opt_bytes
+
+
+def aepo_plans(st: Setting) -> list[ProgramPlan]:
+  c, mcfg = st.config, st.mcfg
+  a, r = c.aepo, c.rollout
+  shapes = step_shapes(c, mcfg, r.max_response_length)
+  ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(a.ref_dtype), sharding=x.sharding), st.params)
+  ref_bytes, param_bytes = device_bytes(ref), device_bytes(st.params)
+  updater = update_lib.Updater(aepo_update.aepo_loss_fn(mcfg),
+                               optim_lib.make_optimizer(c.optim, c.total_steps), st.params)
+  rows = _training_rows(st, shapes, a.micro_batch_size)
+  settings = aepo_update.LossSettings.from_config(c, rows.packed(range(a.micro_batch_size)).prompt_width)
+  old = np.zeros((len(rows), rows.width), np.float32)
+  micro = aepo_update.micro_batches(rows, np.arange(len(rows)), old, old, settings)[0]
+  update_plans, opt_bytes = _update_plans(st, updater, micro.arrays, settings, ref_bytes, "AEPO")
+
+  sc = _sampling_config(c, mcfg)
+  resident = opt_bytes + ref_bytes  # beside the policy (an argument of every program here)
+  if r.chunk_prompts:
+    chunk, roll = r.chunk_prompts, rollout_programs(st, sc, r.chunk_prompts, shapes, resident)
+  else:
+    chunk, roll = largest_rollout_chunk(st, sc, shapes, resident, r.prompts_per_step)
+    if not chunk:
+      roll = rollout_programs(st, sc, 1, shapes, resident)  # the smallest, to show by how much it fails
+  n_calls = -(-r.prompts_per_step // max(chunk, 1))
+  roll = [roll[0], dataclasses.replace(roll[1], shapes=roll[1].shapes + f"; {n_calls} calls per step")]
+
+  p = rows.packed(range(a.micro_batch_size))
+  inputs = abstract_like((p.input_ids, p.attention_mask, p.positions, p.vision), st.mesh)
+  desc = f"{a.micro_batch_size} x ({p.prompt_width} + {rows.width})"
+  old_c = st.compile(sequences.score, mcfg, st.params, *inputs, p.prompt_width, float(r.temperature))
+  ref_c = st.compile(sequences.score, mcfg, ref, *inputs, p.prompt_width, float(r.temperature))
+  scoring = [plan_row("old log-probs (policy)", desc, old_c, resident, st.hbm_gib),
+             plan_row(f"reference log-probs ({a.ref_dtype})", desc, ref_c, opt_bytes + param_bytes, st.hbm_gib)]
+  return roll + scoring + update_plans
+
+
+def adacs_plans(st: Setting) -> list[ProgramPlan]:
+  """Pass-rate rollouts (n samples, no branching) and the SFT step of AdaCS."""
+  c, mcfg = st.config, st.mcfg
+  a = c.adacs
+  shapes = step_shapes(c, mcfg, a.max_response_length)
+  sc = _sampling_config(c, mcfg, n=a.pass_rate_samples, max_branches=0)
+  roll_shapes = dataclasses.replace(shapes, response_width=sc.max_new_tokens)
+  chunk = c.rollout.chunk_prompts or largest_rollout_chunk(st, sc, roll_shapes, 0, a.pass_rate_batch, False)[0] or 1
+  roll = rollout_programs(st, sc, chunk, roll_shapes, 0, branching=False, label="pass-rate rollout")
+  optim = ml_collections.ConfigDict(dict(c.optim))
+  optim.lr = a.lr
+  updater = sft.make_sft(mcfg, st.params, optim, 1, ("visual",) if a.freeze_vision else ())
+  prompts = synthetic_prompts(mcfg, shapes, a.micro_batch_size)
+  responses = [np.ones((shapes.response_width,), np.int32)] * a.micro_batch_size
+  micro = sft.micro_batches(mcfg, prompts, responses, a.micro_batch_size, 0, shapes.response_width)[0]
+  update_plans, _ = _update_plans(st, updater, micro.arrays, micro.settings, 0, "SFT")
+  return roll[1:] + update_plans
+
+
+def plan_step(config: ml_collections.ConfigDict, devices: list[Any], hbm_gib: float) -> list[ProgramPlan]:
+  """Every device program of one step of `config.stage` (aepo, adacs, or ares = both) on `devices`."""
+  st = Setting.create(config, devices, hbm_gib)
+  plans = []
+  if config.stage in ("adacs", "ares"):
+    plans += adacs_plans(st)
+  if config.stage in ("aepo", "ares"):
+    plans += aepo_plans(st)
+  if not plans:
+    raise ValueError(f"config.stage={config.stage!r}: memory plans exist for the aepo, adacs and ares stages")
+  return plans
+
+
+def auto_chunk(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, mcfg: models.ModelConfig,
+               sc: sampling.SamplingConfig, most: int, resident_bytes: int = 0, branching: bool = True) -> int:
+  """`rollout.chunk_prompts=0` resolved on the run's own devices: the largest chunk (<= `most`) whose
+  rollout program fits beside `resident_bytes`. On CPU without `plan.hbm_gib` the budget is host
+  memory, which a CPU-sized model does not approach: all prompts in one call, without compiling."""
+  device = mesh.devices.flat[0]
+  if device.platform == "cpu" and config.plan.hbm_gib <= 0:
+    logging.info("rollout.chunk_prompts=0 on CPU: all %d prompts per call (set plan.hbm_gib to plan chunks)", most)
+    return most
+  hbm = device_hbm_gib(device, config.plan.hbm_gib)
+  st = Setting(config, mesh, mcfg, hbm, abstract_params(mcfg, mesh))
+  shapes = step_shapes(config, mcfg, sc.max_new_tokens)
+  chunk, plans = largest_rollout_chunk(st, sc, shapes, resident_bytes, most, branching)
+  if not chunk:
+    raise ValueError(f"rollout.chunk_prompts=0: not even the smallest chunk fits {hbm:.1f} GiB per device "
+                     f"beside {resident_bytes / GIB:.1f} GiB of state; run `python -m ares_jax.plan` for the table")
+  logging.info("rollout.chunk_prompts=0: %d prompts per call (peak %.2f of %.1f GiB per device)", chunk,
+               max(p.peak for p in plans) / GIB, hbm)
+  return chunk

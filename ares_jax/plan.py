@@ -1,0 +1,85 @@
+"""Memory plans: every device program of one training step, compiled ahead of time for a topology.
+
+  python -m ares_jax.plan --config=configs/aepo_7b.py --topology=v5p:2x2x1 [--json=PATH] [--config.x=y]
+
+No accelerator is needed: `jax.experimental.topologies` describes a TPU slice's devices (with the
+libtpu wheel installed), the config's mesh is laid over them, and the real run's jitted programs
+(`sampling.sampler.rollout_chunk`, `train.sequences.score`, the `Updater`'s micro-step and apply) are
+lowered with abstract arrays (`jax.ShapeDtypeStruct` with shardings) made by the real run's host
+code from synthetic prompts of the config's shapes. XLA's `memory_analysis()` gives each program's
+per-device arguments, outputs and temporaries; the state that lives beside a program (optimizer
+moments, the reference policy, ...) is measured from the programs that create it. A program fits
+when resident + peak <= `plan.usable` x HBM. Exits 1 when anything does not fit.
+
+`--topology=cpu:N` plans for N simulated CPU devices (HBM from `--config.plan.hbm_gib`), and the AEPO
+stage uses `largest_rollout_chunk` on its own devices when `rollout.chunk_prompts` is 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "A TPU topology name (v4:2x2x1, v5e:2x4, v5p:2x2x1, "
+                                "v6e:2x4, ...) or cpu:N (N simulated CPU devices).")
+_JSON = flags.DEFINE_string("json", None, "Also write the plan as JSON to this path.")
+
+def prepare_environment(topology: str) -> None:
+  """Before JAX starts: TPU topologies are compiled for from the CPU host (no TPU is claimed, so
+  several processes may load libtpu); cpu:N needs N simulated devices."""
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  if topology.startswith("cpu:") and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    n = int(topology.split(":", 1)[1])
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None:
+    raise app.UsageError("--config=configs/<experiment>.py is required")
+  prepare_environment(_TOPOLOGY.value)
+  from ares_jax import memory_plan  # pylint: disable=g-import-not-at-top  (imports JAX)
+  try:
+    devices, hbm = memory_plan.topology_devices(_TOPOLOGY.value, config.plan.hbm_gib)
+    plans = memory_plan.plan_step(config, devices, hbm)
+  except ValueError as e:
+    sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(2)
+  usable = config.plan.usable
+  rows = [p.row(usable) for p in plans]
+  print(format_table(rows, _TOPOLOGY.value, hbm, usable))
+  if _JSON.value:
+    report = {"topology": _TOPOLOGY.value, "hbm_gib": hbm, "usable": usable, "programs": rows}
+    with open(_JSON.value, "w") as f:
+      json.dump(report, f, indent=1)
+  if not all(r["fits"] for r in rows):
+    sys.exit(1)
+
+
+def format_table(rows: list[dict[str, Any]], topology: str, hbm: float, usable: float) -> str:
+  head = ("program", "shapes", "args", "out", "temp", "resident", "peak", "verdict")
+  lines = [f"memory plan for {topology}: {hbm:.1f} GiB HBM per device, usable {usable:.0%} (GiB per device)", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in rows:
+    verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    lines.append(f"| {r['name']} | {r['shapes']} | {r['args_gib']:.2f} | {r['out_gib']:.2f} | {r['temp_gib']:.2f} | "
+                 f"{r['resident_gib']:.2f} | {r['peak_gib']:.2f} | {verdict} |")
+  return "\n".join(lines)
+
+
+def cli() -> None:
+  logging.set_verbosity(logging.WARNING)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,133 @@
+"""Memory plans: the tiny config planned on 8 simulated CPU devices (and a TPU topology where libtpu is
+installed); the figures add up to what the programs and the resident state hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ares_jax import memory_plan as mp
+from ares_jax import sampling
+from ares_jax.stages import setup
+from tiny_configs import ROOT, load_config
+
+GIB = mp.GIB
+
+
+def _config(stage: str = "ares"):
+  c = load_config("tiny.py")
+  c.stage = stage
+  c.mesh.fsdp = -1  # all 8 simulated devices
+  return c
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+  c = _config()
+  return c, mp.plan_step(c, jax.devices(), hbm_gib=1.0)
+
+
+def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
+  c, plans = tiny_plan
+  names = [p.name for p in plans]
+  for expected in ("pass-rate rollout chunk", "SFT gradient micro-step", "SFT optimizer apply", "decode weights",
+                   "rollout chunk", "old log-probs", "reference log-probs (bfloat16)", "AEPO gradient micro-step",
+                   "AEPO optimizer apply"):
+    assert any(n.startswith(expected) for n in names), (expected, names)
+  st = mp.Setting.create(c, jax.devices(), 1.0)
+  params = mp.device_bytes(st.params)
+  ref = params // 2  # bfloat16 copy of fp32 parameters
+  by_name = {p.name: p for p in plans}
+  for p in plans:
+    assert p.peak == p.resident + p.args + p.out - p.alias + p.temp
+    assert p.fits(c.plan.usable) == (p.peak <= c.plan.usable * GIB)
+    assert min(p.args, p.out, p.alias, p.temp, p.resident) >= 0
+  micro = by_name["AEPO gradient micro-step (+ accumulation)"]
+  apply = by_name["AEPO optimizer apply"]
+  # AdamW's two moments of every (trainable) parameter live beside the micro-step, with the reference
+  opt = micro.resident - ref
+  assert 2 * params <= opt <= 2 * params + 4096
+  assert apply.resident == ref
+  # the micro-step reads the policy and the accumulator (one parameter-sized tree) and donates the latter
+  assert micro.args >= 2 * params and micro.alias >= params
+  # the apply donates the state and the accumulator: its updated state is written in place
+  assert apply.alias >= params + opt
+  assert by_name["reference log-probs (bfloat16)"].resident == opt + params
+  # sharded over 8 devices: a device holds about an eighth of the parameters
+  total = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(st.params))
+  assert params < total / 4
+
+
+def test_sft_plan_has_no_vision_gradients(tiny_plan):
+  c, plans = tiny_plan
+  st = mp.Setting.create(c, jax.devices(), 1.0)
+  vision = mp.device_bytes(st.params["visual"])
+  sft = next(p for p in plans if p.name.startswith("SFT gradient"))
+  aepo = next(p for p in plans if p.name.startswith("AEPO gradient"))
+  # the frozen tower has no accumulator: the SFT micro-step reads one vision tree less (it reads the
+  # tower's weights once, as part of the policy)
+  assert sft.alias <= aepo.alias - vision + 64
+
+
+def test_largest_chunk_fits_and_the_next_does_not():
+  c = _config("aepo")
+  c.plan.images_per_prompt = 0
+  st = mp.Setting.create(c, jax.devices(), 1.0)
+  sc = setup.sampling_config(c, type("T", (), {"pad_token_id": 0})(), st.mcfg)
+  shapes = mp.step_shapes(c, st.mcfg, sc.max_new_tokens)
+  whole = mp.rollout_programs(st, sc, 64, shapes, 0)[1]
+  # a budget between the program at 16 and at 64 prompts
+  small = mp.rollout_programs(st, sc, 8, shapes, 0)[1]
+  budget = (small.peak + whole.peak) / 2 / c.plan.usable / GIB
+  st = mp.Setting.create(c, jax.devices(), budget)
+  chunk, plans = mp.largest_rollout_chunk(st, sc, shapes, 0, 64)
+  assert 8 <= chunk < 64 and all(p.fits(c.plan.usable) for p in plans)
+  bigger = mp.rollout_programs(st, sc, chunk * 2, shapes, 0)[1]
+  assert not bigger.fits(c.plan.usable)
+  # slots divide evenly over the 8 batch-sharding devices (else the KV cache would be replicated)
+  assert chunk * (sc.n + sc.max_branches) % 8 == 0
+
+
+def test_plan_cli_writes_json_and_fails_when_a_program_does_not_fit(tmp_path):
+  out = tmp_path / "plan.json"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  cmd = [sys.executable, "-m", "ares_jax.plan", f"--config={ROOT / 'configs' / 'tiny.py'}", "--topology=cpu:8",
+         "--config.stage=aepo", "--config.plan.hbm_gib=0.004", "--config.rollout.chunk_prompts=8", f"--json={out}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert "DOES NOT FIT" in proc.stdout and "| rollout chunk" in proc.stdout
+  report = json.loads(out.read_text())
+  assert report["topology"] == "cpu:8" and report["hbm_gib"] == 0.004
+  row = report["programs"][0]
+  assert set(row) == {"name", "shapes", "args_gib", "out_gib", "temp_gib", "resident_gib", "peak_gib", "fits"}
+  assert any(not r["fits"] for r in report["programs"])
+
+
+def test_tpu_topology_plans_or_names_the_missing_wheel():
+  """With libtpu installed the tiny AEPO step is planned for a v5e slice; without it, one clear error."""
+  try:
+    import libtpu  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
+  except ImportError:
+    with pytest.raises(ValueError, match="libtpu"):
+      mp.topology_devices("v5e:2x2")
+    return
+  devices, hbm = mp.topology_devices("v5e:2x2")
+  assert len(devices) == 4 and hbm == 16.0
+  c = _config("aepo")
+  c.rollout.chunk_prompts = 8
+  plans = mp.plan_step(c, devices, hbm)
+  assert all(p.fits(c.plan.usable) for p in plans)
+  assert all(p.hbm == 16 * GIB for p in plans)
+
+
+def test_auto_chunk_on_cpu_takes_every_prompt_without_compiling():
+  c = _config("aepo")
+  st = mp.Setting.create(c, jax.devices(), 1.0)
+  sc = sampling.SamplingConfig(max_new_tokens=8, n=2)
+  assert mp.auto_chunk(c, st.mesh, st.mcfg, sc, 37) == 37
