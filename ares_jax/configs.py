@@ -197,7 +197,7 @@ def model_fields(*, vocab_size: int, hidden_size: int, intermediate_size: int, n
                  rms_norm_eps: float = 1e-6, rope_theta: float = 1e6, mrope_section: tuple[int, int, int] = (16, 24, 24),
                  max_position_embeddings: int = 128000, token_ids: dict[str, int] | None = None,
                  dtype: str = "float32", param_dtype: str = "float32",
-                 remat_policy: str = "none") -> ml_collections.ConfigDict:
+                 remat_policy: str = "none", attention: str = "auto") -> ml_collections.ConfigDict:
   """`config.model`: the architecture (mirrors HF config.json), numerics, and an optional checkpoint.
 
   `vision.out_hidden_size` is tied to `hidden_size` by a FieldReference, so overriding the width
@@ -223,6 +223,7 @@ def model_fields(*, vocab_size: int, hidden_size: int, intermediate_size: int, n
   m.dtype = dtype  # compute dtype
   m.param_dtype = param_dtype
   m.remat_policy = remat_policy  # none | full | dots | dots_with_no_batch_dims
+  m.attention = attention  # auto | xla | blockwise | splash | cudnn (auto: by the mesh's platform)
   return m
 
 
@@ -264,7 +265,7 @@ def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
       text=text, vision=vision, tie_word_embeddings=m.tie_word_embeddings, image_token_id=m.image_token_id,
       video_token_id=m.video_token_id, vision_start_token_id=m.vision_start_token_id,
       vision_end_token_id=m.vision_end_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-      dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy)
+      dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=m.get("attention", "auto"))
 
 
 # Fields that a checkpoint's config.json fixes; the config file must agree with them.

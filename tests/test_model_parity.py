@@ -1,5 +1,7 @@
 """Flax Qwen2.5-VL against transformers' Qwen2_5_VLForConditionalGeneration (float32, CPU)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,18 @@ import torch
 
 import hf_reference as R
 from ares_jax import models
+from ares_jax.models import blockwise_attention
 
 TOL = 1e-4
+IMPLEMENTATIONS = ("xla", "blockwise")  # the CPU ones; splash and cudnn glue: tests/test_attention.py
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_attention_tiles():
+  """Tiles of 16 so that `blockwise` runs many tiles (and skips some) even on these short inputs."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(blockwise_attention, "DEFAULT_BLOCK", 16)
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +62,41 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("attention", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(untied, case):
+def test_logits_match_transformers(untied, case, attention):
+  model, config, params = untied
   segs, sizes, side = CASES[case]
   batch = R.build_batch(segs, R.random_images(sizes), padding_side=side, max_pixels=28 * 28 * 200)
-  diff = _max_diff(*untied, batch)
-  print(f"{case}: max |logit diff| = {diff:.2e}")
+  diff = _max_diff(model, config.replace(attention=attention), params, batch)
+  print(f"{case}/{attention}: max |logit diff| = {diff:.2e}")
   assert diff <= TOL
+
+
+@pytest.fixture(scope="module")
+def full_attention_model(tmp_path_factory):
+  """4 vision blocks, 2 of them full attention (transformers' fullatt_block_indexes)."""
+  model = R.hf_model(seed=2, depth=4, fullatt=(1, 3))
+  path = R.save(model, str(tmp_path_factory.mktemp("fullatt")))
+  config, params = models.load_hf(path)
+  return model, config, params
+
+
+@pytest.mark.parametrize("attention", IMPLEMENTATIONS)
+def test_several_images_of_different_sizes_match_transformers(full_attention_model, attention):
+  """3 images over 2 prompts, each image several windows wide: the full-attention blocks must keep
+  each image to itself (block-diagonal segments) while the window blocks keep to windows."""
+  model, config, params = full_attention_model
+  batch = R.build_batch([[3, "img", 4, "img", 2], [5, "img", 6]],
+                        R.random_images([(168, 224), (112, 84), (252, 196)]), "left", max_pixels=28 * 28 * 200)
+  assert len(batch["image_grid_thw"]) == 3 and len({tuple(g) for g in batch["image_grid_thw"].tolist()}) == 3
+  diff = _max_diff(model, config.replace(attention=attention), params, batch)
+  print(f"several images/{attention}: max |logit diff| = {diff:.2e}")
+  assert diff <= TOL
+  # the full-attention blocks matter here: computing them as window blocks misses transformers by far
+  windowed_only = config.replace(attention=attention, vision=dataclasses.replace(config.vision,
+                                                                                fullatt_block_indexes=()))
+  assert _max_diff(model, windowed_only, params, batch) > 100 * TOL
 
 
 @pytest.mark.parametrize("case", ["text_left_pad", "batch_left_padding_with_images"])

@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from ares_jax.models.attention import IMPLEMENTATIONS
+
 
 class ConfigError(ValueError):
   """A config.json that ares_jax cannot honour; the message names the field."""
@@ -86,6 +88,12 @@ class ModelConfig:
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
+  # auto | xla | blockwise | splash | cudnn (models/attention.py); auto picks by the mesh's platform
+  attention: str = "auto"
+
+  def __post_init__(self):
+    if self.attention not in IMPLEMENTATIONS:
+      raise ConfigError(f"config.model.attention={self.attention!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
 
   @property
   def compute_dtype(self):

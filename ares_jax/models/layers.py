@@ -105,23 +105,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Grouped-query softmax attention.
-
-  q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K (query head h reads kv head h // (H/K),
-  the layout of transformers' repeat_kv); mask: bool, broadcastable to [B, T, S]. Returns [B, T, H, D].
-  """
-  b, t, h, d = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, h // kv, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32,
-                      precision=jax.lax.Precision.HIGHEST) * (d**-0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v, precision=jax.lax.Precision.HIGHEST)
-  return out.reshape(b, t, h, d)
-
-
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array, k_new: jax.Array,
                      v_new: jax.Array) -> jax.Array:
   """One decode step: softmax over the cached keys allowed by `mask` [B, 1, S] plus the new key.

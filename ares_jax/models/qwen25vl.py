@@ -17,7 +17,7 @@ from flax import linen as nn
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.layers import RMSNorm
-from ares_jax.models.text import Decoder, DecoderLayer, causal_padding_mask, mrope_cos_sin
+from ares_jax.models.text import Decoder, DecoderLayer, mrope_cos_sin, segment_ids
 from ares_jax.models.vision import VisionInputs, VisionTower
 
 Params = Any
@@ -65,14 +65,14 @@ class Qwen25VL(nn.Module):
     x = self.embed(input_ids, vision)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = mrope_cos_sin(self.config.text, positions)
-    x, _ = self.decoder(x, cos, sin, causal_padding_mask(attention_mask))
+    x, _ = self.decoder(x, cos, sin, segment_ids(attention_mask))
     return self.logits(x)
 
   def prefill(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None):
     """Runs the prompt and returns its KV cache entries (k, v) [L, B, T, K, D]; no LM head."""
     x = self.embed(input_ids, vision)
     cos, sin = mrope_cos_sin(self.config.text, positions)
-    _, kv = self.decoder(x, cos, sin, causal_padding_mask(attention_mask))
+    _, kv = self.decoder(x, cos, sin, segment_ids(attention_mask))
     return kv
 
 

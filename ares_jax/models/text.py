@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from ares_jax.models.attention import dot_product_attention
 from ares_jax.models.config import ModelConfig, TextConfig
-from ares_jax.models.layers import (GatedMLP, RMSNorm, apply_rotary, attention, cached_attention, dense,
-                                    remat_policy)
+from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, cached_attention, dense, remat_policy
 
 
 def mrope_cos_sin(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -31,9 +31,11 @@ def mrope_cos_sin(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax
 class Attention(nn.Module):
   """GQA self-attention.
 
-  Without a cache (training, prefill) `mask` is [B, T, T]. With a cache (one decode step, T = 1)
-  the query attends to the cached keys allowed by `mask` [B, 1, S] and to its own key, which is
-  returned for the caller to write into the cache (so no per-layer copy of the cache is made).
+  Without a cache (training, prefill) `mask` holds segment ids [B, T] (`segment_ids`): causal
+  attention within equal ids, through `attention.dot_product_attention` (`config.attention`). With a
+  cache (one decode step, T = 1) `mask` is bool [B, 1, S]: the query attends to the cached keys it
+  allows and to its own key, which is returned for the caller to write into the cache (so no
+  per-layer copy of the cache is made).
   Returns (output [B, T, E], (k, v) [B, T, K, D] of this call's tokens).
   """
 
@@ -52,7 +54,8 @@ class Attention(nn.Module):
                                                                 "activation_heads", None))
     k = apply_rotary(k, cos, sin)
     if cache is None:
-      out = attention(q, k, v, mask)
+      out = dot_product_attention(q, k, v, q_segment=mask, kv_segment=mask, causal=True,
+                                  implementation=cfg.attention)
     else:
       out = cached_attention(q, cache[0], cache[1], mask, k, v)
     out = dense(tc.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
@@ -80,14 +83,15 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
   """All decoder layers as one `nn.scan` (parameters stacked on a leading 'layers' axis).
 
-  Returns (hidden [B, T, E], (k, v) [L, B, T, K, D] of the input tokens, for a KV cache).
+  `segment_ids` [B, T] (see `segment_ids`). Returns (hidden [B, T, E], (k, v) [L, B, T, K, D] of the
+  input tokens, for a KV cache).
   Cached decoding runs the layers unrolled instead (`qwen25vl.decode_step`).
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask):
+  def __call__(self, x, cos, sin, segment_ids):
     cfg = self.config
     layer = DecoderLayer
     if cfg.remat_policy != "none":
@@ -95,11 +99,17 @@ class Decoder(nn.Module):
     stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.text.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    return stack(cfg, name="layers")(x, cos, sin, mask)
+    return stack(cfg, name="layers")(x, cos, sin, segment_ids)
 
 
-def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
-  """[B, T, T] bool: query t sees key s iff s <= t and key s is a real token."""
-  t = attention_mask.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-  return causal[None] & attention_mask.astype(bool)[:, None, :]
+def segment_ids(attention_mask: jax.Array) -> jax.Array:
+  """[B, T] int32 attention segments: a token keeps its attention_mask value (1, or a packing id),
+  padding before a row's first token is 0 and padding after it -1.
+
+  Real tokens thus never see padding, and every padding query sees at least itself (no fully
+  masked row, no NaN). Separate ids for left and right padding make each row at most three
+  contiguous runs, which the cuDNN path expresses with sequence lengths (attention.cudnn_attention).
+  """
+  mask = attention_mask.astype(jnp.int32)
+  started = jnp.cumsum(mask > 0, axis=1) > 0
+  return jnp.where(mask > 0, mask, jnp.where(started, -1, 0))

@@ -14,8 +14,9 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
+from ares_jax.models.attention import dot_product_attention
 from ares_jax.models.config import ModelConfig, VisionConfig
-from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, attention, dense, remat_policy
+from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, remat_policy
 
 
 @struct.dataclass
@@ -62,16 +63,16 @@ class VisionBlock(nn.Module):
     qkv = dense((3, vc.num_heads, vc.head_dim), ("vision_embed", None, "vision_heads", "head_dim"),
                 use_bias=True, name="qkv", **kw)(h)
     q, k, v = (apply_rotary(qkv[:, i], cos, sin) if i < 2 else qkv[:, i] for i in range(3))
-    valid = slot_segment >= 0
+    # Segments: the image frame of a slot, -1 for padding slots (which then see only padding).
+    attend = lambda q, k, v, seg: dot_product_attention(q, k, v, q_segment=seg, kv_segment=seg, causal=False,
+                                                         implementation=cfg.attention)
 
-    def windowed(q, k, v):
+    def windowed(q, k, v):  # a batch of windows [N / slots, slots, H, D]
       split = lambda a: a.reshape(n // slots, slots, *a.shape[1:])
-      mask = jnp.broadcast_to(split(valid)[:, None, :], (n // slots, slots, slots))
-      return attention(split(q), split(k), split(v), mask).reshape(q.shape)
+      return attend(split(q), split(k), split(v), split(slot_segment)).reshape(q.shape)
 
-    def whole_image(q, k, v):
-      mask = (slot_segment[:, None] == slot_segment[None, :]) & valid[None, :]
-      return attention(q[None], k[None], v[None], mask[None])[0]
+    def whole_image(q, k, v):  # one sequence of all slots, block-diagonal over images by segment
+      return attend(q[None], k[None], v[None], slot_segment[None])[0]
 
     out = jax.lax.cond(full, whole_image, windowed, q, k, v)
     x = x + dense(vc.hidden_size, ("vision_heads", "head_dim", "vision_embed"), axis=(-2, -1), use_bias=True,
