@@ -148,6 +148,7 @@ def aepo_defaults() -> ml_collections.ConfigDict:
   a.kl_coef = 1e-2  # (5.9)
   a.kl_bin_scale = (2.0, 1.0, 0.5)  # beta_d = kl_coef * scale for (easy, medium, hard)
   a.rho = 0.5  # KL relaxation inside validated HWE windows
+  a.ref_dtype = "bfloat16"  # the reference policy's parameters (design.md 7: half the memory of fp32)
   a.clip_low = 0.2  # (5.10)
   a.clip_high = 0.28
   a.dual_clip = 0.0  # 0: off; else the dual-clip constant c (> 1)

@@ -113,8 +113,9 @@ def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_parts):
   stream = PromptStream(PoolSource(pool), proc, c.rollout.max_prompt_length)
   prompts = [stream.encode(i).prompt for i in range(3)]
   responses = [np.array(tok(q.responses[0])["input_ids"] + [1], np.int32) for q in pool]
-  (arrays, width, weight), = sft.micro_batches(mcfg, prompts, responses, 3, pad_id=0)
-  loss, _ = jax.jit(sft.sft_loss(mcfg), static_argnums=2)(params, arrays, width)
+  (arrays, settings, weight), = sft.micro_batches(mcfg, prompts, responses, 3, pad_id=0)
+  loss, _ = jax.jit(sft.sft_loss(mcfg), static_argnums=2)(params, arrays, settings)
+  width = settings.prompt_width
   packed = pack(mcfg, prompts, responses, 0)
   logits = np.asarray(models.forward(mcfg, params, packed.input_ids, packed.attention_mask), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
@@ -172,14 +173,12 @@ def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path):
 
 
 def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
-  """value-and-grad of the SFT loss and the frozen-vision optimizer update, abstractly (jax.eval_shape)."""
+  """The compiled SFT micro-step and the frozen-vision apply lower at 7B shapes: no gradient, accumulator or
+  optimizer buffers for the vision tower."""
   import jax.numpy as jnp
   from flax import linen as nn
 
-  from ares_jax.train import optimizer as optim_lib
   from ares_jax.train.sequences import Prompt
-  from ares_jax.train.state import TrainState
-  from ares_jax.train.update import Updater, freeze
 
   c = load_config("adacs_7b.py")
   assert (c.stage, c.adacs.epochs, c.adacs.lr, c.adacs.batch_size, c.adacs.freeze_vision) == ("adacs", 2, 2e-5, 256,
@@ -190,19 +189,20 @@ def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
   b, r = 2, 64
   prompt = Prompt(np.concatenate([np.full(196, mcfg.image_token_id), np.arange(100, 140)]).astype(np.int32),
                   np.zeros((784, mcfg.vision.patch_dim), np.float32), np.array([[1, 28, 28]]))
-  (arrays, width, _), = sft.micro_batches(mcfg, [prompt] * b, [np.arange(r, dtype=np.int32)] * b, b, pad_id=0)
+  (arrays, settings, _), = sft.micro_batches(mcfg, [prompt] * b, [np.arange(r, dtype=np.int32)] * b, b, pad_id=0)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), arrays)
-  loss_fn = sft.sft_loss(mcfg)
-  (loss, _), grads = jax.eval_shape(lambda p_, a_: jax.value_and_grad(loss_fn, has_aux=True)(p_, a_, width),
-                                    params, abstract)
-  assert loss.shape == () and jax.tree.structure(grads) == jax.tree.structure(params)
-  tx = freeze(optim_lib.make_optimizer(c.optim, 100), params, ("visual",))
-  state = jax.eval_shape(lambda p_: TrainState.create(p_, tx, jax.random.key(0)), params)
+  updater = sft.make_sft(mcfg, params, c.optim, 100, frozen=("visual",))
+  trainable = updater.trainable(params)
+  assert "visual" not in trainable and set(trainable) == set(params) - {"visual"}
+  accum, loss, _ = updater.micro_step.lower(params, trainable, abstract, jax.ShapeDtypeStruct((), jnp.float32),
+                                            settings).out_info
+  assert loss.shape == () and jax.tree.structure(accum) == jax.tree.structure(trainable)
+  state = jax.eval_shape(lambda p_: updater.init_state(p_, jax.random.key(0)), params)
   moments = sum(np.prod(x.shape) for x in jax.tree.leaves(state.opt_state) if x.ndim)
   n_visual = sum(np.prod(x.shape) for x in jax.tree.leaves(params["visual"]))
   n_all = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
   assert moments == 2 * (n_all - n_visual)  # Adam moments for the trainable part only
-  new_state, ok, _ = jax.eval_shape(Updater(loss_fn, tx)._apply_impl, state, grads, loss)
+  new_state, ok, _ = updater.apply.lower(state, accum, loss).out_info
   assert jax.tree.structure(new_state.params) == jax.tree.structure(params) and ok.dtype == jnp.bool_
 
 

@@ -15,9 +15,9 @@ from flax import linen as nn
 from ares_jax import configs, models
 from ares_jax.stages import aepo as aepo_stage
 from ares_jax.train import optimizer as optim_lib
+from ares_jax.train.aepo_update import LossSettings, aepo_loss_fn
 from ares_jax.train.sequences import Prompt, pack
-from ares_jax.train.state import TrainState
-from ares_jax.train.update import Updater
+from ares_jax.train.update import MicroBatch, Updater
 from tiny_configs import load_config, small_rl
 
 
@@ -67,12 +67,12 @@ def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
 
 @pytest.mark.parametrize("name", ["aepo_3b.py", "aepo_7b.py"])
 def test_full_update_lowers_at_real_shapes(name):
-  """value-and-grad of the AEPO loss and the optimizer update, abstractly (jax.eval_shape)."""
+  """The compiled micro-step (AEPO loss, gradients, accumulation) and apply lower at real shapes."""
   c = load_config(name)
   mcfg = configs.to_model_config(c.model)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(models.abstract_params(mcfg)))
   tx = optim_lib.make_optimizer(c.optim, c.total_steps)
-  updater = Updater(aepo_stage.aepo_loss_fn(mcfg), tx)
+  updater = Updater(aepo_loss_fn(mcfg), tx, params)
   b, r = 2, 64
   grid = np.array([[1, 28, 28]])  # one 392 x 392 image
   prompt = Prompt(np.concatenate([np.full(196, mcfg.image_token_id), np.arange(100, 140)]).astype(np.int32),
@@ -81,15 +81,15 @@ def test_full_update_lowers_at_real_shapes(name):
   arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions, vision=p.vision,
                 old_logp=np.zeros((b, r), np.float32), ref_logp=np.zeros((b, r), np.float32),
                 adv=np.ones((b,), np.float32), loss_mask=np.ones((b, r), bool), weights=np.ones((b, r), np.float32))
-  static = (p.prompt_width, 1.0, 0.2, 0.28, None, "token_mean")
+  settings = LossSettings(p.prompt_width, 1.0, 0.2, 0.28, None, "token_mean")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), arrays)
-  loss_fn = aepo_stage.aepo_loss_fn(mcfg)
-  (loss, _), grads = jax.eval_shape(
-      lambda p_, a_: jax.value_and_grad(loss_fn, has_aux=True)(p_, a_, static), params, abstract)
-  assert loss.shape == () and jax.tree.structure(grads) == jax.tree.structure(params)
-  jax.tree.map(lambda g, q: (g.shape, g.dtype) == (q.shape, q.dtype) or pytest.fail(f"{g} vs {q}"), grads, params)
-  state = jax.eval_shape(lambda p_: TrainState.create(p_, tx, jax.random.key(0)), params)
-  new_state, ok, _ = jax.eval_shape(updater._apply_impl, state, grads, loss)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  accum, loss, metrics = updater.micro_step.lower(params, updater.trainable(params), abstract, scalar,
+                                                  settings).out_info
+  assert loss.shape == () and "kl" in metrics and jax.tree.structure(accum) == jax.tree.structure(params)
+  jax.tree.map(lambda g, q: (g.shape, g.dtype) == (q.shape, q.dtype) or pytest.fail(f"{g} vs {q}"), accum, params)
+  state = jax.eval_shape(lambda p_: updater.init_state(p_, jax.random.key(0)), params)
+  new_state, ok, _ = updater.apply.lower(state, accum, loss).out_info
   assert jax.tree.structure(new_state.params) == jax.tree.structure(params) and ok.dtype == jnp.bool_
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
   assert n > (3e9 if "3b" in name else 8e9)
@@ -113,9 +113,10 @@ def test_update_moves_logprobs_along_the_advantages():
                 old_logp=old, ref_logp=old, adv=adv, loss_mask=mask, weights=np.full((4, 16), 0.01, np.float32))
   c.optim.lr = 1e-3
   tx = optim_lib.make_optimizer(c.optim, 10)
-  state = TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.key(0))
-  state, m = Updater(aepo_stage.aepo_loss_fn(mcfg), tx).update(
-      state, [(arrays, (p.prompt_width, 1.0, 0.2, 0.28, None, "token_mean"), 1.0)])
+  updater = Updater(aepo_loss_fn(mcfg), tx, params)
+  state = updater.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
+  state, m = updater.update(state, [MicroBatch(arrays, LossSettings(p.prompt_width, 1.0, 0.2, 0.28, None, "token_mean"),
+                                               1.0)])
   assert m["update_skipped"] == 0 and m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
   delta = ((np.asarray(score(mcfg, state.params, *args)) - old) * mask).sum(1)
   assert (np.sign(delta) == adv).all()
@@ -126,9 +127,9 @@ def test_non_finite_loss_skips_the_update():
   mcfg = configs.to_model_config(c.model)
   params = models.init_params(mcfg, jax.random.key(1))
   tx = optim_lib.make_optimizer(c.optim, 10)
-  state = TrainState.create(jax.tree.map(jnp.copy, params), tx, jax.random.key(0))
-  bad = Updater(lambda prm, arrays, static: (jnp.sum(prm["norm"]["scale"]) * jnp.nan, {}), tx)
-  state2, m = bad.update(state, [({}, None, 1.0)])
+  bad = Updater(lambda prm, arrays, settings: (jnp.sum(prm["norm"]["scale"]) * jnp.nan, {}), tx, params)
+  state = bad.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
+  state2, m = bad.update(state, [MicroBatch({}, None, 1.0)])
   assert m["update_skipped"] == 1 and int(state2.skipped) == 1
   jax.tree.map(np.testing.assert_array_equal, state2.params, params)
 

@@ -31,12 +31,10 @@ from ares_jax.data.grading import Grader
 from ares_jax.data.pipeline import PromptStream
 from ares_jax.stages import setup
 from ares_jax.stages.evaluation import evaluate
-from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import sft
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState
-from ares_jax.train.update import Updater, freeze
 
 
 def synthetic_pool(config: ml_collections.ConfigDict) -> list[PoolQuestion]:
@@ -185,9 +183,8 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
   frozen = ("visual",) if a.freeze_vision else ()
   steps_per_epoch = -(-len(examples) // a.batch_size)
   total = a.epochs * steps_per_epoch
-  tx = freeze(optim_lib.make_optimizer(optim, total), params, frozen)
-  updater = Updater(sft.sft_loss(mcfg), tx)
-  state = sharding.replicate_rest(TrainState.create(params, tx, jax.random.key(config.seed)), mesh)
+  updater = sft.make_sft(mcfg, params, optim, total, frozen)
+  state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
   start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore(state)[0]

@@ -1,11 +1,12 @@
 """Supervised fine-tuning on (prompt, response) pairs: masked cross-entropy on assistant tokens only.
 
 Used by the AdaCS stage and by the tiny config's warm start. The vision tower is frozen by default
-(its parameters get no update and no optimizer state).
+(its parameters get no gradient, no update and no optimizer state).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
@@ -17,15 +18,21 @@ from tqdm import tqdm
 from ares_jax.models.config import ModelConfig
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.sequences import Prompt, pack, response_logprobs
-from ares_jax.train.state import TrainState
-from ares_jax.train.update import Updater, freeze
+from ares_jax.train.update import MicroBatch, Updater
+
+
+@dataclasses.dataclass(frozen=True)
+class SftSettings:
+  """The static part of an SFT micro-batch: where the responses start."""
+
+  prompt_width: int
 
 
 def sft_loss(model_config: ModelConfig):
-  """(params, arrays, prompt_width) -> (mean negative log-likelihood of the response tokens, metrics)."""
-  def loss(params, arrays, prompt_width):
+  """(params, arrays, SftSettings) -> (mean negative log-likelihood of the response tokens, metrics)."""
+  def loss(params, arrays, settings: SftSettings):
     logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
-                             arrays["positions"], arrays["vision"], prompt_width)
+                             arrays["positions"], arrays["vision"], settings.prompt_width)
     mask = arrays["loss_mask"]
     n = jnp.maximum(mask.sum(), 1)
     nll = -(logp * mask).sum() / n
@@ -34,7 +41,7 @@ def sft_loss(model_config: ModelConfig):
 
 
 def micro_batches(model_config: ModelConfig, prompts: Sequence[Prompt], responses: Sequence[np.ndarray],
-                  micro_batch_size: int, pad_id: int, response_width: int | None = None):
+                  micro_batch_size: int, pad_id: int, response_width: int | None = None) -> list[MicroBatch]:
   """Packs (prompt, response) pairs into micro-batches weighted by their share of loss tokens."""
   total = sum(len(r) for r in responses)
   out = []
@@ -45,22 +52,22 @@ def micro_batches(model_config: ModelConfig, prompts: Sequence[Prompt], response
     mask = (np.arange(width)[None, :] < np.array([len(r) for r in rs])[:, None]).astype(np.float32)
     arrays = dict(input_ids=packed.input_ids, attention_mask=packed.attention_mask, positions=packed.positions,
                   vision=packed.vision, loss_mask=mask)
-    out.append((arrays, packed.prompt_width, sum(len(r) for r in rs) / total))
+    out.append(MicroBatch(arrays, SftSettings(packed.prompt_width), sum(len(r) for r in rs) / total))
   return out
 
 
 def make_sft(model_config: ModelConfig, params: Any, optim: ml_collections.ConfigDict, total_steps: int,
-             frozen: Sequence[str] = ("visual",)) -> tuple[Updater, Any]:
-  tx = freeze(optim_lib.make_optimizer(optim, total_steps), params, frozen)
-  return Updater(sft_loss(model_config), tx), tx
+             frozen: Sequence[str] = ("visual",)) -> Updater:
+  """The SFT updater; `params` (arrays or abstract shapes) give the shardings of its programs."""
+  return Updater(sft_loss(model_config), optim_lib.make_optimizer(optim, total_steps), params, frozen)
 
 
 def run_sft(model_config: ModelConfig, params: Any, batches, optim: ml_collections.ConfigDict, steps: int,
             micro_batch_size: int, pad_id: int, rng: jax.Array, frozen: Sequence[str] = ("visual",),
             desc: str = "sft", on_step=None) -> tuple[Any, list[float]]:
   """Runs `steps` updates; `batches(step) -> (prompts, responses)`. Returns params and the losses."""
-  updater, tx = make_sft(model_config, params, optim, steps, frozen)
-  state = TrainState.create(params, tx, rng)
+  updater = make_sft(model_config, params, optim, steps, frozen)
+  state = updater.init_state(params, rng)
   losses = []
   for step in tqdm(range(steps), desc=desc, leave=False):
     prompts, responses = batches(step)
