@@ -110,6 +110,8 @@ def abstract_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   rep = NamedSharding(mesh, PartitionSpec())
 
   def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
     x = np.asarray(x)
@@ -190,13 +192,28 @@ def step_shapes(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, res
   return shapes
 
 
-def synthetic_prompts(mcfg: models.ModelConfig, shapes: Shapes, n: int) -> list[sequences.Prompt]:
-  """n prompts filling `shapes.prompt_width` tokens, with their images (zero pixels: values do not
-  change memory)."""
+def synthetic_batch(mcfg: models.ModelConfig, shapes: Shapes, n: int) -> dict:
+  """A processor batch of n synthetic prompts whose pixel rows are abstract (a chunk of hundreds of
+  max_pixels images would not fit in host memory; pixel values do not change device memory)."""
+  batch = sequences.prompt_batch([sequences.Prompt(ids) for ids in _prompt_ids(mcfg, shapes, n)], 0)
+  if shapes.images_per_prompt:
+    grid = np.tile(np.asarray(shapes.grid, np.int64), (n * shapes.images_per_prompt, 1))
+    batch["image_grid_thw"] = grid
+    batch["pixel_values"] = jax.ShapeDtypeStruct((int(grid.prod(-1).sum()), mcfg.vision.patch_dim), jnp.float32)
+  return batch
+
+
+def _prompt_ids(mcfg: models.ModelConfig, shapes: Shapes, n: int) -> list[np.ndarray]:
   per_image = math.prod(shapes.grid) // mcfg.vision.merge_unit
   image = [mcfg.vision_start_token_id] + [mcfg.image_token_id] * per_image + [mcfg.vision_end_token_id]
   ids = image * shapes.images_per_prompt
-  ids = np.asarray(ids + [1] * (shapes.prompt_width - len(ids)), np.int32)
+  return [np.asarray(ids + [1] * (shapes.prompt_width - len(ids)), np.int32)] * n
+
+
+def synthetic_prompts(mcfg: models.ModelConfig, shapes: Shapes, n: int) -> list[sequences.Prompt]:
+  """n prompts filling `shapes.prompt_width` tokens, with their images (zero pixels: values do not
+  change memory)."""
+  ids = _prompt_ids(mcfg, shapes, 1)[0]
   if not shapes.images_per_prompt:
     return [sequences.Prompt(ids) for _ in range(n)]
   grid = np.tile(np.asarray(shapes.grid, np.int64), (shapes.images_per_prompt, 1))
@@ -232,8 +249,7 @@ def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shape
                      branching: bool = True, label: str = "rollout") -> list[ProgramPlan]:
   """The per-call decode-weight copy and one rollout chunk (prefill with the vision tower, decode loop)."""
   sc = dataclasses.replace(sc, chunk_prompts=chunk)
-  prompts = synthetic_prompts(st.mcfg, shapes, chunk)
-  c = chunks_lib.make_chunks(st.mcfg, sequences.prompt_batch(prompts, sc.pad_id), sc)[0]
+  c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, chunk), sc)[0]
   weights = st.compile(decode_weights, st.mcfg, st.params)
   top, layers = weights.out
   inputs = abstract_like((c.ids, c.positions, c.mask, c.vision, jax.random.key(0)), st.mesh)
@@ -250,29 +266,36 @@ def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shape
 
 def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shapes, resident: int, most: int,
                           branching: bool = True) -> tuple[int, list[ProgramPlan]]:
-  """The largest prompts-per-call that fits beside `resident` bytes, up to `most`; candidates are
-  multiples of the smallest chunk whose slots divide evenly over the batch-sharding devices (else the
-  KV cache would be replicated), doubling. Returns (chunk, its plans); 0 when not even the smallest fits."""
+  """The largest prompts-per-call that fits beside `resident` bytes, up to `most`. Chunks are multiples
+  of the smallest one whose slots divide evenly over the batch-sharding devices (else the KV cache
+  would be replicated). A rollout's memory is close to affine in its prompts (the KV cache and the
+  per-slot buffers), so two small compiles predict the largest chunk, and compiles at the prediction
+  (stepping down by a tenth while it does not fit) confirm it: a handful of compiles, never one of
+  the whole batch. Returns (chunk, its plans); (0, []) when not even the smallest fits."""
   batch_devices = st.mesh.shape["data"] * st.mesh.shape["fsdp"]
-  group = sc.n + sc.branches(branching)
-  base = batch_devices // math.gcd(batch_devices, group)
+  base = batch_devices // math.gcd(batch_devices, sc.n + sc.branches(branching))
   usable = st.config.plan.usable
-  fits = lambda plans: all(p.fits(usable) for p in plans)
-  candidates = [base << k for k in range(64) if base << k < most] + [sequences.round_up(most, base)]
-  best, best_plans = 0, []
-  lo, hi = 0, len(candidates) - 1
-  top = rollout_programs(st, sc, candidates[hi], shapes, resident, branching)
-  if fits(top):  # the common case: the whole batch in one call, one compile
-    return candidates[hi], top
-  hi -= 1
-  while lo <= hi:
-    mid = (lo + hi) // 2
-    plans = rollout_programs(st, sc, candidates[mid], shapes, resident, branching)
-    if fits(plans):
-      best, best_plans, lo = candidates[mid], plans, mid + 1
-    else:
-      hi = mid - 1
-  return best, best_plans
+  budget = usable * st.hbm_gib * GIB
+  top = sequences.round_up(most, base)
+  plan = lambda n: rollout_programs(st, sc, n, shapes, resident, branching)
+  peak = lambda plans: max(p.peak for p in plans)
+  small = plan(base)
+  if peak(small) > budget:
+    return 0, []
+  if top == base:
+    return base, small
+  second = min(2 * base, top)
+  double = plan(second)
+  if peak(double) > budget:
+    return base, small
+  slope = max((peak(double) - peak(small)) / (second - base), 1.0)
+  guess = min(top, max(second, int((budget - peak(small)) / slope + base) // base * base))
+  while guess > second:
+    plans = plan(guess)
+    if peak(plans) <= budget:
+      return guess, plans
+    guess = min(guess - base, int(guess * 0.9) // base * base)
+  return second, double
 
 
 def _sampling_config(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, **overrides):

@@ -146,11 +146,18 @@ def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, i
 
 def prepare_vision(config: ModelConfig, pixel_values: np.ndarray, image_grid_thw: np.ndarray,
                    min_windows: int = 1) -> VisionInputs:
-  """Host-side: pixel rows and image grids -> `VisionInputs` in the bucketed slot layout."""
+  """Host-side: pixel rows and image grids -> `VisionInputs` in the bucketed slot layout.
+
+  `pixel_values` may be a `jax.ShapeDtypeStruct` (memory plans of many large images, whose pixel
+  rows need not exist): the layout is computed as usual and `patches` is abstract too.
+  """
   layout = pos_lib.vision_layout(image_grid_thw, config.vision, min_windows)
   src = layout["patch_src"]
-  pixel_values = np.asarray(pixel_values, dtype=np.float32)
-  patches = np.where((src >= 0)[:, None], pixel_values[np.maximum(src, 0)], 0.0).astype(np.float32)
+  if isinstance(pixel_values, jax.ShapeDtypeStruct):
+    patches = jax.ShapeDtypeStruct((len(src), config.vision.patch_dim), jnp.float32)
+  else:
+    pixel_values = np.asarray(pixel_values, dtype=np.float32)
+    patches = np.where((src >= 0)[:, None], pixel_values[np.maximum(src, 0)], 0.0).astype(np.float32)
   full = np.isin(np.arange(config.vision.depth), config.vision.fullatt_block_indexes)
   return VisionInputs(patches=patches, slot_segment=layout["slot_segment"], pos_hw=layout["pos_hw"],
                       merged_index=layout["merged_index"], full_layer=full)

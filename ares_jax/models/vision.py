@@ -14,7 +14,7 @@ import numpy as np
 from flax import linen as nn
 from flax import struct
 
-from ares_jax.models.attention import dot_product_attention
+from ares_jax.models.attention import current_platform, dot_product_attention, resolve_attention
 from ares_jax.models.config import ModelConfig, VisionConfig
 from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, dense, remat_policy
 
@@ -72,7 +72,14 @@ class VisionBlock(nn.Module):
       return attend(split(q), split(k), split(v), split(slot_segment)).reshape(q.shape)
 
     def whole_image(q, k, v):  # one sequence of all slots, block-diagonal over images by segment
-      return attend(q[None], k[None], v[None], slot_segment[None])[0]
+      # Not splash: its kernel cannot skip the tiles between two images (work quadratic in the
+      # number of images) and builds its mask tables in Python, which takes tens of minutes for a
+      # batch of max_pixels images; the blockwise path skips those tiles with near splash's memory.
+      impl = cfg.attention
+      if resolve_attention(impl, current_platform(), n) == "splash":
+        impl = "blockwise"
+      return dot_product_attention(q[None], k[None], v[None], q_segment=slot_segment[None],
+                                   kv_segment=slot_segment[None], causal=False, implementation=impl)[0]
 
     out = jax.lax.cond(full, whole_image, windowed, q, k, v)
     x = x + dense(vc.hidden_size, ("vision_heads", "head_dim", "vision_embed"), axis=(-2, -1), use_bias=True,

@@ -71,8 +71,12 @@ def _pad_vision(v: VisionInputs, n: int, m: int) -> VisionInputs:
   """Pads the slot layout to n slots and the merged index to m entries (pad slots are segment -1,
   extra merged entries are never read), so every chunk's vision inputs have one shape."""
   extra = n - v.patches.shape[0]
+  if isinstance(v.patches, jax.ShapeDtypeStruct):  # a memory plan's abstract pixels
+    patches = jax.ShapeDtypeStruct((n, v.patches.shape[1]), v.patches.dtype)
+  else:
+    patches = np.pad(v.patches, ((0, extra), (0, 0)))
   return v.replace(
-      patches=np.pad(v.patches, ((0, extra), (0, 0))), slot_segment=np.pad(v.slot_segment, (0, extra),
+      patches=patches, slot_segment=np.pad(v.slot_segment, (0, extra),
                                                                           constant_values=-1),
       pos_hw=np.pad(v.pos_hw, ((0, extra), (0, 0))),
       merged_index=np.pad(v.merged_index, (0, m - v.merged_index.shape[0])))
@@ -88,9 +92,10 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
   n_prompts = ids.shape[0]
   size = min(sc.chunk_prompts or n_prompts, n_prompts)
   with_images = pixel_values is not None and grid is not None
+  abstract = isinstance(pixel_values, jax.ShapeDtypeStruct)  # memory plans: layouts without pixel rows
   if with_images:
     grid = np.asarray(grid).reshape(-1, 3)
-    pixel_values = np.asarray(pixel_values)
+    pixel_values = pixel_values if abstract else np.asarray(pixel_values)
     images = _images_of_rows(config, ids, mask, grid)
     patch_start = np.concatenate([[0], np.cumsum(grid.prod(-1))])
   chunks = []
@@ -102,7 +107,9 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
       imgs = np.concatenate([images[r] for r in rows]).astype(np.int64)
       if len(imgs):
         c_grid = grid[imgs]
-        pv = np.concatenate([pixel_values[patch_start[i]:patch_start[i + 1]] for i in imgs])
+        pv = (jax.ShapeDtypeStruct((int(patch_start[imgs + 1].sum() - patch_start[imgs].sum()),
+                                    pixel_values.shape[1]), np.float32) if abstract else
+              np.concatenate([pixel_values[patch_start[i]:patch_start[i + 1]] for i in imgs]))
         vision = prepare_vision(config, pv, c_grid)
     positions, _ = pos_lib.mrope_positions(c_ids, c_mask, c_grid, config)
     chunks.append(_Chunk(rows, len(real), c_ids, c_mask, positions, vision))
@@ -110,7 +117,7 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
   if visions:  # one vision shape for all chunks; a chunk without images gets an all-padding layout
     n = max(v.patches.shape[0] for v in visions)
     m = max(v.merged_index.shape[0] for v in visions)
-    empty = visions[0].replace(patches=np.zeros((0, visions[0].patches.shape[1]), np.float32),
+    empty = visions[0].replace(patches=np.zeros((0, visions[0].patches.shape[1]), np.float32),  # never abstract
                                slot_segment=np.zeros((0,), np.int32), pos_hw=np.zeros((0, 2), np.int32),
                                merged_index=np.zeros((0,), np.int32))
     chunks = [dataclasses.replace(c, vision=_pad_vision(c.vision if c.vision is not None else empty, n, m))

@@ -83,7 +83,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
   mesh, mcfg, tok, proc, params, pad_id = b.mesh, b.mcfg, b.tokenizer, b.processor, b.params, b.pad_id
   grader = setup.build_grader(config)
-  sc = setup.sampling_config(config, tok, mcfg, n=a.pass_rate_samples, max_branches=0)
+  sc = setup.chunked(config, b, setup.sampling_config(config, tok, mcfg, n=a.pass_rate_samples, max_branches=0),
+                     a.pass_rate_batch)
   eval_stream = setup.prompt_stream(config, proc, 3)
   ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
   resumed = ckpt.latest_step() is not None

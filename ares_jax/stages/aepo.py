@@ -60,6 +60,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     restored, meta = ckpt.restore(template, start)
     state, ref_params = restored["state"], restored["ref"]
     logging.info("resumed from step %d (data position %d)", start, meta["data_position"])
+  # rollout.chunk_prompts=0: the largest chunk whose rollout fits beside the optimizer state and reference
+  sc = setup.chunked(config, b, sc, r_cfg.prompts_per_step, (state.opt_state, ref_params))
   writer = MetricsWriter(config.workdir, resume_step=start if start > 0 else None)
   position = int(meta["data_position"])
   settings = LossSettings.from_config(config)

@@ -26,7 +26,7 @@ from ares_jax.stages.evaluation import evaluate
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
   stream = setup.prompt_stream(config, b.processor, 1)
-  sc = setup.sampling_config(config, b.tokenizer, b.mcfg)
+  sc = setup.chunked(config, b, setup.sampling_config(config, b.tokenizer, b.mcfg), config.eval.prompts)
   with setup.build_grader(config) as grader:
     out = evaluate(b.mcfg, b.params, stream, grader, b.tokenizer, sc, config.eval.prompts,
                    jax.random.key(config.seed), config.eval.samples)

@@ -100,8 +100,8 @@ def build_params(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, bo
     logging.info("loading %s onto the mesh", path)
     loaded, params = models.load_hf(path, jnp.dtype(mcfg.param_dtype), mesh=mesh,
                                     remat_policy=mcfg.remat_policy)
-    # load_hf computes in the parameter dtype; the config's compute dtype wins.
-    return loaded.replace(dtype=mcfg.dtype), params
+    # load_hf computes in the parameter dtype with automatic attention; the config's choices win.
+    return loaded.replace(dtype=mcfg.dtype, attention=mcfg.attention), params
   shardings = sharding.param_shardings(boxed, mesh)
   init = jax.jit(lambda key: models.init_params(mcfg, key), out_shardings=shardings)
   return mcfg, init(jax.random.key(config.seed))
