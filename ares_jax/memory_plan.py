@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 from typing import Any, Callable
 
@@ -100,8 +101,11 @@ def device_bytes(tree: Any) -> int:
   """Bytes one device holds of a tree of sharded abstract (or concrete) arrays."""
   total = 0
   for x in jax.tree.leaves(tree):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):  # static arguments (configs) and None
+      continue
     shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-    total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    itemsize = x.dtype.itemsize if hasattr(x.dtype, "itemsize") else 8  # typed PRNG keys: 2 x uint32
+    total += math.prod(shape) * itemsize
   return total
 
 
@@ -138,10 +142,24 @@ class Compiled:
   temp: int
 
 
+_HBM_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\)")
+
+
 def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh) -> Compiled:
-  """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it."""
+  """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it.
+
+  XLA refuses to compile a TPU program whose temporaries exceed HBM, naming what it wanted: that
+  figure is the program's temporaries (its outputs are then unknown: counted as 0)."""
   with sharding.mesh_context(mesh):
-    compiled = fn.lower(*args).compile()
+    lowered = fn.lower(*args)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      found = _HBM_OOM.search(str(e))
+      if not found:
+        raise
+      temp = float(found.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": GIB << 10}[found.group(2)]
+      return Compiled(None, device_bytes(args), 0, 0, int(temp))
   m = compiled.memory_analysis()
   return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                   int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
@@ -269,33 +287,53 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
   """The largest prompts-per-call that fits beside `resident` bytes, up to `most`. Chunks are multiples
   of the smallest one whose slots divide evenly over the batch-sharding devices (else the KV cache
   would be replicated). A rollout's memory is close to affine in its prompts (the KV cache and the
-  per-slot buffers), so two small compiles predict the largest chunk, and compiles at the prediction
-  (stepping down by a tenth while it does not fit) confirm it: a handful of compiles, never one of
-  the whole batch. Returns (chunk, its plans); (0, []) when not even the smallest fits."""
+  per-slot buffers) though bucketed shapes bend it, so two small compiles start a bracketed search by
+  interpolation that ends within a sixteenth: a handful of compiles, never one of the whole batch.
+  Returns (chunk, its plans); (0, []) when not even the smallest fits."""
   batch_devices = st.mesh.shape["data"] * st.mesh.shape["fsdp"]
   base = batch_devices // math.gcd(batch_devices, sc.n + sc.branches(branching))
   usable = st.config.plan.usable
   budget = usable * st.hbm_gib * GIB
   top = sequences.round_up(most, base)
-  plan = lambda n: rollout_programs(st, sc, n, shapes, resident, branching)
+  def plan(n):
+    plans = rollout_programs(st, sc, n, shapes, resident, branching)
+    logging.info("rollout chunk of %d prompts: peak %.2f GiB (budget %.2f GiB)", n, peak(plans) / GIB, budget / GIB)
+    return plans
   peak = lambda plans: max(p.peak for p in plans)
   small = plan(base)
   if peak(small) > budget:
     return 0, []
   if top == base:
     return base, small
-  second = min(2 * base, top)
+  # Bracket the largest fitting chunk between one that fits (lo) and one that does not (hi), guessing
+  # by linear interpolation (extrapolation while hi is unknown); stop within a sixteenth.
+  lo, lo_plans, lo_peak = base, small, peak(small)
+  hi, hi_peak = None, None
+  second = min(8 * base, top)  # far enough from the first point for a slope that buckets do not hide
   double = plan(second)
-  if peak(double) > budget:
-    return base, small
-  slope = max((peak(double) - peak(small)) / (second - base), 1.0)
-  guess = min(top, max(second, int((budget - peak(small)) / slope + base) // base * base))
-  while guess > second:
+  slope = max((peak(double) - lo_peak) / (second - base), 1.0)
+  if peak(double) <= budget:
+    lo, lo_plans, lo_peak = second, double, peak(double)
+  else:
+    hi, hi_peak = second, peak(double)
+  while lo < top:
+    if hi is None:
+      guess = min(top, int((budget - lo_peak) / slope) + lo)
+    else:
+      if hi - lo <= max(base, lo // 16):
+        break
+      guess = lo + int((budget - lo_peak) / max(hi_peak - lo_peak, 1.0) * (hi - lo))
+    guess = guess // base * base
+    guess = min(max(guess, lo + base), top if hi is None else hi - base)
+    if hi is not None and guess <= lo:
+      break
     plans = plan(guess)
     if peak(plans) <= budget:
-      return guess, plans
-    guess = min(guess - base, int(guess * 0.9) // base * base)
-  return second, double
+      slope = max((peak(plans) - lo_peak) / (guess - lo), 1.0)
+      lo, lo_plans, lo_peak = guess, plans, peak(plans)
+    else:
+      hi, hi_peak = guess, peak(plans)
+  return lo, lo_plans
 
 
 def _sampling_config(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, **overrides):

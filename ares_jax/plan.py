@@ -77,7 +77,7 @@ def format_table(rows: list[dict[str, Any]], topology: str, hbm: float, usable: 
 
 
 def cli() -> None:
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.INFO)  # progress of the chunk search
   app.run(main)
 
 

@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vision_merged", "fsdp"),
     # activations
     ("activation_batch", ("data", "fsdp")),
+    ("vision_slots", ("data", "fsdp")),  # the vision tower's patch slots (all images of a batch in one axis)
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_heads", "tensor"),

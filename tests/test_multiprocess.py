@@ -57,12 +57,21 @@ def _assert_rows_close(a: list[dict], b: list[dict]) -> None:
 def test_two_processes_write_what_one_process_writes(tmp_path):
   port = _free_port()
   multi, single = tmp_path / "multi", tmp_path / "single"
+  # Logs go to files: with pipes read one after the other, a process blocked on a full pipe would stall
+  # the other in a collective.
+  files = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
   procs = [subprocess.Popen([sys.executable, "-m", "ares_jax.main", *ARGS, "--config.distributed=True",
-                             f"--config.workdir={multi}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             f"--config.workdir={multi}"], cwd=ROOT, stdout=files[i], stderr=subprocess.STDOUT,
                             text=True, env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
                                                 JAX_PROCESS_ID=i))
            for i in range(2)]
-  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p in procs:
+    p.wait(timeout=600)
+  logs = []
+  for f in files:
+    f.seek(0)
+    logs.append(f.read())
+    f.close()
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   assert "process 1 of 2, 2 local / 4 global devices" in logs[1]

@@ -87,7 +87,7 @@ class VisionBlock(nn.Module):
     h = RMSNorm(1e-6, "vision_embed", pd, name="norm2")(x)
     x = x + GatedMLP(vc.intermediate_size, ("vision_embed", "vision_mlp"), True, cfg.compute_dtype, pd,
                      name="mlp")(h)
-    return x, None
+    return nn.with_logical_constraint(x, ("vision_slots", "activation_embed")), None
 
 
 class PatchMerger(nn.Module):
@@ -114,6 +114,9 @@ class VisionTower(nn.Module):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
     x = dense(vc.hidden_size, ("vision_patch", "vision_embed"), use_bias=False, name="patch_embed",
               **kw)(inputs.patches.astype(cfg.compute_dtype))
+    # Slots are spread over the batch-sharding devices (whole windows each: N is a multiple of the
+    # window's slots): replicated, a batch of max_pixels images would sit whole on every device.
+    x = nn.with_logical_constraint(x, ("vision_slots", "activation_embed"))
     cos, sin = vision_cos_sin(vc, inputs.pos_hw)
     block = VisionBlock
     if cfg.remat_policy != "none":
