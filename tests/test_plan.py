@@ -118,12 +118,13 @@ def test_tpu_topology_plans_or_names_the_missing_wheel():
       mp.topology_devices("v5e:2x2")
     return
   devices, hbm = mp.topology_devices("v5e:2x2")
-  assert len(devices) == 4 and hbm == 16.0
+  assert len(devices) == 4 and hbm == 16.0 and devices[0].platform == "tpu"
   c = _config("aepo")
-  c.rollout.chunk_prompts = 8
-  plans = mp.plan_step(c, devices, hbm)
-  assert all(p.fits(c.plan.usable) for p in plans)
-  assert all(p.hbm == 16 * GIB for p in plans)
+  st = mp.Setting.create(c, devices, hbm)
+  sc = setup.sampling_config(c, type("T", (), {"pad_token_id": 0})(), st.mcfg)
+  plans = mp.rollout_programs(st, sc, 8, mp.step_shapes(c, st.mcfg, sc.max_new_tokens), 0)
+  assert all(p.fits(c.plan.usable) and p.hbm == 16 * GIB for p in plans)
+  assert plans[1].temp > 0 and plans[1].args >= mp.device_bytes(st.params)
 
 
 def test_auto_chunk_on_cpu_takes_every_prompt_without_compiling():
