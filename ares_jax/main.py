@@ -68,7 +68,7 @@ def _bad_override_message(argv: list[str], error: Exception) -> str:
   return f"a --config override names a field the config does not have: {key or text}{suffix}"
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad `--config.a.b` override reported as a one-line error naming the field.
 
   ml_collections raises a bare KeyError/AttributeError (with a traceback) for an unknown field.
@@ -124,12 +124,19 @@ def setup_compilation(config) -> None:
       logging_std.getLogger(name).addFilter(_CompilesOnly())
 
 
-def main(argv: list[str]) -> None:
+def config_from_flags(argv: list[str]):
+  """The experiment config of `--config` (and its overrides); a usage error when absent or when
+  positional arguments were given. Shared by the stage entry point and `ares_jax.plan`."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config=configs/<experiment>.py is required")
+  return config
+
+
+def main(argv: list[str]) -> None:
+  config = config_from_flags(argv)
   try:
     run = resolve_stage(config.stage)
   except StageNotAvailable as e:
@@ -143,7 +150,7 @@ def main(argv: list[str]) -> None:
 
 
 def cli() -> None:
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
 import types
 from typing import Any, Callable
 
@@ -21,153 +19,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from ares_jax import configs, models, sampling, sharding
+from ares_jax.compiled_memory import (GIB, Compiled, ProgramPlan, abstract_like, abstract_params, compile_program,
+                                      device_bytes, device_hbm_gib, plan_row)
 from ares_jax.sampling import chunks as chunks_lib
 from ares_jax.sampling.sampler import decode_weights, rollout_chunk
 from ares_jax.train import aepo_update, sequences, sft
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import update as update_lib
-
-GIB = 1 << 30
-# HBM per chip by topology prefix (Cloud TPU documentation).
-TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0}
-
-
-@dataclasses.dataclass(frozen=True)
-class ProgramPlan:
-  """One compiled program's per-device memory (bytes) and the resident state beside it."""
-
-  name: str
-  shapes: str
-  args: int
-  out: int
-  alias: int  # outputs written into donated arguments (counted once)
-  temp: int
-  resident: int  # state alive during the program but not among its arguments
-  hbm: int
-
-  @property
-  def peak(self) -> int:
-    return self.resident + self.args + self.out - self.alias + self.temp
-
-  def fits(self, usable: float) -> bool:
-    return self.peak <= usable * self.hbm
-
-  def row(self, usable: float) -> dict[str, Any]:
-    g = lambda b: round(b / GIB, 2)
-    return {"name": self.name, "shapes": self.shapes, "args_gib": g(self.args), "out_gib": g(self.out - self.alias),
-            "temp_gib": g(self.temp), "resident_gib": g(self.resident), "peak_gib": g(self.peak),
-            "fits": self.fits(usable)}
-
-
-def topology_devices(topology: str, hbm_gib: float = 0.0) -> tuple[list[Any], float]:
-  """The devices of `topology` ("v5p:2x2x1", ..., or "cpu:N") and their HBM in GiB (`hbm_gib` > 0 wins)."""
-  if topology.startswith("cpu:"):
-    n = int(topology.split(":", 1)[1])
-    devices = jax.devices("cpu")
-    if len(devices) < n:
-      raise ValueError(f"--topology={topology}: only {len(devices)} CPU devices; set XLA_FLAGS="
-                       f"--xla_force_host_platform_device_count={n} before JAX starts")
-    if hbm_gib <= 0:
-      raise ValueError(f"--topology={topology}: set --config.plan.hbm_gib (the memory to plan for per device)")
-    return devices[:n], hbm_gib
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  prefix = topology.split(":", 1)[0]
-  if hbm_gib <= 0 and prefix not in TPU_HBM_GIB:
-    raise ValueError(f"--topology={topology}: unknown HBM size; set --config.plan.hbm_gib")
-  try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-  except Exception as e:  # libtpu absent or an unknown name: say which
-    raise ValueError(f"--topology={topology}: cannot describe this TPU topology ({e}); install the libtpu wheel "
-                     "(pip install -e '.[plan]') or use --topology=cpu:N") from e
-  return list(desc.devices), hbm_gib or TPU_HBM_GIB[prefix]
-
-
-def device_hbm_gib(device: Any, configured: float = 0.0) -> float:
-  """`configured` if > 0, else a real device's allocator limit; on CPU, host memory / local devices."""
-  if configured > 0:
-    return configured
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  if stats and stats.get("bytes_limit"):
-    return stats["bytes_limit"] / GIB
-  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB / max(jax.local_device_count(), 1)
-
-
-def device_bytes(tree: Any) -> int:
-  """Bytes one device holds of a tree of sharded abstract (or concrete) arrays."""
-  total = 0
-  for x in jax.tree.leaves(tree):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):  # static arguments (configs) and None
-      continue
-    shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-    itemsize = x.dtype.itemsize if hasattr(x.dtype, "itemsize") else 8  # typed PRNG keys: 2 x uint32
-    total += math.prod(shape) * itemsize
-  return total
-
-
-def abstract_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Host arrays (numpy, scalars, typed keys) -> ShapeDtypeStructs replicated on `mesh`, as jit places them."""
-  rep = NamedSharding(mesh, PartitionSpec())
-
-  def one(x):
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
-    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
-    x = np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype), sharding=rep)
-  return jax.tree.map(one, tree)
-
-
-def abstract_params(mcfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
-  """The parameters as ShapeDtypeStructs in the param dtype, with the logical rules' shardings."""
-  boxed = models.abstract_params(mcfg)
-  shardings = sharding.param_shardings(boxed, mesh)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(mcfg.param_dtype), sharding=s),
-                      nn.unbox(boxed), shardings)
-
-
-@dataclasses.dataclass(frozen=True)
-class Compiled:
-  """A compiled program's abstract outputs and per-device memory."""
-
-  out: Any  # ShapeDtypeStructs with shardings
-  args: int
-  out_bytes: int
-  alias: int
-  temp: int
-
-
-_HBM_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\)")
-
-
-def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh) -> Compiled:
-  """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it.
-
-  XLA refuses to compile a TPU program whose temporaries exceed HBM, naming what it wanted: that
-  figure is the program's temporaries (its outputs are then unknown: counted as 0)."""
-  with sharding.mesh_context(mesh):
-    lowered = fn.lower(*args)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      found = _HBM_OOM.search(str(e))
-      if not found:
-        raise
-      temp = float(found.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": GIB << 10}[found.group(2)]
-      return Compiled(None, device_bytes(args), 0, 0, int(temp))
-  m = compiled.memory_analysis()
-  return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
-
-
-def plan_row(name: str, shapes: str, c: Compiled, resident: int, hbm_gib: float) -> ProgramPlan:
-  return ProgramPlan(name, shapes, c.args, c.out_bytes, c.alias, c.temp, resident, int(hbm_gib * GIB))
-
 
 # --- synthetic inputs of the config's shapes -------------------------------------------------------
 

@@ -23,9 +23,9 @@ import sys
 from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+from ares_jax import main as entry  # the --config flag and its one-line errors for bad overrides
+
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "A TPU topology name (v4:2x2x1, v5e:2x4, v5p:2x2x1, "
                                 "v6e:2x4, ...) or cpu:N (N simulated CPU devices).")
 _JSON = flags.DEFINE_string("json", None, "Also write the plan as JSON to this path.")
@@ -41,15 +41,11 @@ def prepare_environment(topology: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  if config is None:
-    raise app.UsageError("--config=configs/<experiment>.py is required")
+  config = entry.config_from_flags(argv)
   prepare_environment(_TOPOLOGY.value)
-  from ares_jax import memory_plan  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from ares_jax import compiled_memory, memory_plan  # pylint: disable=g-import-not-at-top  (imports JAX)
   try:
-    devices, hbm = memory_plan.topology_devices(_TOPOLOGY.value, config.plan.hbm_gib)
+    devices, hbm = compiled_memory.topology_devices(_TOPOLOGY.value, config.plan.hbm_gib)
     plans = memory_plan.plan_step(config, devices, hbm)
   except ValueError as e:
     sys.stderr.write(f"FATAL: {e}\n")
@@ -78,7 +74,7 @@ def format_table(rows: list[dict[str, Any]], topology: str, hbm: float, usable: 
 
 def cli() -> None:
   logging.set_verbosity(logging.INFO)  # progress of the chunk search
-  app.run(main)
+  app.run(main, flags_parser=entry.parse_flags)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ import jax
 import numpy as np
 import pytest
 
+from ares_jax import compiled_memory as cm
 from ares_jax import memory_plan as mp
 from ares_jax import sampling
 from ares_jax.stages import setup
 from tiny_configs import ROOT, load_config
 
-GIB = mp.GIB
+GIB = cm.GIB
 
 
 def _config(stage: str = "ares"):
@@ -41,7 +42,7 @@ def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
                    "AEPO optimizer apply"):
     assert any(n.startswith(expected) for n in names), (expected, names)
   st = mp.Setting.create(c, jax.devices(), 1.0)
-  params = mp.device_bytes(st.params)
+  params = cm.device_bytes(st.params)
   ref = params // 2  # bfloat16 copy of fp32 parameters
   by_name = {p.name: p for p in plans}
   for p in plans:
@@ -67,7 +68,7 @@ def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
 def test_sft_plan_has_no_vision_gradients(tiny_plan):
   c, plans = tiny_plan
   st = mp.Setting.create(c, jax.devices(), 1.0)
-  vision = mp.device_bytes(st.params["visual"])
+  vision = cm.device_bytes(st.params["visual"])
   sft = next(p for p in plans if p.name.startswith("SFT gradient"))
   aepo = next(p for p in plans if p.name.startswith("AEPO gradient"))
   # the frozen tower has no accumulator: the SFT micro-step reads one vision tree less (it reads the
@@ -115,16 +116,16 @@ def test_tpu_topology_plans_or_names_the_missing_wheel():
     import libtpu  # noqa: F401  pylint: disable=unused-import,g-import-not-at-top
   except ImportError:
     with pytest.raises(ValueError, match="libtpu"):
-      mp.topology_devices("v5e:2x2")
+      cm.topology_devices("v5e:2x2")
     return
-  devices, hbm = mp.topology_devices("v5e:2x2")
+  devices, hbm = cm.topology_devices("v5e:2x2")
   assert len(devices) == 4 and hbm == 16.0 and devices[0].platform == "tpu"
   c = _config("aepo")
   st = mp.Setting.create(c, devices, hbm)
   sc = setup.sampling_config(c, type("T", (), {"pad_token_id": 0})(), st.mcfg)
   plans = mp.rollout_programs(st, sc, 8, mp.step_shapes(c, st.mcfg, sc.max_new_tokens), 0)
   assert all(p.fits(c.plan.usable) and p.hbm == 16 * GIB for p in plans)
-  assert plans[1].temp > 0 and plans[1].args >= mp.device_bytes(st.params)
+  assert plans[1].temp > 0 and plans[1].args >= cm.device_bytes(st.params)
 
 
 def test_auto_chunk_on_cpu_takes_every_prompt_without_compiling():
