@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -218,15 +219,24 @@ def test_main_two_process_distributed_run(cache_dir):
     port = sock.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              ARES_JAX_CACHE=cache_dir, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2")
+  # Output goes to files: two pipes read one after the other could stall a process (and with it the
+  # other's collectives) once one fills.
+  logs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(2)]
   procs = [subprocess.Popen([sys.executable, "-m", "ares_jax.main", "--config=configs/tiny.py",
                              "--config.stage=inspect", "--config.distributed=True"], cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+                            stdout=logs[i][0], stderr=logs[i][1], text=True) for i in range(2)]
   try:
-    outs = [p.communicate(timeout=240) for p in procs]
+    for p in procs:
+      p.wait(timeout=240)
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
+  outs = []
+  for out, err in logs:
+    out.seek(0)
+    err.seek(0)
+    outs.append((out.read(), err.read()))
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   first = outs[0][0]
