@@ -1,8 +1,9 @@
 """Per-device memory of compiled programs: topologies, abstract sharded arrays, and what XLA reports.
 
-The pieces of a memory plan that know nothing of ARES: the devices (and HBM) of a TPU topology or of
-the run itself, per-device bytes of sharded trees, host arrays as the abstract arrays jit would see,
-and one compiled program's arguments / outputs / temporaries as `memory_analysis()` gives them.
+The pieces of a memory plan that know nothing of a training step: the devices (and HBM) of a TPU
+topology or of the run itself, per-device bytes of sharded trees, host arrays and the model's
+parameters as the abstract sharded arrays jit would see, and one compiled program's arguments /
+outputs / temporaries as `memory_analysis()` gives them.
 """
 
 from __future__ import annotations
