@@ -154,8 +154,7 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
   Returns (chunk, its plans); (0, []) when not even the smallest fits."""
   batch_devices = st.mesh.shape["data"] * st.mesh.shape["fsdp"]
   base = batch_devices // math.gcd(batch_devices, sc.n + sc.branches(branching))
-  usable = st.config.plan.usable
-  budget = usable * st.hbm_gib * GIB
+  budget = st.config.plan.usable * st.hbm_gib * GIB
   top = sequences.round_up(most, base)
   def plan(n):
     plans = rollout_programs(st, sc, n, shapes, resident, branching)
@@ -172,12 +171,12 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
   lo, lo_plans, lo_peak = base, small, peak(small)
   hi, hi_peak = None, None
   second = min(8 * base, top)  # far enough from the first point for a slope that buckets do not hide
-  double = plan(second)
-  slope = max((peak(double) - lo_peak) / (second - base), 1.0)
-  if peak(double) <= budget:
-    lo, lo_plans, lo_peak = second, double, peak(double)
+  probe = plan(second)
+  slope = max((peak(probe) - lo_peak) / (second - base), 1.0)
+  if peak(probe) <= budget:
+    lo, lo_plans, lo_peak = second, probe, peak(probe)
   else:
-    hi, hi_peak = second, peak(double)
+    hi, hi_peak = second, peak(probe)
   while lo < top:
     if hi is None:
       guess = min(top, int((budget - lo_peak) / slope) + lo)

@@ -76,8 +76,7 @@ def _pad_vision(v: VisionInputs, n: int, m: int) -> VisionInputs:
   else:
     patches = np.pad(v.patches, ((0, extra), (0, 0)))
   return v.replace(
-      patches=patches, slot_segment=np.pad(v.slot_segment, (0, extra),
-                                                                          constant_values=-1),
+      patches=patches, slot_segment=np.pad(v.slot_segment, (0, extra), constant_values=-1),
       pos_hw=np.pad(v.pos_hw, ((0, extra), (0, 0))),
       merged_index=np.pad(v.merged_index, (0, m - v.merged_index.shape[0])))
 
@@ -117,7 +116,7 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
   if visions:  # one vision shape for all chunks; a chunk without images gets an all-padding layout
     n = max(v.patches.shape[0] for v in visions)
     m = max(v.merged_index.shape[0] for v in visions)
-    empty = visions[0].replace(patches=np.zeros((0, visions[0].patches.shape[1]), np.float32),  # never abstract
+    empty = visions[0].replace(patches=np.zeros((0, visions[0].patches.shape[1]), np.float32),
                                slot_segment=np.zeros((0,), np.int32), pos_hw=np.zeros((0, 2), np.int32),
                                merged_index=np.zeros((0,), np.int32))
     chunks = [dataclasses.replace(c, vision=_pad_vision(c.vision if c.vision is not None else empty, n, m))
