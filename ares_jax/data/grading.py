@@ -66,7 +66,9 @@ class Grades:
 class Grader:
   """Grades batches in `workers` processes with a `timeout_s` limit per item.
 
-  `fn(response, gold) -> float` must be importable by module name (it runs in spawned workers).
+  `fn(response, gold, *extra) -> float` must be importable by module name (it runs in spawned workers);
+  `extra`, when given to `grade`, holds each item's further arguments (e.g. a benchmark item's options).
+  A judge that calls math-verify there passes `timeout_seconds=None`: the pool's timeout is the limit.
   """
 
   def __init__(self, workers: int = 2, timeout_s: float = 5.0, fn=grade_one):
@@ -86,13 +88,16 @@ class Grader:
       self._pool.join()
     self._pool = None
 
-  def grade(self, responses: Sequence[str], golds: Sequence[str]) -> Grades:
+  def grade(self, responses: Sequence[str], golds: Sequence[str],
+            extra: Sequence[tuple] | None = None) -> Grades:
+    """`fn` on every (response, gold, *extra[i]); a hung or crashing item scores 0 and is counted."""
+    extra = [()] * len(responses) if extra is None else extra
     acc = np.zeros(len(responses), np.float32)
     timeouts = errors = 0
     todo = list(range(len(responses)))
     while todo:
       pool = self._get_pool()
-      jobs = {i: pool.apply_async(self.fn, (responses[i], golds[i])) for i in todo}
+      jobs = {i: pool.apply_async(self.fn, (responses[i], golds[i], *extra[i])) for i in todo}
       todo = []
       for i, job in jobs.items():
         try:

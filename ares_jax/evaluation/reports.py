@@ -1,0 +1,97 @@
+"""Evaluation files in `{workdir}/eval/`: `<name>.jsonl` (one row per item and sample), `report.json`,
+`report.md` (benchmark x accuracy x mean tokens) and `report.png` (accuracy against tokens).
+
+Every file is written whole to a temporary name and renamed into place, so a run killed mid-write never
+leaves a half file for `eval.rescore` or a reader to trip on. Callers write on process 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+# The fields of a `<name>.jsonl` row (issue 11); the rest (item, sample, id, category, source, extra) are
+# what rescoring and regrouping need.
+ROW_FIELDS = ("index", "question", "answer", "options", "prediction", "extracted", "correct", "tokens", "group")
+
+
+def _json_default(x: Any) -> Any:
+  """numpy scalars and arrays as their Python values (row values come from parquet / TSV readers)."""
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  return str(x)
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+  """Writes `path` via a temporary file in the same folder and `os.replace`."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def write_records(path: str, records: Iterable[Mapping[str, Any]]) -> None:
+  """`records` as JSON lines, atomically."""
+  atomic_write(path, "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt(x: float) -> str:
+  return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def markdown(report: Mapping[str, Mapping[str, Any]]) -> str:
+  """A table: benchmark, items, accuracy (worst case over groups when grouped), item accuracy, mean
+  response tokens, and WeMath's strict / loose scores where they apply."""
+  lines = ["| benchmark | n | accuracy | accuracy (items) | mean tokens | note |", "|---|---:|---:|---:|---:|---|"]
+  for name, r in report.items():
+    notes = []
+    if "groups" in r:
+      notes.append(f"worst case over {r['groups']} groups")
+    if "wemath" in r:
+      notes.append(f"WeMath strict {_fmt(r['wemath']['score_strict'])}, loose {_fmt(r['wemath']['score_loose'])}")
+    if r.get("samples", 1) > 1:
+      notes.append(f"avg@{r['samples']}")
+    lines.append(f"| {name} | {r['n']} | {_fmt(r['accuracy'])} | {_fmt(r['accuracy_items'])} | "
+                 f"{r['tokens']:.1f} | {'; '.join(notes)} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping[str, Mapping[str, Any]], path: str) -> None:
+  """Accuracy against mean response tokens, one labelled point per benchmark (ARES reports both)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for name, r in report.items():
+    ax.scatter([r["tokens"]], [r["accuracy"]], s=40)
+    ax.annotate(name, (r["tokens"], r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+  ax.set_xlabel("mean response tokens")
+  ax.set_ylabel("accuracy")
+  ax.set_ylim(-0.02, 1.02)
+  ax.grid(alpha=0.3)
+  ax.set_title("accuracy vs response length")
+  fig.tight_layout()
+  tmp = f"{path}.tmp{os.getpid()}"
+  fig.savefig(tmp, dpi=100, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def write_reports(eval_dir: str, report: Mapping[str, Mapping[str, Any]]) -> None:
+  """`report.json`, `report.md` and `report.png` of `report` ({benchmark: summary}) in `eval_dir`."""
+  os.makedirs(eval_dir, exist_ok=True)
+  atomic_write(os.path.join(eval_dir, "report.json"), json.dumps(report, indent=1, default=_json_default))
+  atomic_write(os.path.join(eval_dir, "report.md"), markdown(report))
+  plot(report, os.path.join(eval_dir, "report.png"))

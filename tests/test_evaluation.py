@@ -1,0 +1,139 @@
+"""Benchmark evaluation: the judge's hard cases, group and WeMath scores, the report files, and the `eval`
+stage end to end on two benchmarks built here (a VLMEvalKit TSV with base64 images and options, a
+free-form JSONL) followed by a rescore that re-judges an edited prediction without loading a model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ares_jax.evaluation import judge as J
+from ares_jax.evaluation import reports, scores
+
+OPTIONS = {"A": "12", "B": "21", "C": r"\frac{1}{2}", "D": "none of these"}
+
+
+@pytest.mark.parametrize("response,gold,want", [
+    (r"so \boxed{\frac{1}{2}} here", "0.5", 1),  # nested braces survive, values compared by math-verify
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1),
+    (r"\boxed{x^{2}+\frac{1}{2}}", r"x^2+\frac12", 1),
+    (r"\boxed{12}", "21", 0),  # sorted characters would make these equal
+    (r"\boxed{3}", "5", 0),  # a letters-only comparison would make any two numbers equal
+    (r"\boxed{1000}", "10", 0),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{3}", 0),
+    ("The answer is 5.", "5", 0),  # free form needs a boxed answer
+    ("", "5", 0),
+    (r"\boxed{}", "5", 0),
+    (r"\boxed{A}", "A", 1),  # a bare letter does not parse as math: compared as a string
+    (r"\boxed{A}", "B", 0),
+    (r"first \boxed{5} then \boxed{7}", "7", 1),  # the last boxed answer counts
+    (r"first \boxed{7} then \boxed{5}", "7", 0),
+    (r"\boxed{7", "7", 0),  # unbalanced: no answer
+])
+def test_free_form_judge(response, gold, want):
+  assert J.judge(response, gold) == want
+  assert J.judge(response, gold, {}) == want  # empty options = free form
+
+
+@pytest.mark.parametrize("response,gold,want", [
+    (r"\boxed{B}", "B", 1),
+    (r"\boxed{B}", "21", 1),  # letter vs the gold option's text
+    (r"\boxed{21}", "B", 1),  # the option's text vs the gold letter
+    (r"\boxed{12}", "B", 0),  # the text of another option
+    (r"\boxed{0.5}", "C", 1),  # a value equal to exactly one option under math-verify
+    (r"\boxed{(B)}", "B", 1),
+    (r"\boxed{\text{B. 21}}", "B", 1),
+    (r"\boxed{A}", "B", 0),
+    ("so the answer is (B).", "B", 1),
+    ("so the answer is (A).", "B", 0),
+    ("Answer: B", "B", 1),
+    ("I considered (A) at first.\nB", "B", 1),  # a lone letter on the last line
+    ("I considered B at first, then stopped", "B", 0),  # a letter inside prose is no choice
+    ("no choice at all", "B", 0),
+    (r"\boxed{E}", "E", 0),  # not one of the options
+])
+def test_multiple_choice_judge(response, gold, want):
+  assert J.judge(response, gold, OPTIONS) == want
+
+
+def test_extracted_answer_and_gold_choice():
+  assert J.extract(r"\boxed{21}", OPTIONS) == "B" and J.extract("the answer is (C)", OPTIONS) == "C"
+  assert J.extract(r"\boxed{\frac{1}{2}+1}") == r"\frac{1}{2}+1" and J.extract("nothing") is None
+  assert J.gold_choice("(D)", OPTIONS) == "D" and J.gold_choice("none of these", OPTIONS) == "D"
+  assert J.gold_choice("42", OPTIONS) is None
+  assert J.normalize(r" \text{Yes}. ") == "yes" and J.normalize("12") != J.normalize("21")
+
+
+def test_judge_in_the_grading_pool_gets_the_options():
+  from ares_jax.data.grading import Grader
+
+  with Grader(workers=1, timeout_s=30, fn=J.judge) as g:
+    out = g.grade([r"\boxed{21}", r"\boxed{21}", r"\boxed{0.5}"], ["B", "21", r"\frac12"],
+                  extra=[(OPTIONS,), ({},), ({},)])
+  np.testing.assert_array_equal(out.accuracy, [1, 1, 1])
+
+
+def _record(item, correct, group=None, sample=0, tokens=10, category=None, extra=None):
+  return dict(item=item, sample=sample, correct=correct, tokens=tokens, group=group, category=category,
+              extra=extra or {})
+
+
+def test_dynamath_group_with_one_wrong_variant_is_wrong():
+  rows = [_record(0, True, "q1"), _record(1, False, "q1"), _record(2, True, "q1"),
+          _record(3, True, "q2"), _record(4, True, "q2"), _record(5, True, None)]
+  out = scores.summarize(rows, grouped=True)
+  assert out["accuracy_items"] == pytest.approx(5 / 6)
+  assert out["groups"] == 3 and out["accuracy"] == pytest.approx(2 / 3)  # q1 wrong, q2 right, item 5 alone
+  assert scores.summarize(rows, grouped=False)["accuracy"] == pytest.approx(5 / 6)
+  # a wrong sample of an otherwise right group also sinks it
+  two = [_record(0, True, "q", 0), _record(0, False, "q", 1), _record(1, True, "p", 0), _record(1, True, "p", 1)]
+  out = scores.summarize(two, grouped=True)
+  assert out["accuracy"] == 0.5 and out["accuracy_items"] == 0.75 and out["n"] == 2 and out["samples"] == 2
+
+
+def test_per_category_and_tokens():
+  rows = [_record(0, True, tokens=10, category="geo"), _record(1, False, tokens=30, category="geo"),
+          _record(2, True, tokens=20, category="alg")]
+  out = scores.summarize(rows, grouped=False)
+  assert out["tokens"] == 20 and out["n"] == 3
+  assert out["per_category"] == {"alg": {"accuracy": 1.0, "tokens": 20.0, "n": 1},
+                                 "geo": {"accuracy": 0.5, "tokens": 20.0, "n": 2}}
+
+
+def _wemath_rows(table):
+  rows = []
+  for pid, key, ok in table:
+    rows.append(_record(len(rows), ok, extra={"ID": pid, "key": key, "knowledge concept": "x"}))
+  return rows
+
+
+def test_wemath_four_dimensional_score_on_a_hand_computed_table():
+  T, F = True, False
+  table = [("p1", "2steps_1", T), ("p1", "2steps_2", T), ("p1", "2steps_multi", T),  # CM (strict and loose)
+           ("p2", "2steps_1", T), ("p2", "2steps_2", F), ("p2", "2steps_multi", T),  # RM strict, CM loose
+           ("p3", "2steps_1", F), ("p3", "2steps_2", F), ("p3", "2steps_multi", T),  # RM strict and loose
+           ("p4", "2steps_1", T), ("p4", "2steps_2", T), ("p4", "2steps_multi", F),  # IG
+           ("p5", "3steps_1", T), ("p5", "3steps_2", F), ("p5", "3steps_3", T), ("p5", "3steps_multi", F),  # IK
+           ("p6", "3steps_1", T), ("p6", "3steps_2", T), ("p6", "3steps_multi", T)]  # no 3steps_3: left out
+  out = scores.summarize(_wemath_rows(table), grouped=False)["wemath"]
+  # By hand: N = 5 complete problems; IG = 1 (p4), IK = 1 (p5), RM strict = 2 (p2, p3), RM loose = 1 (p3).
+  assert (out["problems"], out["IG"], out["IK"], out["RM_strict"], out["RM_loose"]) == (5, 1, 1, 2, 1)
+  assert (out["CM_strict"], out["CM_loose"]) == (1, 2)
+  assert out["score_strict"] == pytest.approx((5 - 0.5 * 1 - 2 - 1) / 5)  # 0.3
+  assert out["score_loose"] == pytest.approx((5 - 0.5 * 1 - 1 - 1) / 5)  # 0.5
+  assert "wemath" not in scores.summarize([_record(0, True)], grouped=False)
+
+
+def test_report_files(tmp_path):
+  report = {"mathvista": scores.summarize([_record(0, True, tokens=12), _record(1, False, tokens=8)], False),
+            "dynamath": scores.summarize([_record(0, True, "g"), _record(1, False, "g")], True)}
+  reports.write_reports(str(tmp_path), report)
+  assert json.loads((tmp_path / "report.json").read_text())["dynamath"]["accuracy"] == 0.0
+  md = (tmp_path / "report.md").read_text()
+  assert "| mathvista | 2 | 0.5000 | 0.5000 | 10.0 |" in md and "worst case over 1 groups" in md
+  assert (tmp_path / "report.png").stat().st_size > 5_000
+  assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+  reports.write_records(str(tmp_path / "x.jsonl"), [{"a": np.int64(3), "b": np.float32(0.5)}])
+  assert reports.read_records(str(tmp_path / "x.jsonl")) == [{"a": 3, "b": 0.5}]
