@@ -150,6 +150,24 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
+def process_count() -> int:
+  return jax.process_count()
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def allgather_bytes(payload: bytes) -> list[bytes]:
+  """Every process's `payload`, in process order, on every process (a collective: all must call it)."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([len(payload)], np.int64))).reshape(-1)
+  buf = np.zeros(int(sizes.max()), np.uint8)
+  buf[:len(payload)] = np.frombuffer(payload, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+  return [rows[i, :int(n)].tobytes() for i, n in enumerate(sizes)]
+
+
 def barrier(name: str) -> None:
   """Waits until every process reaches `name` (a no-op in a single-process run)."""
   if jax.process_count() > 1:

@@ -38,6 +38,9 @@ def get_config():
   # Synthetic task: "Mod 10, start s, apply +d k times", k = 1..8 is the difficulty.
   c.data.ops = "+"
   c.data.min_steps, c.data.max_steps = 1, 8
+  # The synthetic prompt is the bare question in one user turn, as the warm start's traces expect.
+  c.data.system_prompt = ""
+  c.data.instruction = ""
   c.data.images = False  # True: every other prompt also shows the problem as an image (vision path; ~4x slower)
   # Supervised warm start on programmatic traces, standing in for a pretrained base model. Each step of
   # a trace slips (comes out one too high) with probability 0.1, so the warm-started policy computes

@@ -14,9 +14,9 @@ from ares_jax import configs, models
 from ares_jax.adacs import report as report_lib
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.data import synthetic
-from ares_jax.data.coldstart import PoolSource
+from ares_jax.data.coldstart import question_row
 from ares_jax.data.grading import Grader, Grades, grade_one
-from ares_jax.data.pipeline import PromptStream
+from ares_jax.data.prompts import PromptStream, RowSource
 from ares_jax.stages import adacs as adacs_stage
 from ares_jax.stages import pipeline, setup
 from ares_jax.train import sft
@@ -24,6 +24,11 @@ from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.sequences import pack
 from tiny_configs import load_config, small_rl
 
+
+
+def _pool_stream(c, pool, proc) -> PromptStream:
+  return PromptStream(RowSource([question_row(q) for q in pool]), proc, setup.prompt_template(c, proc.tokenizer),
+                      c.rollout.max_prompt_length)
 
 
 def tiny_adacs_config(workdir: str, **adacs):
@@ -91,7 +96,7 @@ def test_pass_rates_resume_equals_uninterrupted(tmp_path, tiny_parts):
   pool = adacs_stage.synthetic_pool(c)[:10]
   ids = [q.id for q in pool]
   sc = setup.sampling_config(c, tok, mcfg, n=3, max_branches=0)
-  stream = lambda: PromptStream(PoolSource(pool), proc, c.rollout.max_prompt_length)
+  stream = lambda: _pool_stream(c, pool, proc)
   with Grader(workers=1) as grader:
     full_path = str(tmp_path / "full.jsonl")
     full = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc, jax.random.key(3),
@@ -110,7 +115,7 @@ def test_pass_rates_resume_equals_uninterrupted(tmp_path, tiny_parts):
 def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_parts):
   c, mcfg, tok, proc, params = tiny_parts
   pool = adacs_stage.synthetic_pool(c)[:3]
-  stream = PromptStream(PoolSource(pool), proc, c.rollout.max_prompt_length)
+  stream = _pool_stream(c, pool, proc)
   prompts = [stream.encode(i).prompt for i in range(3)]
   responses = [np.array(tok(q.responses[0])["input_ids"] + [1], np.int32) for q in pool]
   (arrays, settings, weight), = sft.micro_batches(mcfg, prompts, responses, 3, pad_id=0)
@@ -207,7 +212,7 @@ def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
 
 
 def test_eval_stage_writes_accuracy_and_length_per_difficulty(tmp_path, capsys):
-  from ares_jax.stages import eval_policy
+  from ares_jax.stages import evaluate as eval_policy
 
   c = tiny_adacs_config(str(tmp_path / "eval"))
   c.stage = "eval"
@@ -223,10 +228,10 @@ def test_eval_stage_writes_accuracy_and_length_per_difficulty(tmp_path, capsys):
 
 
 def test_sampled_evaluation_grades_every_sample_against_its_own_prompt(tiny_parts):
-  from ares_jax.stages.evaluation import evaluate
+  from ares_jax.evaluation.held_out import evaluate
 
   c, mcfg, tok, proc, params = tiny_parts
-  stream = PromptStream(setup.make_source(c, 1), proc, 256)
+  stream = setup.prompt_stream(c, proc, 1)
   exs, _ = stream.take(0, 5)
   seen = {}
 

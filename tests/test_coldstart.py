@@ -10,10 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ares_jax.data import coldstart
-from ares_jax.data.coldstart import PoolSource, load_image, read_pool
-from ares_jax.data.pipeline import PromptStream
+from ares_jax.data import reader
+from ares_jax.data.coldstart import question_row, read_pool
 from ares_jax.data.processor import QwenVLProcessor
+from ares_jax.data.prompts import PromptStream, RowSource
+from ares_jax.data.reader import Row, load_images
+from ares_jax.data.template import PromptTemplate
 from ares_jax.data.tokenizer import tiny_tokenizer
 
 
@@ -62,6 +64,10 @@ def jsonl_pool(tmp_path):
   return tmp_path / "mathv.jsonl"
 
 
+def load_image(ref):
+  return load_images(Row(id="x", location="x", question="q", answer="a", images=(ref,)))[0]
+
+
 def _summary(questions):
   return [(q.source, q.question, q.answer, q.responses, q.pass_rate, q.difficulty,
            [load_image(r).getpixel((0, 0)) for r in q.images]) for q in questions]
@@ -79,9 +85,9 @@ def test_jsonl_rows_group_into_questions_by_id_or_content(jsonl_pool):
   skipped = collections.Counter()
   questions = read_pool([str(jsonl_pool)], skipped)
   assert not skipped
-  assert [q.id for q in questions] == ["q1", "q2", "mathv.jsonl:4", "mathv.jsonl:7"]
+  assert [q.id for q in questions] == ["q1", "q2", f"{jsonl_pool}:4", f"{jsonl_pool}:7"]
   assert _summary(questions) == EXPECTED
-  assert questions[0].images == [str(jsonl_pool.parent / "img" / "red.png")]
+  assert questions[0].images == (str(jsonl_pool.parent / "img" / "red.png"),)
   assert read_pool(str(jsonl_pool.parent)) == questions  # a directory, or a bare path
 
 
@@ -96,11 +102,13 @@ def test_parquet_with_image_bytes_groups_like_jsonl(tmp_path, monkeypatch):
       r["images"] = [{"bytes": blobs[p], "path": None} for p in r["images"]]
     rows.append(r)
   _write_parquet(tmp_path / "mathv.parquet", rows, row_group_size=3)
-  monkeypatch.setattr(coldstart, "_PARQUET_BATCH_ROWS", 2)  # a question spans batches and row groups
-  questions = read_pool([str(tmp_path / "mathv.parquet")])
-  assert [q.id for q in questions] == ["q1", "q2", "mathv.parquet:3", "mathv.parquet:6"]
+  monkeypatch.setattr(reader, "_PARQUET_BATCH_ROWS", 2)  # a question spans batches and row groups
+  path = tmp_path / "mathv.parquet"
+  questions = read_pool([str(path)])
+  assert [q.id for q in questions] == ["q1", "q2", f"{path}:3", f"{path}:6"]
   assert _summary(questions) == EXPECTED
-  assert all(isinstance(r, bytes) for q in questions for r in q.images)
+  # Image bytes stay in the file until a row is used: rows hold (file, row, image) references.
+  assert all(isinstance(r, reader.ParquetImage) for q in questions for r in q.images)
 
 
 def test_bad_rows_are_skipped_counted_and_located(tmp_path, caplog):
@@ -114,7 +122,7 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path, caplog):
       json.dumps({"id": "b4", "question": "Q?", "answer": "1", "response": "r", "pass_rate": 1.5}),
       "",
       json.dumps({"id": "b5", "answer": "1", "response": "r"}),
-      json.dumps({"id": "b6", "question": "Q?", "answer": "1", "response": "r", "images": "a.png"}),
+      json.dumps({"id": "b6", "question": "Q?", "answer": "1", "response": "r", "images": 5}),
       json.dumps({**good, "answer": "2", "response": "other"}),
       json.dumps([1, 2]),
       json.dumps({**good, "response": "ok2", "difficulty": 4}),
@@ -128,17 +136,19 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path, caplog):
                            "missing_question": 1, "conflicting_answer": 1}
   [q] = questions
   assert (q.id, q.answer, q.responses, q.difficulty) == ("g", "1", ["ok", "ok2", "ok"], 4)
-  for where in ("bad.jsonl:2 ", "bad.jsonl:4 ", "bad.jsonl:5 ", "bad.jsonl:9 ", "bad.parquet:1 "):
+  for where in ("bad.jsonl:2:", "bad.jsonl:4:", "bad.jsonl:5:", "bad.jsonl:9:", "bad.parquet:1:"):
     assert where in caplog.text
   assert "pass_rate_out_of_range" in caplog.text and "conflicting_answer" in caplog.text
 
 
 def test_load_image_names_an_unreadable_reference(tmp_path):
   missing = str(tmp_path / "nowhere.png")
-  with pytest.raises(ValueError, match="nowhere.png"):
+  with pytest.raises(reader.BadRow, match="nowhere.png") as e:
     load_image(missing)
-  with pytest.raises(ValueError, match="<9 bytes>"):
+  assert e.value.reason == "missing_image"
+  with pytest.raises(reader.BadRow, match="<9 bytes>") as e:
     load_image(b"not a png")
+  assert e.value.reason == "unreadable_image"
   assert load_image(_png("red")).mode == "RGB"
 
 
@@ -150,11 +160,11 @@ def test_pool_source_skips_a_question_with_a_corrupt_image(tmp_path, proc, caplo
       {"id": "c", "question": "What is 2+2?", "answer": "4", "response": "r"},
   ]
   _write_parquet(tmp_path / "pool.parquet", rows)
-  source = PoolSource(read_pool([str(tmp_path / "pool.parquet")]))
-  stream = PromptStream(source, proc, max_prompt_length=256)
+  source = RowSource([question_row(q) for q in read_pool([str(tmp_path / "pool.parquet")])])
+  stream = PromptStream(source, proc, PromptTemplate(proc.tokenizer, system="", instruction=""), 256)
   with caplog.at_level(logging.WARNING):
     exs, pos = stream.take(0, 2)
   assert [e.index for e in exs] == [0, 2] and pos == 3
   assert exs[0].prompt.image_grid_thw is not None and exs[1].prompt.image_grid_thw is None
   assert (exs[1].answer, exs[1].question) == ("4", "What is 2+2?")
-  assert dict(stream.skipped) == {"unreadable": 1} and "question b" in caplog.text
+  assert dict(stream.skipped) == {"unreadable_image": 1} and "pool.parquet:1: unreadable_image" in caplog.text

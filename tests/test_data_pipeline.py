@@ -8,15 +8,21 @@ import pytest
 from PIL import Image
 
 from ares_jax.data import synthetic
-from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
 from ares_jax.data.processor import QwenVLProcessor
+from ares_jax.data.prompts import PromptStream, RowSource, SyntheticSource
+from ares_jax.data.reader import read_rows
+from ares_jax.data.template import PromptTemplate, ensure_chat_template
 from ares_jax.data.tokenizer import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):
-  tok = tiny_tokenizer(str(tmp_path_factory.mktemp("tok")))
+  tok = ensure_chat_template(tiny_tokenizer(str(tmp_path_factory.mktemp("tok"))))
   return QwenVLProcessor.create(tok, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+
+
+def _bare(proc):
+  return PromptTemplate(proc.tokenizer, system="", instruction="")
 
 
 def test_bad_rows_are_skipped_counted_and_located(tmp_path, proc, caplog):
@@ -32,23 +38,26 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path, proc, caplog):
   ]
   path = tmp_path / "data.jsonl"
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  stream = PromptStream(JsonlSource(str(path)), proc, max_prompt_length=64)
+  rows = read_rows(str(path))
+  assert len(rows) == 5  # the row without an answer is dropped when read
+  stream = PromptStream(RowSource(rows), proc, _bare(proc), max_prompt_length=64)
   with caplog.at_level(logging.WARNING):
     exs, pos = stream.take(0, 2)
-  assert [e.index for e in exs] == [0, 4] and pos == 5
+  assert [e.row.location for e in exs] == [f"{path}:1", f"{path}:5"] and pos == 4
   assert exs[1].prompt.image_grid_thw is not None and exs[1].prompt.pixel_values.shape[1] == 1176
-  assert dict(stream.skipped) == {"missing_answer": 1, "unreadable": 1, "too_long": 1}
+  assert dict(stream.skipped) == {"unreadable_image": 1, "too_long": 1}
   text = caplog.text
-  assert "row 1" in text and "row 2" in text and "row 3" in text
-  more, _ = stream.take(pos, 1)  # row 5 (missing file) is skipped too, then it wraps to row 0
-  assert more[0].index == 0 and stream.skipped["unreadable"] == 2
+  assert f"{path}:2: missing_answer" in text and f"{path}:3: unreadable_image" in text
+  assert f"{path}:4: too_long" in text
+  more, _ = stream.take(pos, 1)  # line 6 (missing file) is skipped too, then it wraps to line 1
+  assert more[0].index == 0 and stream.skipped["missing_image"] == 1
 
 
 def test_a_source_with_no_usable_row_fails_clearly(tmp_path, proc):
   path = tmp_path / "bad.jsonl"
-  path.write_text(json.dumps({"question": "q"}) + "\n")
+  path.write_text(json.dumps({"question": "q", "answer": "1", "image": "nowhere.png"}) + "\n")
   with pytest.raises(ValueError, match="no usable row"):
-    PromptStream(JsonlSource(str(path)), proc, 64).take(0, 1)
+    PromptStream(RowSource(read_rows(str(path))), proc, _bare(proc), 64).take(0, 1)
 
 
 def test_synthetic_problems_are_deterministic_graded_and_verifiable(proc):
@@ -64,7 +73,7 @@ def test_synthetic_problems_are_deterministic_graded_and_verifiable(proc):
   q = synthetic.problem(0, 1, 3, 3, "+")
   assert q.trace(slips=(0, 2)).endswith(f"\\boxed{{{(int(q.answer) + 2) % 10}}}")  # each slip adds one
   src = SyntheticSource(0, 1, 4, images=True)
-  ex = PromptStream(src, proc, 256).encode(0)
+  ex = PromptStream(src, proc, _bare(proc), 256).encode(0)
   assert ex.prompt.image_grid_thw is not None and ex.difficulty == src.problem(0).difficulty
   with pytest.raises(ValueError, match="ops"):
     synthetic.problem(0, 0, ops="/")

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from ares_jax import sampling, sharding
 from ares_jax.data.grading import Grader
-from ares_jax.data.pipeline import PromptStream
+from ares_jax.data.prompts import PromptStream
 from ares_jax.models.config import ModelConfig
-from ares_jax.train.sequences import prompt_batch
+from ares_jax.data.batching import prompt_batch
 
 
 def read_progress(path: str) -> dict[str, dict]:
@@ -70,7 +70,7 @@ def estimate_pass_rates(mcfg: ModelConfig, params: Any, stream: PromptStream, id
 
 def _estimate_batch(mcfg, params, stream: PromptStream, ids, rows: list[int], tokenizer, grader: Grader,
                     sc: sampling.SamplingConfig, key) -> list[dict]:
-  examples = {i: stream.encode(i) for i in rows}
+  examples = dict(zip(rows, stream.encode_many(rows)))
   usable = [i for i in rows if examples[i] is not None]
   records = [{"id": ids[i], "pass_rate": None} for i in rows if examples[i] is None]
   if not usable:

@@ -93,6 +93,20 @@ class QwenVLProcessor:
     return (f"{head}<|im_start|>user\n{IMAGE_PLACEHOLDER * num_images}{question}<|im_end|>\n"
             "<|im_start|>assistant\n")
 
+  def resize(self, image: Any) -> np.ndarray:
+    """`image` (RGB) at the size the processor will give it, as uint8 [H, W, 3]. Processing the result
+    gives the same `pixel_values` as processing `image` (smart_resize of a size it returned is that
+    size), so resized images are what processes exchange and what a dataset stores."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # pylint: disable=g-import-not-at-top
+
+    ip = self.image_processor
+    w, h = image.size
+    rh, rw = smart_resize(h, w, ip.patch_size * ip.merge_size, min_pixels=ip.size["shortest_edge"],
+                          max_pixels=ip.size["longest_edge"])
+    if (rw, rh) != (w, h):
+      image = image.resize((rw, rh), resample=ip.resample)
+    return np.asarray(image, np.uint8)
+
   def process_images(self, images: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """pixel_values [sum(t*h*w), patch_dim] float32 and image_grid_thw [num_images, 3] int64."""
     out = self.image_processor(images=list(images), return_tensors="np")

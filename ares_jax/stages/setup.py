@@ -4,6 +4,7 @@ the synthetic task, the supervised warm start that stands in for a pretrained ba
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -16,8 +17,10 @@ from absl import logging
 from ares_jax import configs, models, sampling, sharding
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
+from ares_jax.data import reader
 from ares_jax.data.grading import Grader
-from ares_jax.data.pipeline import JsonlSource, PromptStream, SyntheticSource
+from ares_jax.data.prompts import PromptStream, RowSource, SyntheticSource, split_rows
+from ares_jax.data.template import PromptTemplate, ensure_chat_template
 from ares_jax.models import hf_io
 from ares_jax.train import sft
 
@@ -51,8 +54,21 @@ def build(config: ml_collections.ConfigDict) -> Built:
 
 
 def prompt_stream(config: ml_collections.ConfigDict, processor, split: int) -> PromptStream:
-  """Prompts of split `split` of `config.data` (see `make_source`), length-checked."""
-  return PromptStream(make_source(config, split), processor, config.rollout.max_prompt_length)
+  """Prompts of split `split` of `config.data` (see `make_source`), templated and length-checked; the
+  training split (0) of a dataset is shuffled every epoch when `data.shuffle`."""
+  d = config.data
+  return PromptStream(make_source(config, split), processor, prompt_template(config, processor.tokenizer),
+                      config.rollout.max_prompt_length, d.max_image_pixels,
+                      shuffle=bool(d.shuffle) and split == 0 and d.kind != "synthetic", seed=config.seed)
+
+
+def prompt_template(config: ml_collections.ConfigDict, tokenizer) -> PromptTemplate:
+  d = config.data
+  return PromptTemplate(tokenizer, d.system_prompt, d.instruction, d.instruction_position)
+
+
+def columns(config: ml_collections.ConfigDict) -> reader.Columns:
+  return reader.Columns.with_overrides(**dict(config.data.columns))
 
 
 def build_grader(config: ml_collections.ConfigDict) -> Grader:
@@ -67,13 +83,13 @@ def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 def build_tokenizer(config: ml_collections.ConfigDict):
   kind = config.tokenizer.kind
   if kind == "tiny":
-    return tokenizer_lib.tiny_tokenizer()
+    return ensure_chat_template(tokenizer_lib.tiny_tokenizer())
   if kind == "hf":
     path = config.tokenizer.path or config.model.hf_path
     if not path:
       raise ValueError("config.tokenizer.kind='hf' needs a local folder: set --config.model.hf_path (a Qwen2.5-VL "
                        "checkpoint folder) or --config.tokenizer.path, or run with --config.inspect.forward=False")
-    return tokenizer_lib.load_tokenizer(path)
+    return ensure_chat_template(tokenizer_lib.load_tokenizer(path), path)
   raise ValueError(f"config.tokenizer.kind={kind!r}: expected 'tiny' or 'hf'")
 
 
@@ -144,13 +160,36 @@ def chunked(config: ml_collections.ConfigDict, b: Built, sc: sampling.SamplingCo
 
 def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
   """Split 0: AEPO train prompts (and the warm start); 1: held-out evaluation; 3: AdaCS's held-out
-  evaluation (the synthetic AdaCS pool draws from seed * 1000 + 2)."""
+  evaluation (the synthetic AdaCS pool draws from seed * 1000 + 2). Datasets have two splits: the
+  training rows, and `data.eval_paths` or else the rows whose id hashes below `data.eval_fraction`."""
   d = config.data
   if d.kind == "synthetic":
     return SyntheticSource(config.seed * 1000 + split_seed, d.min_steps, d.max_steps, d.images, d.ops)
-  if d.kind == "jsonl":
-    return JsonlSource(d.path)
-  raise ValueError(f"config.data.kind={d.kind!r}: expected 'synthetic' or 'jsonl'")
+  if d.kind == "files":
+    train, held = _dataset_rows(tuple(d.paths), tuple(d.eval_paths), d.eval_fraction, d.image_root or None,
+                                columns(config))
+    return RowSource(train if split_seed == 0 else held)
+  if d.kind == "tfds":
+    from ares_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (tensorflow-datasets is heavy)
+    return tfds_source.source(config, split_seed)
+  raise ValueError(f"config.data.kind={d.kind!r}: expected one of {configs.DATA_KINDS}")
+
+
+@functools.lru_cache(maxsize=2)
+def _dataset_rows(paths: tuple, eval_paths: tuple, eval_fraction: float, image_root: str | None,
+                  cols: reader.Columns) -> tuple[list, list]:
+  """(training rows, held-out rows), read once per run: each stream of a stage shares them."""
+  rows = reader.read_rows(paths, cols, image_root)
+  if eval_paths:
+    held = reader.read_rows(eval_paths, cols, image_root)
+    held_ids = {r.id for r in held}
+    train = [r for r in rows if r.id not in held_ids]  # a row in both files is never trained on
+  else:
+    train, held = split_rows(rows, eval_fraction)
+  if not train:
+    raise ValueError(f"config.data.paths={paths} holds no usable training row")
+  logging.info("data: %d training rows, %d held-out rows", len(train), len(held))
+  return train, held
 
 
 def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenizer) -> Any:
@@ -160,7 +199,7 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
   if w.max_steps:  # a difficulty range of its own (e.g. wider than the RL prompts')
     d = config.data
     source = SyntheticSource(config.seed * 1000, w.min_steps or d.min_steps, w.max_steps, d.images, d.ops)
-    stream = PromptStream(source, stream.processor, stream.max_prompt_length)
+    stream = PromptStream(source, stream.processor, stream.template, stream.max_prompt_length)
 
   def batches(step):
     exs, _ = stream.take(10_000_000 + step * w.batch_size, w.batch_size)

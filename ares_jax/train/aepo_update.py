@@ -17,7 +17,8 @@ import numpy as np
 
 from ares_jax import aepo, sharding
 from ares_jax.models.config import ModelConfig
-from ares_jax.train.sequences import Packed, Prompt, pack, response_logprobs, score
+from ares_jax.data.batching import Prompt
+from ares_jax.train.sequences import Packed, pack, response_logprobs, score
 from ares_jax.train.update import LossFn, MicroBatch
 
 

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from ares_jax.models.config import ModelConfig
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.train.sequences import Prompt, pack, response_logprobs
+from ares_jax.data.batching import Prompt
+from ares_jax.train.sequences import pack, response_logprobs
 from ares_jax.train.update import MicroBatch, Updater
 
 

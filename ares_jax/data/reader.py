@@ -1,0 +1,453 @@
+"""One reader for every data layout ares_jax trains or evaluates on: RL prompts, AdaCS pools, benchmarks.
+
+Files: JSONL, parquet (read in row batches) and VLMEvalKit TSV (base64 `image` column, option columns
+`A`..`H`); a folder stands for the data files below it (sorted; `images/` folders are not searched).
+Recognised as they ship (design.md 9): ViRL39K (`39Krelease.parquet` + `images/`, `<image>`
+placeholders, `\\boxed{}` answers, pass rates with -1 for "not annotated"), EasyR1-style parquet
+(`problem` / `answer` / `images` with embedded bytes), the ARES cold-start layout (one teacher `response`
+a row) and VLMEvalKit benchmarks.
+
+Reading keeps text only: an image stays a reference (a path, base64 text, or a row of a parquet file)
+until `load_images` decodes the row that is used, so a 39k-row dataset or a 223k-row pool costs
+megabytes, not the gigabytes of its pictures. A row that cannot be used is skipped, counted by reason
+in `skipped` and logged once with its `file:row`; reading never stops on one bad row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import threading
+from typing import Any, Iterator, Sequence
+
+from absl import logging
+from PIL import Image
+
+from ares_jax.data.grading import last_boxed
+
+EXTENSIONS = (".jsonl", ".parquet", ".tsv")
+OPTION_LETTERS = "ABCDEFGH"
+IMAGE_PLACEHOLDER = "<image>"
+_PARQUET_BATCH_ROWS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+  """Column names tried in order for each field; the first present in a row wins. Overridable per run
+  (`config.data.columns`) for layouts that name them otherwise."""
+
+  question: tuple[str, ...] = ("question", "problem", "prompt")
+  answer: tuple[str, ...] = ("answer", "solution")
+  image: tuple[str, ...] = ("images", "image", "image_path")
+  id: tuple[str, ...] = ("id", "qid", "index")
+  source: tuple[str, ...] = ("source", "data_source")
+  category: tuple[str, ...] = ("category",)
+  pass_rate: tuple[str, ...] = ("pass_rate", "PassRate_7BBase")
+  difficulty: tuple[str, ...] = ("difficulty",)
+  response: tuple[str, ...] = ("response",)
+
+  @classmethod
+  def with_overrides(cls, **names: str) -> "Columns":
+    """`Columns` whose fields given a non-empty name look only at that column."""
+    unknown = set(names) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"config.data.columns has unknown fields {sorted(unknown)}")
+    return cls(**{k: (v,) for k, v in names.items() if v})
+
+  def used(self) -> set[str]:
+    return {c for f in dataclasses.fields(self) for c in getattr(self, f.name)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetImage:
+  """The `k`-th image of row `row` of a parquet file, read when the row is used."""
+
+  path: str
+  column: str
+  row: int
+  k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One usable row: text and image references, nothing decoded."""
+
+  id: str  # the id column (id | qid | index), else the location
+  location: str  # "file:row": 1-based line of a JSONL file, 0-based data row of parquet and TSV
+  question: str  # as in the file: may hold literal `<image>` placeholders
+  answer: str  # the content of a `\boxed{}` answer, else the answer as given
+  images: tuple = ()  # str path | bytes | ParquetImage | PIL image (synthetic rows)
+  options: dict = dataclasses.field(default_factory=dict)  # letter -> option text; empty: free form
+  source: str = ""
+  category: str | None = None
+  pass_rate: float | None = None
+  difficulty: int | None = None
+  response: str | None = None  # a cold-start teacher response
+  index: Any = None  # the file's own `index` column (benchmarks), else None
+  extra: dict = dataclasses.field(default_factory=dict)  # every other scalar column
+
+
+class BadRow(Exception):
+  """A row that cannot be used; `reason` is the key it is counted under."""
+
+  def __init__(self, reason: str, detail: str = ""):
+    super().__init__(detail)
+    self.reason = reason
+
+
+def skip(skipped: collections.Counter, reason: str, location: str, detail: Any = "", what: str = "row") -> None:
+  """Counts a skipped row under `reason` and logs it once with its location."""
+  skipped[reason] += 1
+  logging.warning("skipping %s %s: %s %s", what, location, reason, detail)
+
+
+def data_files(paths: str | Sequence[str]) -> list[str]:
+  """The data files of `paths`: files as given, folders searched (sorted, `images/` folders skipped)."""
+  files = []
+  for path in [paths] if isinstance(paths, str) else paths:
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+      found = []
+      for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if d != "images" and not d.startswith("."))
+        found += [os.path.join(root, n) for n in names if n.endswith(EXTENSIONS)]
+      if not found:
+        raise ValueError(f"{path}: no {', '.join(EXTENSIONS)} files in this folder")
+      files += sorted(found)
+    elif not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no such file or folder")
+    elif path.endswith(EXTENSIONS):
+      files.append(path)
+    else:
+      raise ValueError(f"{path}: a data file must end in {', '.join(EXTENSIONS)}")
+  return files
+
+
+def read_rows(paths: str | Sequence[str], columns: Columns = Columns(), image_root: str | None = None,
+              skipped: collections.Counter | None = None, need_response: bool = False) -> list[Row]:
+  """Every usable row of `paths`, in file order. Bad rows ('missing_question', 'missing_answer',
+  'missing_response' when `need_response`, 'malformed', 'pass_rate_out_of_range') are counted in
+  `skipped` and logged with their location. Image paths are relative to their file's folder, or to
+  `image_root` when given."""
+  skipped = collections.Counter() if skipped is None else skipped
+  out = []
+  for path in data_files(paths):
+    base = os.path.abspath(image_root or os.path.dirname(os.path.abspath(path)))
+    rows = []
+    for where, rec in _records(path, columns):
+      location = f"{path}:{where}"
+      try:
+        rows.append(_parse(rec, path, location, columns, base, need_response))
+      except BadRow as e:
+        skip(skipped, e.reason, location, e)
+    out += _shared_tsv_images(rows) if path.endswith(".tsv") else rows
+  return out
+
+
+def _shared_tsv_images(rows: list[Row]) -> list[Row]:
+  """VLMEvalKit stores an image repeated across rows once: the other rows' `image` holds the `index` of
+  the row that has it. Such references are replaced by that row's image."""
+  by_index = {str(r.index): r for r in rows if r.index is not None}
+  out = []
+  for r in rows:
+    refs = []
+    for ref in r.images:
+      if isinstance(ref, _Base64) and len(ref.text) < 64 and ref.text.strip().isdigit():
+        other = by_index.get(ref.text.strip())
+        ref = other.images[0] if other is not None and other.images else ref  # else unreadable when used
+      refs.append(ref)
+    out.append(dataclasses.replace(r, images=tuple(refs)))
+  return out
+
+
+def _records(path: str, columns: Columns) -> Iterator[tuple[int, Any]]:
+  if path.endswith(".parquet"):
+    yield from _parquet_records(path, columns)
+  elif path.endswith(".tsv"):
+    yield from _tsv_records(path)
+  else:
+    with open(path, "rb") as f:
+      for line_no, line in enumerate(f, 1):
+        if line.strip():
+          yield line_no, line
+
+
+def _parquet_records(path: str, columns: Columns) -> Iterator[tuple[int, dict]]:
+  """Rows of the text columns, a batch at a time; image columns holding bytes become `ParquetImage`s."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+  with pq.ParquetFile(path) as f:
+    schema = f.schema_arrow
+    lazy = {n for n in schema.names if n in columns.image and _holds_bytes(schema.field(n).type, pa)}
+    names = [n for n in schema.names if n not in lazy]
+    row_no = 0
+    for batch in f.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=names):
+      counts = {n: _image_counts(f, n, row_no, batch.num_rows) for n in lazy}
+      for i, rec in enumerate(batch.to_pylist()):
+        for n in lazy:
+          rec[n] = [ParquetImage(path, n, row_no + i, k) for k in range(counts[n][i])]
+        yield row_no + i, rec
+      row_no += batch.num_rows
+
+
+def _holds_bytes(t, pa) -> bool:
+  if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+    return True
+  if pa.types.is_struct(t):
+    return any(_holds_bytes(t.field(i).type, pa) for i in range(t.num_fields))
+  if pa.types.is_list(t) or pa.types.is_large_list(t):
+    return _holds_bytes(t.value_type, pa)
+  return False
+
+
+def _image_counts(f, column: str, start: int, n: int) -> list[int]:
+  """Images per row in rows [start, start + n) of a bytes-holding column, without keeping the bytes."""
+  import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
+  col = _row_slice(f, column, start, n).column(0).combine_chunks()
+  if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+    return [0 if v is None else int(v) for v in pc.list_value_length(col).to_pylist()]
+  present = pc.is_valid(col)
+  if pa.types.is_struct(col.type):  # {bytes, path} with both null is no image
+    fields = [pc.is_valid(pc.struct_field(col, [i])) for i in range(col.type.num_fields)]
+    any_field = fields[0]
+    for x in fields[1:]:
+      any_field = pc.or_(any_field, x)
+    present = pc.and_(present, any_field)
+  return [int(bool(v)) for v in present.to_pylist()]
+
+
+def _row_slice(f, column: str, start: int, n: int):
+  """Rows [start, start + n) of one column, reading only the row groups they lie in."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
+  md, pieces, offset = f.metadata, [], 0
+  for g in range(md.num_row_groups):
+    rows = md.row_group(g).num_rows
+    if offset + rows > start and offset < start + n:
+      t = f.read_row_group(g, columns=[column])
+      lo = max(start - offset, 0)
+      pieces.append(t.slice(lo, min(start + n, offset + rows) - offset - lo))
+    offset += rows
+  return pa.concat_tables(pieces)
+
+
+def _tsv_records(path: str) -> Iterator[tuple[int, dict]]:
+  csv.field_size_limit(sys.maxsize)  # base64 images are long fields
+  with open(path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f, delimiter="\t")
+    for row_no, rec in enumerate(reader):
+      yield row_no, {k: _tsv_value(v) for k, v in rec.items() if k is not None}
+
+
+def _tsv_value(v: str | None) -> Any:
+  return None if v is None or v == "" or v.lower() == "nan" else v
+
+
+def _first(rec: dict, names: tuple[str, ...]) -> tuple[str | None, Any]:
+  for n in names:
+    v = rec.get(n)
+    if v is not None and not (isinstance(v, float) and math.isnan(v)) and v != "" and v != []:
+      return n, v
+  return None, None
+
+
+def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need_response: bool) -> Row:
+  rec = raw
+  if isinstance(raw, bytes):
+    try:
+      rec = json.loads(raw)
+    except ValueError as e:
+      raise BadRow("malformed", f"not JSON: {e}") from None
+  if not isinstance(rec, dict):
+    raise BadRow("malformed", f"a row is an object, not {type(rec).__name__}")
+  _, question = _first(rec, columns.question)
+  if question is None:
+    raise BadRow("missing_question")
+  _, answer = _first(rec, columns.answer)
+  if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+    answer = str(answer)
+  if not isinstance(question, str) or (answer is not None and not isinstance(answer, str)):
+    raise BadRow("malformed", "question and answer must be text")
+  answer = (last_boxed(answer) if answer and "\\boxed{" in answer else answer or "").strip()
+  if not answer:
+    raise BadRow("missing_answer")
+  _, response = _first(rec, columns.response)
+  if need_response and not response:
+    raise BadRow("missing_response")
+  if response is not None and not isinstance(response, str):
+    raise BadRow("malformed", f"response {response!r:.80}")
+  id_col, row_id = _first(rec, columns.id)
+  if row_id is not None and (isinstance(row_id, bool) or not isinstance(row_id, (str, int, float))):
+    raise BadRow("malformed", f"id {row_id!r}")
+  _, pass_rate = _first(rec, columns.pass_rate)
+  if pass_rate is not None:
+    try:
+      pass_rate = float(pass_rate)
+    except (TypeError, ValueError):
+      raise BadRow("malformed", f"pass_rate {pass_rate!r}") from None
+    if pass_rate == -1:  # ViRL39K: not annotated
+      pass_rate = None
+    elif not 0.0 <= pass_rate <= 1.0:  # NaN is out of range too
+      raise BadRow("pass_rate_out_of_range", f"pass_rate {pass_rate!r}")
+  _, difficulty = _first(rec, columns.difficulty)
+  if difficulty is not None:
+    try:
+      if not float(difficulty).is_integer():
+        raise ValueError
+      difficulty = int(float(difficulty))
+    except (TypeError, ValueError):
+      raise BadRow("malformed", f"difficulty {difficulty!r}") from None
+  options = {k: str(rec[k]).strip() for k in OPTION_LETTERS if rec.get(k) is not None and str(rec[k]).strip()}
+  _, source = _first(rec, columns.source)
+  _, category = _first(rec, columns.category)
+  image_col, refs = _first(rec, columns.image)
+  used = columns.used() | set(OPTION_LETTERS)
+  extra = {k: v for k, v in rec.items() if k not in used and (v is None or isinstance(v, (str, int, float, bool)))}
+  return Row(id=_id_text(row_id) if row_id is not None else location, location=location, question=question,
+             answer=answer, images=_image_refs(refs, base, path, image_col), options=options,
+             source=str(source) if source is not None else os.path.splitext(os.path.basename(path))[0],
+             category=None if category is None else str(category), pass_rate=pass_rate, difficulty=difficulty,
+             response=response, index=rec.get("index"), extra=extra)
+
+
+def _id_text(v: Any) -> str:
+  return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _image_refs(refs: Any, base: str, path: str, column: str | None) -> tuple:
+  if refs is None:
+    return ()
+  if isinstance(refs, str) and refs.startswith("[") and path.endswith(".tsv"):
+    try:  # VLMEvalKit writes several images of one row as a JSON list
+      refs = json.loads(refs)
+    except ValueError:
+      pass
+  if not isinstance(refs, list):
+    refs = [refs]
+  out = []
+  for ref in refs:
+    if isinstance(ref, dict):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+      ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, ParquetImage) or (isinstance(ref, (bytes, bytearray)) and ref):
+      out.append(ref if isinstance(ref, ParquetImage) else bytes(ref))
+    elif isinstance(ref, str) and ref:
+      if path.endswith(".tsv") and column == "image":
+        out.append(_Base64(ref))
+      else:
+        out.append(os.path.normpath(os.path.join(base, os.path.expanduser(ref))))  # absolute refs stay
+    else:
+      raise BadRow("malformed", f"image reference {describe(ref)}")
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Base64:
+  """A base64-encoded image of a VLMEvalKit TSV; a short all-digit value is the `index` of another row
+  whose image it shares (VLMEvalKit stores a repeated image once)."""
+
+  text: str
+
+
+def describe(ref: Any) -> str:
+  if isinstance(ref, (bytes, bytearray)):
+    return f"<{len(ref)} bytes>"
+  if isinstance(ref, _Base64):
+    return f"<{len(ref.text)} base64 characters>"
+  return repr(ref)[:200]
+
+
+class _ParquetCache:
+  """The image column of the last row group read, per file: rows used in order read each group once."""
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._key, self._table, self._offset = None, None, 0
+
+  def read(self, ref: ParquetImage) -> bytes:
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
+    with self._lock:
+      with pq.ParquetFile(ref.path) as f:
+        md, offset = f.metadata, 0
+        for g in range(md.num_row_groups):
+          rows = md.row_group(g).num_rows
+          if offset <= ref.row < offset + rows:
+            if self._key != (ref.path, ref.column, g):
+              self._table = f.read_row_group(g, columns=[ref.column]).column(0)
+              self._key, self._offset = (ref.path, ref.column, g), offset
+            break
+          offset += rows
+        else:
+          raise ValueError(f"row {ref.row} is past the end of {ref.path}")
+      value = self._table[ref.row - self._offset].as_py()
+    if isinstance(value, list):
+      value = value[ref.k]
+    if isinstance(value, dict):
+      value = value.get("bytes") or value.get("path")
+    if isinstance(value, str):  # a path stored beside embedded images
+      with open(os.path.join(os.path.dirname(ref.path), value), "rb") as fh:
+        return fh.read()
+    if not value:
+      raise ValueError(f"{ref.path}:{ref.row} has no bytes in image {ref.k} of column {ref.column}")
+    return bytes(value)
+
+
+_PARQUET = _ParquetCache()
+
+
+def image_bytes(ref: Any) -> bytes:
+  """The encoded bytes an image reference points at; raises OSError or ValueError when it cannot."""
+  if isinstance(ref, (bytes, bytearray)):
+    return bytes(ref)
+  if isinstance(ref, ParquetImage):
+    return _PARQUET.read(ref)
+  if isinstance(ref, _Base64):
+    try:
+      return base64.b64decode(ref.text, validate=True)
+    except binascii.Error as e:
+      raise ValueError(f"bad base64 image: {e}") from None
+  with open(ref, "rb") as f:
+    return f.read()
+
+
+def load_images(row: Row, max_image_pixels: int = 89_478_485) -> list[Image.Image]:
+  """The row's images decoded to RGB. Raises BadRow: 'missing_image' (no such file), 'unreadable_image'
+  (not an image), 'decompression_bomb' (more than `max_image_pixels` pixels, checked from the header
+  before any pixel is decoded), 'placeholder_mismatch' (`<image>` count differs from the image count)."""
+  n_marks = row.question.count(IMAGE_PLACEHOLDER)
+  if n_marks and n_marks != len(row.images):
+    raise BadRow("placeholder_mismatch", f"{n_marks} {IMAGE_PLACEHOLDER} placeholders, {len(row.images)} images")
+  out = []
+  for ref in row.images:
+    if isinstance(ref, Image.Image):
+      out.append(ref.convert("RGB"))
+      continue
+    try:
+      data = image_bytes(ref)
+    except FileNotFoundError as e:
+      raise BadRow("missing_image", str(e)) from None
+    except (OSError, ValueError) as e:
+      raise BadRow("unreadable_image", f"{describe(ref)}: {e}") from None
+    try:
+      with Image.open(io.BytesIO(data)) as img:
+        w, h = img.size
+        if w * h > max_image_pixels:
+          raise BadRow("decompression_bomb", f"{describe(ref)}: {w}x{h} pixels > {max_image_pixels}")
+        out.append(img.convert("RGB"))
+    except Image.DecompressionBombError as e:
+      raise BadRow("decompression_bomb", f"{describe(ref)}: {e}") from None
+    except (OSError, ValueError, SyntaxError) as e:
+      raise BadRow("unreadable_image", f"{describe(ref)}: {e}") from None
+  return out
