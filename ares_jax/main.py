@@ -31,7 +31,7 @@ STAGES: dict[str, str] = {
     "aepo": "ares_jax.stages.aepo:run",
     "adacs": "ares_jax.stages.adacs:run",
     "ares": "ares_jax.stages.pipeline:run",
-    "eval": "ares_jax.stages.eval_policy:run",
+    "eval": "ares_jax.stages.evaluate:run",
 }
 PLANNED_STAGES: tuple[str, ...] = ()
 
@@ -141,6 +141,11 @@ def main(argv: list[str]) -> None:
     run = resolve_stage(config.stage)
   except StageNotAvailable as e:
     sys.stderr.write(f"FATAL: {e}\n")
+    sys.exit(2)
+  from ares_jax import configs  # pylint: disable=g-import-not-at-top  (no JAX backend)
+  problem = configs.data_problem(config)
+  if problem:
+    sys.stderr.write(f"FATAL: {problem}\n")
     sys.exit(2)
   if config.get("distributed", False):
     init_distributed()

@@ -17,6 +17,8 @@ def get_config():
   c = configs.base_config(stage="adacs", workdir="workdirs/adacs_7b")
   c.checkpoint_every = 200
   c.mesh.fsdp = -1
+  # Real data, named on the command line (the run stops at startup, naming the field, until it is).
+  c.data.kind = "files"
   c.model = configs.qwen25vl_7b()
   c.adacs.epochs = 2
   c.adacs.lr = 2e-5

@@ -16,7 +16,8 @@ from ares_jax import configs, models
 from ares_jax.stages import aepo as aepo_stage
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.aepo_update import LossSettings, aepo_loss_fn
-from ares_jax.train.sequences import Prompt, pack
+from ares_jax.data.batching import Prompt
+from ares_jax.train.sequences import pack
 from ares_jax.train.update import MicroBatch, Updater
 from tiny_configs import load_config, small_rl
 

@@ -26,11 +26,12 @@ from ares_jax import adacs, models, sharding
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.adacs.report import length_by_pass_rate, write_report
 from ares_jax.data import synthetic
-from ares_jax.data.coldstart import PoolQuestion, PoolSource, read_pool
+from ares_jax.data.coldstart import PoolQuestion, question_row, read_pool
 from ares_jax.data.grading import Grader
-from ares_jax.data.pipeline import PromptStream
+from ares_jax.data.prompts import PromptStream, RowSource
+from ares_jax.data.reader import Row
 from ares_jax.stages import setup
-from ares_jax.stages.evaluation import evaluate
+from ares_jax.evaluation.held_out import evaluate
 from ares_jax.train import sft
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.metrics import MetricsWriter, plot_curves
@@ -50,9 +51,9 @@ def synthetic_pool(config: ml_collections.ConfigDict) -> list[PoolQuestion]:
       buf = io.BytesIO()
       synthetic.render(p).save(buf, format="PNG")
       images = [buf.getvalue()]
-    pool.append(PoolQuestion(id=f"synthetic-{i}", source=f"synthetic_{d.ops}", question=p.question,
-                             answer=p.answer, images=images, difficulty=p.difficulty,
-                             responses=p.teacher_candidates(a.max_checks, a.slip_rate, rng)))
+    row = Row(id=f"synthetic-{i}", location=f"synthetic:{i}", question=p.question, answer=p.answer,
+              images=tuple(images), source=f"synthetic_{d.ops}", difficulty=p.difficulty)
+    pool.append(PoolQuestion(row, p.teacher_candidates(a.max_checks, a.slip_rate, rng), difficulty=p.difficulty))
   return pool
 
 
@@ -85,20 +86,26 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   grader = setup.build_grader(config)
   sc = setup.chunked(config, b, setup.sampling_config(config, tok, mcfg, n=a.pass_rate_samples, max_branches=0),
                      a.pass_rate_batch)
-  eval_stream = setup.prompt_stream(config, proc, 3)
+  # Held-out prompts for before/after SFT: the synthetic task's, or the held-out rows of `data.paths`.
+  has_eval = config.data.kind != "files" or bool(config.data.paths or config.data.eval_paths)
+  eval_stream = setup.prompt_stream(config, proc, 3) if has_eval else None
+  if not has_eval:
+    logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
   ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
   resumed = ckpt.latest_step() is not None
-  if not resumed and config.warm_start.steps > 0 and not config.model.hf_path:
+  if not resumed and config.warm_start.steps > 0 and not config.model.hf_path and config.data.kind == "synthetic":
     params = setup.warm_start(config, mcfg, params, setup.prompt_stream(config, proc, 0), pad_id, tok)
 
   # 1. The pool, every candidate graded and measured.
   skipped: collections.Counter = collections.Counter()
-  pool = read_pool(list(a.pool_paths), skipped) if a.pool_paths else synthetic_pool(config)
+  pool = (read_pool(list(a.pool_paths), skipped, setup.columns(config), config.data.image_root or None)
+          if a.pool_paths else synthetic_pool(config))
   if not pool:
     raise ValueError(f"config.adacs.pool_paths={tuple(a.pool_paths)} holds no usable question (skipped: "
                      f"{dict(skipped)})")
   candidates, cand_stats = measure_candidates(pool, tok, grader, a.max_response_length)
-  stream = PromptStream(PoolSource(pool), proc, config.rollout.max_prompt_length)
+  stream = PromptStream(RowSource([question_row(q) for q in pool]), proc, setup.prompt_template(config, tok),
+                        config.rollout.max_prompt_length, config.data.max_image_pixels)
 
   # 2. Pass rates: supplied, or estimated with the policy before SFT (resumable).
   ids = [q.id for q in pool]
@@ -128,8 +135,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # 4. SFT on the selection, evaluated before and after on held-out synthetic problems.
   eos = tok.convert_tokens_to_ids("<|im_end|>")
   chosen_text = [pool[index[p["id"]]].responses[p["candidate"]] for p in plan]
-  examples = [(stream.encode(index[p["id"]]), np.array(t + [eos], np.int32))
-              for p, t in zip(plan, tok(chosen_text)["input_ids"])]
+  encoded = stream.encode_many([index[p["id"]] for p in plan])
+  examples = [(e, np.array(t + [eos], np.int32)) for e, t in zip(encoded, tok(chosen_text)["input_ids"])]
   examples = [(e.prompt, t) for e, t in examples if e is not None]
   eval_key = jax.random.key(config.seed + 1)
   before_path = os.path.join(config.workdir, "eval_before_sft.json")
@@ -138,13 +145,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       before = json.load(f)
   else:
     before = evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
-                      config.eval.samples)
+                      config.eval.samples) if eval_stream else {}
     if sharding.is_primary():
       with open(before_path, "w") as f:
         json.dump(before, f)
   state = train_sft(config, mcfg, params, examples, ckpt, mesh, pad_id)
   after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
-                   config.eval.samples)
+                   config.eval.samples) if eval_stream else {}
   grader.close()
   ckpt.close()
 
