@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ares_jax.data import reader
+from ares_jax.data import parquet, reader
 from ares_jax.data.coldstart import question_row, read_pool
 from ares_jax.data.processor import QwenVLProcessor
 from ares_jax.data.prompts import PromptStream, RowSource
@@ -102,13 +102,13 @@ def test_parquet_with_image_bytes_groups_like_jsonl(tmp_path, monkeypatch):
       r["images"] = [{"bytes": blobs[p], "path": None} for p in r["images"]]
     rows.append(r)
   _write_parquet(tmp_path / "mathv.parquet", rows, row_group_size=3)
-  monkeypatch.setattr(reader, "_PARQUET_BATCH_ROWS", 2)  # a question spans batches and row groups
+  monkeypatch.setattr(parquet, "BATCH_ROWS", 2)  # a question spans batches and row groups
   path = tmp_path / "mathv.parquet"
   questions = read_pool([str(path)])
   assert [q.id for q in questions] == ["q1", "q2", f"{path}:3", f"{path}:6"]
   assert _summary(questions) == EXPECTED
   # Image bytes stay in the file until a row is used: rows hold (file, row, image) references.
-  assert all(isinstance(r, reader.ParquetImage) for q in questions for r in q.images)
+  assert all(isinstance(r, parquet.ParquetImage) for q in questions for r in q.images)
 
 
 def test_bad_rows_are_skipped_counted_and_located(tmp_path, caplog):

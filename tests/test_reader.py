@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import data_layouts as layouts
-from ares_jax.data import reader
+from ares_jax.data import parquet, reader
 from ares_jax.data.processor import QwenVLProcessor
 from ares_jax.data.prompts import PromptStream, RowSource, split_rows
 from ares_jax.data.template import QWEN_VL_CHAT_TEMPLATE, PromptTemplate, ensure_chat_template
@@ -88,10 +88,10 @@ def test_template_is_the_tokenizers_chat_template(proc):
 
 def test_easyr1_parquet_images_are_read_when_used(tmp_path, proc, monkeypatch):
   path = layouts.easyr1(tmp_path)
-  monkeypatch.setattr(reader, "_PARQUET_BATCH_ROWS", 2)
+  monkeypatch.setattr(parquet, "BATCH_ROWS", 2)
   rows = reader.read_rows(str(path))
   assert [r.answer for r in rows] == ["red", "blue"] * 3 + ["x", "10"]
-  assert all(isinstance(ref, reader.ParquetImage) for r in rows[:7] for ref in r.images) and rows[7].images == ()
+  assert all(isinstance(ref, parquet.ParquetImage) for r in rows[:7] for ref in r.images) and rows[7].images == ()
   stream = _stream(rows, proc)
   exs, pos = stream.take(0, 7)
   assert pos == 8 and stream.skipped == {"unreadable_image": 1}

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 from absl import logging
 
-from ares_jax.data.reader import Columns, ParquetImage, Row, image_bytes, read_rows, skip
+from ares_jax.data.parquet import ParquetImage
+from ares_jax.data.reader import Columns, Row, image_bytes, read_rows, skip
 
 
 @dataclasses.dataclass
