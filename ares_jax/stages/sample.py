@@ -44,7 +44,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
   mcfg, tok, proc, params = b.mcfg, b.tokenizer, b.processor, b.params
   questions, imgs = prompts(config)
-  batch = proc.encode_chat(questions, imgs if any(i is not None for i in imgs) else None)
+  template = setup.prompt_template(config, tok)  # the prompts RL and evaluation use
+  texts = [template.render(q, int(im is not None)) for q, im in zip(questions, imgs)]
+  batch = proc(texts, [im for im in imgs if im is not None] or None)
   key = jax.random.key(config.seed)
   tau = config.sample.tau_high
   if tau is None:
