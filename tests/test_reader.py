@@ -1,6 +1,8 @@
 """The one reader: every released layout, every bad-row kind, the prompt template and the held-out split."""
 
+import base64
 import collections
+import json
 import logging
 
 import numpy as np
@@ -113,6 +115,11 @@ def test_vlmevalkit_tsv_options_base64_and_shared_images(tmp_path, proc):
 
 
 def test_ares_coldstart_jsonl_and_column_overrides(tmp_path):
+  b64 = base64.b64encode(layouts.png("blue")).decode()
+  (tmp_path / "b64.jsonl").write_text(
+      json.dumps({"question": "Q", "answer": "1", "images": [b64, "data:image/png;base64," + b64]}) + "\n")
+  [row] = reader.read_rows(str(tmp_path / "b64.jsonl"))
+  assert [im.getpixel((0, 0)) for im in reader.load_images(row)] == [(0, 0, 255)] * 2
   path = layouts.ares_jsonl(tmp_path)
   rows = reader.read_rows(str(path), need_response=True)
   assert [r.id for r in rows] == ["c0", "c1", "c2", "c3"] and rows[2].response.endswith("\\boxed{4}")

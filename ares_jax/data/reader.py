@@ -270,13 +270,28 @@ def _image_refs(refs: Any, base: str, path: str, column: str | None) -> tuple:
     if isinstance(ref, ParquetImage) or (isinstance(ref, (bytes, bytearray)) and ref):
       out.append(ref if isinstance(ref, ParquetImage) else bytes(ref))
     elif isinstance(ref, str) and ref:
-      if path.endswith(".tsv") and column == "image":
+      if ref.startswith("data:image/") and ";base64," in ref:  # a data URL
+        out.append(_Base64(ref.split(";base64,", 1)[1]))
+      elif (path.endswith(".tsv") and column == "image") or _is_base64_image(ref):
         out.append(_Base64(ref))
       else:
         out.append(os.path.normpath(os.path.join(base, os.path.expanduser(ref))))  # absolute refs stay
     else:
       raise BadRow("malformed", f"image reference {describe(ref)}")
   return tuple(out)
+
+
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _is_base64_image(ref: str) -> bool:
+  """Whether a string column holds a base64-encoded image rather than a path: its first bytes decode to an
+  image file's signature (no path starts with those characters)."""
+  try:
+    head = base64.b64decode(ref[:24], validate=True)
+  except (binascii.Error, ValueError):
+    return False
+  return head.startswith(_IMAGE_MAGIC)
 
 
 @dataclasses.dataclass(frozen=True)
