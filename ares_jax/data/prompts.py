@@ -145,7 +145,7 @@ class PromptStream:
     The same on every process of a multi-process run (see the module docstring)."""
     out: list[Example] = []
     scanned = 0
-    epoch = max(len(self.source), 1)
+    epoch = max(getattr(self.source, "epoch_size", len(self.source)), 1)  # an endless source's pass
     while len(out) < count:
       if scanned >= epoch and not out:
         raise ValueError(f"{self.describe()} has no usable row (skipped: {dict(self.skipped)})")

@@ -59,7 +59,8 @@ def prompt_stream(config: ml_collections.ConfigDict, processor, split: int) -> P
   d = config.data
   return PromptStream(make_source(config, split), processor, prompt_template(config, processor.tokenizer),
                       config.rollout.max_prompt_length, d.max_image_pixels,
-                      shuffle=bool(d.shuffle) and split == 0 and d.kind != "synthetic", seed=config.seed)
+                      # tfds: Grain shuffles and repeats (data/tfds_source.py); the stream walks it in order
+                      shuffle=bool(d.shuffle) and split == 0 and d.kind == "files", seed=config.seed)
 
 
 def prompt_template(config: ml_collections.ConfigDict, tokenizer) -> PromptTemplate:
