@@ -137,3 +137,98 @@ def test_report_files(tmp_path):
   assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
   reports.write_records(str(tmp_path / "x.jsonl"), [{"a": np.int64(3), "b": np.float32(0.5)}])
   assert reports.read_records(str(tmp_path / "x.jsonl")) == [{"a": 3, "b": 0.5}]
+
+
+# The `eval` stage end to end on the tiny model.
+
+def _png_base64(seed: int) -> str:
+  import base64
+  import io
+
+  from PIL import Image
+
+  pixels = np.random.default_rng(seed).integers(0, 255, (56, 56, 3), np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  return base64.b64encode(buf.getvalue()).decode()
+
+
+def _benchmarks(tmp_path):
+  """A VLMEvalKit-style multiple-choice TSV (base64 images, options A-D, DynaMath-like `qid` variants) and
+  a free-form JSONL."""
+  tsv = tmp_path / "mc.tsv"
+  lines = ["index\timage\tquestion\tanswer\tA\tB\tC\tD\tcategory\tqid"]
+  for i, (gold, qid) in enumerate([("A", "s1"), ("C", "s1"), ("B", "s2")]):
+    lines.append(f"{10 + i}\t{_png_base64(i)}\tWhich number is shown?\t{gold}\t1\t2\t3\t4\t"
+                 f"{'geo' if i < 2 else 'alg'}\t{qid}")
+  tsv.write_text("\n".join(lines) + "\n")
+  jsonl = tmp_path / "free.jsonl"
+  jsonl.write_text("".join(json.dumps({"question": f"What is {k} + {k}?", "answer": f"\\boxed{{{2 * k}}}"}) + "\n"
+                           for k in (1, 2, 3)))
+  return f"mc={tsv}", f"free={jsonl}"
+
+
+def _eval_config(workdir, benchmarks):
+  from tiny_configs import load_config
+
+  c = load_config("tiny.py")
+  c.stage = "eval"
+  c.workdir = str(workdir)
+  c.mesh.fsdp = 1
+  c.rollout.max_response_length = 6
+  c.eval.samples = 0
+  c.eval.benchmarks = benchmarks
+  c.eval.batch_prompts = 2
+  c.eval.group_by = "mc=qid"
+  c.grading_workers = 1
+  c.aepo.grading_timeout_s = 30.0
+  return c
+
+
+def test_eval_stage_on_two_benchmarks_then_rescore(tmp_path):
+  from ares_jax.stages import evaluate as eval_stage
+
+  c = _eval_config(tmp_path / "run", _benchmarks(tmp_path))
+  report = eval_stage.run(c)
+  out = tmp_path / "run" / "eval"
+  saved = json.loads((out / "report.json").read_text())
+  assert set(saved) == {"mc", "free"} and saved == json.loads(json.dumps(report))
+  for name, n in (("mc", 3), ("free", 3)):
+    r = saved[name]
+    assert r["n"] == n and r["samples"] == 1 and r["skipped"] == {}
+    assert {"accuracy", "accuracy_items", "tokens", "n", "per_category"} <= set(r)
+    assert 1 <= r["tokens"] <= 6
+  assert saved["mc"]["groups"] == 2 and saved["mc"]["group_by"] == "qid"
+  assert set(saved["mc"]["per_category"]) == {"geo", "alg"} and saved["free"]["per_category"] == {}
+  assert "groups" not in saved["free"] and saved["free"]["accuracy"] == saved["free"]["accuracy_items"]
+  rows = {name: [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+          for name in ("mc", "free")}
+  for name, rs in rows.items():
+    assert len(rs) == 3
+    for r in rs:
+      assert set(reports.ROW_FIELDS) <= set(r) and isinstance(r["prediction"], str)
+  assert [r["index"] for r in rows["mc"]] == [10, 11, 12] and [r["index"] for r in rows["free"]] == [0, 1, 2]
+  assert rows["mc"][0]["options"] == {"A": "1", "B": "2", "C": "3", "D": "4"} and rows["free"][0]["options"] == {}
+  assert [r["group"] for r in rows["mc"]] == ["s1", "s1", "s2"] and rows["free"][0]["group"] is None
+  assert rows["free"][1]["answer"] == "4" and rows["mc"][1]["question"] == "Which number is shown?"
+  md = (out / "report.md").read_text()
+  assert "| mc | 3 |" in md and "| free | 3 |" in md
+  assert (out / "report.png").stat().st_size > 5_000
+
+  # Rescore: make every answer right by editing the predictions; no model is built.
+  for name, rs in rows.items():
+    for r in rs:
+      r["prediction"] = f"so the answer is \\boxed{{{r['answer']}}}"
+    rs[0]["prediction"] = "I do not know"  # one wrong row: item 0 of group s1 sinks s1
+    (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+  rc = _eval_config(tmp_path / "run", ())
+  rc.eval.rescore = True
+  rc.model.hf_path = str(tmp_path / "no_such_checkpoint")  # would fail if a model were loaded
+  again = eval_stage.run(rc)
+  assert again["free"]["accuracy"] == again["free"]["accuracy_items"] == pytest.approx(2 / 3)
+  assert again["mc"]["accuracy_items"] == pytest.approx(2 / 3) and again["mc"]["accuracy"] == 0.5
+  assert again["mc"]["per_category"]["alg"]["accuracy"] == 1.0
+  rescored = [json.loads(line) for line in (out / "mc.jsonl").read_text().splitlines()]
+  assert [r["correct"] for r in rescored] == [False, True, True]
+  assert [r["extracted"] for r in rescored] == [None, "C", "B"]
+  assert json.loads((out / "report.json").read_text())["mc"]["accuracy"] == 0.5

@@ -19,9 +19,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import aepo, sampling, sharding
+from ares_jax import aepo, models, sampling, sharding
 from ares_jax.stages import setup
-from ares_jax.stages.evaluation import evaluate
+from ares_jax.evaluation.held_out import evaluate
+from ares_jax.stages import evaluate as eval_stage
 from ares_jax.stages.aepo_batch import shape_batch
 from ares_jax.train import aepo_update
 from ares_jax.train import optimizer as optim_lib
@@ -66,10 +67,18 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   position = int(meta["data_position"])
   settings = LossSettings.from_config(config)
   history = []
-  held_out = lambda params: evaluate(mcfg, params, eval_stream, grader, tok, sc, config.eval.prompts,
-                                     jax.random.key(1), config.eval.samples)
+  bench = (eval_stage.BenchmarkRunner(config, b, eval_stage.decode_config(config, sc))
+           if config.eval.benchmarks else None)
+
+  def held_out(params, step: int) -> dict[str, float]:
+    out = evaluate(mcfg, params, eval_stream, grader, tok, sc, config.eval.prompts, jax.random.key(1),
+                   config.eval.samples)
+    if bench is not None:  # eval.benchmarks too; their files in {workdir}/eval/step_<step>/
+      out.update(eval_stage.metrics(bench(params, os.path.join(eval_stage.eval_dir(config), f"step_{step}"))))
+    return out
+
   if start == 0 and config.eval.every > 0:
-    history.append(writer.write(0, held_out(state.params)))
+    history.append(writer.write(0, held_out(state.params, 0)))
   for step in tqdm(range(start + 1, config.total_steps + 1), desc="aepo", initial=start, total=config.total_steps):
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     t0 = time.perf_counter()
@@ -101,15 +110,31 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
                     "skipped_updates": float(state.skipped)})
     if config.eval.every > 0 and step % config.eval.every == 0:
-      metrics.update(held_out(state.params))
+      metrics.update(held_out(state.params, step))
     history.append(writer.write(step, metrics))
     if step % config.checkpoint_every == 0 or step == config.total_steps:
       ckpt.save(step, {"state": state, "ref": ref_params}, {"data_position": position})
+    if config.export_every > 0 and step % config.export_every == 0 and step != config.total_steps:
+      export_policy(config, mcfg, state.params, tok)
+  export_policy(config, mcfg, state.params, tok)
+  if bench is not None:
+    bench.close()
   grader.close()
   writer.close()
   ckpt.close()
   logging.info("curves: %s", plot_curves(config.workdir))
   return {"history": history, "skipped_rows": dict(train_stream.skipped)}
+
+
+def export_policy(config: ml_collections.ConfigDict, mcfg, params, tok) -> str:
+  """The policy as a Hugging Face folder, `{workdir}/policy/` (what `eval` and transformers load), as AdaCS
+  saves its own. Every process gathers the weights; process 0 writes."""
+  policy = os.path.join(config.workdir, "policy")
+  models.save_hf(policy, mcfg, params)
+  if sharding.is_primary():
+    tok.save_pretrained(policy)
+  sharding.barrier("aepo policy export")
+  return policy
 
 
 def ppo_update(state: TrainState, ref_params, updater: Updater, rows: UpdateRows, settings: LossSettings,
