@@ -232,3 +232,29 @@ def test_eval_stage_on_two_benchmarks_then_rescore(tmp_path):
   assert [r["correct"] for r in rescored] == [False, True, True]
   assert [r["extracted"] for r in rescored] == [None, "C", "B"]
   assert json.loads((out / "report.json").read_text())["mc"]["accuracy"] == 0.5
+
+
+def test_aepo_scores_benchmarks_and_exports_a_policy_that_eval_loads(tmp_path):
+  from tiny_configs import small_rl
+
+  from ares_jax.stages import aepo as aepo_stage
+  from ares_jax.stages import evaluate as eval_stage
+
+  _, free = _benchmarks(tmp_path)
+  c = small_rl(_eval_config(tmp_path / "rl", (free,)))
+  c.stage, c.total_steps, c.checkpoint_every = "aepo", 2, 2
+  c.warm_start.steps, c.data.max_steps = 0, 3
+  c.rollout.max_response_length = 8
+  c.eval.every, c.eval.prompts = 2, 2
+  c.export_every = 1
+  aepo_stage.run(c)
+  rows = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+  scored = [r for r in rows if "eval/free/accuracy" in r]
+  assert [r["step"] for r in scored] == [0, 2] and all(1 <= r["eval/free/tokens"] <= 8 for r in scored)
+  assert json.loads((tmp_path / "rl" / "eval" / "step_2" / "report.json").read_text())["free"]["n"] == 3
+  policy = tmp_path / "rl" / "policy"
+  assert (policy / "config.json").exists() and list(policy.glob("*.safetensors"))
+
+  e = _eval_config(tmp_path / "ev", (free,))
+  e.model.hf_path = str(policy)
+  assert eval_stage.run(e)["free"]["n"] == 3

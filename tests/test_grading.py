@@ -15,6 +15,10 @@ def slow_or_crashing(response: str, gold: str) -> float:
   return float(response == gold)
 
 
+def suffixed(response: str, gold: str, suffix: str = "") -> float:
+  return float(response + suffix == gold)
+
+
 def test_last_boxed_and_format():
   assert grading.last_boxed(r"a \boxed{1} then \boxed{\frac{1}{2}} end") == r"\frac{1}{2}"
   assert grading.last_boxed("no answer") is None and grading.last_boxed(r"\boxed{open") is None
@@ -40,3 +44,9 @@ def test_hung_and_crashing_items_score_zero_and_are_counted():
     assert out.timeouts == 1 and out.errors == 1
     again = g.grade(["a"], ["a"])  # the pool was replaced and still works
     assert again.accuracy[0] == 1
+
+
+def test_each_item_gets_its_own_extra_arguments():
+  with grading.Grader(workers=2, timeout_s=20, fn=suffixed) as g:
+    out = g.grade(["a", "a", "b", "b"], ["a", "ax", "by", "by"], extra=[(), ("x",), ("y",), ("z",)], desc="items")
+  np.testing.assert_array_equal(out.accuracy, [1, 1, 1, 0])

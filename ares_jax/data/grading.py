@@ -89,9 +89,13 @@ class Grader:
     self._pool = None
 
   def grade(self, responses: Sequence[str], golds: Sequence[str],
-            extra: Sequence[tuple] | None = None) -> Grades:
-    """`fn` on every (response, gold, *extra[i]); a hung or crashing item scores 0 and is counted."""
+            extra: Sequence[tuple] | None = None, desc: str | None = None) -> Grades:
+    """`fn` on every (response, gold, *extra[i]); a hung or crashing item scores 0 and is counted.
+    `desc`: show a progress bar under that name (benchmarks grade thousands of items at once)."""
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (workers import this module: keep it light)
+
     extra = [()] * len(responses) if extra is None else extra
+    bar = tqdm(total=len(responses), desc=desc, unit="item", leave=False, disable=desc is None)
     acc = np.zeros(len(responses), np.float32)
     timeouts = errors = 0
     todo = list(range(len(responses)))
@@ -107,6 +111,7 @@ class Grader:
           later = [j for j in jobs if j > i]
           for j in later:
             if jobs[j].ready():
+              bar.update(1)
               try:
                 acc[j] = jobs[j].get()
               except Exception:
@@ -117,6 +122,9 @@ class Grader:
           break
         except Exception:  # a crashing parse scores 0
           errors += 1
+        finally:
+          bar.update(1)
+    bar.close()
     fmt = np.array([format_ok(r) for r in responses], np.float32)
     return Grades(acc, fmt, timeouts, errors)
 

@@ -102,17 +102,13 @@ def lookup(extra: Mapping[str, Any], fields: Mapping[str, Any], column: str) -> 
   return fields.get("id") if column in reader_lib.Columns().id else None
 
 
-def _fields(row: Row) -> dict[str, Any]:
-  return {"id": row.id, "source": row.source, "category": row.category, "index": row.index}
-
-
-def groups_of(records_or_rows: Sequence[tuple[Mapping, Mapping]], column: str | None,
-              explicit: bool, name: str) -> list[Any] | None:
+def groups_of(pairs: Sequence[tuple[Mapping, Mapping]], column: str | None, explicit: bool,
+              name: str) -> list[Any] | None:
   """The group value of every (extra, fields) pair, or None when the benchmark is not grouped: no column,
   or a generic column that none of its rows carries. An explicit column no row carries is an error."""
   if column is None:
     return None
-  values = [lookup(extra, fields, column) for extra, fields in records_or_rows]
+  values = [lookup(extra, fields, column) for extra, fields in pairs]
   if all(v is None for v in values):
     if explicit:
       raise ValueError(f"config.eval.group_by names column {column!r} for {name}, but no row of it has one")
@@ -187,7 +183,7 @@ def judge(records: list[dict], grader: Grader, bench_name: str, group_by: str) -
   correct = np.zeros(len(records), bool)
   if records:
     grades = grader.grade([r["prediction"] for r in records], [r["answer"] for r in records],
-                          extra=[(r["options"],) for r in records])
+                          extra=[(r["options"],) for r in records], desc=f"judge {bench_name}")
     if grades.timeouts or grades.errors:
       logging.warning("%s: %d judge timeouts and %d errors (scored wrong)", bench_name, grades.timeouts,
                       grades.errors)
