@@ -126,6 +126,25 @@ def test_wemath_four_dimensional_score_on_a_hand_computed_table():
   assert "wemath" not in scores.summarize([_record(0, True)], grouped=False)
 
 
+def test_benchmark_and_group_by_specs():
+  from ares_jax.data.reader import Columns
+  from ares_jax.evaluation import benchmarks as B
+
+  assert B.group_column("", "dyna") == (None, False) and B.group_column("qid", "dyna") == ("qid", False)
+  assert B.group_column("qid, dyna=seed", "dyna") == ("seed", True)
+  assert B.group_column("dyna=seed", "we") == (None, False)
+  assert B.groups_of([({"seed": 3}, {}), ({}, {})], "seed", True, "dyna") == ["3", None]
+  assert B.groups_of([({}, {"category": "geo"})], "category", False, "x") == ["geo"]
+  assert B.groups_of([({}, {"id": "7"})], "qid", False, "dyna") is None  # a generic column the rows lack
+  with pytest.raises(ValueError, match="no row"):
+    B.groups_of([({}, {})], "seed", True, "dyna")
+  assert "qid" not in B.keeping(Columns(), "qid").id and B.keeping(Columns(), None) == Columns()
+  assert B.parse_specs(["mathverse=/x.tsv", " we = /y "]) == [("mathverse", "/x.tsv"), ("we", "/y")]
+  for bad in (["a/b=/x"], ["a=/x", "a=/y"], ["no_path"], ["a="]):
+    with pytest.raises(ValueError):
+      B.parse_specs(bad)
+
+
 def test_report_files(tmp_path):
   report = {"mathvista": scores.summarize([_record(0, True, tokens=12), _record(1, False, tokens=8)], False),
             "dynamath": scores.summarize([_record(0, True, "g"), _record(1, False, "g")], True)}
@@ -223,9 +242,11 @@ def test_eval_stage_on_two_benchmarks_then_rescore(tmp_path):
     (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
   rc = _eval_config(tmp_path / "run", ())
   rc.eval.rescore = True
+  rc.eval.group_by = "qid"  # a bare column: only the benchmark whose rows carry it is grouped
   rc.model.hf_path = str(tmp_path / "no_such_checkpoint")  # would fail if a model were loaded
   again = eval_stage.run(rc)
   assert again["free"]["accuracy"] == again["free"]["accuracy_items"] == pytest.approx(2 / 3)
+  assert "groups" not in again["free"] and again["mc"]["groups"] == 2
   assert again["mc"]["accuracy_items"] == pytest.approx(2 / 3) and again["mc"]["accuracy"] == 0.5
   assert again["mc"]["per_category"]["alg"]["accuracy"] == 1.0
   rescored = [json.loads(line) for line in (out / "mc.jsonl").read_text().splitlines()]

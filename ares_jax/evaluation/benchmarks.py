@@ -9,9 +9,8 @@ Decisions, documented for users:
 - `group_by` (config `eval.group_by`, a string): "" = no groups; "qid" = every benchmark whose rows carry a
   `qid` value is scored by its worst case over qid groups; "dynamath=qid,wemath=ID" = per benchmark (a
   bare column and name=column entries may be mixed; a name=column entry wins for its benchmark). A row
-  without a value of the column stands alone. The column is looked up in the row's extra columns, then
-  its own fields (id, source, category, index); a column the reader took as the row id (id | qid |
-  index) is the row id.
+  without a value of the column stands alone. A benchmark is read so that its group column stays one of
+  the row's extra columns even when the reader would take it as the row id or source (e.g. `qid`).
 - Items the reader or the prompt stream cannot use are not scored and are counted in the report's
   `skipped`, by reason (they are not silently counted as right or wrong).
 """
@@ -55,12 +54,14 @@ class Benchmark:
 class Settings:
   """How benchmarks are run: `samples` per item at `sc.temperature` (0: one greedy answer), `max_items`
   per benchmark (0: all), `batch_prompts` prompts encoded and sampled per `generate` call (bounds the
-  host memory of decoded images), `group_by` as in the module docstring."""
+  host memory of decoded images), `group_by` as in the module docstring; larger images than
+  `max_image_pixels` are skipped as decompression bombs."""
 
   samples: int = 0
   max_items: int = 0
   batch_prompts: int = 64
   group_by: str = ""
+  max_image_pixels: int = 89_478_485
 
 
 def parse_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
@@ -93,13 +94,19 @@ def group_column(group_by: str, name: str) -> tuple[str | None, bool]:
 
 
 def lookup(extra: Mapping[str, Any], fields: Mapping[str, Any], column: str) -> Any:
-  """The value of `column` for a row: its extra columns, then its fields, then its id when `column` is
-  one the reader reads ids from. None when absent."""
+  """The value of `column` for a row: its extra columns, else its `category` (the one named column the
+  reader keeps as a field only). None when absent."""
   if extra.get(column) is not None:
     return extra[column]
-  if fields.get(column) is not None:
-    return fields[column]
-  return fields.get("id") if column in reader_lib.Columns().id else None
+  return fields.get(column) if column == "category" else None
+
+
+def keeping(columns: reader_lib.Columns, column: str | None) -> reader_lib.Columns:
+  """`columns` that leave `column` among a row's extra columns: not taken as its id or source."""
+  if column is None:
+    return columns
+  return dataclasses.replace(columns, id=tuple(c for c in columns.id if c != column),
+                             source=tuple(c for c in columns.source if c != column))
 
 
 def groups_of(pairs: Sequence[tuple[Mapping, Mapping]], column: str | None, explicit: bool,
@@ -117,12 +124,14 @@ def groups_of(pairs: Sequence[tuple[Mapping, Mapping]], column: str | None, expl
 
 
 def load(specs: Sequence[str], columns: reader_lib.Columns = reader_lib.Columns(),
-         image_root: str | None = None, max_items: int = 0) -> list[Benchmark]:
-  """The rows of every benchmark (text and image references only), the first `max_items` when > 0."""
+         image_root: str | None = None, max_items: int = 0, group_by: str = "") -> list[Benchmark]:
+  """The rows of every benchmark (text and image references only), the first `max_items` when > 0; a
+  benchmark's group column (`group_by`) is kept among its rows' extra columns."""
   out = []
   for name, path in parse_specs(specs):
     skipped: collections.Counter = collections.Counter()
-    rows = reader_lib.read_rows(path, columns=columns, image_root=image_root, skipped=skipped)
+    cols = keeping(columns, group_column(group_by, name)[0])
+    rows = reader_lib.read_rows(path, columns=cols, image_root=image_root, skipped=skipped)
     if max_items > 0:
       rows = rows[:max_items]
     if not rows:
@@ -158,7 +167,8 @@ def answer(mcfg, params, bench: Benchmark, processor, template, tokenizer, sc: s
   starts = range(0, len(bench.rows), settings.batch_prompts)
   for b, start in enumerate(tqdm(starts, desc=f"eval {bench.name}", unit="batch", leave=False)):
     rows = bench.rows[start:start + settings.batch_prompts]
-    stream = PromptStream(RowSource([with_options(r) for r in rows]), processor, template, max_prompt_length)
+    stream = PromptStream(RowSource([with_options(r) for r in rows]), processor, template, max_prompt_length,
+                          settings.max_image_pixels)
     exs = stream.first(len(rows))
     skipped.update(stream.skipped)
     if not exs:

@@ -35,7 +35,7 @@ from ares_jax.stages import setup
 def settings(config: ml_collections.ConfigDict) -> benchmarks.Settings:
   e = config.eval
   return benchmarks.Settings(samples=e.samples, max_items=e.max_items, batch_prompts=e.batch_prompts,
-                             group_by=e.group_by)
+                             group_by=e.group_by, max_image_pixels=config.data.max_image_pixels)
 
 
 def judge_pool(config: ml_collections.ConfigDict) -> Grader:
@@ -54,7 +54,7 @@ class BenchmarkRunner:
   def __init__(self, config: ml_collections.ConfigDict, b: setup.Built, sc: sampling.SamplingConfig):
     self.config, self.b, self.settings = config, b, settings(config)
     self.benches = benchmarks.load(config.eval.benchmarks, setup.columns(config), config.data.image_root or None,
-                                   config.eval.max_items)
+                                   config.eval.max_items, config.eval.group_by)
     self.template = setup.prompt_template(config, b.tokenizer)
     self.sc = sc
     self.grader = judge_pool(config)
