@@ -124,6 +124,11 @@ def test_wemath_four_dimensional_score_on_a_hand_computed_table():
   assert out["score_strict"] == pytest.approx((5 - 0.5 * 1 - 2 - 1) / 5)  # 0.3
   assert out["score_loose"] == pytest.approx((5 - 0.5 * 1 - 1 - 1) / 5)  # 0.5
   assert "wemath" not in scores.summarize([_record(0, True)], grouped=False)
+  # the ID as the row id (a lowercase `id` column is read as the id); rows of unique ids form no problem
+  as_ids = [dict(r, id=r["extra"].pop("ID")) for r in _wemath_rows(table)]
+  assert scores.summarize(as_ids, grouped=False)["wemath"] == out
+  unique = [dict(r, id=str(k)) for k, r in enumerate(as_ids)]
+  assert "wemath" not in scores.summarize(unique, grouped=False)
 
 
 def test_benchmark_and_group_by_specs():

@@ -65,13 +65,15 @@ def wemath_score(counts: Mapping[str, int]) -> dict[str, float]:
   return {"score_strict": (base - counts["RM_strict"]) / n, "score_loose": (base - counts["RM_loose"]) / n}
 
 
-def wemath_key_column(extra: Mapping[str, Any]) -> tuple[str, str] | None:
-  """(ID column, key column) of a row that carries WeMath's columns, else None."""
+def wemath_entry(record: Mapping[str, Any]) -> tuple[Any, str] | None:
+  """(problem ID, key) of a record that carries WeMath's `key` column, else None. The ID is its `ID`
+  column, or the row id when the reader took a lowercase `id` column as the id."""
+  extra = record.get("extra") or {}
   key = next((k for k in extra if k.lower() == "key"), None)
-  pid = next((k for k in extra if k.lower() == "id"), None)
-  if key is None or pid is None or not _WEMATH_KEY.fullmatch(str(extra[key]).strip()):
+  if key is None or not _WEMATH_KEY.fullmatch(str(extra[key]).strip()):
     return None
-  return pid, key
+  pid = next((k for k in extra if k.lower() == "id"), None)
+  return (extra[pid] if pid is not None else record.get("id")), str(extra[key])
 
 
 def wemath(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
@@ -79,10 +81,9 @@ def wemath(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
   averaged over samples (each sample index scored as one run); None otherwise."""
   by_sample: dict[int, list] = collections.defaultdict(list)
   for r in records:
-    cols = wemath_key_column(r.get("extra") or {})
-    if cols is None:
-      continue
-    by_sample[int(r.get("sample", 0))].append((r["extra"][cols[0]], r["extra"][cols[1]], r["correct"]))
+    entry = wemath_entry(r)
+    if entry is not None:
+      by_sample[int(r.get("sample", 0))].append((*entry, r["correct"]))
   runs = [c for c in (wemath_counts(e) for e in by_sample.values()) if c is not None]
   if not runs:
     return None
