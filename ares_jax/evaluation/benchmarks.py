@@ -7,10 +7,12 @@ Decisions, documented for users:
   "A. text" under "Options:", as VLMEvalKit's prompts do; the prompt template (system turn, instruction)
   is the run's own, the same as in training.
 - `group_by` (config `eval.group_by`, a string): "" = no groups; "qid" = every benchmark whose rows carry a
-  `qid` value is scored by its worst case over qid groups; "dynamath=qid,wemath=ID" = per benchmark (a
+  `qid` value is scored by its worst case over qid groups; "dynamath=qid,mathverse=pid" = per benchmark (a
   bare column and name=column entries may be mixed; a name=column entry wins for its benchmark). A row
   without a value of the column stands alone. A benchmark is read so that its group column stays one of
   the row's extra columns even when the reader would take it as the row id or source (e.g. `qid`).
+- WeMath's four-dimensional scores (strict and loose, scores.py) are added to any benchmark whose rows
+  carry its `ID` and `key` columns; `accuracy` stays the item (or group) accuracy.
 - Items the reader or the prompt stream cannot use are not scored and are counted in the report's
   `skipped`, by reason (they are not silently counted as right or wrong).
 """
