@@ -129,7 +129,7 @@ def data_problem(config: ml_collections.ConfigDict) -> str | None:
   d = config.data
   if d.kind not in DATA_KINDS:
     return f"config.data.kind={d.kind!r}: expected one of {DATA_KINDS}"
-  benchmarks_only = config.stage == "eval" and config.eval.get("benchmarks")
+  benchmarks_only = config.stage == "eval" and (config.eval.get("benchmarks") or config.eval.get("rescore"))
   if d.kind == "files" and not d.paths and config.stage in ("aepo", "ares", "eval") and not benchmarks_only:
     return ("config.data.paths is empty: set --config.data.paths=\"('/data/ViRL39K',)\" (JSONL, parquet or TSV "
             "files or folders)")

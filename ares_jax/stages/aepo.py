@@ -20,6 +20,7 @@ from absl import logging
 from tqdm import tqdm
 
 from ares_jax import aepo, models, sampling, sharding
+from ares_jax.data.batching import prompt_batch
 from ares_jax.stages import setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.stages import evaluate as eval_stage
@@ -29,7 +30,6 @@ from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.aepo_update import LossSettings, UpdateRows
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.metrics import MetricsWriter, plot_curves
-from ares_jax.train.sequences import prompt_batch
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
 
@@ -48,7 +48,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   start = ckpt.latest_step()
   if start is None:
-    if config.warm_start.steps > 0:
+    if config.warm_start.steps > 0 and config.data.kind == "synthetic" and not config.model.hf_path:
       params = setup.warm_start(config, mcfg, params, train_stream, pad_id, tok)
     ref_params = aepo_update.reference_copy(params, a.ref_dtype)
     state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
