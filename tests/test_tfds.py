@@ -71,7 +71,9 @@ def easyr1_parquet(path, n_good=8):
                images=[dict(bytes=_png(None, SIZES[i % len(SIZES)], seed=i), path=None)]) for i in range(n_good)]
   rows += [dict(id="easy-corrupt", problem="<image>Sides?", answer="4", images=[dict(bytes=b"\x89PNG junk", path=None)]),
            dict(id="easy-mismatch", problem="<image><image>Sides?", answer="4",
-                images=[dict(bytes=_png(None, (40, 40), seed=99), path=None)])]
+                images=[dict(bytes=_png(None, (40, 40), seed=99), path=None)]),
+           dict(id="easy-thin", problem="<image>Length?", answer="4",  # aspect ratio 300: the processor refuses
+                images=[dict(bytes=_png(None, (600, 2), seed=98), path=None)])]
   pq.write_table(pa.Table.from_pylist(rows), path)
   return path
 
@@ -105,6 +107,7 @@ def test_virl39k_folder_round_trips_with_resized_images_and_counted_bad_rows(vir
   root, settings, result = virl
   assert result.skipped == {"missing_image": 1, "unreadable_image": 1, "missing_answer": 1}
   assert result.counts["train"] + result.counts["eval"] == 14 and result.counts["eval"] > 0
+  assert tfds_source.resolve(settings.out) == tfds_source.resolve(os.path.dirname(result.path)) == result.path
   meta = json.load(open(os.path.join(result.path, "metadata.json")))
   assert meta["skipped"] == result.skipped and (meta["min_pixels"], meta["max_pixels"]) == (3136, 50176)
   train, held = _records(result.path, "train"), _records(result.path, "eval")
@@ -144,9 +147,9 @@ def test_easyr1_parquet_command_line_with_eval_files_and_overwrite(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   path = str(out / "ares_prompts" / "1.0.0")
   assert f"dataset: {path}" in done.stdout and "train: 7 rows, eval: 2 rows" in done.stdout
-  assert "unreadable_image 1" in done.stdout and "placeholder_mismatch 1" in done.stdout
+  assert "skipped 3 rows: placeholder_mismatch 1, unreadable_image 1, unresizable 1" in done.stdout
   assert "1 training-file rows dropped" in done.stdout
-  assert f"{src}:8" in done.stderr and f"{src}:9" in done.stderr  # each bad row logged with file:row
+  assert all(f"{src}:{k}: " in done.stderr for k in (8, 9, 10))  # each bad row logged with file:row
   train, ev = _records(path, "train"), _records(path, "eval")
   assert [r.id for r in train] == [f"easy-{i}" for i in range(8) if i != 2]
   assert [(r.id, r.response, r.pass_rate, r.difficulty, r.source) for r in ev] == [
@@ -180,6 +183,14 @@ def test_tfds_prompts_are_the_files_prompts(virl, proc):
     np.testing.assert_array_equal(x.prompt.image_grid_thw, y.prompt.image_grid_thw)
 
 
+def test_an_endless_tfds_source_without_a_usable_prompt_fails_clearly(virl, proc):
+  _, _, result = virl
+  stream = PromptStream(tfds_source.source(_tfds_config(result.path), 0), proc, PromptTemplate(proc.tokenizer), 8)
+  with pytest.raises(ValueError, match="no usable row"):  # after one epoch, not never
+    stream.take(0, 1)
+  assert dict(stream.skipped) == {"too_long": result.counts["train"]}
+
+
 def test_grain_orders_the_training_split_by_epoch(virl):
   import grain
   _, _, result = virl
@@ -209,9 +220,15 @@ def test_grain_orders_the_training_split_by_epoch(virl):
   assert isinstance(src.dataset, grain.MapDataset)
 
 
-def test_tfds_aepo_run_resumed_after_a_kill_continues_the_same_prompt_order(virl, tmp_path, monkeypatch):
+def test_tfds_aepo_run_resumed_after_a_kill_continues_the_same_prompt_order(tmp_path, monkeypatch):
+  """Text rows (an ARES-layout JSONL): one compiled shape per program keeps three short runs cheap; the
+  image path of the same source is covered above."""
   from ares_jax.stages import aepo as aepo_stage
-  _, _, result = virl
+  src = tmp_path / "prompts.jsonl"
+  src.write_text("\n".join(json.dumps({"id": f"t{i}", "question": f"What is {i} + 1?", "answer": str(i + 1)})
+                           for i in range(10)) + "\n")
+  path = build_lib.build(build_lib.BuildSettings((str(src),), str(tmp_path / "tfds"), eval_fraction=0.0,
+                                                 images=TINY)).path
   taken = []
   original = PromptStream.take
 
@@ -223,14 +240,14 @@ def test_tfds_aepo_run_resumed_after_a_kill_continues_the_same_prompt_order(virl
   monkeypatch.setattr(PromptStream, "take", recording_take)
 
   def run(workdir, total_steps):
-    c = small_rl(_tfds_config(result.path, str(tmp_path / workdir)))
+    c = small_rl(_tfds_config(path, str(tmp_path / workdir)))
     c.stage, c.total_steps, c.checkpoint_every = "aepo", total_steps, 1
     c.mesh.fsdp = 1
     c.warm_start.steps = 0
     c.rollout.max_response_length = 8
+    c.grading_workers = 1
     taken.append([])
-    out = aepo_stage.run(c)
-    assert out["skipped_rows"] == {}
+    assert aepo_stage.run(c)["skipped_rows"] == {}
     return taken[-1]
 
   straight = run("straight", 4)
@@ -238,7 +255,7 @@ def test_tfds_aepo_run_resumed_after_a_kill_continues_the_same_prompt_order(virl
   rest = run("resumed", 4)
   assert len(straight) == 4 and len(first) == 2 and len(rest) == 2
   assert first + rest == straight
-  n = result.counts["train"]
-  flat = [i for step in straight for i in step]  # 16 positions: the run crossed into a second epoch
-  assert sorted(flat[:n]) == sorted(r.id for r in _records(result.path, "train"))
-  assert flat[n:] == [tfds_source.source(_tfds_config(result.path), 0)[p].id for p in range(n, 16)]
+  flat = [i for step in straight for i in step]  # 16 positions of 10 rows: the run crossed into epoch 2
+  assert sorted(flat[:10]) == [f"t{i}" for i in range(10)] and flat[:10] != [f"t{i}" for i in range(10)]
+  assert flat[10:] == [tfds_source.source(_tfds_config(path), 0)[p].id for p in range(10, 16)]
+  assert flat[10:] != flat[:6]  # epoch 2 is a new permutation

@@ -78,6 +78,8 @@ class ImageSettings:
 
 @dataclasses.dataclass(frozen=True)
 class BuildSettings:
+  """One conversion: what to read (the reader's columns and image root), how to split and store it."""
+
   src: tuple[str, ...]
   out: str
   eval_src: tuple[str, ...] = ()
@@ -87,6 +89,10 @@ class BuildSettings:
   images: ImageSettings = ImageSettings()
   workers: int = 4  # threads decoding, resizing and encoding images (PIL releases the GIL)
   overwrite: bool = False
+
+  def __post_init__(self):
+    if not 0.0 <= self.eval_fraction < 1.0:
+      raise ValueError(f"eval_fraction={self.eval_fraction}: expected a fraction in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

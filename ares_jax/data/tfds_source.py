@@ -26,7 +26,6 @@ import glob
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import numpy as np
@@ -55,9 +54,8 @@ def features():
 
 
 def to_record(row: Row, images: list[bytes]) -> dict[str, Any]:
-  """`row` as a record with `images` (encoded files) in place of its image references."""
-  if row.difficulty == -1:
-    raise ValueError(f"{row.location}: difficulty -1 is the record's 'none' value")
+  """`row` as a record with `images` (encoded files) in place of its image references. A difficulty of -1
+  in the source reads back as none, like ViRL39K's -1 pass rates."""
   return {
       "id": row.id, "location": row.location, "question": row.question, "answer": row.answer,
       "options": json.dumps(row.options, ensure_ascii=False), "source": row.source,
@@ -149,6 +147,9 @@ def source(config, split_seed: int) -> GrainSource:
 
   d = config.data
   path = resolve(d.tfds_dir)
+  if d.get("eval_paths"):
+    logging.warning("config.data.eval_paths is ignored with kind=tfds: the held-out split was fixed when %s was "
+                    "built (python -m ares_jax.data.build --eval_src=...)", path)
   builder = _builder(path)
   _check_image_bounds(builder.info.metadata, config, path)
   split = TRAIN if split_seed == 0 else EVAL
@@ -164,7 +165,6 @@ def source(config, split_seed: int) -> GrainSource:
     if d.shuffle:
       ds = ds.shuffle(seed=int(config.seed) % 2**32)
     ds = ds.repeat()  # endless (len = sys.maxsize); with a shuffle, each epoch its own permutation
-    assert len(ds) == sys.maxsize
   logging.info("data: %s split %r, %d rows%s", path, split, n,
                " (Grain: shuffled every epoch)" if split == TRAIN and d.shuffle else "")
   return GrainSource(ds.map(to_row), n, f"{path}[{split}]")
