@@ -138,13 +138,12 @@ def test_non_finite_loss_skips_the_update():
 def _warm_start_texts(c, monkeypatch):
   """The responses of the first warm-start batch (SFT itself replaced), the RL prompt stream and the
   warm start's optimizer config."""
-  from ares_jax.data.pipeline import PromptStream
   from ares_jax.stages import setup
   from ares_jax.train import sft
 
   mcfg = configs.to_model_config(c.model)
   tok = setup.build_tokenizer(c)
-  rl_stream = PromptStream(setup.make_source(c, 0), setup.build_processor(c, tok, mcfg), 256)
+  rl_stream = setup.prompt_stream(c, setup.build_processor(c, tok, mcfg), 0)
   seen = {}
 
   def fake_run_sft(mcfg_, params, batches, *args, **kwargs):
