@@ -60,8 +60,11 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   # Logs go to files: with pipes read one after the other, a process blocked on a full pipe would stall
   # the other in a collective.
   files = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
+  # Process 1's grader would time out on every item (1 us): grading runs on process 0 alone and is
+  # broadcast, so both processes apply process 0's rewards and the run still equals the one-process run.
+  hang = [[], ["--config.aepo.grading_timeout_s=0.000001"]]
   procs = [subprocess.Popen([sys.executable, "-m", "ares_jax.main", *ARGS, "--config.distributed=True",
-                             f"--config.workdir={multi}"], cwd=ROOT, stdout=files[i], stderr=subprocess.STDOUT,
+                             f"--config.workdir={multi}", *hang[i]], cwd=ROOT, stdout=files[i], stderr=subprocess.STDOUT,
                             text=True, env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
                                                 JAX_PROCESS_ID=i))
            for i in range(2)]
@@ -92,3 +95,30 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   assert a.keys() == b.keys()
   for name in a:  # the exported policy was gathered from both processes' shards
     np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+_GRADE = """
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from ares_jax.data.grading import Grader
+with Grader(workers=1, timeout_s=[30.0, 1e-6][jax.process_index()]) as grader:
+  g = grader.grade(["so \\\\boxed{4}", "\\\\boxed{5}", "<think>x</think> \\\\boxed{\\\\frac{1}{2}}"], ["4", "4", "0.5"])
+print("GRADES " + json.dumps([g.accuracy.tolist(), g.format.tolist(), g.timeouts, g.errors]))
+"""
+
+
+def test_grades_come_from_process_0_even_when_another_process_would_time_out(tmp_path):
+  port = _free_port()
+  files = [open(tmp_path / f"grade_{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
+  procs = [subprocess.Popen([sys.executable, "-c", _GRADE, f"localhost:{port}", str(i)], cwd=ROOT, stdout=files[i],
+                            stderr=subprocess.STDOUT, text=True, env=_env(1, JAX_PLATFORMS="cpu")) for i in range(2)]
+  out = []
+  for p, f in zip(procs, files):
+    p.wait(timeout=300)
+    f.seek(0)
+    log = f.read()
+    assert p.returncode == 0, log[-3000:]
+    out.append(json.loads(log.split("GRADES ", 1)[1].splitlines()[0]))
+  assert out[0] == out[1] == [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], 0, 0]

@@ -91,7 +91,29 @@ class Grader:
   def grade(self, responses: Sequence[str], golds: Sequence[str],
             extra: Sequence[tuple] | None = None, desc: str | None = None) -> Grades:
     """`fn` on every (response, gold, *extra[i]); a hung or crashing item scores 0 and is counted.
-    `desc`: show a progress bar under that name (benchmarks grade thousands of items at once)."""
+    `desc`: show a progress bar under that name (benchmarks grade thousands of items at once).
+
+    In a multi-process run this is a collective: process 0 grades and broadcasts its grades, so every
+    process applies the same rewards even when a wall-clock timeout would have struck on one host only
+    (and the other hosts start no grading workers)."""
+    import jax  # pylint: disable=g-import-not-at-top  (workers import this module: keep it light)
+
+    if jax.process_count() == 1 or not len(responses):
+      return self._grade_here(responses, golds, extra, desc)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    n = len(responses)
+    if jax.process_index() == 0:
+      mine = self._grade_here(responses, golds, extra, desc)
+      acc, counts = mine.accuracy, np.array([mine.timeouts, mine.errors], np.int32)
+    else:
+      acc, counts = np.zeros(n, np.float32), np.zeros(2, np.int32)
+    acc, counts = (np.asarray(x) for x in multihost_utils.broadcast_one_to_all((acc, counts)))
+    fmt = np.array([format_ok(r) for r in responses], np.float32)  # a pure function of the text
+    return Grades(acc.astype(np.float32), fmt, int(counts[0]), int(counts[1]))
+
+  def _grade_here(self, responses: Sequence[str], golds: Sequence[str],
+                  extra: Sequence[tuple] | None = None, desc: str | None = None) -> Grades:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (workers import this module: keep it light)
 
     extra = [()] * len(responses) if extra is None else extra
