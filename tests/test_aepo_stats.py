@@ -202,3 +202,26 @@ def test_bins_traj_mask_leaves_slots_out():
   keep[::8] = True
   got = np.asarray(aepo.difficulty_bins(acc, gid, traj_mask=keep))
   np.testing.assert_array_equal(got[keep], ref_bins(acc[keep], gid[keep]))
+
+
+def test_trigger_words_count_only_marked_windows_that_start_on_a_trigger_word():
+  """design.md 5.3's trigger_words mode: N_HE counts marked windows whose first token is a trigger word."""
+  import types
+
+  from ares_jax.data.tokenizer import tiny_tokenizer, word_token_table
+  from ares_jax.stages.aepo_batch import trigger_positions
+
+  tok = tiny_tokenizer()
+  table = word_token_table(tok, ["So", "check"])
+  so, check, other = tok.convert_tokens_to_ids("ĠSo"), tok.convert_tokens_to_ids("Check"), tok("x")["input_ids"][0]
+  assert table[so] and table[check] and not table[other]
+  tokens = np.array([[so, other, check, other], [other, other, so, other]])
+  mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+  at = trigger_positions(types.SimpleNamespace(tokens=tokens, mask=mask), table)
+  np.testing.assert_array_equal(at, [[1, 0, 1, 0], [0, 0, 0, 0]])  # past the length counts nothing
+  we = np.full((2, 4), 5.0, np.float32)
+  counts = aepo.hwe_counts(we, np.ones((2, 4), bool), 1.0, at)
+  np.testing.assert_array_equal(counts, [2, 0])
+  assert trigger_positions(types.SimpleNamespace(tokens=tokens, mask=mask), None) is None
+  with pytest.raises(ValueError, match="trigger_words"):
+    word_token_table(tok, [" "])

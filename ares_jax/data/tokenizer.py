@@ -13,8 +13,11 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import string
 import tempfile
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
 
 if TYPE_CHECKING:  # transformers is slow to import; the configs import this module for constants
   from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -155,6 +158,18 @@ def tiny_tokenizer(cache_dir: str | None = None) -> "PreTrainedTokenizerFast":
     finally:
       shutil.rmtree(tmp, ignore_errors=True)
   return PreTrainedTokenizerFast.from_pretrained(folder, padding_side="left")
+
+
+def word_token_table(tokenizer: Any, words: Sequence[str]) -> np.ndarray:
+  """[vocab] bool: the tokens that decode to one of `words` (case and surrounding spaces and punctuation
+  ignored), e.g. the trigger words of AEPO's `trigger_words` mode ("wait", "however", ...). A word the
+  tokenizer splits into several tokens is not matched by any one of them."""
+  wanted = {w.strip().lower() for w in words if w.strip()}
+  if not wanted:
+    raise ValueError("aepo.trigger_words holds no word")
+  ids = list(range(len(tokenizer)))
+  texts = tokenizer.batch_decode([[i] for i in ids])
+  return np.array([t.strip().strip(string.punctuation).lower() in wanted for t in texts], bool)
 
 
 def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ares_jax import aepo, models, sampling, sharding
 from ares_jax.data.batching import prompt_batch
+from ares_jax.data.tokenizer import word_token_table
 from ares_jax.stages import setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.stages import evaluate as eval_stage
@@ -66,6 +67,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   writer = MetricsWriter(config.workdir, resume_step=start if start > 0 else None)
   position = int(meta["data_position"])
   settings = LossSettings.from_config(config)
+  triggers = word_token_table(tok, a.trigger_words) if a.trigger_words else None  # design.md 5.3
   history = []
   bench = (eval_stage.BenchmarkRunner(config, b, eval_stage.decode_config(config, sc))
            if config.eval.benchmarks else None)
@@ -96,7 +98,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     fmt = np.zeros_like(acc)
     acc[used], fmt[used] = grades.accuracy, grades.format
     t2 = time.perf_counter()
-    shaped = shape_batch(rollouts, acc, fmt, a, float(state.stats["tau_high"]), np.asarray(state.stats["target_ema"]))
+    shaped = shape_batch(rollouts, acc, fmt, a, float(state.stats["tau_high"]), np.asarray(state.stats["target_ema"]),
+                         triggers)
     state = sharding.replicate_rest(state.replace(stats={
         "tau_high": np.float32(shaped.tau_high), "target_ema": np.asarray(shaped.ema_state, np.float32)}), mesh)
     metrics = dict(shaped.metrics, **{"grading/timeouts": grades.timeouts, "grading/errors": grades.errors,

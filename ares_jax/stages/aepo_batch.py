@@ -34,15 +34,24 @@ class Shaped:
   metrics: dict[str, float]
 
 
+def trigger_positions(r: Rollouts, trigger_tokens: np.ndarray | None) -> np.ndarray | None:
+  """[S, N] bool: window starts whose token is a trigger word (`aepo.trigger_words`, design.md 5.3), given
+  the vocabulary table of `data.tokenizer.word_token_table`; None (every window counts) without one."""
+  if trigger_tokens is None:
+    return None
+  return trigger_tokens[np.clip(r.tokens, 0, len(trigger_tokens) - 1)] & r.mask
+
+
 def shape_batch(r: Rollouts, accuracy: np.ndarray, fmt: np.ndarray, a: ml_collections.ConfigDict,
-                prev_tau: float, prev_ema: np.ndarray) -> Shaped:
+                prev_tau: float, prev_ema: np.ndarray, trigger_tokens: np.ndarray | None = None) -> Shaped:
   used = r.used
+  at = trigger_positions(r, trigger_tokens)
   groups = r.prompt_index
   mask = r.mask
   tau = float(aepo.entropy_threshold(r.entropy, mask, a.entropy_quantile))
   if a.tau_ema > 0:
     tau = float(aepo.ema_threshold(prev_tau, tau, a.tau_ema))
-  n_he = np.asarray(aepo.hwe_counts(r.window_entropy, r.window_valid, tau))
+  n_he = np.asarray(aepo.hwe_counts(r.window_entropy, r.window_valid, tau, at))
   bins = np.asarray(aepo.difficulty_bins(accuracy, groups, a.easy_threshold, a.hard_threshold, traj_mask=used))
   reward, stats = aepo.hierarchical_reward(
       accuracy, n_he, bins, a.target_mode, eps=a.eps, max_penalty=a.max_penalty,
@@ -50,7 +59,7 @@ def shape_batch(r: Rollouts, accuracy: np.ndarray, fmt: np.ndarray, a: ml_collec
   reward = np.asarray(reward) + a.format_weight * fmt * used
   adv = np.asarray(aepo.grpo_advantages(reward, groups, traj_mask=used))
   keep = np.asarray(aepo.group_filter_mask(accuracy, groups, a.filter_low, a.filter_high, traj_mask=used))
-  hwe_now = np.asarray(aepo.hwe_marks(r.window_entropy, r.window_valid, tau))
+  hwe_now = np.asarray(aepo.hwe_marks(r.window_entropy, r.window_valid, tau, at))
   window_mask = aepo.hwe_window_mask(hwe_now, a.window)
   beta = a.kl_coef * jnp.asarray(a.kl_bin_scale, jnp.float32)
   weights = np.asarray(aepo.kl_weights(bins, window_mask, beta, a.rho))
