@@ -7,6 +7,7 @@ assembled from just the tensors (layers) it needs, so the host never holds the w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,6 @@ from absl import logging
 from flax import linen as nn
 from flax import traverse_util
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from ares_jax.models.config import ModelConfig, from_hf_dict, to_hf_dict
 from ares_jax.models.qwen25vl import abstract_params
@@ -130,12 +130,12 @@ def _layer_count(rule: Rule, config: ModelConfig) -> int:
 class _Reader:
   """Lazy name -> tensor access over the safetensors files of a checkpoint folder."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, shown: str | None = None):
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
       bad = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
       hint = f" (found {bad}: pickle-based weights are never loaded; convert them to safetensors)" if bad else ""
-      raise CheckpointError(f"no *.safetensors files in {path}{hint}")
+      raise CheckpointError(f"no *.safetensors files in {shown or path}{hint}")
     self._handles = {f: safe_open(os.path.join(path, f), framework="numpy") for f in files}
     self.where: dict[str, tuple[str, str]] = {}
     for f, h in self._handles.items():
@@ -152,8 +152,12 @@ class _Reader:
 
 
 def read_config(path: str, **overrides) -> ModelConfig:
-  with open(os.path.join(path, "config.json")) as f:
-    return from_hf_dict(json.load(f), **overrides)
+  from ares_jax import storage
+  return from_hf_dict(storage.read_json(os.path.join(path, "config.json")), **overrides)
+
+
+def _weights_or_config(name: str) -> bool:
+  return name.endswith(".safetensors") or name == "config.json"
 
 
 def load_hf(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = None,
@@ -161,13 +165,22 @@ def load_hf(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = No
   """Reads a Hugging Face Qwen2.5-VL folder (config.json + *.safetensors) into (config, params).
 
   Parameters are cast to `dtype` (also the compute dtype unless overridden) and, with `mesh`,
-  placed straight onto their shardings from `ares_jax.sharding.LOGICAL_RULES`.
+  placed straight onto their shardings from `ares_jax.sharding.LOGICAL_RULES`. A sharded folder
+  (`model-0000k-of-0000n.safetensors`, as HF saves 7B models and `save_hf` writes) reads like one file.
+  A `gs://` folder is downloaded to a temporary local folder first (safetensors reads memory maps).
   """
+  from ares_jax import storage
+  with storage.local_folder(path, _weights_or_config) as local:
+    return _load(local, path, dtype, mesh, config_overrides)
+
+
+def _load(local: str, path: str, dtype, mesh, config_overrides) -> tuple[ModelConfig, Any]:
+  """load_hf on local folder `local` (`path` is what messages name)."""
   from ares_jax import sharding
 
   name = jnp.dtype(dtype).name
-  config = read_config(path, **{"dtype": name, "param_dtype": name, **config_overrides})
-  reader = _Reader(path)
+  config = read_config(local, **{"dtype": name, "param_dtype": name, **config_overrides})
+  reader = _Reader(local, path)
   boxed = abstract_params(config)
   mesh = mesh or sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
   shardings = traverse_util.flatten_dict(sharding.param_shardings(boxed, mesh), sep="/")
@@ -207,64 +220,109 @@ def load_hf(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = No
   return config, traverse_util.unflatten_dict(params, sep="/")
 
 
-def save_hf(path: str, config: ModelConfig, params: Any, *, max_shard_bytes: int = 4 << 30) -> None:
-  """Writes a folder that transformers' `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads.
+_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
-  Tensors are fetched one layer at a time and written in shards of at most `max_shard_bytes`;
-  every file is written to a temporary name first and renamed into place. In a multi-process run every
-  process must call it (tensors are gathered from all of them); process 0 writes.
-  """
-  from ares_jax import sharding
-  primary = sharding.is_primary()
-  if primary:
-    os.makedirs(path, exist_ok=True)
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One HF tensor of the export: its name, rule, Flax leaf, layer (None: not stacked), shape, bytes."""
+
+  name: str
+  rule: Rule
+  leaf: Any
+  layer: int | None
+  shape: tuple[int, ...]
+  nbytes: int
+
+
+def _export_plan(config: ModelConfig, params: Any) -> list[_Entry]:
   flat = traverse_util.flatten_dict(nn.unbox(params), sep="/")
-  dtype = jnp.dtype(jax.tree.leaves(params)[0].dtype)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
+  entries = []
   for rule in _rules(config):
     leaf = flat[rule.path]
     per_layer = tuple(leaf.shape[1:] if rule.stacked else leaf.shape)
     shape = hf_shape(rule, per_layer, config)
-    count = _layer_count(rule, config) if rule.stacked else 1
-    for i in range(count):
-      a = np.asarray(sharding.to_host(leaf[i] if rule.stacked else leaf))
-      t = to_hf(rule, a, shape)
-      if size and size + t.nbytes > max_shard_bytes:
-        shards.append({})
-        size = 0
-      shards[-1][rule.hf.format(i=i)] = t
-      size += t.nbytes
-  if primary:
-    _write_folder(path, config, dtype, shards)
-  sharding.barrier(f"save_hf {path}")  # nobody reads the folder before process 0 has written it
+    nbytes = int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
+    for i in range(_layer_count(rule, config) if rule.stacked else 1):
+      entries.append(_Entry(rule.hf.format(i=i), rule, leaf, i if rule.stacked else None, shape, nbytes))
+  return entries
 
 
-def _write_folder(path: str, config: ModelConfig, dtype, shards: list[dict[str, np.ndarray]]) -> None:
+def _group(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
+  """Consecutive entries in shards of at most `max_shard_bytes` (a larger tensor gets a shard of its own)."""
+  shards: list[list[_Entry]] = [[]]
+  size = 0
+  for e in entries:
+    if size and size + e.nbytes > max_shard_bytes:
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += e.nbytes
+  return shards
+
+
+def _header(entries: list[_Entry], dtypes: list[str]) -> bytes:
+  """A safetensors header for `entries` laid out back to back, space-padded to 8 bytes as the format asks."""
+  meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for e, dt in zip(entries, dtypes):
+    meta[e.name] = {"dtype": _ST_DTYPES[dt], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+    offset += e.nbytes
+  text = json.dumps(meta, separators=(",", ":")).encode()
+  text += b" " * (-len(text) % 8)
+  return len(text).to_bytes(8, "little") + text
+
+
+def save_hf(path: str, config: ModelConfig, params: Any, *, tokenizer: Any = None,
+            max_shard_bytes: int = 2 << 30, gather=None) -> None:
+  """Writes a folder that transformers' `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads:
+  safetensors shards of at most `max_shard_bytes` (with `model.safetensors.index.json` when there are
+  several), config.json and, when given, the tokenizer's files.
+
+  No host ever holds the model: one tensor (one layer of one parameter) at a time is gathered from all
+  processes by `gather` (default `sharding.to_host`, a collective: every process must call save_hf) and
+  process 0 streams it into the open shard, whose header is known in advance from the shapes. The folder
+  is built under a hidden temporary name beside `path` and put in place when complete
+  (`storage.replace_folder`), so a reader never sees half a policy; `path` may be local or `gs://`.
+  """
+  from ares_jax import sharding, storage
+  gather = gather or sharding.to_host
+  primary = sharding.is_primary()
+  entries = _export_plan(config, params)
+  dtype = jnp.dtype(entries[0].leaf.dtype)
+  shards = _group(entries, max_shard_bytes)
   names = ([f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
            if len(shards) > 1 else ["model.safetensors"])
-  for name, tensors in zip(names, shards):
-    _atomic(path, name, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
-  if len(shards) > 1:
-    index = {"metadata": {"total_size": sum(t.nbytes for s in shards for t in s.values())},
-             "weight_map": {t: name for name, s in zip(names, shards) for t in s}}
-    _atomic(path, "model.safetensors.index.json", lambda tmp: _write_json(tmp, index))
-  hf_config = to_hf_dict(config.replace(param_dtype=dtype.name))
-  _atomic(path, "config.json", lambda tmp: _write_json(tmp, hf_config))
-
-
-def _write_json(tmp: str, obj: Any) -> None:
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-
-
-def _atomic(folder: str, name: str, write) -> None:
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-  os.close(fd)
+  tmp = None
+  if primary:
+    storage.clear_stale(path)
+    tmp = storage.temp_folder_for(path)
   try:
-    write(tmp)
-    os.replace(tmp, os.path.join(folder, name))
+    for name, group in zip(names, shards):
+      with (tmp / name).open("wb") if primary else contextlib.nullcontext() as out:
+        if primary:
+          out.write(_header(group, [jnp.dtype(e.leaf.dtype).name for e in group]))
+        for e in group:
+          a = np.asarray(gather(e.leaf if e.layer is None else e.leaf[e.layer]))
+          if primary:
+            t = np.ascontiguousarray(to_hf(e.rule, a, e.shape))
+            assert t.nbytes == e.nbytes, (e.name, t.nbytes, e.nbytes)
+            out.write(t.reshape(-1).view(np.uint8).data)
+          del a
+    if primary:
+      if len(shards) > 1:
+        storage.write_json(tmp / "model.safetensors.index.json",
+                           {"metadata": {"total_size": sum(e.nbytes for e in entries)},
+                            "weight_map": {e.name: n for n, g in zip(names, shards) for e in g}}, indent=2)
+      if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as local:
+          tokenizer.save_pretrained(local)
+          storage.upload_folder(local, tmp)
+      storage.write_json(tmp / "config.json", to_hf_dict(config.replace(param_dtype=dtype.name)), indent=2)
+      storage.replace_folder(tmp, path, marker="config.json")
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    if tmp is not None:
+      storage.rmtree(tmp)
     raise
+  sharding.barrier(f"save_hf {path}")  # nobody reads the folder before process 0 has written it
