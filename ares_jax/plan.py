@@ -17,7 +17,6 @@ stage uses `largest_rollout_chunk` on its own devices when `rollout.chunk_prompt
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -55,8 +54,8 @@ def main(argv: list[str]) -> None:
   print(format_table(rows, _TOPOLOGY.value, hbm, usable))
   if _JSON.value:
     report = {"topology": _TOPOLOGY.value, "hbm_gib": hbm, "usable": usable, "programs": rows}
-    with open(_JSON.value, "w") as f:
-      json.dump(report, f, indent=1)
+    from ares_jax import storage  # pylint: disable=g-import-not-at-top
+    storage.write_json(_JSON.value, report, indent=1)  # local or gs://, atomically
   if not all(r["fits"] for r in rows):
     sys.exit(1)
 

@@ -2,16 +2,16 @@
 
 Large pools take hours, so the estimate is resumable: questions go in fixed batches (batch b holds
 questions b*B..(b+1)*B-1 of the pool order, sampled with key fold_in(key, b)), and each finished batch is
-appended to a JSONL progress file in one write followed by fsync. A restarted run reads the file, keeps
-the batches whose every question is there (a line cut off by a kill is ignored, and its batch is redone)
-and samples only the rest, so a resumed estimate equals an uninterrupted one.
+appended to a JSONL progress file in one write (storage.append_lines: fsync locally, a whole-object rewrite
+on `gs://`). A restarted run reads the file, keeps the batches whose every question is there (a last line
+cut off by a kill is dropped, and its batch is redone) and samples only the rest, so a resumed estimate
+equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Sequence
 
 import jax
@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import sampling, sharding
+from ares_jax import sampling, sharding, storage
 from ares_jax.data.grading import Grader
 from ares_jax.data.prompts import PromptStream
 from ares_jax.models.config import ModelConfig
@@ -28,17 +28,7 @@ from ares_jax.data.batching import prompt_batch
 
 def read_progress(path: str) -> dict[str, dict]:
   """id -> record of every complete line of the progress file (none if it does not exist)."""
-  done: dict[str, dict] = {}
-  if not os.path.exists(path):
-    return done
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:  # the tail of a write cut off by a kill
-        continue
-      done[str(rec["id"])] = rec
-  return done
+  return {str(rec["id"]): rec for rec in storage.read_jsonl(path, missing_ok=True)}
 
 
 def estimate_pass_rates(mcfg: ModelConfig, params: Any, stream: PromptStream, ids: Sequence[str],
@@ -56,15 +46,12 @@ def estimate_pass_rates(mcfg: ModelConfig, params: Any, stream: PromptStream, id
   logging.info("pass rates: %d questions in %d batches, %d batches already in %s", len(todo), len(batches),
                len(batches) - len(pending), progress_path)
   primary = sharding.is_primary()  # every process samples (a collective); process 0 writes
-  with open(progress_path if primary else os.devnull, "a") as out:
-    for b in tqdm(pending, desc="pass rates", initial=len(batches) - len(pending), total=len(batches)):
-      records = _estimate_batch(mcfg, params, stream, ids, batches[b], tokenizer, grader, sc,
-                                jax.random.fold_in(key, b))
-      out.write("".join(json.dumps(r) + "\n" for r in records))
-      out.flush()
-      if primary:
-        os.fsync(out.fileno())
-      done.update({r["id"]: r for r in records})
+  for b in tqdm(pending, desc="pass rates", initial=len(batches) - len(pending), total=len(batches)):
+    records = _estimate_batch(mcfg, params, stream, ids, batches[b], tokenizer, grader, sc,
+                              jax.random.fold_in(key, b))
+    if primary:
+      storage.append_lines(progress_path, [json.dumps(r) for r in records])
+    done.update({r["id"]: r for r in records})
   return {ids[i]: done[ids[i]]["pass_rate"] for i in todo}
 
 

@@ -3,12 +3,13 @@ the policy's length-difficulty correlation; `adacs_report.json` and `adacs_repor
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats
+
+from ares_jax import storage
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -42,12 +43,9 @@ def length_by_pass_rate(questions: Sequence[dict], chosen: dict[str, int] | None
 
 
 def write_report(workdir: str, report: dict[str, Any]) -> tuple[str, str]:
-  """Writes the JSON report and its plot; returns both paths."""
+  """Writes the JSON report and its plot, each atomically (`workdir` may be `gs://`); returns both paths."""
   path = os.path.join(workdir, "adacs_report.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(report, f, indent=1)
-  os.replace(tmp, path)
+  storage.write_json(path, report, indent=1)
   return path, plot_report(workdir, report)
 
 
@@ -84,6 +82,6 @@ def plot_report(workdir: str, report: dict[str, Any]) -> str:
     ax.legend(fontsize=7)
   fig.tight_layout()
   path = os.path.join(workdir, "adacs_report.png")
-  fig.savefig(path, dpi=100)
+  storage.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return path

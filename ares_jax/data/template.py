@@ -42,12 +42,12 @@ def ensure_chat_template(tokenizer: Any, folder: str | None = None) -> Any:
   `chat_template.json` / `chat_template.jinja` (where transformers saves a processor's), else Qwen's."""
   if tokenizer.chat_template and "image" in str(tokenizer.chat_template):
     return tokenizer
+  from ares_jax import storage  # pylint: disable=g-import-not-at-top  (folder may be gs://)
   for name in ("chat_template.jinja", "chat_template.json"):
     path = os.path.join(folder, name) if folder else ""
-    if path and os.path.exists(path):
+    if path and storage.exists(path):
       import json  # pylint: disable=g-import-not-at-top
-      with open(path) as f:
-        text = f.read()
+      text = storage.read_text(path)
       tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
       return tokenizer
   if folder:

@@ -173,17 +173,21 @@ def word_token_table(tokenizer: Any, words: Sequence[str]) -> np.ndarray:
 
 
 def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":
-  """A tokenizer saved in a local folder (a Qwen2.5-VL checkpoint or a `tiny_tokenizer` cache).
+  """A tokenizer saved in a folder (a Qwen2.5-VL checkpoint or a `tiny_tokenizer` cache), local or on
+  `gs://` (its small files are copied to a temporary local folder first: weights are not).
 
-  Never downloads (local_files_only) and never runs code shipped with a checkpoint
+  Never downloads from a hub (local_files_only) and never runs code shipped with a checkpoint
   (trust_remote_code=False). Padding is on the left, as generation needs.
   """
   from transformers import AutoTokenizer
 
-  if not os.path.isdir(path):
+  from ares_jax import storage  # pylint: disable=g-import-not-at-top
+
+  if not storage.isdir(path):
     raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (models are never downloaded: "
                             "point to a local copy of the checkpoint)")
-  tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+  with storage.local_folder(path, lambda name: not name.endswith((".safetensors", ".bin"))) as local:
+    tok = AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False)
   tok.padding_side = "left"
   missing = [t for t in SPECIAL_TOKENS if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
   if missing:

@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import sampling, sharding
+from ares_jax import sampling, sharding, storage
 from ares_jax.data import reader as reader_lib
 from ares_jax.data.batching import prompt_batch
 from ares_jax.data.grading import Grader
@@ -233,7 +233,7 @@ def evaluate(mcfg, params, benches: Sequence[Benchmark], processor, template, to
     report[bench.name] = summary(records, settings.group_by, bench.name,
                                  collections.Counter(bench.skipped) + skipped)
     if out_dir is not None and sharding.is_primary():
-      os.makedirs(out_dir, exist_ok=True)
+      storage.makedirs(out_dir)
       reports.write_records(os.path.join(out_dir, f"{bench.name}.jsonl"), records)
   if out_dir is not None and sharding.is_primary():
     reports.write_reports(out_dir, report)
@@ -244,12 +244,12 @@ def rescore(out_dir: str, names: Sequence[str], grader: Grader, group_by: str) -
   """Judges the `prediction` of every record in `out_dir/<name>.jsonl` again (no model), rewriting
   `extracted`, `correct`, `group` and the reports. `names` empty: every `*.jsonl` in `out_dir`."""
   if not names:
-    names = sorted(f[:-len(".jsonl")] for f in os.listdir(out_dir) if f.endswith(".jsonl"))
+    names = sorted(f[:-len(".jsonl")] for f in storage.listdir(out_dir) if f.endswith(".jsonl"))
   if not names:
     raise ValueError(f"eval.rescore: no <name>.jsonl files in {out_dir}")
   previous = {}
   path = os.path.join(out_dir, "report.json")
-  if os.path.exists(path):
+  if storage.exists(path):
     previous = reports.read_json(path)
   report = {}
   for name in tqdm(names, desc="rescore", unit="benchmark"):

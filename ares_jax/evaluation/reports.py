@@ -1,8 +1,9 @@
 """Evaluation files in `{workdir}/eval/`: `<name>.jsonl` (one row per item and sample), `report.json`,
 `report.md` (benchmark x accuracy x mean tokens) and `report.png` (accuracy against tokens).
 
-Every file is written whole to a temporary name and renamed into place, so a run killed mid-write never
-leaves a half file for `eval.rescore` or a reader to trip on. Callers write on process 0 only.
+Every file is written whole to a temporary name and renamed into place (ares_jax.storage; the folder may
+be `gs://`), so a run killed mid-write never leaves a half file for `eval.rescore` or a reader to trip on.
+Callers write on process 0 only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from ares_jax import storage
 
 # The fields of a `<name>.jsonl` row (issue 11); the rest (item, sample, id, category, source, extra) are
 # what rescoring and regrouping need.
@@ -29,26 +32,21 @@ def _json_default(x: Any) -> Any:
 
 
 def atomic_write(path: str, data: str | bytes) -> None:
-  """Writes `path` via a temporary file in the same folder and `os.replace`."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-    f.write(data)
-  os.replace(tmp, path)
+  """Writes `path` whole and atomically (storage.write_bytes)."""
+  storage.write_bytes(path, data if isinstance(data, bytes) else data.encode("utf-8"))
 
 
 def write_records(path: str, records: Iterable[Mapping[str, Any]]) -> None:
   """`records` as JSON lines, atomically."""
-  atomic_write(path, "".join(json.dumps(r, default=_json_default, ensure_ascii=False) + "\n" for r in records))
+  storage.write_jsonl(path, records, default=_json_default)
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return storage.read_jsonl(path)
 
 
 def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 def _fmt(x: float) -> str:
@@ -88,15 +86,13 @@ def plot(report: Mapping[str, Mapping[str, Any]], path: str) -> None:
   ax.grid(alpha=0.3)
   ax.set_title("accuracy vs response length")
   fig.tight_layout()
-  tmp = f"{path}.tmp{os.getpid()}"
-  fig.savefig(tmp, dpi=100, format="png")
+  storage.save_figure(fig, path, dpi=100)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def write_reports(eval_dir: str, report: Mapping[str, Mapping[str, Any]]) -> None:
   """`report.json`, `report.md` and `report.png` of `report` ({benchmark: summary}) in `eval_dir`."""
-  os.makedirs(eval_dir, exist_ok=True)
+  storage.makedirs(eval_dir)
   atomic_write(os.path.join(eval_dir, "report.json"), json.dumps(report, indent=1, default=_json_default))
   atomic_write(os.path.join(eval_dir, "report.md"), markdown(report))
   plot(report, os.path.join(eval_dir, "report.png"))

@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from ares_jax import storage
 from ares_jax.stages import adacs, aepo
 
 
@@ -22,7 +23,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     first.workdir = os.path.join(config.workdir, "adacs")
   report_path = os.path.join(first.workdir, "adacs_report.json")
   policy = os.path.join(first.workdir, "policy")
-  if os.path.exists(report_path) and os.path.exists(os.path.join(policy, "config.json")):
+  if storage.exists(report_path) and storage.exists(os.path.join(policy, "config.json")):
     logging.info("AdaCS already finished in %s; going on to AEPO", first.workdir)
     report = None
   else:

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ares_jax import configs, models, sampling, sharding
+from ares_jax import configs, models, sampling, sharding, storage
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
 from ares_jax.data import reader
@@ -43,7 +43,7 @@ class Built:
 
 def build(config: ml_collections.ConfigDict) -> Built:
   """The workdir, mesh, checked tokenizer, processor and parameters of `config`."""
-  os.makedirs(config.workdir, exist_ok=True)
+  storage.makedirs(config.workdir)  # local or gs://
   mesh = build_mesh(config)
   mcfg = configs.to_model_config(config.model)
   tok = build_tokenizer(config)

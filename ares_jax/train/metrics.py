@@ -1,22 +1,25 @@
-"""Step metrics to `{workdir}/metrics.jsonl` and TensorBoard event files."""
+"""Step metrics to `{workdir}/metrics.jsonl` and TensorBoard event files; the workdir may be `gs://`
+(ares_jax.storage)."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import threading
 from typing import Mapping
 
 import numpy as np
 
-from ares_jax import sharding
+from ares_jax import sharding, storage
 
 
 class MetricsWriter:
   """Appends one JSON object per step; mirrors scalars to TensorBoard (tensorboardX) when available.
 
   On resume, lines for steps after the restored checkpoint are dropped first, so the file reads as
-  one uninterrupted run.
+  one uninterrupted run; so is a torn last line (a kill in the middle of a write), with a warning.
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None):
@@ -25,16 +28,15 @@ class MetricsWriter:
     self._primary = sharding.is_primary()  # one writer in a multi-process run
     if not self._primary:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if resume_step is not None and os.path.exists(self.path):
-      with open(self.path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(keep)
-    elif resume_step is None and os.path.exists(self.path):
-      os.remove(self.path)
+    storage.makedirs(workdir)
+    if resume_step is not None and storage.exists(self.path):
+      keep = [r for r in storage.read_jsonl(self.path) if r["step"] <= resume_step]
+      storage.write_jsonl(self.path, keep)
+    elif resume_step is None and storage.exists(self.path):
+      storage.remove(self.path)
     try:
       from tensorboardX import SummaryWriter
+      _register_remote_event_files()
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # metrics.jsonl is always written
       self._tb = None
@@ -46,8 +48,7 @@ class MetricsWriter:
       row[k] = v if math.isfinite(v) else None
     if not self._primary:
       return row
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    storage.append_lines(self.path, [json.dumps(row)])
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and v is not None:
@@ -61,8 +62,55 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows of `{workdir}/metrics.jsonl` (a torn last line dropped)."""
+  return storage.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+class _EventObject:
+  """A TensorBoard event file on an object store, which has no append: records are buffered and every
+  flush rewrites the object whole (atomically, through ares_jax.storage). A file past `roll_bytes` is
+  left as it is and the next records go to `<name>.<k>` (TensorBoard reads every file with "tfevents"
+  in its name, in name order), so one flush never uploads more than about `roll_bytes`."""
+
+  def __init__(self, path: str, roll_bytes: int = 8 << 20):
+    self._base, self._part, self._roll = path, 0, roll_bytes
+    self._buf = io.BytesIO()
+    self._dirty = False
+    self._lock = threading.Lock()  # tensorboardX's logger thread and the caller's flush() both flush
+
+  def write(self, data: bytes) -> None:
+    with self._lock:
+      self._buf.write(data)
+      self._dirty = True
+
+  def flush(self) -> None:  # called between records only (tensorboardX writes a record, then flushes)
+    with self._lock:
+      if not self._dirty:
+        return
+      name = self._base if self._part == 0 else f"{self._base}.{self._part:05d}"
+      storage.write_bytes(name, self._buf.getvalue())
+      self._dirty = False
+      if self._buf.tell() >= self._roll:
+        self._part += 1
+        self._buf = io.BytesIO()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EventObjectFactory:
+  def open(self, path: str) -> _EventObject:
+    return _EventObject(path)
+
+  def directory_check(self, path: str) -> None:  # object stores have no folders to create
+    del path
+
+
+def _register_remote_event_files() -> None:
+  """Routes tensorboardX's `gs://` event files through ares_jax.storage (epath: gcsfs or gfile) instead
+  of its own writer, which needs google-cloud-storage and uploads the whole file at every flush."""
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  record_writer.register_writer_factory("gs", _EventObjectFactory())
 
 
 CURVES = (("accuracy", ("accuracy/easy", "accuracy/medium", "accuracy/hard", "accuracy/mean", "eval/accuracy")),
@@ -92,6 +140,6 @@ def plot_curves(workdir: str, panels=CURVES, filename: str = "curves.png") -> st
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  storage.save_figure(fig, path, dpi=100)
   plt.close(fig)
   return path
