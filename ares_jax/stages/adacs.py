@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import os
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import adacs, models, sharding
+from ares_jax import adacs, models, sharding, storage
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.adacs.report import length_by_pass_rate, write_report
 from ares_jax.data import synthetic
@@ -129,8 +128,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                      f"config.adacs.max_response_length={a.max_response_length}")
   index = {q.id: i for i, q in enumerate(pool)}
   if sharding.is_primary():
-    with open(os.path.join(config.workdir, "selection.jsonl"), "w") as f:
-      f.writelines(json.dumps(p) + "\n" for p in plan)
+    storage.write_jsonl(os.path.join(config.workdir, "selection.jsonl"), plan)
 
   # 4. SFT on the selection, evaluated before and after on held-out synthetic problems.
   eos = tok.convert_tokens_to_ids("<|im_end|>")
@@ -140,15 +138,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   examples = [(e.prompt, t) for e, t in examples if e is not None]
   eval_key = jax.random.key(config.seed + 1)
   before_path = os.path.join(config.workdir, "eval_before_sft.json")
-  if os.path.exists(before_path):  # a resumed run: `params` are no longer the policy before SFT
-    with open(before_path) as f:
-      before = json.load(f)
+  if storage.exists(before_path):  # a resumed run: `params` are no longer the policy before SFT
+    before = storage.read_json(before_path)
   else:
     before = evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
                       config.eval.samples) if eval_stream else {}
     if sharding.is_primary():
-      with open(before_path, "w") as f:
-        json.dump(before, f)
+      storage.write_json(before_path, before)
   state = train_sft(config, mcfg, params, examples, ckpt, mesh, pad_id)
   after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
                    config.eval.samples) if eval_stream else {}
@@ -156,10 +152,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   ckpt.close()
 
   policy = os.path.join(config.workdir, "policy")
-  models.save_hf(policy, mcfg, state.params)  # every process gathers; process 0 writes
-  if sharding.is_primary():
-    tok.save_pretrained(policy)
-  sharding.barrier("adacs tokenizer")
+  models.save_hf(policy, mcfg, state.params, tokenizer=tok)  # every process gathers; process 0 writes
   chosen = {p["id"]: p["candidate"] for p in plan}
   by_d = lambda ev: {k.rsplit("_d", 1)[1]: v for k, v in ev.items() if k.startswith("eval/length_d")}
   report = {

@@ -133,10 +133,7 @@ def export_policy(config: ml_collections.ConfigDict, mcfg, params, tok) -> str:
   """The policy as a Hugging Face folder, `{workdir}/policy/` (what `eval` and transformers load), as AdaCS
   saves its own. Every process gathers the weights; process 0 writes."""
   policy = os.path.join(config.workdir, "policy")
-  models.save_hf(policy, mcfg, params)
-  if sharding.is_primary():
-    tok.save_pretrained(policy)
-  sharding.barrier("aepo policy export")
+  models.save_hf(policy, mcfg, params, tokenizer=tok)  # the tokenizer inside the same atomic folder
   return policy
 
 
