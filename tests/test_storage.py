@@ -202,3 +202,35 @@ def test_sharded_export_loads_in_transformers(tmp_path, tiny_model):
   got = dict(model.named_parameters())
   got = got.get(name, got.get(name.replace("model.", "model.language_model.", 1)))
   np.testing.assert_array_equal(got.detach().numpy(), want)
+
+
+def test_tiny_aepo_writes_everything_to_a_gs_workdir(tmp_path, monkeypatch):
+  """A 1-step AEPO run with a `gs://` workdir: metrics, curves, TensorBoard events and the exported policy
+  (weights, config, tokenizer) land in the bucket and load back from there. Checkpoints stay in a local
+  folder: orbax's array data goes through tensorstore's own GCS client, which this fake does not serve."""
+  from ares_jax.data.tokenizer import load_tokenizer
+  from ares_jax.stages import aepo as aepo_stage
+  from ares_jax.train import checkpoint
+  from test_aepo_stage import tiny_rl_config
+
+  local = tmp_path / "checkpoints"
+  real = checkpoint.Checkpointer
+  monkeypatch.setattr(aepo_stage, "Checkpointer",
+                      lambda directory, *a, **k: real(str(local / directory.replace("gs://", "")), *a, **k))
+  with fake_gcs(tmp_path / "gcs") as root:
+    c = tiny_rl_config("gs://bucket/aepo", 1)
+    c.data.images = False
+    c.warm_start.steps = 0
+    c.rollout.max_response_length = 16
+    out = aepo_stage.run(c)
+    bucket = os.path.join(root, "bucket", "aepo")
+    rows = metrics_lib.read_metrics("gs://bucket/aepo")
+    assert [r["step"] for r in rows] == [1] and rows == out["history"]
+    assert os.path.getsize(os.path.join(bucket, "curves.png")) > 10_000
+    assert any("tfevents" in n for n in os.listdir(os.path.join(bucket, "tensorboard")))
+    policy = "gs://bucket/aepo/policy"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(policy))
+    assert not [n for n in os.listdir(bucket) if n.startswith(".")]  # no temporary leftovers
+    assert not os.path.exists("gs:")  # nothing went to a local folder named after the URL
+    mcfg, params = models.load_hf(policy)
+    assert mcfg.text.num_layers == 2 and len(load_tokenizer(policy)) > 0
