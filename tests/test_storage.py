@@ -234,3 +234,26 @@ def test_tiny_aepo_writes_everything_to_a_gs_workdir(tmp_path, monkeypatch):
     assert not os.path.exists("gs:")  # nothing went to a local folder named after the URL
     mcfg, params = models.load_hf(policy)
     assert mcfg.text.num_layers == 2 and len(load_tokenizer(policy)) > 0
+
+
+def test_compilation_cache_on_gs(tmp_path):
+  """`compilation_cache_dir=gs://...` (main.setup_compilation): JAX's persistent cache reaches object
+  stores through epath too, so compiled programs land in the bucket."""
+  from jax._src import compilation_cache  # reset_cache: the cache is set up once per process otherwise
+  import ml_collections
+  from ares_jax import main
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {n: getattr(jax.config, n) for n in names}
+  try:
+    with fake_gcs(tmp_path / "gcs") as root:
+      main.setup_compilation(ml_collections.ConfigDict({"compilation_cache_dir": "gs://bucket/xla_cache"}))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+      jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+      compilation_cache.reset_cache()
+      jax.jit(lambda x: jax.numpy.cos(x) * 5 - 2)(jax.numpy.ones(11)).block_until_ready()
+      assert any(n.endswith("-cache") for n in os.listdir(os.path.join(root, "bucket", "xla_cache")))
+  finally:
+    for n, v in saved.items():
+      jax.config.update(n, v)
+    compilation_cache.reset_cache()
