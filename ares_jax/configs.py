@@ -19,7 +19,7 @@ from ml_collections import config_dict
 if TYPE_CHECKING:
   from ares_jax.models import ModelConfig
 
-STAGES = ("inspect", "sample", "aepo", "adacs", "ares", "eval")  # ares: adacs, then aepo from its policy
+from ares_jax.config_checks import DATA_KINDS, STAGES  # noqa: F401  (ares: adacs, then aepo from its policy)
 
 # Qwen2.5-VL's token ids (identical for 3B and 7B).
 QWEN_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
@@ -56,13 +56,14 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.grading_workers = 2  # processes that grade answers (math-verify), each item under a timeout
 
   c.data = data_defaults()
-  # Supervised warm start on the synthetic task's programmatic traces (tiny runs); 0 steps = none.
+  # Supervised warm start on the synthetic task's programmatic traces (tiny runs; data.kind=synthetic); 0 steps = none.
   # unboxed_rate: share of warm-start traces that state the answer without \boxed{} (format to learn in RL).
   # min_steps / max_steps: its own difficulty range (0: data.min_steps / data.max_steps).
   # slip_rate: per-step probability that a warm-start trace's step comes out one too high (wrong answer).
   # weight_decay: AdamW's, for the warm start alone (the rest of config.optim is shared).
+  # over_checkpoint: also warm-start a policy loaded from model.hf_path (never by default: it would overwrite it).
   c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3, weight_decay=1e-2, unboxed_rate=0.0,
-                                                slip_rate=0.0, min_steps=0, max_steps=0))
+                                                slip_rate=0.0, min_steps=0, max_steps=0, over_checkpoint=False))
   # Evaluation (evaluation/, stage `eval`). AEPO scores `prompts` held-out prompts every `every` steps (0 = never),
   # greedy, or with samples > 0 the mean over that many samples per prompt at the rollout temperature (avg@k).
   # benchmarks: ("name=path", ...) in any layout data/reader.py reads: the eval stage scores them (instead of
@@ -92,57 +93,6 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.inspect.image_size = (96, 128)  # (height, width) of the drawn test image
   c.inspect.top_k = 5
   return c
-
-
-DATA_KINDS = ("synthetic", "files", "tfds")
-
-
-def data_defaults() -> ml_collections.ConfigDict:
-  """Prompts for RL and held-out evaluation (data/reader.py, data/prompts.py, data/template.py)."""
-  d = ml_collections.ConfigDict()
-  d.kind = "synthetic"  # synthetic: the built-in task | files: data.paths | tfds: data.tfds_dir (data/build.py)
-  # kind=files: JSONL / parquet / VLMEvalKit TSV files or folders (a ViRL39K folder, an EasyR1 parquet, ...).
-  d.paths = ()
-  d.tfds_dir = ""  # kind=tfds: a dataset folder written by `python -m ares_jax.data.build`
-  # Held-out prompts: these files when given, else the rows whose id hashes below eval_fraction (never trained on).
-  d.eval_paths = ()
-  d.eval_fraction = 0.02
-  d.image_root = ""  # image paths are relative to this folder ("" = each data file's own folder)
-  d.shuffle = True  # a fresh permutation of the training rows every epoch (seeded by config.seed)
-  d.max_image_pixels = 89_478_485  # larger images are skipped as decompression bombs (PIL's default bound)
-  # The prompt: the tokenizer's chat template; system_prompt unset = the template's default system turn,
-  # "" = no system turn; the instruction goes after (or before) the question.
-  d.system_prompt = config_dict.placeholder(str)
-  d.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
-  d.instruction_position = "after"  # after | before
-  # Column names when a layout names them otherwise ("" = found by name: question | problem | prompt, ...).
-  d.columns = ml_collections.ConfigDict({k: "" for k in (
-      "question", "answer", "image", "id", "source", "category", "pass_rate", "difficulty", "response")})
-  # The synthetic task (kind=synthetic): "Mod 10, start s, apply +d k times", k in [min_steps, max_steps].
-  d.min_steps, d.max_steps, d.ops, d.images = 1, 6, "+-*", False
-  return d
-
-
-def data_problem(config: ml_collections.ConfigDict) -> str | None:
-  """What the config's data settings lack, as one line naming the field to set; None when they are usable.
-  A real model never falls back to the synthetic task silently."""
-  d = config.data
-  if d.kind not in DATA_KINDS:
-    return f"config.data.kind={d.kind!r}: expected one of {DATA_KINDS}"
-  benchmarks_only = config.stage == "eval" and (config.eval.get("benchmarks") or config.eval.get("rescore"))
-  if d.kind == "files" and not d.paths and config.stage in ("aepo", "ares", "eval") and not benchmarks_only:
-    return ("config.data.paths is empty: set --config.data.paths=\"('/data/ViRL39K',)\" (JSONL, parquet or TSV "
-            "files or folders)")
-  if d.kind == "tfds" and not d.get("tfds_dir"):
-    return "config.data.tfds_dir is empty: build one with `python -m ares_jax.data.build --src=... --out=...`"
-  if config.stage in ("adacs", "ares") and d.kind != "synthetic" and not config.adacs.pool_paths:
-    return ("config.adacs.pool_paths is empty: set --config.adacs.pool_paths=\"('/data/ARES-Adaptive-Coldstart',)\" "
-            "(the cold-start pool)")
-  if not 0.0 <= d.eval_fraction < 1.0:
-    return f"config.data.eval_fraction={d.eval_fraction}: expected a fraction in [0, 1)"
-  if d.instruction_position not in ("after", "before"):
-    return f"config.data.instruction_position={d.instruction_position!r}: expected 'after' or 'before'"
-  return None
 
 
 def adacs_defaults() -> ml_collections.ConfigDict:

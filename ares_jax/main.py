@@ -17,9 +17,10 @@ import re
 import sys
 from typing import Any, Callable
 
-from absl import app, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of configuration and input errors too.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override fields with --config.field=value.",
     lock_config=True)
@@ -142,16 +143,32 @@ def main(argv: list[str]) -> None:
   except StageNotAvailable as e:
     sys.stderr.write(f"FATAL: {e}\n")
     sys.exit(2)
-  from ares_jax import configs  # pylint: disable=g-import-not-at-top  (no JAX backend)
-  problem = configs.data_problem(config)
-  if problem:
-    sys.stderr.write(f"FATAL: {problem}\n")
+  from ares_jax import config_checks  # pylint: disable=g-import-not-at-top  (no JAX backend)
+  problems = config_checks.problems(config)
+  if problems:  # all of them, one line each, before any device or file is touched
+    sys.stderr.write("".join(f"FATAL: {p}\n" for p in problems))
     sys.exit(2)
   if config.get("distributed", False):
     init_distributed()
   setup_compilation(config)
   logging.info("stage %s with config:\n%s", config.stage, config)
-  run(config)
+  try:
+    run(config)
+  except Exception as e:  # pylint: disable=broad-except
+    if _VERBOSE.value or not is_user_error(e):
+      raise
+    sys.stderr.write(f"FATAL: {e}\n(run with --verbose for the traceback)\n")
+    sys.exit(2)
+
+
+def is_user_error(e: BaseException) -> bool:
+  """Errors in what the user gave (config, checkpoint, data, mesh), whose message says what to fix: shown as
+  one line. Anything else is a bug and keeps its traceback."""
+  from ares_jax import sharding  # pylint: disable=g-import-not-at-top
+  from ares_jax.data.processor import ProcessorError  # pylint: disable=g-import-not-at-top
+  from ares_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
+  from ares_jax.models.hf_io import CheckpointError  # pylint: disable=g-import-not-at-top
+  return isinstance(e, (ConfigError, CheckpointError, ProcessorError, sharding.MeshError, FileNotFoundError))
 
 
 def cli() -> None:

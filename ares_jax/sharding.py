@@ -46,6 +46,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+class MeshError(ValueError):
+  """A mesh the devices cannot hold; the message names config.mesh and what to set."""
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh with Auto axes; one of the sizes may be -1 (takes the rest).
 
@@ -56,15 +60,18 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
   sizes = [data, fsdp, tensor]
   if -1 not in sizes and 0 < int(np.prod(sizes)) < len(devices):
     devices = devices[:int(np.prod(sizes))]
+  hint = ("; set one size to -1 to take the remaining devices, or simulate devices on a CPU with "
+          "XLA_FLAGS=--xla_force_host_platform_device_count=N")
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    raise MeshError(f"config.mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes {sizes}")
+      raise MeshError(f"config.mesh: {len(devices)} devices are not divisible by the fixed sizes {sizes}{hint}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {len(devices)} devices are present")
+    raise MeshError(f"config.mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {len(devices)} devices are "
+                    f"present{hint}")
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 

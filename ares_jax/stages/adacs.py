@@ -92,7 +92,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
   ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
   resumed = ckpt.latest_step() is not None
-  if not resumed and config.warm_start.steps > 0 and not config.model.hf_path and config.data.kind == "synthetic":
+  if (not resumed and config.warm_start.steps > 0 and config.data.kind == "synthetic"
+      and (not config.model.hf_path or config.warm_start.over_checkpoint)):
     params = setup.warm_start(config, mcfg, params, setup.prompt_stream(config, proc, 0), pad_id, tok)
 
   # 1. The pool, every candidate graded and measured.

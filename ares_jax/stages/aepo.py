@@ -49,7 +49,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   start = ckpt.latest_step()
   if start is None:
-    if config.warm_start.steps > 0 and config.data.kind == "synthetic" and not config.model.hf_path:
+    if (config.warm_start.steps > 0 and config.data.kind == "synthetic"
+        and (not config.model.hf_path or config.warm_start.over_checkpoint)):
       params = setup.warm_start(config, mcfg, params, train_stream, pad_id, tok)
     ref_params = aepo_update.reference_copy(params, a.ref_dtype)
     state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
