@@ -1,57 +1,105 @@
 #!/usr/bin/env bash
-# Run ares_jax on a Cloud TPU VM slice: create it (or reuse it), copy this checkout to every
-# worker, install, and start the entry point on all workers at once (--worker=all). Every worker
-# runs the same command; --config.distributed=True makes each call jax.distributed.initialize(),
-# which needs no arguments on TPU.
+# Run ares_jax on a Cloud TPU VM slice: get the slice (reuse it, create it, or queue for it), copy this
+# checkout to every worker, install, and start the entry point on all workers at once (--worker=all).
+# Every worker runs the same command; --config.distributed=True makes each call
+# jax.distributed.initialize(), which needs no arguments on TPU.
 #
-#   TPU_NAME=ares-v5p ZONE=us-east5-a ACCELERATOR=v5p-8 launch/gcloud_tpu.sh \
-#       --config=configs/aepo_7b.py --config.model.hf_path=/mnt/ckpt/Qwen2.5-VL-7B-Instruct
+#   TPU_NAME=ares-v5p ZONE=us-east5-a ACCELERATOR=v5p-8 WORKDIR=gs://my-bucket/aepo_7b \
+#       launch/gcloud_tpu.sh --config=configs/aepo_7b.py --config.model.hf_path=/mnt/ckpt/policy \
+#       --config.data.paths="('/mnt/data/ViRL39K',)"
 #
-# Environment: TPU_NAME, ZONE (required); ACCELERATOR (default v5p-8), RUNTIME_VERSION
-# (default v2-alpha-tpuv5), PROJECT (default: gcloud's), SPOT=1 for spot capacity,
-# SKIP_INSTALL=1 to reuse an installed VM, DELETE_AFTER=1 to delete the slice when done.
+# Code and outputs never share a folder: the code goes to ~/ares_jax_code/<version> on each worker (a new
+# folder per version; nothing is deleted), the run writes to WORKDIR (gs:// is shared by all workers; the
+# default ~/ares_jax_runs/<config name> is local to each worker, fine for one-host slices). Launching again
+# with the same WORKDIR resumes from the newest checkpoint; a preempted spot slice checkpoints on SIGTERM
+# and exits 0, so relaunching after preemption continues where it stopped.
+#
+# Environment: TPU_NAME, ZONE (required); ACCELERATOR (default v5p-8), RUNTIME_VERSION (default
+# v2-alpha-tpuv5), PROJECT (default: gcloud's), WORKDIR (see above), SPOT=1 for spot capacity,
+# QUEUED=1 to request the slice as a queued resource and wait until it is ACTIVE (what spot and large
+# slices usually need), SKIP_INSTALL=1 to reuse an installed VM, DELETE_AFTER=1 to delete the slice when
+# done, DRY_RUN=1 to print the gcloud commands instead of running them (nothing is created or copied).
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
 ACCELERATOR="${ACCELERATOR:-v5p-8}"
 RUNTIME_VERSION="${RUNTIME_VERSION:-v2-alpha-tpuv5}"
-REMOTE_DIR="${REMOTE_DIR:-ares_jax}"
 if [ "$#" -eq 0 ]; then
   set -- --config=configs/tiny.py
 fi
 
 cd "$(dirname "$0")/.."
+
+run() {  # a gcloud command, or with DRY_RUN=1 its printed form
+  if [ "${DRY_RUN:-0}" = "1" ]; then
+    printf '+'; printf ' %q' "$@"; printf '\n'
+  else
+    "$@"
+  fi
+}
+exists() {  # whether a gcloud resource exists (never, in a dry run: print the commands that create it)
+  [ "${DRY_RUN:-0}" != "1" ] && "$@" >/dev/null 2>&1
+}
+
 gc=(gcloud compute tpus tpu-vm)
+qr=(gcloud compute tpus queued-resources)
 where=(--zone="$ZONE")
 if [ -n "${PROJECT:-}" ]; then where+=(--project="$PROJECT"); fi
+spot=()
+if [ "${SPOT:-0}" = "1" ]; then spot=(--spot); fi
 
-if ! "${gc[@]}" describe "$TPU_NAME" "${where[@]}" >/dev/null 2>&1; then
-  echo "creating $ACCELERATOR slice $TPU_NAME in $ZONE"
-  create=("${gc[@]}" create "$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR" --version="$RUNTIME_VERSION")
-  if [ "${SPOT:-0}" = "1" ]; then create+=(--spot); fi
-  "${create[@]}"
+if ! exists "${gc[@]}" describe "$TPU_NAME" "${where[@]}"; then
+  if [ "${QUEUED:-0}" = "1" ]; then
+    echo "queueing for a $ACCELERATOR slice $TPU_NAME in $ZONE"
+    if ! exists "${qr[@]}" describe "$TPU_NAME" "${where[@]}"; then
+      run "${qr[@]}" create "$TPU_NAME" --node-id="$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR" \
+        --runtime-version="$RUNTIME_VERSION" "${spot[@]}"
+    fi
+    if [ "${DRY_RUN:-0}" != "1" ]; then
+      until [ "$("${qr[@]}" describe "$TPU_NAME" "${where[@]}" --format='value(state.state)')" = "ACTIVE" ]; do
+        sleep 60
+      done
+    fi
+  else
+    echo "creating $ACCELERATOR slice $TPU_NAME in $ZONE"
+    run "${gc[@]}" create "$TPU_NAME" "${where[@]}" --accelerator-type="$ACCELERATOR" --version="$RUNTIME_VERSION" \
+      "${spot[@]}"
+  fi
 fi
 
-# Ship the committed tree plus local changes (not build outputs) as one tarball.
+# Ship the committed tree plus local changes (not build outputs) as one tarball, into a folder of its version.
+version="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unversioned)"
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then version="$version-$(date +%Y%m%d%H%M%S)"; fi
+code_dir="ares_jax_code/$version"
 tarball="$(mktemp -t ares_jax.XXXXXX.tar.gz)"
 trap 'rm -f "$tarball"' EXIT
 git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf "$tarball"
-"${gc[@]}" scp "$tarball" "$TPU_NAME":/tmp/ares_jax.tar.gz --worker=all "${where[@]}"
+run "${gc[@]}" scp "$tarball" "$TPU_NAME":/tmp/ares_jax.tar.gz --worker=all "${where[@]}"
 
-setup="rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar -xzf /tmp/ares_jax.tar.gz -C ~/$REMOTE_DIR"
+setup="mkdir -p ~/$code_dir && tar -xzf /tmp/ares_jax.tar.gz -C ~/$code_dir"
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-  setup="$setup && cd ~/$REMOTE_DIR && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e ."
+  setup="$setup && cd ~/$code_dir && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e ."
 fi
-"${gc[@]}" ssh "$TPU_NAME" --worker=all "${where[@]}" --command="$setup"
+run "${gc[@]}" ssh "$TPU_NAME" --worker=all "${where[@]}" --command="$setup"
 
+config_name="$(printf '%s\n' "$@" | sed -n 's|^--config=\(.*/\)\{0,1\}\([^/]*\)\.py$|\2|p' | head -n 1)"
+workdir="${WORKDIR:-\$HOME/ares_jax_runs/${config_name:-run}}"
 args="$(printf ' %q' "$@")"
-run="cd ~/$REMOTE_DIR && python3 -m ares_jax.main$args --config.distributed=True"
+case " $* " in
+  *" --config.workdir="*) ;;  # the caller named the workdir
+  *) args="$args --config.workdir=$workdir" ;;
+esac
+run_cmd="cd ~/$code_dir && python3 -m ares_jax.main$args --config.distributed=True"
 echo "running on all workers:$args"
 status=0
-"${gc[@]}" ssh "$TPU_NAME" --worker=all "${where[@]}" --command="$run" || status=$?
+run "${gc[@]}" ssh "$TPU_NAME" --worker=all "${where[@]}" --command="$run_cmd" || status=$?
 
 if [ "${DELETE_AFTER:-0}" = "1" ]; then
-  "${gc[@]}" delete "$TPU_NAME" "${where[@]}" --quiet
+  if [ "${QUEUED:-0}" = "1" ]; then
+    run "${qr[@]}" delete "$TPU_NAME" "${where[@]}" --force --quiet
+  else
+    run "${gc[@]}" delete "$TPU_NAME" "${where[@]}" --quiet
+  fi
 fi
 exit "$status"

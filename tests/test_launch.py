@@ -1,0 +1,53 @@
+"""The launchers, offline: the gcloud command lines of launch/gcloud_tpu.sh (its dry run) and the XManager
+launcher's jobs."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gcloud(*args: str, **env: str) -> tuple[list[list[str]], str]:
+  out = subprocess.run(["bash", "launch/gcloud_tpu.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, DRY_RUN="1", TPU_NAME="ares", ZONE="us-east5-a", **env))
+  assert out.returncode == 0, out.stderr
+  commands = [shlex.split(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+  return commands, out.stdout
+
+
+def _remote(commands: list[list[str]]) -> list[str]:
+  """The shell commands run on the workers (the --command= of each ssh)."""
+  return [a.split("=", 1)[1] for c in commands if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"]
+          for a in c if a.startswith("--command=")]
+
+
+def test_spot_queued_launch_keeps_code_and_outputs_apart_and_deletes_nothing():
+  commands, _ = _gcloud("--config=configs/aepo_7b.py", "--config.data.paths=('/d/ViRL39K',)", QUEUED="1",
+                        SPOT="1", WORKDIR="gs://bucket/aepo_7b")
+  create = commands[0]
+  assert create[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"]
+  assert {"--spot", "--node-id=ares", "--accelerator-type=v5p-8", "--zone=us-east5-a"} <= set(create)
+  assert any(c[4] == "scp" and "--worker=all" in c for c in commands)
+  setup, run = _remote(commands)
+  assert "rm " not in setup and "rm " not in run  # a relaunch never deletes code or outputs
+  code = setup.split("mkdir -p ", 1)[1].split()[0]
+  assert code.startswith("~/ares_jax_code/")
+  argv = shlex.split(run.split("&&", 1)[1])
+  assert argv[:3] == ["python3", "-m", "ares_jax.main"]
+  assert "--config.workdir=gs://bucket/aepo_7b" in argv and argv[-1] == "--config.distributed=True"
+  assert "--config.data.paths=('/d/ViRL39K',)" in argv  # arguments survive both shells intact
+
+
+def test_default_workdir_is_outside_the_code_and_the_same_on_relaunch():
+  first, _ = _gcloud("--config=configs/tiny.py")
+  again, _ = _gcloud("--config=configs/tiny.py")
+  run = _remote(first)[-1]
+  assert "--config.workdir=$HOME/ares_jax_runs/tiny" in run and "ares_jax_code" not in run.split("--config.workdir")[1]
+  assert first[0][:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"] and "--spot" not in first[0]
+  assert _remote(again)[-1].split("&&")[1] == run.split("&&")[1]  # same command, same workdir: it resumes
+  named, _ = _gcloud("--config=configs/tiny.py", "--config.workdir=/mnt/runs/x")
+  assert _remote(named)[-1].count("--config.workdir=") == 1
