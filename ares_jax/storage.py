@@ -114,11 +114,12 @@ def move(src: PathLike, dst: PathLike) -> None:
     return
   try:
     import fsspec  # pylint: disable=g-import-not-at-top
-    fs, s = fsspec.core.url_to_fs(str(src))
-    fs.mv(s, fsspec.core.url_to_fs(str(dst))[1])
-    return
+    (fs, s), (_, d) = fsspec.core.url_to_fs(str(src)), fsspec.core.url_to_fs(str(dst))
   except (ImportError, ValueError):  # no fsspec implementation for the scheme (e.g. gfile only)
-    pass
+    fs = None
+  if fs is not None:
+    fs.mv(s, d)
+    return
   with src.open("rb") as fin, dst.open("wb") as fout:
     shutil.copyfileobj(fin, fout, _CHUNK)
   src.unlink()
