@@ -18,11 +18,10 @@ from typing import Any
 
 from absl import app, flags
 
-try:  # XManager is an optional dependency of the launcher only.
+try:  # XManager is an optional dependency of the launcher only (`pip install ares_jax[launch]`).
   from xmanager import xm
-  from xmanager import xm_local
 except ImportError:  # pragma: no cover - depends on the environment
-  xm = xm_local = None
+  xm = None
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,6 +76,21 @@ def docker_instructions(directory: str, jax_requirement: str) -> list[str]:
   ]
 
 
+def add_jobs(experiment: Any, jobs: list[dict[str, Any]], executor: Any, spec: Any) -> None:
+  """Packages the checkout once and adds one job per argument set to `experiment` (any xm.Experiment:
+  xm_local's, or xm_mock's in tests)."""
+  [executable] = experiment.package([xm.Packageable(executable_spec=spec, executor_spec=executor.Spec())])
+  for args in jobs:
+    experiment.add(xm.Job(executable=executable, executor=executor, args=args))
+
+
+def container_spec(base_image: str, jax_requirement: str) -> Any:
+  return xm.PythonContainer(
+      path=_ROOT, base_image=base_image, docker_instructions=docker_instructions(os.path.basename(_ROOT),
+                                                                                jax_requirement),
+      entrypoint=xm.ModuleName("ares_jax.main"))
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -88,6 +102,7 @@ def main(argv: list[str]) -> None:
     return
   if xm is None:
     raise app.UsageError("launch/xm_launch.py needs XManager: pip install xmanager")
+  from xmanager import xm_local  # pylint: disable=g-import-not-at-top  (docker and cloud clients)
 
   title = _TITLE.value or os.path.splitext(os.path.basename(_CONFIG.value))[0]
   with xm_local.create_experiment(experiment_title=f"ares_jax-{title}") as experiment:
@@ -95,13 +110,7 @@ def main(argv: list[str]) -> None:
       executor = xm_local.Vertex(requirements=requirements(_ACCELERATOR.value))
     else:
       executor = xm_local.Local(requirements=requirements(_ACCELERATOR.value), experimental_stream_output=True)
-    spec = xm.PythonContainer(
-        path=_ROOT, base_image=_BASE_IMAGE.value,
-        docker_instructions=docker_instructions(os.path.basename(_ROOT), _JAX.value),
-        entrypoint=xm.ModuleName("ares_jax.main"))
-    [executable] = experiment.package([xm.Packageable(executable_spec=spec, executor_spec=executor.Spec())])
-    for args in jobs:
-      experiment.add(xm.Job(executable=executable, executor=executor, args=args))
+    add_jobs(experiment, jobs, executor, container_spec(_BASE_IMAGE.value, _JAX.value))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,29 @@ def test_default_workdir_is_outside_the_code_and_the_same_on_relaunch():
   assert _remote(again)[-1].split("&&")[1] == run.split("&&")[1]  # same command, same workdir: it resumes
   named, _ = _gcloud("--config=configs/tiny.py", "--config.workdir=/mnt/runs/x")
   assert _remote(named)[-1].count("--config.workdir=") == 1
+
+
+def test_xmanager_launcher_adds_one_job_per_sweep_value_to_an_experiment():
+  """With XManager's own mock experiment and executor: nothing is built or launched."""
+  import importlib.util
+
+  from xmanager import xm, xm_mock
+
+  spec = importlib.util.spec_from_file_location("xm_launch", ROOT / "launch" / "xm_launch.py")
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  jobs = launcher.job_args("configs/aepo_7b.py", ["model.hf_path=/gcs/b/policy"], "aepo.rho=0.25,0.5",
+                           distributed=True)
+  experiment = xm_mock.MockExperiment()
+  with experiment:
+    launcher.add_jobs(experiment, jobs, xm_mock.MockExecutor(), launcher.container_spec("python:3.11-slim", "jax[tpu]"))
+  assert len(experiment.launched_jobs) == 2
+  args = [job.args.to_dict() for job in experiment.launched_jobs]
+  assert experiment.launched_jobs[0].args.to_list(str)[0] == "--config=configs/aepo_7b.py"  # the command line
+  assert [a["config.aepo.rho"] for a in args] == ["0.25", "0.5"]
+  assert all(a["config"] == "configs/aepo_7b.py" and a["config.model.hf_path"] == "/gcs/b/policy"
+             and a["config.distributed"] == "True" for a in args)
+  assert isinstance(launcher.requirements("tpu_v5p:8"), xm.JobRequirements)
+  container = launcher.container_spec("python:3.11-slim", "jax[tpu]")
+  assert container.entrypoint.module_name == "ares_jax.main" and Path(container.path) == ROOT
+  assert "RUN python -m pip install 'jax[tpu]' && python -m pip install -e ." in container.docker_instructions
