@@ -79,7 +79,7 @@ run "${gc[@]}" scp "$tarball" "$TPU_NAME":/tmp/ares_jax.tar.gz --worker=all "${w
 
 setup="mkdir -p ~/$code_dir && tar -xzf /tmp/ares_jax.tar.gz -C ~/$code_dir"
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-  setup="$setup && cd ~/$code_dir && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e ."
+  setup="$setup && cd ~/$code_dir && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e '.[gcs]'"
 fi
 run "${gc[@]}" ssh "$TPU_NAME" --worker=all "${where[@]}" --command="$setup"
 
