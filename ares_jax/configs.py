@@ -34,6 +34,10 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.checkpoint_every = 50
+  # Checkpoints (train/checkpoint.py, train/run_control.py): keep the newest `keep` step checkpoints (AEPO's
+  # reference policy is saved once beside them); async_save: write while the next step runs; preemption:
+  # SIGTERM or JAX's preemption notice finishes the step, checkpoints it and exits 0 (rerun to resume).
+  c.checkpoint = ml_collections.ConfigDict(dict(keep=3, async_save=True, preemption=True))
   c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters)
   # Persistent XLA compilation cache (local or gs://; "" = off): a relaunch reuses every compiled program.
   c.compilation_cache_dir = "~/.cache/ares_jax/xla"
@@ -160,6 +164,7 @@ def aepo_defaults() -> ml_collections.ConfigDict:
   a.loss_agg = "token_mean"  # token_mean | seq_mean_token_mean
   a.global_batch_size = 128  # trajectories per optimizer step (EasyR1 default)
   a.micro_batch_size = 8
+  a.max_skipped_updates = 20  # stop with an error after this many non-finite (skipped) updates in a row; 0: never
   return a
 
 

@@ -168,7 +168,9 @@ def is_user_error(e: BaseException) -> bool:
   from ares_jax.data.processor import ProcessorError  # pylint: disable=g-import-not-at-top
   from ares_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
   from ares_jax.models.hf_io import CheckpointError  # pylint: disable=g-import-not-at-top
-  return isinstance(e, (ConfigError, CheckpointError, ProcessorError, sharding.MeshError, FileNotFoundError))
+  from ares_jax.train.run_control import SkippedUpdatesError  # pylint: disable=g-import-not-at-top  (lr too high)
+  return isinstance(e, (ConfigError, CheckpointError, ProcessorError, sharding.MeshError, FileNotFoundError,
+                        SkippedUpdatesError))
 
 
 def cli() -> None:

@@ -32,7 +32,8 @@ from ares_jax.data.reader import Row
 from ares_jax.stages import setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.train import sft
-from ares_jax.train.checkpoint import Checkpointer
+from ares_jax.train import run_control
+from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState
 
@@ -90,7 +91,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   eval_stream = setup.prompt_stream(config, proc, 3) if has_eval else None
   if not has_eval:
     logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
-  ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
+  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), CheckpointSettings.from_config(config))
   resumed = ckpt.latest_step() is not None
   if (not resumed and config.warm_start.steps > 0 and config.data.kind == "synthetic"
       and (not config.model.hf_path or config.warm_start.over_checkpoint)):
@@ -178,7 +179,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: int) -> TrainState:
   """`adacs.epochs` shuffled passes in batches of `adacs.batch_size` (micro-batches of similar length
-  accumulate into one update); checkpoints every `checkpoint_every` steps; resumes from the latest."""
+  accumulate into one update); checkpoints every `checkpoint_every` steps; resumes from the newest readable
+  checkpoint; on SIGTERM / a preemption notice, checkpoints the step in progress and raises `Preempted`."""
   a = config.adacs
   optim = ml_collections.ConfigDict(dict(config.optim))
   optim.lr = a.lr
@@ -187,12 +189,14 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
   total = a.epochs * steps_per_epoch
   updater = sft.make_sft(mcfg, params, optim, total, frozen)
   state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
-  start = ckpt.latest_step() or 0
-  if start:
-    state = ckpt.restore(state)[0]
-    logging.info("AdaCS SFT resumed from step %d of %d", start, total)
+  restored = ckpt.restore_latest(state)
+  start = restored.step if restored else 0
+  if restored:
+    state = restored.state
+    logging.info("AdaCS SFT resumed from %s (step %d of %d)", ckpt.path_of(start), start, total)
   writer = MetricsWriter(config.workdir, resume_step=start or None)
   lengths = np.array([len(t) for _, t in examples])
+  stop = run_control.StopRequests(CheckpointSettings.from_config(config).preemption)
   for step in tqdm(range(start + 1, total + 1), desc="adacs sft", initial=start, total=total):
     epoch, k = divmod(step - 1, steps_per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(examples))
@@ -201,10 +205,18 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
     micro = sft.micro_batches(mcfg, [examples[i][0] for i in batch], [examples[i][1] for i in batch],
                               a.micro_batch_size, pad_id)
     state, m = updater.update(state, micro)
+    stop.during_step(step)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
     writer.write(step, {"sft/loss": m["loss"], "sft/grad_norm": m["grad_norm"], "sft/examples": len(batch),
                         "epoch": epoch, "update_skipped": m["update_skipped"]})
-    if step % config.checkpoint_every == 0 or step == total:
+    preempted = stop.should_stop(step)  # the same answer on every process
+    if preempted or step % config.checkpoint_every == 0 or step == total:
       ckpt.save(step, state, {"epoch": epoch})
+    if preempted:
+      stop.close()
+      writer.close()
+      ckpt.close()  # waits for the write
+      raise run_control.Preempted("adacs sft", step, str(ckpt.path_of(step)))
+  stop.close()
   writer.close()
   if total:
     plot_curves(config.workdir, panels=(("SFT loss", ("sft/loss",)),), filename="sft_curves.png")

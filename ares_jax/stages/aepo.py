@@ -29,7 +29,8 @@ from ares_jax.stages.aepo_batch import shape_batch
 from ares_jax.train import aepo_update
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.aepo_update import LossSettings, UpdateRows
-from ares_jax.train.checkpoint import Checkpointer
+from ares_jax.train import run_control
+from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
@@ -44,25 +45,29 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   sc = setup.sampling_config(config, tok, mcfg)
   updater = Updater(aepo_update.aepo_loss_fn(mcfg), optim_lib.make_optimizer(config.optim, config.total_steps),
                     params)
-  ckpt = Checkpointer(os.path.join(config.workdir, "checkpoints"))
+  cs = CheckpointSettings.from_config(config)
+  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), cs)
   grader = setup.build_grader(config)
 
-  start = ckpt.latest_step()
-  if start is None:
+  # The newest readable checkpoint (an unreadable one is reported and the one before it used); the reference
+  # policy never changes, so it is saved once beside the step checkpoints.
+  template = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
+  restored = ckpt.restore_latest(template)
+  del template
+  if restored is None:
     if (config.warm_start.steps > 0 and config.data.kind == "synthetic"
         and (not config.model.hf_path or config.warm_start.over_checkpoint)):
       params = setup.warm_start(config, mcfg, params, train_stream, pad_id, tok)
     ref_params = aepo_update.reference_copy(params, a.ref_dtype)
     state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
     meta = {"data_position": 0}
-    ckpt.save(0, {"state": state, "ref": ref_params}, meta)
+    ckpt.save_once("reference", ref_params)
+    ckpt.save(0, state, meta)
     start = 0
   else:
-    template = {"state": sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh),
-                "ref": aepo_update.reference_template(params, a.ref_dtype)}
-    restored, meta = ckpt.restore(template, start)
-    state, ref_params = restored["state"], restored["ref"]
-    logging.info("resumed from step %d (data position %d)", start, meta["data_position"])
+    start, state, meta = restored
+    ref_params = ckpt.restore_once("reference", aepo_update.reference_template(params, a.ref_dtype))
+    logging.info("resumed from %s (data position %d)", ckpt.path_of(start), meta["data_position"])
   # rollout.chunk_prompts=0: the largest chunk whose rollout fits beside the optimizer state and reference
   sc = setup.chunked(config, b, sc, r_cfg.prompts_per_step, (state.opt_state, ref_params))
   writer = MetricsWriter(config.workdir, resume_step=start if start > 0 else None)
@@ -82,6 +87,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   if start == 0 and config.eval.every > 0:
     history.append(writer.write(0, held_out(state.params, 0)))
+  stop = run_control.StopRequests(cs.preemption)  # SIGTERM / JAX's preemption notice
+  guard = run_control.SkipGuard(a.max_skipped_updates)
+
+  def close() -> None:  # the last asynchronous checkpoint write is complete once this returns
+    for part in (stop, bench, grader, writer, ckpt):
+      if part is not None:
+        part.close()
+
   for step in tqdm(range(start + 1, config.total_steps + 1), desc="aepo", initial=start, total=config.total_steps):
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     t0 = time.perf_counter()
@@ -92,6 +105,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       warm = sampling.generate(mcfg, state.params, batch, sc, jax.random.fold_in(key, 7))
       tau_prev = float(aepo.entropy_threshold(warm.entropy, warm.mask, a.entropy_quantile))
     rollouts = sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
+    stop.during_step(step)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
     t1 = time.perf_counter()
     used, texts = rollouts.texts(tok)
     grades = grader.grade(texts, [exs[i].answer for i in rollouts.prompt_index[used]])
@@ -108,7 +122,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     rows = UpdateRows.from_rollouts(mcfg, rollouts, shaped, [e.prompt for e in exs], a.micro_batch_size,
                                     sc.max_new_tokens, pad_id)
     if len(rows):
-      state, upd = ppo_update(state, ref_params, updater, rows, settings, config, step)
+      state, upd = ppo_update(state, ref_params, updater, rows, settings, config, step, guard)
       metrics.update(upd)
     t3 = time.perf_counter()
     metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
@@ -116,16 +130,19 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if config.eval.every > 0 and step % config.eval.every == 0:
       metrics.update(held_out(state.params, step))
     history.append(writer.write(step, metrics))
-    if step % config.checkpoint_every == 0 or step == config.total_steps:
-      ckpt.save(step, {"state": state, "ref": ref_params}, {"data_position": position})
+    if guard.tripped:  # updates skipped as non-finite aepo.max_skipped_updates times in a row
+      close()
+      raise guard.error(step, ckpt.latest_step())
+    preempted = stop.should_stop(step)  # the same answer on every process
+    if preempted or step % cs.every == 0 or step == config.total_steps:
+      ckpt.save(step, state, {"data_position": position})
+    if preempted:
+      close()
+      raise run_control.Preempted("aepo", step, str(ckpt.path_of(step)))
     if config.export_every > 0 and step % config.export_every == 0 and step != config.total_steps:
       export_policy(config, mcfg, state.params, tok)
   export_policy(config, mcfg, state.params, tok)
-  if bench is not None:
-    bench.close()
-  grader.close()
-  writer.close()
-  ckpt.close()
+  close()
   logging.info("curves: %s", plot_curves(config.workdir))
   return {"history": history, "skipped_rows": dict(train_stream.skipped)}
 
@@ -139,13 +156,16 @@ def export_policy(config: ml_collections.ConfigDict, mcfg, params, tok) -> str:
 
 
 def ppo_update(state: TrainState, ref_params, updater: Updater, rows: UpdateRows, settings: LossSettings,
-               config: ml_collections.ConfigDict, step: int) -> tuple[TrainState, dict[str, float]]:
+               config: ml_collections.ConfigDict, step: int,
+               guard: run_control.SkipGuard | None = None) -> tuple[TrainState, dict[str, float]]:
   """Old and reference log-probs, then PPO epochs over shuffled mini-batches (one optimizer update
-  each) of micro-batches; metrics are the mean over the updates."""
+  each) of micro-batches; metrics are the mean over the updates; `guard` sees every update's skip flag."""
   old, ref = aepo_update.old_and_ref_logprobs(rows, state.params, ref_params, settings.temperature)
   updates = []
   shuffle = np.random.default_rng([config.seed, step])
   for mini in aepo_update.mini_batches(len(rows), config.aepo.global_batch_size, config.ppo_epochs, shuffle):
     state, m = updater.update(state, aepo_update.micro_batches(rows, mini, old, ref, settings))
+    if guard is not None:
+      guard.observe(m["update_skipped"])
     updates.append(m)
   return state.replace(step=state.step + 1), {k: float(np.mean([m[k] for m in updates])) for k in updates[0]}

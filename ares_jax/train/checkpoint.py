@@ -1,20 +1,41 @@
-"""Checkpoints with orbax's CheckpointManager: atomic, resumable, sharding-aware.
+"""Checkpoints with orbax's CheckpointManager: asynchronous, bounded, resumable, sharding-aware.
 
-A checkpoint holds the whole `TrainState` (params, optimizer, step, RNG, statistics) plus a small
-JSON record (data position, anything the loop needs to continue exactly). Orbax writes to a
-temporary directory and renames it when complete, so a run killed mid-write resumes from the last
-finished checkpoint.
+A step checkpoint holds the whole `TrainState` (params, optimizer, step, RNG, statistics) plus a small
+JSON record (data position, anything the loop needs to continue exactly). Why each choice:
+
+- Asynchronous (`checkpoint.async_save`): `save` returns once the arrays are copied to host memory and
+  the files are written by a background thread while the next step runs; orbax waits for the previous
+  write before starting the next one, and `wait`/`close` wait for the last. The copy is taken before
+  `save` returns, so the next update may donate the state's buffers.
+- Bounded (`checkpoint.keep`): orbax prunes all but the newest `keep` step checkpoints.
+- Written once (`save_once`): data that never changes during a run (AEPO's reference policy) lives in
+  `{directory}/<name>/`, outside the step sequence: no step rewrites it and pruning never deletes it.
+- Atomic: orbax writes `<step>.orbax-checkpoint-tmp*` and renames it when complete, so a run killed in the
+  middle of a write resumes from the last finished checkpoint (leftover temporary folders are removed
+  when the next manager opens the directory).
+- Fallback (`restore_latest`): a newest checkpoint that cannot be read (truncated or corrupt files, a
+  missing item) is reported with a warning and the one before it is used. In a multi-process run every
+  process must restore the same step, so the processes agree on success before accepting a step.
+- Sharding-aware: a restore reads onto the shardings of its template, so a run saved on one mesh
+  resumes on another (e.g. 8 devices, then 4).
+The directory may be local or `gs://` (etils epath, as orbax uses); every process calls every method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
+from etils import epath
+
+from ares_jax import storage
 
 
 class _QuietOrbax(logging.Filter):
@@ -30,29 +51,147 @@ def _quiet_orbax() -> None:
     handler.addFilter(_QuietOrbax())
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+  """`config.checkpoint_every` and `config.checkpoint.*` (see configs.base_config)."""
+
+  every: int = 50  # a step checkpoint every this many steps, and at the last step
+  keep: int = 3  # step checkpoints kept (the newest); data saved once is never pruned
+  async_save: bool = True  # write in the background while the next step runs
+  preemption: bool = True  # SIGTERM / JAX's preemption notice: finish the step, checkpoint, exit 0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "CheckpointSettings":
+    c = config.get("checkpoint") or {}
+    return cls(every=int(config.checkpoint_every), keep=int(c.get("keep", cls.keep)),
+               async_save=bool(c.get("async_save", cls.async_save)),
+               preemption=bool(c.get("preemption", cls.preemption)))
+
+
+class Restored(NamedTuple):
+  step: int
+  state: Any
+  meta: dict
+
+
+def _abstract(template: Any) -> Any:
+  """ShapeDtypeStructs carrying the template's shardings: what orbax restores onto."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+
+
+def _all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective in a multi-process run)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
 class Checkpointer:
-  def __init__(self, directory: str, max_to_keep: int = 3):
+  """Step checkpoints of `{"state": pytree, "meta": json}` in `directory`, plus named items saved once."""
+
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     _quiet_orbax()
-    self.directory = os.path.abspath(directory)
+    d = os.fspath(directory)
+    self.directory = storage.path(d if storage.is_remote(d) else os.path.abspath(os.path.expanduser(d)))
     self._mgr = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
-        item_names=("state", "meta"))
+        self.directory, item_names=("state", "meta"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
+                                             enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True))
+
+  @classmethod
+  def from_settings(cls, directory: str, settings: CheckpointSettings) -> "Checkpointer":
+    return cls(directory, keep=settings.keep, async_save=settings.async_save)
+
+  def steps(self) -> list[int]:
+    """Steps of the finished checkpoints, oldest first (a write still in flight is not among them)."""
+    return sorted(self._mgr.all_steps())
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
 
+  def path_of(self, step: int) -> epath.Path:
+    return self.directory / str(step)
+
   def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts writing step `step`; returns once the arrays are copied off the devices (asynchronous), or
+    once the files are written (`async_save=False`). Waits for the previous write first."""
     self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 meta=ocp.args.JsonSave(meta)))
+                                                 meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    """Blocks until every started write is complete (and committed)."""
     self._mgr.wait_until_finished()
 
   def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores onto the shardings and dtypes of `state_template` (concrete or abstract arrays)."""
+    """Step `step` (default: the newest) onto the shardings and dtypes of `state_template` (concrete or
+    abstract arrays), without fallback."""
     step = self.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_template)
-    out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+    out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state_template)),
                                                           meta=ocp.args.JsonRestore()))
     return out.state, dict(out.meta)
 
+  def restore_latest(self, state_template: Any) -> Restored | None:
+    """The newest checkpoint that every process can read, or None when there is none. An unreadable one is
+    reported with a warning, moved aside to `unreadable-<step>` (kept for inspection; the step can then be
+    written again) and the one before it tried; when none can be read the newest one's error is raised."""
+    self.wait()
+    first_error, skipped = None, []
+    for step in reversed(self.steps()):
+      try:
+        state, meta = self.restore(state_template, step)
+        error = None
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore, JSON, missing items: all unreadable)
+        state, meta, error = None, None, e
+      if _all_processes(error is None):
+        self._move_aside(skipped)
+        return Restored(step, state, meta)
+      first_error = first_error or error
+      skipped.append(step)
+      absl_logging.warning("checkpoint %s is unreadable (%s); falling back to the one before it",
+                           self.path_of(step), _one_line(error) if error else "on another process")
+    if first_error is not None:
+      raise first_error
+    if skipped:
+      raise RuntimeError(f"no checkpoint in {self.directory} could be read on every process")
+    return None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        aside = self.directory / f"unreadable-{step}"
+        if aside.exists():
+          aside.rmtree()
+        self.path_of(step).rename(aside)
+        absl_logging.warning("moved the unreadable checkpoint %s to %s", self.path_of(step), aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("checkpoint: unreadable steps moved aside")
+    self._mgr.reload()
+
+  def save_once(self, name: str, tree: Any) -> None:
+    """Writes `tree` to `{directory}/{name}/` (replacing an earlier copy) and waits for it: for data that
+    stays the same through a run, saved before the first step checkpoint that needs it."""
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(self.directory / name, tree, force=True)
+      ckptr.wait_until_finished()
+
+  def has(self, name: str) -> bool:
+    return (self.directory / name).exists()
+
+  def restore_once(self, name: str, template: Any) -> Any:
+    """`{directory}/{name}/` onto the shardings and dtypes of `template`."""
+    with ocp.StandardCheckpointer() as ckptr:
+      return ckptr.restore(self.directory / name, _abstract(template))
+
   def close(self) -> None:
+    """Waits for the last write, then releases the manager."""
     self._mgr.close()
