@@ -49,6 +49,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   in_range("checkpoint_every", c.get("checkpoint_every", 1), lambda v: v >= 1, "an integer >= 1")
   in_range("grading_workers", c.grading_workers, lambda v: v >= 1, "an integer >= 1")
   in_range("ppo_epochs", c.ppo_epochs, lambda v: v >= 1, "an integer >= 1")
+  if c.get("checkpoint") is not None:
+    in_range("checkpoint.keep", c.checkpoint.get("keep", 1), lambda v: v >= 1, "an integer >= 1")
   sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
   need(all(isinstance(s, int) and (s >= 1 or s == -1) for s in sizes) and sizes.count(-1) <= 1,
        f"config.mesh=(data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}): each size is >= 1, or -1 for the "
@@ -93,6 +95,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   in_range("aepo.rho", a.rho, lambda v: 0 <= v <= 1, "a weight in [0, 1]")
   in_range("aepo.clip_low", a.clip_low, lambda v: v >= 0, ">= 0")
   in_range("aepo.clip_high", a.clip_high, lambda v: v >= 0, ">= 0")
+  in_range("aepo.max_skipped_updates", a.get("max_skipped_updates", 0), lambda v: v >= 0,
+           "an integer >= 0 (0 = never stop)")
   in_range("aepo.grading_timeout_s", a.grading_timeout_s, lambda v: v > 0, "seconds > 0")
   in_range("aepo.micro_batch_size", a.micro_batch_size, lambda v: v >= 1, "an integer >= 1")
   in_range("aepo.global_batch_size", a.global_batch_size, lambda v: v >= 1, "an integer >= 1")

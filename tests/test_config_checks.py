@@ -62,6 +62,8 @@ def _with(**fields):
     (dict(data__kind="files", data__paths=("/nowhere/data",), stage="aepo"), "config.data.paths: '/nowhere/data'"),
     (dict(eval__benchmarks=("mathvista",)), "config.eval.benchmarks: 'mathvista' is not 'name=path'"),
     (dict(processor__min_pixels=10_000_000), "config.processor.min_pixels=10000000 > "),
+    (dict(checkpoint__keep=0), "config.checkpoint.keep=0: expected an integer >= 1"),
+    (dict(aepo__max_skipped_updates=-1), "config.aepo.max_skipped_updates=-1"),
 ])
 def test_each_problem_is_one_line_naming_the_field(fields, field):
   found = config_checks.problems(_with(**fields))
