@@ -99,6 +99,32 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   return c
 
 
+def data_defaults() -> ml_collections.ConfigDict:
+  """Prompts for RL and held-out evaluation (data/reader.py, data/prompts.py, data/template.py)."""
+  d = ml_collections.ConfigDict()
+  d.kind = "synthetic"  # synthetic: the built-in task | files: data.paths | tfds: data.tfds_dir (data/build.py)
+  # kind=files: JSONL / parquet / VLMEvalKit TSV files or folders (a ViRL39K folder, an EasyR1 parquet, ...).
+  d.paths = ()
+  d.tfds_dir = ""  # kind=tfds: a dataset folder written by `python -m ares_jax.data.build`
+  # Held-out prompts: these files when given, else the rows whose id hashes below eval_fraction (never trained on).
+  d.eval_paths = ()
+  d.eval_fraction = 0.02
+  d.image_root = ""  # image paths are relative to this folder ("" = each data file's own folder)
+  d.shuffle = True  # a fresh permutation of the training rows every epoch (seeded by config.seed)
+  d.max_image_pixels = 89_478_485  # larger images are skipped as decompression bombs (PIL's default bound)
+  # The prompt: the tokenizer's chat template; system_prompt unset = the template's default system turn,
+  # "" = no system turn; the instruction goes after (or before) the question.
+  d.system_prompt = config_dict.placeholder(str)
+  d.instruction = "Please reason step by step, and put your final answer within \\boxed{}."
+  d.instruction_position = "after"  # after | before
+  # Column names when a layout names them otherwise ("" = found by name: question | problem | prompt, ...).
+  d.columns = ml_collections.ConfigDict({k: "" for k in (
+      "question", "answer", "image", "id", "source", "category", "pass_rate", "difficulty", "response")})
+  # The synthetic task (kind=synthetic): "Mod 10, start s, apply +d k times", k in [min_steps, max_steps].
+  d.min_steps, d.max_steps, d.ops, d.images = 1, 6, "+-*", False
+  return d
+
+
 def adacs_defaults() -> ml_collections.ConfigDict:
   """AdaCS (design.md 6): pool, pass rates, selection budget and the SFT step (paper: 2 epochs, lr 2e-5)."""
   a = ml_collections.ConfigDict()
