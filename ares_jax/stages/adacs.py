@@ -196,7 +196,7 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
     logging.info("AdaCS SFT resumed from %s (step %d of %d)", ckpt.path_of(start), start, total)
   writer = MetricsWriter(config.workdir, resume_step=start or None)
   lengths = np.array([len(t) for _, t in examples])
-  stop = run_control.StopRequests(CheckpointSettings.from_config(config).preemption)
+  stop = run_control.StopRequests(CheckpointSettings.from_config(config).preemption, "adacs sft")
   for step in tqdm(range(start + 1, total + 1), desc="adacs sft", initial=start, total=total):
     epoch, k = divmod(step - 1, steps_per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(examples))

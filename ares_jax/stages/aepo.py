@@ -87,7 +87,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   if start == 0 and config.eval.every > 0:
     history.append(writer.write(0, held_out(state.params, 0)))
-  stop = run_control.StopRequests(cs.preemption)  # SIGTERM / JAX's preemption notice
+  stop = run_control.StopRequests(cs.preemption, "aepo")  # SIGTERM / JAX's preemption notice
   guard = run_control.SkipGuard(a.max_skipped_updates)
 
   def close() -> None:  # the last asynchronous checkpoint write is complete once this returns

@@ -21,7 +21,8 @@ from ares_jax.data.grading import Grader
 from ares_jax.data.prompts import PromptStream, RowSource, SyntheticSource, split_rows
 from ares_jax.data.template import PromptTemplate, ensure_chat_template
 from ares_jax.models import hf_io
-from ares_jax.train import sft
+from ares_jax.train import run_control, sft
+from ares_jax.train.checkpoint import CheckpointSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,7 +220,14 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
 
   optim = ml_collections.ConfigDict(dict(config.optim))
   optim.update(lr=w.lr, weight_decay=w.weight_decay, schedule="cosine", warmup_steps=max(1, w.steps // 20))
-  params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
-                               jax.random.key(config.seed), frozen=(), desc="warm start")
+  # SIGTERM / a preemption notice stops it too (it has no checkpoint: a rerun redoes it, as it is deterministic).
+  with run_control.StopRequests(CheckpointSettings.from_config(config).preemption, "warm start") as stop:
+    def on_step(step: int, _) -> None:
+      stop.during_step(step + 1)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
+      if stop.should_stop(step + 1):
+        raise run_control.Preempted("warm start", step + 1, None)
+
+    params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
+                                 jax.random.key(config.seed), frozen=(), desc="warm start", on_step=on_step)
   logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
   return params

@@ -12,20 +12,22 @@ and raises `Preempted` (a `SystemExit` with code 0). How a request is detected a
   records a notice and spreads it through the coordination service (nothing asked it before, which is why
   SIGTERM left a multi-process run training on); `multihost_utils.reached_preemption_sync_point(step)`
   then returns True on every process at the same step (the largest step any process has reported, plus
-  one: the end of the step in progress). Cost: a local check, ~0.2 us per step. The step ids must be the
-  training steps, as orbax's CheckpointManager passes the same ids to the same service when it saves. (In
-  the `ares` pipeline AEPO counts from 1 again after AdaCS's SFT: a notice that falls between the two
-  loops may only be honoured at AEPO step T+1, T the SFT's last step.)
+  one: the end of the step in progress once the notice has spread; JAX polls for SIGTERM once a second, so
+  a step shorter than that may run one more). Cost: a local check, ~3 us per step (measured, CPU). The
+  step ids must be the training steps, as orbax's CheckpointManager passes the same ids to the same
+  service when it saves. (In the `ares` pipeline AEPO counts from 1 again after AdaCS's SFT: a notice that
+  falls between the two loops may only be honoured at AEPO step T+1, T the SFT's last step.)
 - several processes without that service (`jax_enable_preemption_service=False`): the Python handler,
-  and an any-reduction of the flags (`process_allgather`) at every step: ~6 ms per step on CPU (gloo).
+  and an any-reduction of the flags (`process_allgather`) at every step: 2-6 ms per step (2 CPU processes,
+  gloo; measured by tests/test_preemption.py).
 
 A second SIGTERM to a single process (or with the allgather fallback) kills it at once (the default
 action), for when waiting for the step is not wanted.
 
-Test hook (documented, used by tests/test_preemption.py): `ARES_TEST_SIGTERM_AT_STEP=k` makes this
-process send SIGTERM to itself when `during_step(k)` runs (the stages call it after their step's heavy
-work has been dispatched); `ARES_TEST_SIGTERM_PROCESS=i` restricts that to process i. The signal
-then takes the real path (handler or JAX's notifier) above.
+Test hook (documented, used by tests/test_preemption.py): `ARES_TEST_SIGTERM_AT_STEP=k` (any loop) or
+`=<loop>:k` (`aepo`, `adacs sft`, `warm start`) makes this process send SIGTERM to itself when that loop's
+`during_step(k)` runs (in the middle of step k: after the rollout in AEPO, after the update in SFT);
+`ARES_TEST_SIGTERM_PROCESS=i` restricts it to process i. The signal then takes the real path above.
 """
 
 from __future__ import annotations
@@ -41,15 +43,18 @@ from absl import logging
 
 
 class Preempted(SystemExit):
-  """Raised after the checkpoint at `step` is written: the process exits with code 0 and the same
-  command, with the same workdir, resumes from that checkpoint."""
+  """Raised after the checkpoint at `step` is written (`where`; None for a loop without checkpoints, which a
+  rerun redoes): the process exits with code 0 and the same command, with the same workdir, resumes."""
 
-  def __init__(self, stage: str, step: int, where: str):
+  def __init__(self, stage: str, step: int, where: str | None):
     super().__init__(0)
     self.stage, self.step, self.where = stage, step, where
     logging.warning("%s", self)  # SystemExit(0) prints nothing: this line says where to resume from
 
   def __str__(self) -> str:
+    if self.where is None:
+      return (f"{self.stage}: preempted; stopped after step {self.step} (it keeps no checkpoint); rerun the "
+              "same command (same --config.workdir) to start it again and go on")
     return (f"{self.stage}: preempted; stopped after step {self.step} with a checkpoint at {self.where}; "
             "rerun the same command (same --config.workdir) to resume from it")
 
@@ -73,8 +78,8 @@ class StopRequests:
 
   Use as a context manager (or call `close`) so that the previous SIGTERM handler comes back."""
 
-  def __init__(self, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, enabled: bool = True, loop: str = ""):
+    self.enabled, self.loop = enabled, loop
     self._requested_at: float | None = None
     self._previous = None
     self._installed = False
@@ -100,9 +105,10 @@ class StopRequests:
 
   def during_step(self, step: int) -> None:
     """The test hook of the module docstring (nothing unless ARES_TEST_SIGTERM_AT_STEP is set)."""
-    at = os.environ.get("ARES_TEST_SIGTERM_AT_STEP")
+    at = os.environ.get("ARES_TEST_SIGTERM_AT_STEP", "")
+    loop, _, at = at.rpartition(":")
     only = os.environ.get("ARES_TEST_SIGTERM_PROCESS")
-    if at and int(at) == step and (not only or int(only) == jax.process_index()):
+    if at and int(at) == step and loop in ("", self.loop) and (not only or int(only) == jax.process_index()):
       logging.warning("ARES_TEST_SIGTERM_AT_STEP=%s: sending SIGTERM to this process", at)
       os.kill(os.getpid(), signal.SIGTERM)
 
@@ -120,7 +126,9 @@ class StopRequests:
     else:
       stop = self._requested_at is not None
     if stop:
-      logging.warning("preemption requested (%s): stopping after step %d", self.mode, step)
+      since = ("" if self._requested_at is None else
+               f", SIGTERM {time.monotonic() - self._requested_at:.1f} s ago on this process")
+      logging.warning("preemption requested (%s%s): stopping after step %d", self.mode, since, step)
     return stop
 
   def close(self) -> None:
