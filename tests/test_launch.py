@@ -59,9 +59,16 @@ def test_xmanager_launcher_adds_one_job_per_sweep_value_to_an_experiment():
 
   from xmanager import xm, xm_mock
 
+  from absl import flags
+
+  before = set(flags.FLAGS)
   spec = importlib.util.spec_from_file_location("xm_launch", ROOT / "launch" / "xm_launch.py")
   launcher = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(launcher)
+  try:
+    spec.loader.exec_module(launcher)
+  finally:  # the launcher's flags (--config, ...) would clash with ares_jax.main's in this process
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
   jobs = launcher.job_args("configs/aepo_7b.py", ["model.hf_path=/gcs/b/policy"], "aepo.rho=0.25,0.5",
                            distributed=True)
   experiment = xm_mock.MockExperiment()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from processes import free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/tiny.py", "--config.stage=ares", "--config.warm_start.steps=3", "--config.total_steps=2",
@@ -23,12 +24,6 @@ ARGS = ["--config=configs/tiny.py", "--config.stage=ares", "--config.warm_start.
         "--config.adacs.pass_rate_samples=2", "--config.adacs.pass_rate_batch=4", "--config.adacs.budget=8",
         "--config.adacs.batch_size=4", "--config.adacs.micro_batch_size=2", "--config.adacs.eval_prompts=6",
         "--config.adacs.max_response_length=64"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _env(devices: int, **extra) -> dict:
@@ -55,28 +50,18 @@ def _assert_rows_close(a: list[dict], b: list[dict]) -> None:
 
 
 def test_two_processes_write_what_one_process_writes(tmp_path):
-  port = _free_port()
+  port = free_port()
   multi, single = tmp_path / "multi", tmp_path / "single"
-  # Logs go to files: with pipes read one after the other, a process blocked on a full pipe would stall
-  # the other in a collective.
-  files = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
   # Process 1's grader would time out on every item (1 us): grading runs on process 0 alone and is
   # broadcast, so both processes apply process 0's rewards and the run still equals the one-process run.
   hang = [[], ["--config.aepo.grading_timeout_s=0.000001"]]
-  procs = [subprocess.Popen([sys.executable, "-m", "ares_jax.main", *ARGS, "--config.distributed=True",
-                             f"--config.workdir={multi}", *hang[i]], cwd=ROOT, stdout=files[i], stderr=subprocess.STDOUT,
-                            text=True, env=_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
-                                                JAX_PROCESS_ID=i))
-           for i in range(2)]
-  for p in procs:
-    p.wait(timeout=600)
-  logs = []
-  for f in files:
-    f.seek(0)
-    logs.append(f.read())
-    f.close()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  ran = run_together([[sys.executable, "-m", "ares_jax.main", *ARGS, "--config.distributed=True",
+                       f"--config.workdir={multi}", *hang[i]] for i in range(2)],
+                     [_env(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)
+                      for i in range(2)], tmp_path)
+  logs = [log for _, log in ran]
+  for rc, log in ran:
+    assert rc == 0, log[-3000:]
   assert "process 1 of 2, 2 local / 4 global devices" in logs[1]
   one = subprocess.run([sys.executable, "-m", "ares_jax.main", *ARGS, f"--config.workdir={single}"], cwd=ROOT,
                        capture_output=True, text=True, env=_env(4), timeout=600)
@@ -110,15 +95,11 @@ print("GRADES " + json.dumps([g.accuracy.tolist(), g.format.tolist(), g.timeouts
 
 
 def test_grades_come_from_process_0_even_when_another_process_would_time_out(tmp_path):
-  port = _free_port()
-  files = [open(tmp_path / f"grade_{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen([sys.executable, "-c", _GRADE, f"localhost:{port}", str(i)], cwd=ROOT, stdout=files[i],
-                            stderr=subprocess.STDOUT, text=True, env=_env(1, JAX_PLATFORMS="cpu")) for i in range(2)]
+  port = free_port()
+  ran = run_together([[sys.executable, "-c", _GRADE, f"localhost:{port}", str(i)] for i in range(2)],
+                     [_env(1, JAX_PLATFORMS="cpu")] * 2, tmp_path, timeout=300, name="grade")
   out = []
-  for p, f in zip(procs, files):
-    p.wait(timeout=300)
-    f.seek(0)
-    log = f.read()
-    assert p.returncode == 0, log[-3000:]
+  for rc, log in ran:
+    assert rc == 0, log[-3000:]
     out.append(json.loads(log.split("GRADES ", 1)[1].splitlines()[0]))
   assert out[0] == out[1] == [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], 0, 0]

@@ -18,7 +18,6 @@ import ast
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import types
@@ -35,6 +34,7 @@ from ares_jax.data.batching import Prompt
 from ares_jax.train import aepo_update
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.checkpoint import Checkpointer
+from processes import free_port, run_together
 from ares_jax.train.run_control import Preempted
 from ares_jax.train.update import Updater
 from tiny_configs import load_config
@@ -245,31 +245,17 @@ def test_a_checkpoint_saved_on_8_devices_resumes_on_4(tmp_path):
     np.testing.assert_array_equal(restored[f"arr_{i}"], x)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(tmp_path, xla_cache):
-  work, port = tmp_path / "run", _free_port()
+  work, port = tmp_path / "run", free_port()
   args = MAIN + SMALL + ["--config.total_steps=4", "--config.checkpoint_every=100", "--config.mesh.fsdp=-1",
                   "--config.distributed=True", f"--config.workdir={work}", xla_cache]
-  files = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=files[i], stderr=subprocess.STDOUT, text=True,
-                            env=_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
-                                     JAX_PROCESS_ID=i, ARES_TEST_SIGTERM_AT_STEP="aepo:1",
-                                     ARES_TEST_SIGTERM_PROCESS=1))
-           for i in range(2)]
-  for p in procs:
-    p.wait(timeout=900)
-  logs = []
-  for f in files:
-    f.seek(0)
-    logs.append(f.read())
-    f.close()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  ran = run_together([[sys.executable, *args]] * 2,
+                     [_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i,
+                           ARES_TEST_SIGTERM_AT_STEP="aepo:1", ARES_TEST_SIGTERM_PROCESS=1) for i in range(2)],
+                     tmp_path, timeout=900)
+  logs = [log for _, log in ran]
+  for rc, log in ran:
+    assert rc == 0, log[-3000:]
     assert "preemption: JAX preemption sync point" in log
   assert "sending SIGTERM" in logs[1] and "sending SIGTERM" not in logs[0]
   stops = [re.findall(r"aepo: preempted; stopped after step (\d+) with a checkpoint at \S+/checkpoints/(\d+)", log)
@@ -370,20 +356,12 @@ print(f"COST_MS {(time.perf_counter() - t) / 20 * 1e3:.4f}", flush=True)
 
 @pytest.mark.parametrize("service,mode", [("on", "jax"), ("off", "allgather")])
 def test_two_processes_agree_on_the_stop_step_with_or_without_jax_preemption_service(tmp_path, service, mode):
-  port = _free_port()
-  files = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen([sys.executable, "-c", STOP_LOOP, str(port), str(i), service], cwd=ROOT, stdout=files[i],
-                            stderr=subprocess.STDOUT, text=True,
-                            env=_env(1, ARES_TEST_SIGTERM_AT_STEP=3, ARES_TEST_SIGTERM_PROCESS=1))
-           for i in range(2)]
-  logs = []
-  for p, f in zip(procs, files):
-    p.wait(timeout=300)
-    f.seek(0)
-    logs.append(f.read())
-    f.close()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0 and f"MODE {mode}" in log, log[-3000:]
+  port = free_port()
+  ran = run_together([[sys.executable, "-c", STOP_LOOP, str(port), str(i), service] for i in range(2)],
+                     [_env(1, ARES_TEST_SIGTERM_AT_STEP=3, ARES_TEST_SIGTERM_PROCESS=1)] * 2, tmp_path, timeout=300)
+  logs = [log for _, log in ran]
+  for rc, log in ran:
+    assert rc == 0 and f"MODE {mode}" in log, log[-3000:]
   stops = [re.findall(r"STOP (\d+)", log) for log in logs]
   # The step of the signal, or a later one with JAX's notifier (it polls for SIGTERM once a second).
   assert stops[0] == stops[1] and 3 <= int(stops[0][0]) <= (3 if mode == "allgather" else 6), stops

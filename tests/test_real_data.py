@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import data_layouts as layouts
+from processes import free_port, run_together
 from ares_jax import config_checks
 from ares_jax.data.prompts import PromptStream
 from ares_jax.stages import adacs as adacs_stage
@@ -130,22 +130,15 @@ print("RESULT " + json.dumps({"ids": [e.row.id for e in exs], "pos": pos, "skipp
 
 def test_two_processes_decode_their_share_and_see_the_single_process_batch(tmp_path):
   folder = layouts.virl39k(tmp_path)
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  logs = [open(tmp_path / f"p{i}.log", "w+") for i in range(2)]  # pylint: disable=consider-using-with
-  procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT, str(folder), str(i), f"localhost:{port}"], cwd=ROOT,
-                            stdout=logs[i], stderr=subprocess.STDOUT, env=env) for i in range(2)]
-  for p in procs:
-    p.wait(timeout=300)
+  ran = run_together([[sys.executable, "-c", _SCRIPT, str(folder), str(i), f"localhost:{port}"] for i in range(2)],
+                     [env] * 2, tmp_path, timeout=300)
   single = subprocess.run([sys.executable, "-c", _SCRIPT, str(folder)], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=300)
   results = []
-  for p, f in zip(procs, logs):
-    f.seek(0)
-    text = f.read()
-    assert p.returncode == 0, text[-3000:]
+  for rc, text in ran:
+    assert rc == 0, text[-3000:]
     results.append(json.loads(text.split("RESULT ", 1)[1].splitlines()[0]))
   one = json.loads(single.stdout.split("RESULT ", 1)[1].splitlines()[0])
   assert results[0] == results[1] == one

@@ -215,8 +215,12 @@ def test_tiny_aepo_writes_everything_to_a_gs_workdir(tmp_path, monkeypatch):
 
   local = tmp_path / "checkpoints"
   real = checkpoint.Checkpointer
-  monkeypatch.setattr(aepo_stage, "Checkpointer",
-                      lambda directory, *a, **k: real(str(local / directory.replace("gs://", "")), *a, **k))
+
+  class LocalCheckpointer(real):  # the same checkpointer, its folder mapped from the fake bucket to a local one
+    def __init__(self, directory, *a, **k):
+      super().__init__(str(local / str(directory).replace("gs://", "")), *a, **k)
+
+  monkeypatch.setattr(aepo_stage, "Checkpointer", LocalCheckpointer)
   with fake_gcs(tmp_path / "gcs") as root:
     c = tiny_rl_config("gs://bucket/aepo", 1)
     c.data.images = False
