@@ -44,10 +44,10 @@ def _rows(workdir):
 
 
 def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
-  straight = tiny_rl_config(str(tmp_path / "straight"), 4)
+  straight = tiny_rl_config(str(tmp_path / "straight"), 3)
   out = aepo_stage.run(straight)
   rows = _rows(straight.workdir)
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]
+  assert [r["step"] for r in rows] == [1, 2, 3]
   required = ["loss", "reward/mean", "accuracy/mean", "tau_high", "kl", "clip_frac", "entropy/mean", "branches",
               "filtered_groups", *(f"{m}/{b}" for m in ("accuracy", "length", "n_he", "lambda")
                                    for b in ("easy", "medium", "hard"))]
@@ -61,7 +61,7 @@ def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
 
   stopped = tiny_rl_config(str(tmp_path / "resumed"), 2)
   aepo_stage.run(stopped)  # "killed" after its step-2 checkpoint
-  resumed = tiny_rl_config(str(tmp_path / "resumed"), 4)
+  resumed = tiny_rl_config(str(tmp_path / "resumed"), 3)
   aepo_stage.run(resumed)
   assert _rows(resumed.workdir) == rows
 
