@@ -16,6 +16,7 @@ import ml_collections
 
 STAGES = ("inspect", "sample", "aepo", "adacs", "ares", "eval")
 DATA_KINDS = ("synthetic", "files", "tfds")
+SYNTHETIC_TASKS = ("steps", "checks")
 TARGET_MODES = ("correct_mean", "batch_mean", "ema", "ares_release")  # aepo/rewards.py
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")  # aepo/loss.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # models/layers.py
@@ -141,6 +142,18 @@ def _data_problems(c: ml_collections.ConfigDict) -> list[str]:
     out.append(f"config.data.eval_fraction={d.eval_fraction}: expected a fraction in [0, 1)")
   if d.instruction_position not in ("after", "before"):
     out.append(f"config.data.instruction_position={d.instruction_position!r}: expected 'after' or 'before'")
+  if d.kind == "synthetic":
+    if d.task not in SYNTHETIC_TASKS:
+      out.append(f"config.data.task={d.task!r}: expected one of {', '.join(SYNTHETIC_TASKS)}")
+    if not 1 <= d.min_steps <= d.max_steps:
+      out.append(f"config.data.min_steps={d.min_steps}, max_steps={d.max_steps}: need 1 <= min_steps <= max_steps")
+    levels = tuple(d.slips.levels)
+    if len(levels) != 3 or not all(0.0 <= p <= 1.0 for p in levels):
+      out.append(f"config.data.slips.levels={levels}: expected three probabilities (levels 1, 2, 3)")
+    if not 0.0 <= d.slips.check <= 1.0:
+      out.append(f"config.data.slips.check={d.slips.check}: expected a probability in [0, 1]")
+    if not 0.0 <= c.warm_start.check_rate <= 1.0:
+      out.append(f"config.warm_start.check_rate={c.warm_start.check_rate}: expected a probability in [0, 1]")
   return out
 
 

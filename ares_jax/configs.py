@@ -63,11 +63,13 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   # Supervised warm start on the synthetic task's programmatic traces (tiny runs; data.kind=synthetic); 0 steps = none.
   # unboxed_rate: share of warm-start traces that state the answer without \boxed{} (format to learn in RL).
   # min_steps / max_steps: its own difficulty range (0: data.min_steps / data.max_steps).
-  # slip_rate: per-step probability that a warm-start trace's step comes out one too high (wrong answer).
+  # slip_rate: per-step probability that a warm-start trace's step comes out one too high (wrong answer); the
+  # checks task slips as data.slips says instead, and checks each step with probability check_rate.
   # weight_decay: AdamW's, for the warm start alone (the rest of config.optim is shared).
   # over_checkpoint: also warm-start a policy loaded from model.hf_path (never by default: it would overwrite it).
   c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3, weight_decay=1e-2, unboxed_rate=0.0,
-                                                slip_rate=0.0, min_steps=0, max_steps=0, over_checkpoint=False))
+                                                slip_rate=0.0, check_rate=0.5, min_steps=0, max_steps=0,
+                                                over_checkpoint=False))
   # Evaluation (evaluation/, stage `eval`). AEPO scores `prompts` held-out prompts every `every` steps (0 = never),
   # greedy, or with samples > 0 the mean over that many samples per prompt at the rollout temperature (avg@k).
   # benchmarks: ("name=path", ...) in any layout data/reader.py reads: the eval stage scores them (instead of
@@ -121,7 +123,11 @@ def data_defaults() -> ml_collections.ConfigDict:
   d.columns = ml_collections.ConfigDict({k: "" for k in (
       "question", "answer", "image", "id", "source", "category", "pass_rate", "difficulty", "response")})
   # The synthetic task (kind=synthetic): "Mod 10, start s, apply +d k times", k in [min_steps, max_steps].
-  d.min_steps, d.max_steps, d.ops, d.images = 1, 6, "+-*", False
+  # task=steps: the difficulty is k; task=checks: the operand's level, and checking is the policy's choice
+  # (data/synthetic.py): the solvers' step on a level-L problem slips with probability slips.levels[L - 1],
+  # a check line with probability slips.check.
+  d.task, d.min_steps, d.max_steps, d.ops, d.images = "steps", 1, 6, "+-*", False
+  d.slips = ml_collections.ConfigDict(dict(levels=(0.0, 0.12, 0.3), check=0.1))
   return d
 
 

@@ -35,33 +35,39 @@ def get_config():
                      vision_end_token_id=TINY_SPECIAL_IDS["<|vision_end|>"],
                      bos_token_id=TINY_SPECIAL_IDS["<|endoftext|>"],
                      eos_token_id=TINY_SPECIAL_IDS["<|im_end|>"]))
-  # Synthetic task: "Mod 10, start s, apply +d k times", k = 1..8 is the difficulty.
+  # Synthetic task (data/synthetic.py): "Mod 10, start s, apply +d 5 times", where checking a step is the
+  # policy's choice; the difficulty is the operand's level (1: +1..+3, 2: +4..+6, 3: +7..+9). A step slips
+  # with probability 0, 0.12, 0.3 by level, a check line with 0.1, so checks pay on levels 2-3 and cost
+  # accuracy (and 9 tokens each) on level 1. Today's other task, where the difficulty is the number
+  # of steps: --config.data.task=steps --config.data.min_steps=1 --config.data.max_steps=8.
+  c.data.task = "checks"
   c.data.ops = "+"
-  c.data.min_steps, c.data.max_steps = 1, 8
+  c.data.min_steps, c.data.max_steps = 5, 5
+  c.data.slips.levels, c.data.slips.check = (0.0, 0.12, 0.3), 0.1
   # The synthetic prompt is the bare question in one user turn, as the warm start's traces expect.
   c.data.system_prompt = ""
   c.data.instruction = ""
   c.data.images = False  # True: every other prompt also shows the problem as an image (vision path; ~4x slower)
-  # Supervised warm start on programmatic traces, standing in for a pretrained base model. Each step of
-  # a trace slips (comes out one too high) with probability 0.1, so the warm-started policy computes
-  # every step right when greedy but slips when it samples: its pass rate ~0.9^k spreads over easy,
-  # medium and hard, and not slipping is what AdaCS's correct traces and AEPO's reward teach it.
+  # Supervised warm start on programmatic traces, standing in for a pretrained base model: it checks each
+  # step with probability 0.5 whatever the problem, and slips as above when it samples (greedy, it is right).
   # The addition table is learnt abruptly: with weight decay 0.1 between steps 300 and ~400 (seeds 0,
   # 1, 3), with 0.01 somewhere in 450-800 (seeds 0-2). 600 steps leave a margin.
   c.warm_start.steps = 600
   c.warm_start.batch_size = 32
   c.warm_start.lr = 3e-3
   c.warm_start.weight_decay = 0.1
-  c.warm_start.slip_rate = 0.1
-  # AdaCS: 256 problems, four teacher traces each (0-3 re-checks, some with a slip), pass rates of the
-  # warm-started policy from 8 samples, 128 selected over the pass-rate tiers, 2 epochs of SFT.
+  c.warm_start.check_rate = 0.5
+  c.warm_start.slip_rate = 0.1  # task=steps: each step slips with this probability
+  # AdaCS: 256 problems, six teacher traces each (checking 0..5 of the steps, sampled with the slips above),
+  # pass rates of the warm-started policy from 8 samples, 128 selected over the pass-rate tiers, 2 epochs of SFT.
   c.adacs.synthetic_questions = 256
-  c.adacs.max_checks = 3
+  c.adacs.max_checks = 3  # task=steps: teacher traces re-check 0..3 of their last steps
   c.adacs.budget = 128
   c.adacs.batch_size = 16
   c.adacs.micro_batch_size = 16
-  c.adacs.lr = 3e-4  # held-out mean@4 accuracy 0.64 -> 0.74 over the 2 epochs
-  c.adacs.max_response_length = 96
+  c.adacs.lr = 3e-4
+  c.adacs.max_response_length = 112
+  c.adacs.eval_prompts = 128  # the held-out problems AEPO evaluates on (eval.prompts)
   c.eval.every = 10
   c.eval.prompts = 128
   c.eval.samples = 4  # mean@4 at the rollout temperature: greedy decoding does not slip, sampling does
@@ -69,7 +75,12 @@ def get_config():
   c.rollout.max_branches = 4
   c.rollout.prompts_per_step = 8
   c.rollout.max_prompt_length = 256
-  c.rollout.max_response_length = 96
+  c.rollout.max_response_length = 112
+  # The task's moments of uncertainty are single tokens (whether to check a step; a value that may slip), so
+  # the window is one token (Hbar_t = H_t): a window of 4 averages a decision with three certain tokens and
+  # never reaches tau_high, and nothing would be marked or branched. Real text spreads a hesitation over
+  # several tokens ("Wait, let me check"): the paper's w = 4-8, the default.
+  c.aepo.window = 1
   c.aepo.global_batch_size = 48
   c.aepo.micro_batch_size = 48
   c.optim.lr = 5e-5  # a tiny policy takes larger steps than the paper's 7B (1e-6); 2e-4 diverged

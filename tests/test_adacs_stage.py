@@ -38,7 +38,7 @@ def tiny_adacs_config(workdir: str, **adacs):
   c.mesh.fsdp = 1
   c.checkpoint_every = 2
   c.warm_start.steps = 0
-  c.data.max_steps = 3
+  c.data.min_steps, c.data.max_steps = 1, 3
   c.rollout.max_response_length = 32
   c.adacs.synthetic_questions = 12
   c.adacs.max_checks = 2

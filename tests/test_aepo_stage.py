@@ -33,7 +33,7 @@ def tiny_rl_config(workdir: str, total_steps: int):
   c.warm_start.steps = 3
   c.rollout.max_response_length = 24
   c.optim.lr = 1e-3
-  c.data.max_steps = 3
+  c.data.min_steps, c.data.max_steps = 1, 3
   c.data.images = True  # every other prompt carries an image: the vision path runs in rollouts and updates
   return c
 
@@ -160,7 +160,8 @@ def test_warm_start_can_cover_a_wider_difficulty_range_than_the_rl_prompts(monke
   from ares_jax.data.synthetic import Problem
 
   c = load_config("tiny.py")
-  c.data.max_steps = 1
+  c.data.task = "steps"
+  c.data.min_steps = c.data.max_steps = 1
   c.warm_start.max_steps = 8
   c.warm_start.steps = 1
   texts, rl_stream, _ = _warm_start_texts(c, monkeypatch)
@@ -172,6 +173,7 @@ def test_warm_start_can_cover_a_wider_difficulty_range_than_the_rl_prompts(monke
 
 def test_warm_start_traces_slip_at_the_configured_rate(monkeypatch):
   c = load_config("tiny.py")
+  c.data.task, c.data.min_steps, c.data.max_steps = "steps", 1, 8
   c.warm_start.steps, c.warm_start.batch_size, c.warm_start.slip_rate = 1, 64, 0.3
   texts, _, optim = _warm_start_texts(c, monkeypatch)
   assert (optim.lr, optim.weight_decay) == (c.warm_start.lr, c.warm_start.weight_decay) == (3e-3, 0.1)
@@ -180,3 +182,14 @@ def test_warm_start_traces_slip_at_the_configured_rate(monkeypatch):
   slipped = np.mean([y == (x + d + 1) % 10 for x, d, y in steps])
   assert len(steps) > 150 and all(y in ((x + d) % 10, (x + d + 1) % 10) for x, d, y in steps)
   assert 0.2 < slipped < 0.4  # 0.3 per step (binomial sd ~0.03 here)
+
+
+def test_checks_task_warm_start_checks_about_half_the_steps_whatever_the_difficulty(monkeypatch):
+  c = load_config("tiny.py")  # task=checks: 5 steps, the operand's level is the difficulty
+  c.warm_start.steps, c.warm_start.batch_size = 1, 96
+  texts, _, _ = _warm_start_texts(c, monkeypatch)
+  assert all(t.count(": ") == 5 for t in texts)
+  checks = np.array([t.count("check ") for t in texts])
+  operands = np.array([int(re.search(r"\+(\d)=", t).group(1)) for t in texts])
+  assert abs(checks.mean() - 2.5) < 0.4
+  assert abs(checks[operands <= 3].mean() - checks[operands >= 7].mean()) < 1.0  # not by difficulty

@@ -23,7 +23,10 @@ def test_enumerations_are_the_consumers_own():
   from ares_jax.train import optimizer
   import ml_collections
 
+  from ares_jax.data import synthetic
+
   assert config_checks.TARGET_MODES == aepo.TARGET_MODES and config_checks.LOSS_AGGS == LOSS_AGGS
+  assert config_checks.SYNTHETIC_TASKS == synthetic.TASKS
   assert set(config_checks.ATTENTION) == set(IMPLEMENTATIONS)
   for name in config_checks.REMAT_POLICIES:
     layers.remat_policy(name)  # each is accepted

@@ -4,6 +4,7 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -77,3 +78,42 @@ def test_synthetic_problems_are_deterministic_graded_and_verifiable(proc):
   assert ex.prompt.image_grid_thw is not None and ex.difficulty == src.problem(0).difficulty
   with pytest.raises(ValueError, match="ops"):
     synthetic.problem(0, 0, ops="/")
+  with pytest.raises(ValueError, match="task"):
+    synthetic.problem(0, 0, task="guess")
+
+
+def _boxed(trace: str) -> str:
+  return re.search(r"\\boxed\{(\d)\}", trace).group(1)
+
+
+def test_checks_task_a_check_repairs_or_second_guesses_and_the_chain_follows_it():
+  p = synthetic.problem(0, 3, 4, 4, "+", task="checks")
+  assert p.difficulty == 1 + (p.operand - 1) // 3 and p.steps == 4
+  right = p.trace(checked={1})
+  assert right.count("check ") == 1 and _boxed(right) == p.answer
+  assert _boxed(p.trace(slips={1}, checked={1})) == p.answer  # the check repairs the slip
+  assert _boxed(p.trace(slips={1})) != p.answer
+  assert _boxed(p.trace(checked={1}, check_slips={1})) != p.answer  # it second-guesses a right step
+  assert _boxed(p.trace(slips={0, 2}, checked={0, 2})) == p.answer
+  # The check re-derives the step from its input: "3: x+d=y. check x+d=z." with z right.
+  x, d = p.steps_taken()[1][0], p.operand
+  assert f"3: {x}+{d}={(x + d + 1) % 10}. check {x}+{d}={(x + d) % 10}." in p.trace(slips={1}, checked={1})
+
+
+def test_checks_task_accuracy_per_step_is_1_minus_p_without_and_1_minus_q_with_a_check():
+  """The arithmetic of data/synthetic.py's docstring, by simulation: (1 - p_L)^k never checking,
+  (1 - q)^k always (a slipped check of a slipped step keeps it wrong)."""
+  slips = synthetic.Slips((0.0, 0.12, 0.3), 0.1)
+  rng = np.random.default_rng(0)
+  for operand, k in ((1, 5), (9, 5), (6, 3)):
+    p = synthetic.Problem(0, 4, "+", operand, k, "checks")
+    n = 3000
+    never = np.mean([_boxed(p.sampled_trace(slips, rng, check_rate=0.0)) == p.answer for _ in range(n)])
+    always = np.mean([_boxed(p.sampled_trace(slips, rng, check_rate=1.0)) == p.answer for _ in range(n)])
+    assert never == pytest.approx((1 - slips.step(p.difficulty)) ** k, abs=0.03)
+    assert always == pytest.approx(0.9 ** k, abs=0.03)
+  half = [synthetic.Problem(0, 4, "+", 5, 5, "checks").sampled_trace(slips, rng, check_rate=0.5).count("check ")
+          for _ in range(2000)]
+  assert np.mean(half) == pytest.approx(2.5, abs=0.1)
+  cands = synthetic.Problem(0, 4, "+", 5, 5, "checks").teacher_candidates(3, 0.0, rng, slips)
+  assert [c.count("check ") for c in cands] == list(range(6))

@@ -269,7 +269,7 @@ def test_aepo_scores_benchmarks_and_exports_a_policy_that_eval_loads(tmp_path):
   _, free = _benchmarks(tmp_path)
   c = small_rl(_eval_config(tmp_path / "rl", (free,)))
   c.stage, c.total_steps, c.checkpoint_every = "aepo", 2, 2
-  c.warm_start.steps, c.data.max_steps = 0, 3
+  c.warm_start.steps, c.data.min_steps, c.data.max_steps = 0, 1, 3
   c.rollout.max_response_length = 8
   c.eval.every, c.eval.prompts = 2, 2
   c.export_every = 1

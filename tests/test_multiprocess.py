@@ -20,7 +20,7 @@ ARGS = ["--config=configs/tiny.py", "--config.stage=ares", "--config.warm_start.
         "--config.checkpoint_every=1", "--config.eval.every=0", "--config.rollout.n=4",
         "--config.rollout.prompts_per_step=4", "--config.rollout.max_response_length=24",
         "--config.aepo.global_batch_size=8", "--config.aepo.micro_batch_size=8", "--config.aepo.filter_low=0.0",
-        "--config.data.max_steps=3", "--config.adacs.synthetic_questions=12", "--config.adacs.max_checks=2",
+        "--config.data.min_steps=1", "--config.data.max_steps=3", "--config.adacs.synthetic_questions=12", "--config.adacs.max_checks=2",
         "--config.adacs.pass_rate_samples=2", "--config.adacs.pass_rate_batch=4", "--config.adacs.budget=8",
         "--config.adacs.batch_size=4", "--config.adacs.micro_batch_size=2", "--config.adacs.eval_prompts=6",
         "--config.adacs.max_response_length=64"]

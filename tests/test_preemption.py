@@ -47,7 +47,7 @@ SMALL = ["--config=configs/tiny.py", "--config.stage=aepo", "--config.total_step
          "--config.eval.every=0", "--config.rollout.n=4", "--config.rollout.max_branches=2",
          "--config.rollout.prompts_per_step=4", "--config.rollout.max_response_length=16",
          "--config.rollout.chunk_prompts=4", "--config.aepo.global_batch_size=8", "--config.aepo.micro_batch_size=8",
-         "--config.aepo.filter_low=0.0", "--config.data.max_steps=3", "--config.optim.lr=1e-3",
+         "--config.aepo.filter_low=0.0", "--config.data.min_steps=1", "--config.data.max_steps=3", "--config.optim.lr=1e-3",
          "--config.log_compiles=False", "--config.grading_workers=1"]
 
 # `python -c KILL_AT_COMMIT <flags>`: the stage, except that the process SIGKILLs itself when orbax is about
@@ -318,7 +318,7 @@ def test_sigterm_during_the_warm_start_stops_it(monkeypatch, caplog):
   c = load_config("tiny.py")
   c.warm_start.update(steps=4, batch_size=2)
   c.aepo.micro_batch_size = 2
-  c.data.max_steps = 1
+  c.data.min_steps = c.data.max_steps = 1
   mesh = sharding.make_mesh(fsdp=1)
   mcfg, params = _tiny_params(mesh)
   tok = setup.build_tokenizer(c)

@@ -69,14 +69,16 @@ class RowSource:
 class SyntheticSource:
   """Digit-arithmetic problems (data/synthetic.py), optionally shown as images too; endless."""
 
-  def __init__(self, seed: int, min_steps: int, max_steps: int, images: bool = False, ops: str = "+-*"):
+  def __init__(self, seed: int, min_steps: int, max_steps: int, images: bool = False, ops: str = "+-*",
+               task: str = "steps"):
     self.seed, self.min_steps, self.max_steps, self.images, self.ops = seed, min_steps, max_steps, images, ops
+    self.task = task
 
   def __len__(self) -> int:
     return 1 << 62
 
   def problem(self, index: int) -> synthetic.Problem:
-    return synthetic.problem(self.seed, index, self.min_steps, self.max_steps, self.ops)
+    return synthetic.problem(self.seed, index, self.min_steps, self.max_steps, self.ops, self.task)
 
   def __getitem__(self, index: int) -> Row:
     p = self.problem(index)

@@ -1,14 +1,34 @@
-"""A built-in, difficulty-graded reasoning task with verifiable answers: repeated digit arithmetic.
+"""Built-in, difficulty-graded reasoning tasks with verifiable answers: repeated digit arithmetic.
 
-"Mod 10, start 5, apply +7 4 times = ?": the answer is the final digit in `\\boxed{}`, and the
-difficulty is the number of repetitions k. The teacher trace writes one line per step, numbered k
-down to 1, so the response length grows with difficulty and every decision is local: each line needs
-the previous line and the prompt's operation, and the trace stops after line 1 (a count up to k
-made the tiny 2-layer model guess where to stop). A slipped step (one too high) makes the trace
-wrong; the warm start of the tiny config slips on purpose, so that sampled pass rates fall with k.
-Problems are a pure function of (seed, index), so a data position is just an integer and a resumed
-run sees the same stream. Problems can also be rendered as small images so that the vision tower
-is exercised.
+"Mod 10, start 5, apply +7 4 times = ?": the answer is the final digit in `\\boxed{}`. The trace writes
+one line per step, numbered k down to 1, and stops after line 1 (a count up to k made the tiny 2-layer
+model guess where to stop); every decision is local: a line needs the previous value and the operation.
+Two tasks share the problems:
+
+- `steps`: the difficulty is the number of steps k; the response length grows with it by construction.
+  The warm start slips (one step one too high) at a fixed rate, so sampled pass rates fall with k.
+- `checks` (design.md 10): how much to think is the policy's choice. Every problem has k steps; the
+  difficulty is the operand's level L (1: +1..+3, 2: +4..+6, 3: +7..+9), and a solver's step on a level-L
+  problem slips with probability p_L. After any step a solver may write a check line, "check x+d=z.",
+  that re-derives the step from its input; the chain goes on from z. A check slips with probability q,
+  independently of the step: it repairs a slipped step with probability c = 1 - q and second-guesses a
+  right one into a wrong one with probability q. Per step, accuracy is 1 - p_L without a check and
+  1 - q with one; a check costs 9 tokens everywhere and pays iff p_L > q. With the tiny config's
+  p = (0, 0.12, 0.3), q = 0.1 and k = 5 (accuracy of the whole problem, mean number of check lines):
+
+      level (operands)   never check      always check     check iff p_L > q   base (each step 50%)
+      1 (+1..+3)         1.00, 0 checks   0.59, 5 checks   1.00, 0 checks      0.77, 2.5 checks
+      2 (+4..+6)         0.53, 0          0.59, 5          0.59, 5             0.56, 2.5
+      3 (+7..+9)         0.17, 0          0.59, 5          0.59, 5             0.33, 2.5
+
+  The best policy thinks briefly on easy problems and at length on hard ones: length should fall on
+  level 1 and rise on level 3, with accuracy up on both. The warm-started base checks each step with
+  probability `warm_start.check_rate` whatever the problem, so it is neither always- nor never-checking,
+  and its pass rates spread over the easy, medium and hard bins. The decision to check, and a value
+  that may slip, are the task's moments of uncertainty: single tokens, where token entropy runs high.
+
+Problems are a pure function of (seed, index), so a data position is just an integer and a resumed run
+sees the same stream. Problems can also be rendered as small images so that the vision tower is exercised.
 """
 
 from __future__ import annotations
@@ -20,6 +40,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 OPS = ("+", "-", "*")
+TASKS = ("steps", "checks")
+OPERANDS_PER_LEVEL = 3  # checks task: operands 1-3, 4-6, 7-9 are difficulty levels 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Slips:
+  """How the stand-in solvers (warm-start traces, AdaCS teachers) of the checks task slip: a step of a
+  level-L problem with probability p_L = `levels[L - 1]`, a check line with probability q = `check`."""
+  levels: tuple[float, ...]
+  check: float = 0.0
+
+  def step(self, level: int) -> float:
+    """p_L."""
+    return float(self.levels[level - 1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,20 +62,26 @@ class Problem:
   start: int
   op: str
   operand: int
-  difficulty: int  # k, the number of times the operation is applied
+  steps: int  # k, the number of times the operation is applied
+  task: str = "steps"
+
+  @property
+  def difficulty(self) -> int:
+    """k for the steps task; the operand's level (1..3) for the checks task."""
+    return self.steps if self.task == "steps" else 1 + (self.operand - 1) // OPERANDS_PER_LEVEL
 
   @property
   def expression(self) -> str:
-    return f"start {self.start}, apply {self.op}{self.operand} {self.difficulty} times"
+    return f"start {self.start}, apply {self.op}{self.operand} {self.steps} times"
 
   @property
   def question(self) -> str:
     return f"Mod 10, {self.expression} = ?"
 
-  def steps(self) -> list[tuple[int, int]]:
+  def steps_taken(self) -> list[tuple[int, int]]:
     """(value before, value after) per application."""
     out, x = [], self.start
-    for _ in range(self.difficulty):
+    for _ in range(self.steps):
       y = apply(x, self.op, self.operand)
       out.append((x, y))
       x = y
@@ -49,32 +89,59 @@ class Problem:
 
   @property
   def answer(self) -> str:
-    return str(self.steps()[-1][1])
+    return str(self.steps_taken()[-1][1])
 
-  def trace(self, checks: int = 0, slips: Collection[int] = (), boxed: bool = True) -> str:
-    """Teacher response: `<think>` one line per step, numbered k down to 1 (`checks` re-verifies the
-    last steps, for longer traces) `</think>` and the boxed answer. Each step i in `slips` comes out
-    one too high, and every later value (and the answer) follows from it: a wrong trace (unless ten
-    slips cancel). `boxed=False` states the answer as "answer: y", which the accuracy reward does
-    not accept."""
+  def trace(self, checks: int = 0, slips: Collection[int] = (), boxed: bool = True,
+            checked: Collection[int] = (), check_slips: Collection[int] = ()) -> str:
+    """Teacher response: `<think>` one line per step, numbered k down to 1, `</think>` and the boxed answer.
+
+    Each step i in `slips` comes out one too high. A step i in `checked` is followed by a check line that
+    re-derives it from its input (one too high when i is in `check_slips`), and the chain goes on from the
+    check's value: the checks task. `checks` appends re-check lines for the last steps, which change
+    nothing (the steps task's longer traces). A slip nobody repairs makes every later value and the
+    answer wrong (unless ten slips cancel). `boxed=False` states the answer as "answer: y", which the
+    accuracy reward does not accept."""
     op, d = self.op, self.operand
-    steps, x = [], self.start
-    for i in range(self.difficulty):
-      y = (apply(x, op, d) + (1 if i in slips else 0)) % 10
-      steps.append((x, y))
+    lines, done, x = [], [], self.start
+    for i in range(self.steps):
+      right = apply(x, op, d)
+      y = (right + (i in slips)) % 10
+      lines.append(f"{self.steps - i}: {x}{op}{d}={y}.")
+      if i in checked:
+        y = (right + (i in check_slips)) % 10
+        lines.append(f"check {x}{op}{d}={y}.")
+      done.append((x, y))
       x = y
-    lines = [f"{self.difficulty - i}: {x}{op}{d}={y}." for i, (x, y) in enumerate(steps)]
-    lines += [f"check {x}{op}{d}={y}." for x, y in (steps[-checks:] if checks else [])]
-    final = f"\\boxed{{{steps[-1][1]}}}" if boxed else f"answer: {steps[-1][1]}"
+    lines += [f"check {x}{op}{d}={y}." for x, y in (done[-checks:] if checks else [])]
+    final = f"\\boxed{{{x}}}" if boxed else f"answer: {x}"
     return "<think> " + " ".join(lines) + f"</think> {final}"
 
-  def teacher_candidates(self, max_checks: int, slip_rate: float, rng: np.random.Generator) -> list[str]:
-    """AdaCS teacher responses of varied length: the plain trace and traces re-checking 1..max_checks
-    of the last steps; each one, with probability `slip_rate`, slips once (so it is wrong)."""
+  def sampled_trace(self, slips: Slips, rng: np.random.Generator, check_rate: float = 0.0,
+                    checks: int | None = None, boxed: bool = True) -> str:
+    """A checks-task solver's trace: each step checked with probability `check_rate` (or exactly `checks`
+    steps, chosen at random), steps and checks slipping as `slips` says."""
+    k = self.steps
+    if checks is None:
+      checked = np.flatnonzero(rng.random(k) < check_rate)
+    else:
+      checked = rng.choice(k, size=min(checks, k), replace=False)
+    slipped = np.flatnonzero(rng.random(k) < slips.step(self.difficulty))
+    check_slipped = checked[rng.random(len(checked)) < slips.check]
+    return self.trace(slips=set(slipped.tolist()), checked=set(checked.tolist()),
+                      check_slips=set(check_slipped.tolist()), boxed=boxed)
+
+  def teacher_candidates(self, max_checks: int, slip_rate: float, rng: np.random.Generator,
+                         slips: Slips | None = None) -> list[str]:
+    """AdaCS teacher responses of varied length. Steps task: the plain trace and traces re-checking 1..
+    max_checks of the last steps; each one, with probability `slip_rate`, slips once (so it is wrong).
+    Checks task (`slips` given): traces checking 0..k of the steps, each sampled with `slips`, so that the
+    right amount of checking shows in which candidates come out correct."""
+    if slips is not None:
+      return [self.sampled_trace(slips, rng, checks=j) for j in range(self.steps + 1)]
     out = []
     for checks in range(max_checks + 1):
-      slips = (int(rng.integers(self.difficulty)),) if rng.random() < slip_rate else ()
-      out.append(self.trace(min(checks, self.difficulty), slips))
+      slipped = (int(rng.integers(self.steps)),) if rng.random() < slip_rate else ()
+      out.append(self.trace(min(checks, self.steps), slipped))
     return out
 
 
@@ -86,16 +153,20 @@ def apply(x: int, op: str, d: int) -> int:
   return (x * d) % 10
 
 
-def problem(seed: int, index: int, min_steps: int = 1, max_steps: int = 6, ops: str = "+-*") -> Problem:
-  """Problem `index` of the stream `seed`: k in [min_steps, max_steps], one operation from `ops`."""
+def problem(seed: int, index: int, min_steps: int = 1, max_steps: int = 6, ops: str = "+-*",
+            task: str = "steps") -> Problem:
+  """Problem `index` of the stream `seed`: k in [min_steps, max_steps], one operation from `ops`, an
+  operand in 1..9 (the checks task's difficulty level comes from it)."""
   if not 1 <= min_steps <= max_steps:
     raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
   if not ops or set(ops) - set(OPS):
     raise ValueError(f"ops={ops!r}: choose a non-empty subset of {''.join(OPS)!r}")
+  if task not in TASKS:
+    raise ValueError(f"task={task!r}: expected one of {TASKS}")
   rng = np.random.default_rng([seed, index])
   k = int(rng.integers(min_steps, max_steps + 1))
   return Problem(index=index, start=int(rng.integers(0, 10)), op=ops[int(rng.integers(0, len(ops)))],
-                 operand=int(rng.integers(1, 10)), difficulty=k)
+                 operand=int(rng.integers(1, 10)), steps=k, task=task)
 
 
 def render(p: Problem, height: int = 56, width: int = 224) -> Image.Image:

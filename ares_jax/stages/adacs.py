@@ -43,9 +43,10 @@ def synthetic_pool(config: ml_collections.ConfigDict) -> list[PoolQuestion]:
   d, a = config.data, config.adacs
   seed = config.seed * 1000 + 2  # a stream of its own: not the AEPO train (0) or eval (1) problems
   rng = np.random.default_rng([seed, 1])
+  slips = setup.synthetic_slips(config) if d.task == "checks" else None
   pool = []
   for i in range(a.synthetic_questions):
-    p = synthetic.problem(seed, i, d.min_steps, d.max_steps, d.ops)
+    p = synthetic.problem(seed, i, d.min_steps, d.max_steps, d.ops, d.task)
     images = []
     if d.images and i % 2 == 0:
       buf = io.BytesIO()
@@ -53,7 +54,7 @@ def synthetic_pool(config: ml_collections.ConfigDict) -> list[PoolQuestion]:
       images = [buf.getvalue()]
     row = Row(id=f"synthetic-{i}", location=f"synthetic:{i}", question=p.question, answer=p.answer,
               images=tuple(images), source=f"synthetic_{d.ops}", difficulty=p.difficulty)
-    pool.append(PoolQuestion(row, p.teacher_candidates(a.max_checks, a.slip_rate, rng), difficulty=p.difficulty))
+    pool.append(PoolQuestion(row, p.teacher_candidates(a.max_checks, a.slip_rate, rng, slips), difficulty=p.difficulty))
   return pool
 
 
@@ -88,7 +89,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                      a.pass_rate_batch)
   # Held-out prompts for before/after SFT: the synthetic task's, or the held-out rows of `data.paths`.
   has_eval = config.data.kind != "files" or bool(config.data.paths or config.data.eval_paths)
-  eval_stream = setup.prompt_stream(config, proc, 3) if has_eval else None
+  # The held-out problems AEPO evaluates on too (split 1), so before SFT, after SFT and after AEPO compare.
+  eval_stream = setup.prompt_stream(config, proc, 1) if has_eval else None
   if not has_eval:
     logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
   ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), CheckpointSettings.from_config(config))
@@ -96,6 +98,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if (not resumed and config.warm_start.steps > 0 and config.data.kind == "synthetic"
       and (not config.model.hf_path or config.warm_start.over_checkpoint)):
     params = setup.warm_start(config, mcfg, params, setup.prompt_stream(config, proc, 0), pad_id, tok)
+    # The warm-started base as a Hugging Face folder: what AdaCS started from (--config.model.hf_path=it
+    # reruns AdaCS without the warm start, e.g. for another SFT setting).
+    models.save_hf(os.path.join(config.workdir, "base"), mcfg, params, tokenizer=tok)
 
   # 1. The pool, every candidate graded and measured.
   skipped: collections.Counter = collections.Counter()

@@ -16,7 +16,7 @@ from absl import logging
 from ares_jax import configs, models, sampling, sharding, storage
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
-from ares_jax.data import reader
+from ares_jax.data import reader, synthetic
 from ares_jax.data.grading import Grader
 from ares_jax.data.prompts import PromptStream, RowSource, SyntheticSource, split_rows
 from ares_jax.data.template import PromptTemplate, ensure_chat_template
@@ -160,12 +160,12 @@ def chunked(config: ml_collections.ConfigDict, b: Built, sc: sampling.SamplingCo
 
 
 def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
-  """Split 0: AEPO train prompts (and the warm start); 1: held-out evaluation; 3: AdaCS's held-out
-  evaluation (the synthetic AdaCS pool draws from seed * 1000 + 2). Datasets have two splits: the
+  """Split 0: AEPO train prompts (and the warm start); 1: held-out evaluation (AdaCS before and after SFT,
+  AEPO); the synthetic AdaCS pool draws from seed * 1000 + 2. Datasets have two splits: the
   training rows, and `data.eval_paths` or else the rows whose id hashes below `data.eval_fraction`."""
   d = config.data
   if d.kind == "synthetic":
-    return SyntheticSource(config.seed * 1000 + split_seed, d.min_steps, d.max_steps, d.images, d.ops)
+    return SyntheticSource(config.seed * 1000 + split_seed, d.min_steps, d.max_steps, d.images, d.ops, d.task)
   if d.kind == "files":
     train, held = _dataset_rows(tuple(d.paths), tuple(d.eval_paths), d.eval_fraction, d.image_root or None,
                                 columns(config))
@@ -193,14 +193,22 @@ def _dataset_rows(paths: tuple, eval_paths: tuple, eval_fraction: float, image_r
   return train, held
 
 
+def synthetic_slips(config: ml_collections.ConfigDict) -> synthetic.Slips:
+  """The checks task's solver slips (config.data.slips)."""
+  s = config.data.slips
+  return synthetic.Slips(tuple(s.levels), s.check)
+
+
 def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenizer) -> Any:
   """Supervised warm start on the synthetic task's programmatic traces (config.warm_start)."""
   w = config.warm_start
   eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
   if w.max_steps:  # a difficulty range of its own (e.g. wider than the RL prompts')
     d = config.data
-    source = SyntheticSource(config.seed * 1000, w.min_steps or d.min_steps, w.max_steps, d.images, d.ops)
+    source = SyntheticSource(config.seed * 1000, w.min_steps or d.min_steps, w.max_steps, d.images, d.ops, d.task)
     stream = PromptStream(source, stream.processor, stream.template, stream.max_prompt_length)
+
+  slips = synthetic_slips(config)
 
   def batches(step):
     exs, _ = stream.take(10_000_000 + step * w.batch_size, w.batch_size)
@@ -211,10 +219,15 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
     traces = []
     for e, b in zip(exs, boxed):
       p = stream.source.problem(e.index)
+      if p.task == "checks":
+        # A base policy that checks each step with probability w.check_rate whatever the problem, and
+        # slips as the task's solvers do: how much to check is what AdaCS and AEPO can teach it.
+        traces.append(p.sampled_trace(slips, rng, check_rate=w.check_rate, boxed=bool(b)))
+        continue
       # A base policy that slips (one step one too high) with probability w.slip_rate per step: its
       # pass rate falls with the number of steps, and not slipping is what RL can teach it.
-      slips = np.flatnonzero(rng.random(p.difficulty) < w.slip_rate).tolist()
-      traces.append(p.trace(slips=slips, boxed=bool(b)))
+      slipped = np.flatnonzero(rng.random(p.steps) < w.slip_rate).tolist()
+      traces.append(p.trace(slips=slipped, boxed=bool(b)))
     responses = [np.array(tokenizer(t)["input_ids"] + [eos], np.int32) for t in traces]
     return prompts, responses
 

@@ -1,0 +1,85 @@
+"""Runs of `python -m ares_jax.main` for the reproduction drivers, and what they evaluated.
+
+A run is a config file plus `--config.*` overrides in a workdir of its own; its log goes to
+`{workdir}.log`. Several run at once with `parallel` > 1 (on a 2-core CPU, two runs finish sooner than
+one after the other: much of a tiny run is Python on one core)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+
+from absl import flags, logging
+
+from ares_jax import storage
+
+# The drivers' shared flags (absl flags are global: each is defined once, here).
+SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: one run each (per variant for the ablation).")
+WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the tables go (default: workdirs/<driver>).")
+PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at once.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  workdir: str
+  args: tuple[str, ...]  # --config=... and --config.field=value overrides
+
+
+def launch(runs: list[Run], parallel: int = 1) -> dict[str, float]:
+  """Runs each (unless `finished` says it is done), `parallel` at a time; returns wall seconds per run
+  (0 for runs found finished). A run that fails raises with the tail of its log."""
+  def one(run: Run) -> float:
+    if os.path.exists(os.path.join(run.workdir, "DONE")):
+      return 0.0
+    os.makedirs(os.path.dirname(run.workdir) or ".", exist_ok=True)
+    log = run.workdir + ".log"
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+      code = subprocess.call([sys.executable, "-m", "ares_jax.main", *run.args, f"--config.workdir={run.workdir}"],
+                             stdout=f, stderr=subprocess.STDOUT)
+    if code != 0:
+      with open(log) as f:
+        tail = f.read()[-3000:]
+      raise RuntimeError(f"run {run.name} ({run.workdir}) exited {code}; the end of {log}:\n{tail}")
+    seconds = time.perf_counter() - t0
+    storage.write_json(os.path.join(run.workdir, "DONE"), {"seconds": seconds})
+    logging.info("%s finished in %.0f s", run.name, seconds)
+    return seconds
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+    return dict(zip([r.name for r in runs], pool.map(one, runs)))
+
+
+def final_eval(workdir: str) -> dict[str, float]:
+  """The last held-out evaluation an AEPO run logged (`eval/*` of its metrics.jsonl)."""
+  evals = [r for r in storage.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/accuracy" in r]
+  if not evals:
+    raise ValueError(f"{workdir}/metrics.jsonl holds no held-out evaluation (config.eval.every = 0?)")
+  return {k: v for k, v in evals[-1].items() if k.startswith("eval/") or k == "step"}
+
+
+def first_eval(workdir: str) -> dict[str, float]:
+  """The evaluation an AEPO run logged before its first update (step 0)."""
+  evals = [r for r in storage.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/accuracy" in r]
+  if not evals or evals[0].get("step") != 0:
+    raise ValueError(f"{workdir}/metrics.jsonl holds no step-0 evaluation")
+  return {k: v for k, v in evals[0].items() if k.startswith("eval/")}
+
+
+def config_args(argv: list[str]) -> tuple[str, ...]:
+  """The `--config` and `--config.*` arguments of a driver's command line, to pass on to each run (less
+  workdir and seed, which the driver sets per run)."""
+  keep = []
+  for a in argv[1:]:
+    if a.startswith(("--config.workdir", "--config.seed=")):
+      raise ValueError(f"{a}: the driver sets each run's workdir and seed (use --workdir and --seeds)")
+    if a == "--config":
+      raise ValueError("write --config=FILE (with '=')")
+    if a.startswith(("--config=", "--config.")):
+      keep.append(a)
+  return tuple(keep)

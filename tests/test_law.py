@@ -1,0 +1,27 @@
+"""The tiny default shows ARES's entropy-difficulty law (README "Reproductions"), checked on every CI run.
+
+The whole `ares` pipeline of configs/tiny.py on one seed (the README's law table runs three): on held-out
+problems, AdaCS raises Spearman(response length, difficulty) over the warm-started base; AEPO then raises
+the hardest level's accuracy and length and does not lengthen the easiest level's answers. This also
+covers what tests/test_aepo_learning.py checked before the checks task: AEPO learns (the hardest level's
+accuracy rises).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ares_jax.reproductions import law
+from ares_jax.stages import pipeline
+from tiny_configs import load_config
+
+
+@pytest.mark.slow
+def test_tiny_ares_shows_the_entropy_difficulty_law(tmp_path):
+  c = load_config("tiny.py")
+  c.workdir = str(tmp_path)
+  c.mesh.fsdp = 1  # one of the 8 simulated devices: 8 on a 2-core CPU would be ~5x slower
+  pipeline.run(c)
+  evals = law.seed_evals(str(tmp_path))
+  checks = law.law_checks(evals, [1, 2, 3])
+  assert all(checks.values()), (checks, evals)
