@@ -9,6 +9,7 @@ both ways of opening a notebook are exercised.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -21,12 +22,24 @@ NOTEBOOKS = ROOT / "notebooks"
 
 # notebook -> (the kernel's working folder, the short parameters; {tmp} is the test's temporary folder)
 SHORT = {
-    "01_window_entropy.ipynb": (NOTEBOOKS, "WARM_START_STEPS = 4\nNUM_PROMPTS = 4"),
+    "01_window_entropy.ipynb": (NOTEBOOKS, "WARM_START_STEPS = 2\nNUM_PROMPTS = 4"),
     "02_tiny_ares.ipynb": (ROOT, """\
 WORKDIR = {tmp!r}
 OVERRIDES = {{
     "warm_start.steps": 3, "total_steps": 2, "checkpoint_every": 2,
     "eval.every": 1, "eval.prompts": 8, "eval.samples": 1,
+    "rollout.n": 4, "rollout.prompts_per_step": 4, "rollout.max_response_length": 48,
+    "aepo.global_batch_size": 8, "aepo.micro_batch_size": 8, "aepo.filter_low": 0.0,
+    "adacs.synthetic_questions": 12, "adacs.pass_rate_samples": 2, "adacs.pass_rate_batch": 4,
+    "adacs.budget": 8, "adacs.batch_size": 4, "adacs.micro_batch_size": 4, "adacs.eval_prompts": 8,
+    "adacs.max_response_length": 64,
+}}"""),
+    "03_ablation.ipynb": (ROOT, """\
+ABLATION_DIR = {tmp!r}
+SEEDS = "0"
+VARIANTS = "grpo"
+OVERRIDES = {{
+    "warm_start.steps": 3, "total_steps": 1, "eval.every": 1, "eval.prompts": 8, "eval.samples": 1,
     "rollout.n": 4, "rollout.prompts_per_step": 4, "rollout.max_response_length": 48,
     "aepo.global_batch_size": 8, "aepo.micro_batch_size": 8, "aepo.filter_low": 0.0,
     "adacs.synthetic_questions": 12, "adacs.pass_rate_samples": 2, "adacs.pass_rate_batch": 4,
@@ -75,4 +88,5 @@ def test_notebook_runs(name, tmp_path):
   try:
     client.execute(env=kernel_env())
   except CellExecutionError as e:  # the failing cell's source and traceback
-    pytest.fail(f"{name} (started in {cwd.relative_to(ROOT.parent)}):\n{e}", pytrace=False)
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the traceback without its terminal colours
+    pytest.fail(f"{name} (kernel started in {cwd}):\n{plain}", pytrace=False)
