@@ -100,20 +100,21 @@ def test_checks_task_a_check_repairs_or_second_guesses_and_the_chain_follows_it(
   assert f"3: {x}+{d}={(x + d + 1) % 10}. check {x}+{d}={(x + d) % 10}." in p.trace(slips={1}, checked={1})
 
 
-def test_checks_task_accuracy_per_step_is_1_minus_p_without_and_1_minus_q_with_a_check():
-  """The arithmetic of data/synthetic.py's docstring, by simulation: (1 - p_L)^k never checking,
-  (1 - q)^k always (a slipped check of a slipped step keeps it wrong)."""
-  slips = synthetic.Slips((0.0, 0.12, 0.3), 0.1)
+def test_checks_task_blind_spots_are_deterministic_and_only_a_check_repairs_them():
+  spots = synthetic.Slips((0.0, 0.12, 0.3), 0.1, seed=0)
+  pairs = lambda lvl: [(x, d) for d in range(3 * lvl - 2, 3 * lvl + 1) for x in range(10)]
+  assert [sum(spots.step_wrong(x, d) for x, d in pairs(lvl)) for lvl in (1, 2, 3)] == [0, 4, 9]  # 0, .12, .3 of 30
+  assert sum(spots.check_wrong(x, d) for lvl in (1, 2, 3) for x, d in pairs(lvl)) == 9  # 0.1 of 90
+  assert synthetic.Slips((0.0, 0.12, 0.3), 0.1, seed=1) != spots
+  for lvl in (1, 2, 3):
+    for x, d in pairs(lvl):
+      p = synthetic.Problem(0, x, "+", d, 1, "checks")
+      plain, checked = _boxed(p.trace(spots=spots)), _boxed(p.trace(checked={0}, spots=spots))
+      assert (plain == p.answer) == (not spots.step_wrong(x, d))  # every time, not by chance
+      assert (checked == p.answer) == (not spots.check_wrong(x, d))  # a check repairs or second-guesses
   rng = np.random.default_rng(0)
-  for operand, k in ((1, 5), (9, 5), (6, 3)):
-    p = synthetic.Problem(0, 4, "+", operand, k, "checks")
-    n = 3000
-    never = np.mean([_boxed(p.sampled_trace(slips, rng, check_rate=0.0)) == p.answer for _ in range(n)])
-    always = np.mean([_boxed(p.sampled_trace(slips, rng, check_rate=1.0)) == p.answer for _ in range(n)])
-    assert never == pytest.approx((1 - slips.step(p.difficulty)) ** k, abs=0.03)
-    assert always == pytest.approx(0.9 ** k, abs=0.03)
-  half = [synthetic.Problem(0, 4, "+", 5, 5, "checks").sampled_trace(slips, rng, check_rate=0.5).count("check ")
-          for _ in range(2000)]
+  p = synthetic.Problem(0, 4, "+", 8, 5, "checks")
+  assert len({p.solver_trace(spots, rng, check_rate=0.0) for _ in range(5)}) == 1
+  half = [p.solver_trace(spots, rng, check_rate=0.5).count("check ") for _ in range(2000)]
   assert np.mean(half) == pytest.approx(2.5, abs=0.1)
-  cands = synthetic.Problem(0, 4, "+", 5, 5, "checks").teacher_candidates(3, 0.0, rng, slips)
-  assert [c.count("check ") for c in cands] == list(range(6))
+  assert [c.count("check ") for c in p.teacher_candidates(3, 0.0, rng, spots)] == list(range(6))

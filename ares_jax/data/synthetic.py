@@ -8,24 +8,28 @@ Two tasks share the problems:
 - `steps`: the difficulty is the number of steps k; the response length grows with it by construction.
   The warm start slips (one step one too high) at a fixed rate, so sampled pass rates fall with k.
 - `checks` (design.md 10): how much to think is the policy's choice. Every problem has k steps; the
-  difficulty is the operand's level L (1: +1..+3, 2: +4..+6, 3: +7..+9), and a solver's step on a level-L
-  problem slips with probability p_L. After any step a solver may write a check line, "check x+d=z.",
-  that re-derives the step from its input; the chain goes on from z. A check slips with probability q,
-  independently of the step: it repairs a slipped step with probability c = 1 - q and second-guesses a
-  right one into a wrong one with probability q. Per step, accuracy is 1 - p_L without a check and
-  1 - q with one; a check costs 9 tokens everywhere and pays iff p_L > q. With the tiny config's
-  p = (0, 0.12, 0.3), q = 0.1 and k = 5 (accuracy of the whole problem, mean number of check lines):
+  difficulty is the operand's level L (1: +1..+3, 2: +4..+6, 3: +7..+9). The stand-in solvers (warm
+  start, AdaCS teachers) have blind spots (`Slips`): (value, operand) pairs whose step they compute one
+  too high every time, a fraction p_L of each level's pairs. After any step a solver may write a check
+  line, "check x+d=z.", that re-derives the step from its input; the chain goes on from z. Checks have
+  blind spots of their own (a fraction q of all pairs, drawn independently): a check repairs a step's
+  blind spot unless it hits one itself, and second-guesses a right step into a wrong one when it does.
+  A check costs 9 tokens everywhere; it pays where steps are unreliable. With the tiny config's
+  p = (0, 0.12, 0.3), q = 0.1 and k = 5, accuracy over all 30 problems of a level (start 0..9 and its
+  three operands), for the blind spots of seeds 0 / 1 / 2:
 
-      level (operands)   never check      always check     check iff p_L > q   base (each step 50%)
-      1 (+1..+3)         1.00, 0 checks   0.59, 5 checks   1.00, 0 checks      0.77, 2.5 checks
-      2 (+4..+6)         0.53, 0          0.59, 5          0.59, 5             0.56, 2.5
-      3 (+7..+9)         0.17, 0          0.59, 5          0.59, 5             0.33, 2.5
+      level (operands)   never check        always check       base (each step 50%)   best checks per problem
+      1 (+1..+3)         1.00 / 1.00 / 1.00  0.53 / 0.43 / 0.63  0.76 / 0.69 / 0.74      1.00 / 1.00 / 1.00
+      2 (+4..+6)         0.43 / 0.43 / 0.67  0.60 / 0.93 / 0.93  0.53 / 0.69 / 0.69      0.93 / 1.00 / 1.00
+      3 (+7..+9)         0.13 / 0.13 / 0.03  0.83 / 0.67 / 0.57  0.39 / 0.35 / 0.28      1.00 / 0.83 / 0.83
 
-  The best policy thinks briefly on easy problems and at length on hard ones: length should fall on
-  level 1 and rise on level 3, with accuracy up on both. The warm-started base checks each step with
-  probability `warm_start.check_rate` whatever the problem, so it is neither always- nor never-checking,
-  and its pass rates spread over the easy, medium and hard bins. The decision to check, and a value
-  that may slip, are the task's moments of uncertainty: single tokens, where token entropy runs high.
+  The best policy thinks briefly on easy problems (no checks on level 1) and at length on hard ones:
+  length should fall on level 1 and rise on level 3, with accuracy up on both. The warm-started base
+  checks each step with probability `warm_start.check_rate` whatever the problem, so it is neither
+  always- nor never-checking, and its pass rates spread over the easy, medium and hard bins. Because
+  blind spots are deterministic, RL cannot sample its way out of them (a wrong value the base writes
+  every time is never rewarded as right); what it can learn is where to check. The decision to check is
+  the task's moment of uncertainty: a single token where token entropy runs high.
 
 Problems are a pure function of (seed, index), so a data position is just an integer and a resumed run
 sees the same stream. Problems can also be rendered as small images so that the vision tower is exercised.
@@ -34,6 +38,7 @@ sees the same stream. Problems can also be rendered as small images so that the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Collection
 
 import numpy as np
@@ -46,14 +51,33 @@ OPERANDS_PER_LEVEL = 3  # checks task: operands 1-3, 4-6, 7-9 are difficulty lev
 
 @dataclasses.dataclass(frozen=True)
 class Slips:
-  """How the stand-in solvers (warm-start traces, AdaCS teachers) of the checks task slip: a step of a
-  level-L problem with probability p_L = `levels[L - 1]`, a check line with probability q = `check`."""
+  """Where the stand-in solvers (warm-start traces, AdaCS teachers) of the checks task go wrong: blind spots,
+  (value, operand) pairs whose step (or check line) they compute one too high every time. A fraction
+  `levels[L - 1]` of level L's 30 pairs are step blind spots and a fraction `check` of all 90 pairs are
+  check blind spots, drawn once from `seed`. Deterministic, unlike a sampled slip: a policy that samples
+  its blind-spot step right almost never cannot learn it right from its rewards either, but it can learn
+  where a check pays."""
   levels: tuple[float, ...]
   check: float = 0.0
+  seed: int = 0
 
-  def step(self, level: int) -> float:
-    """p_L."""
-    return float(self.levels[level - 1])
+  def step_wrong(self, x: int, d: int) -> bool:
+    return (x, d) in _blind_spots(tuple(self.levels), self.check, self.seed)[0]
+
+  def check_wrong(self, x: int, d: int) -> bool:
+    return (x, d) in _blind_spots(tuple(self.levels), self.check, self.seed)[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _blind_spots(levels: tuple[float, ...], check: float, seed: int) -> tuple[frozenset, frozenset]:
+  rng = np.random.default_rng([seed, 77])
+  step = set()
+  for lvl, frac in enumerate(levels, start=1):
+    pairs = [(x, d) for d in range(OPERANDS_PER_LEVEL * (lvl - 1) + 1, OPERANDS_PER_LEVEL * lvl + 1)
+             for x in range(10)]
+    step.update(pairs[i] for i in rng.permutation(len(pairs))[:round(frac * len(pairs))])
+  pairs = [(x, d) for d in range(1, 10) for x in range(10)]
+  return frozenset(step), frozenset(pairs[i] for i in rng.permutation(len(pairs))[:round(check * len(pairs))])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,23 +116,23 @@ class Problem:
     return str(self.steps_taken()[-1][1])
 
   def trace(self, checks: int = 0, slips: Collection[int] = (), boxed: bool = True,
-            checked: Collection[int] = (), check_slips: Collection[int] = ()) -> str:
+            checked: Collection[int] = (), check_slips: Collection[int] = (), spots: Slips | None = None) -> str:
     """Teacher response: `<think>` one line per step, numbered k down to 1, `</think>` and the boxed answer.
 
     Each step i in `slips` comes out one too high. A step i in `checked` is followed by a check line that
     re-derives it from its input (one too high when i is in `check_slips`), and the chain goes on from the
-    check's value: the checks task. `checks` appends re-check lines for the last steps, which change
-    nothing (the steps task's longer traces). A slip nobody repairs makes every later value and the
-    answer wrong (unless ten slips cancel). `boxed=False` states the answer as "answer: y", which the
-    accuracy reward does not accept."""
+    check's value: the checks task. With `spots`, a step or check on a blind spot comes out one too high as
+    well. `checks` appends re-check lines for the last steps, which change nothing (the steps task's longer
+    traces). A slip nobody repairs makes every later value and the answer wrong (unless ten slips cancel).
+    `boxed=False` states the answer as "answer: y", which the accuracy reward does not accept."""
     op, d = self.op, self.operand
     lines, done, x = [], [], self.start
     for i in range(self.steps):
       right = apply(x, op, d)
-      y = (right + (i in slips)) % 10
+      y = (right + (i in slips or (spots is not None and spots.step_wrong(x, d)))) % 10
       lines.append(f"{self.steps - i}: {x}{op}{d}={y}.")
       if i in checked:
-        y = (right + (i in check_slips)) % 10
+        y = (right + (i in check_slips or (spots is not None and spots.check_wrong(x, d)))) % 10
         lines.append(f"check {x}{op}{d}={y}.")
       done.append((x, y))
       x = y
@@ -116,28 +140,25 @@ class Problem:
     final = f"\\boxed{{{x}}}" if boxed else f"answer: {x}"
     return "<think> " + " ".join(lines) + f"</think> {final}"
 
-  def sampled_trace(self, slips: Slips, rng: np.random.Generator, check_rate: float = 0.0,
-                    checks: int | None = None, boxed: bool = True) -> str:
+  def solver_trace(self, spots: Slips, rng: np.random.Generator, check_rate: float = 0.0,
+                   checks: int | None = None, boxed: bool = True) -> str:
     """A checks-task solver's trace: each step checked with probability `check_rate` (or exactly `checks`
-    steps, chosen at random), steps and checks slipping as `slips` says."""
+    steps, chosen at random); steps and checks on blind spots (`spots`) come out one too high."""
     k = self.steps
     if checks is None:
       checked = np.flatnonzero(rng.random(k) < check_rate)
     else:
       checked = rng.choice(k, size=min(checks, k), replace=False)
-    slipped = np.flatnonzero(rng.random(k) < slips.step(self.difficulty))
-    check_slipped = checked[rng.random(len(checked)) < slips.check]
-    return self.trace(slips=set(slipped.tolist()), checked=set(checked.tolist()),
-                      check_slips=set(check_slipped.tolist()), boxed=boxed)
+    return self.trace(checked=set(checked.tolist()), spots=spots, boxed=boxed)
 
   def teacher_candidates(self, max_checks: int, slip_rate: float, rng: np.random.Generator,
-                         slips: Slips | None = None) -> list[str]:
+                         spots: Slips | None = None) -> list[str]:
     """AdaCS teacher responses of varied length. Steps task: the plain trace and traces re-checking 1..
     max_checks of the last steps; each one, with probability `slip_rate`, slips once (so it is wrong).
-    Checks task (`slips` given): traces checking 0..k of the steps, each sampled with `slips`, so that the
-    right amount of checking shows in which candidates come out correct."""
-    if slips is not None:
-      return [self.sampled_trace(slips, rng, checks=j) for j in range(self.steps + 1)]
+    Checks task (`spots` given): traces checking 0..k of the steps (chosen at random), so that which
+    candidates come out correct shows the right amount of checking."""
+    if spots is not None:
+      return [self.solver_trace(spots, rng, checks=j) for j in range(self.steps + 1)]
     out = []
     for checks in range(max_checks + 1):
       slipped = (int(rng.integers(self.steps)),) if rng.random() < slip_rate else ()

@@ -194,9 +194,9 @@ def _dataset_rows(paths: tuple, eval_paths: tuple, eval_fraction: float, image_r
 
 
 def synthetic_slips(config: ml_collections.ConfigDict) -> synthetic.Slips:
-  """The checks task's solver slips (config.data.slips)."""
+  """The checks task's blind spots (config.data.slips), drawn from the run's seed."""
   s = config.data.slips
-  return synthetic.Slips(tuple(s.levels), s.check)
+  return synthetic.Slips(tuple(s.levels), s.check, config.seed)
 
 
 def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenizer) -> Any:
@@ -220,9 +220,9 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
     for e, b in zip(exs, boxed):
       p = stream.source.problem(e.index)
       if p.task == "checks":
-        # A base policy that checks each step with probability w.check_rate whatever the problem, and
-        # slips as the task's solvers do: how much to check is what AdaCS and AEPO can teach it.
-        traces.append(p.sampled_trace(slips, rng, check_rate=w.check_rate, boxed=bool(b)))
+        # A base policy that checks each step with probability w.check_rate whatever the problem, with
+        # the task's blind spots: how much to check is what AdaCS and AEPO can teach it.
+        traces.append(p.solver_trace(slips, rng, check_rate=w.check_rate, boxed=bool(b)))
         continue
       # A base policy that slips (one step one too high) with probability w.slip_rate per step: its
       # pass rate falls with the number of steps, and not slipping is what RL can teach it.
