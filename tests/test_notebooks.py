@@ -12,15 +12,21 @@ import os
 import re
 from pathlib import Path
 
+import jax
 import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from ares_jax import configs, models
+from ares_jax.data.tokenizer import tiny_tokenizer
+from tiny_configs import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 
-# notebook -> (the kernel's working folder, the short parameters; {tmp} is the test's temporary folder)
+# notebook -> (the kernel's working folder, the short parameters: {tmp} is a folder in the test's temporary folder,
+# {policy} a random tiny policy the test writes first)
 SHORT = {
     "01_window_entropy.ipynb": (NOTEBOOKS, "WARM_START_STEPS = 2\nNUM_PROMPTS = 4"),
     "02_tiny_ares.ipynb": (ROOT, """\
@@ -34,20 +40,26 @@ OVERRIDES = {{
     "adacs.budget": 8, "adacs.batch_size": 4, "adacs.micro_batch_size": 4, "adacs.eval_prompts": 8,
     "adacs.max_response_length": 64,
 }}"""),
+    # The GRPO variant on one seed, from a random policy instead of an AdaCS run (02 runs AdaCS).
     "03_ablation.ipynb": (ROOT, """\
 ABLATION_DIR = {tmp!r}
+ADACS_POLICY = {policy!r}
 SEEDS = "0"
 VARIANTS = "grpo"
 OVERRIDES = {{
-    "warm_start.steps": 3, "total_steps": 1, "eval.every": 1, "eval.prompts": 8, "eval.samples": 1,
+    "total_steps": 1, "eval.every": 1, "eval.prompts": 8, "eval.samples": 1,
     "rollout.n": 4, "rollout.prompts_per_step": 4, "rollout.max_response_length": 48,
     "aepo.global_batch_size": 8, "aepo.micro_batch_size": 8, "aepo.filter_low": 0.0,
-    "adacs.synthetic_questions": 12, "adacs.pass_rate_samples": 2, "adacs.pass_rate_batch": 4,
-    "adacs.budget": 8, "adacs.batch_size": 4, "adacs.micro_batch_size": 4, "adacs.eval_prompts": 8,
-    "adacs.max_response_length": 64,
 }}"""),
     "04_real_checkpoint.ipynb": (NOTEBOOKS, "MAX_NEW_TOKENS = 24"),
 }
+
+
+def tiny_policy(folder: Path) -> str:
+  """A random policy of configs/tiny.py as a Hugging Face folder with its tokenizer, what AdaCS exports."""
+  mcfg = configs.to_model_config(load_config("tiny.py").model)
+  models.save_hf(str(folder), mcfg, models.init_params(mcfg, jax.random.key(0)), tokenizer=tiny_tokenizer())
+  return str(folder)
 
 
 def notebooks() -> list[str]:
@@ -83,7 +95,9 @@ def test_notebook_runs(name, tmp_path):
   if name not in SHORT:
     pytest.fail(f"{name} has no short parameters in SHORT")
   cwd, params = SHORT[name]
-  nb = with_parameters(nbformat.read(NOTEBOOKS / name, as_version=4), params.format(tmp=str(tmp_path / "run")))
+  policy = tiny_policy(tmp_path / "policy") if "{policy" in params else ""
+  params = params.format(tmp=str(tmp_path / "run"), policy=policy)
+  nb = with_parameters(nbformat.read(NOTEBOOKS / name, as_version=4), params)
   client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
   try:
     client.execute(env=kernel_env())
