@@ -64,7 +64,8 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   # unboxed_rate: share of warm-start traces that state the answer without \boxed{} (format to learn in RL).
   # min_steps / max_steps: its own difficulty range (0: data.min_steps / data.max_steps).
   # slip_rate: per-step probability that a warm-start trace's step comes out one too high (wrong answer); the
-  # checks task slips as data.slips says instead, and checks each step with probability check_rate.
+  # checks task has data.slips' blind spots instead, and works carefully (checks every step) with probability
+  # check_rate.
   # weight_decay: AdamW's, for the warm start alone (the rest of config.optim is shared).
   # over_checkpoint: also warm-start a policy loaded from model.hf_path (never by default: it would overwrite it).
   c.warm_start = ml_collections.ConfigDict(dict(steps=0, batch_size=32, lr=1e-3, weight_decay=1e-2, unboxed_rate=0.0,
@@ -124,8 +125,8 @@ def data_defaults() -> ml_collections.ConfigDict:
       "question", "answer", "image", "id", "source", "category", "pass_rate", "difficulty", "response")})
   # The synthetic task (kind=synthetic): "Mod 10, start s, apply +d k times", k in [min_steps, max_steps].
   # task=steps: the difficulty is k; task=checks: the operand's level, and checking is the policy's choice
-  # (data/synthetic.py): the solvers' step on a level-L problem slips with probability slips.levels[L - 1],
-  # a check line with probability slips.check.
+  # (data/synthetic.py): the solvers' steps have blind spots on a fraction slips.levels[L - 1] of level L's
+  # (value, operand) pairs, their check lines on a fraction slips.check of all pairs (drawn from config.seed).
   d.task, d.min_steps, d.max_steps, d.ops, d.images = "steps", 1, 6, "+-*", False
   d.slips = ml_collections.ConfigDict(dict(levels=(0.0, 0.12, 0.3), check=0.1))
   return d

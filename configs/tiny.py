@@ -35,11 +35,11 @@ def get_config():
                      vision_end_token_id=TINY_SPECIAL_IDS["<|vision_end|>"],
                      bos_token_id=TINY_SPECIAL_IDS["<|endoftext|>"],
                      eos_token_id=TINY_SPECIAL_IDS["<|im_end|>"]))
-  # Synthetic task (data/synthetic.py): "Mod 10, start s, apply +d 5 times", where checking a step is the
-  # policy's choice; the difficulty is the operand's level (1: +1..+3, 2: +4..+6, 3: +7..+9). A step slips
-  # with probability 0, 0.12, 0.3 by level, a check line with 0.1, so checks pay on levels 2-3 and cost
-  # accuracy (and 9 tokens each) on level 1. Today's other task, where the difficulty is the number
-  # of steps: --config.data.task=steps --config.data.min_steps=1 --config.data.max_steps=8.
+  # Synthetic task (data/synthetic.py): "Mod 10, start s, apply +d 5 times", where working carefully (a check
+  # line after every step) is the policy's choice; the difficulty is the operand's level (1: +1..+3,
+  # 2: +4..+6, 3: +7..+9). The solvers' steps have blind spots on 0, 12 and 30% of a level's (value, operand)
+  # pairs and their checks on 10% of all pairs, so careful work pays on levels 2-3 and costs accuracy (and
+  # 45 tokens) on level 1.
   c.data.task = "checks"
   c.data.ops = "+"
   c.data.min_steps, c.data.max_steps = 5, 5
@@ -48,24 +48,25 @@ def get_config():
   c.data.system_prompt = ""
   c.data.instruction = ""
   c.data.images = False  # True: every other prompt also shows the problem as an image (vision path; ~4x slower)
-  # Supervised warm start on programmatic traces, standing in for a pretrained base model: it checks each
-  # step with probability 0.5 whatever the problem, and slips as above when it samples (greedy, it is right).
-  # The addition table is learnt abruptly: with weight decay 0.1 between steps 300 and ~400 (seeds 0,
-  # 1, 3), with 0.01 somewhere in 450-800 (seeds 0-2). 600 steps leave a margin.
+  # Supervised warm start on programmatic traces, standing in for a pretrained base model: careful on half of
+  # its traces whatever the problem, with the task's blind spots. It learns the addition table abruptly:
+  # with weight decay 0.1 between steps 300 and ~400 (seeds 0, 1, 3), with 0.01 somewhere in 450-800
+  # (seeds 0-2). 600 steps leave a margin.
   c.warm_start.steps = 600
   c.warm_start.batch_size = 32
   c.warm_start.lr = 3e-3
   c.warm_start.weight_decay = 0.1
   c.warm_start.check_rate = 0.5
   c.warm_start.slip_rate = 0.1  # task=steps: each step slips with this probability
-  # AdaCS: 256 problems, six teacher traces each (checking 0..5 of the steps, sampled with the slips above),
-  # pass rates of the warm-started policy from 8 samples, 128 selected over the pass-rate tiers, 2 epochs of SFT.
+  # AdaCS: 256 problems with two teacher traces each (quick and careful), pass rates of the warm-started policy
+  # from 8 samples, 128 selected over the pass-rate tiers, 4 epochs of SFT.
   c.adacs.synthetic_questions = 256
   c.adacs.max_checks = 3  # task=steps: teacher traces re-check 0..3 of their last steps
   c.adacs.budget = 128
   c.adacs.batch_size = 16
   c.adacs.micro_batch_size = 16
-  c.adacs.lr = 3e-4
+  c.adacs.epochs = 4
+  c.adacs.lr = 5e-4
   c.adacs.max_response_length = 112
   c.adacs.eval_prompts = 128  # the held-out problems AEPO evaluates on (eval.prompts)
   c.eval.every = 10

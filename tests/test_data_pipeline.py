@@ -116,5 +116,5 @@ def test_checks_task_blind_spots_are_deterministic_and_only_a_check_repairs_them
   p = synthetic.Problem(0, 4, "+", 8, 5, "checks")
   assert len({p.solver_trace(spots, rng, check_rate=0.0) for _ in range(5)}) == 1
   half = [p.solver_trace(spots, rng, check_rate=0.5).count("check ") for _ in range(2000)]
-  assert np.mean(half) == pytest.approx(2.5, abs=0.1)
-  assert [c.count("check ") for c in p.teacher_candidates(3, 0.0, rng, spots)] == list(range(6))
+  assert set(half) == {0, 5} and np.mean(half) == pytest.approx(2.5, abs=0.2)  # quick or careful
+  assert [c.count("check ") for c in p.teacher_candidates(3, 0.0, rng, spots)] == [0, 5]

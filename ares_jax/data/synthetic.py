@@ -10,26 +10,27 @@ Two tasks share the problems:
 - `checks` (design.md 10): how much to think is the policy's choice. Every problem has k steps; the
   difficulty is the operand's level L (1: +1..+3, 2: +4..+6, 3: +7..+9). The stand-in solvers (warm
   start, AdaCS teachers) have blind spots (`Slips`): (value, operand) pairs whose step they compute one
-  too high every time, a fraction p_L of each level's pairs. After any step a solver may write a check
-  line, "check x+d=z.", that re-derives the step from its input; the chain goes on from z. Checks have
-  blind spots of their own (a fraction q of all pairs, drawn independently): a check repairs a step's
-  blind spot unless it hits one itself, and second-guesses a right step into a wrong one when it does.
-  A check costs 9 tokens everywhere; it pays where steps are unreliable. With the tiny config's
-  p = (0, 0.12, 0.3), q = 0.1 and k = 5, accuracy over all 30 problems of a level (start 0..9 and its
-  three operands), for the blind spots of seeds 0 / 1 / 2:
+  too high every time, a fraction p_L of each level's pairs. A solver works quick (one line per step) or
+  careful: after every step a check line, "check x+d=z.", re-derives the step from its input, and the
+  chain goes on from z. Checks have blind spots of their own (a fraction q of all pairs, drawn
+  independently): a check repairs a step's blind spot unless it hits one itself, and second-guesses a
+  right step into a wrong one when it does. Careful costs 9 tokens a step everywhere and pays where
+  steps are unreliable. With the tiny config's p = (0, 0.12, 0.3), q = 0.1 and k = 5, accuracy over
+  all 30 problems of a level (start 0..9 and its three operands), for the blind spots of seeds 0 / 1 / 2:
 
-      level (operands)   never check        always check       base (each step 50%)   best checks per problem
-      1 (+1..+3)         1.00 / 1.00 / 1.00  0.53 / 0.43 / 0.63  0.76 / 0.69 / 0.74      1.00 / 1.00 / 1.00
-      2 (+4..+6)         0.43 / 0.43 / 0.67  0.60 / 0.93 / 0.93  0.53 / 0.69 / 0.69      0.93 / 1.00 / 1.00
-      3 (+7..+9)         0.13 / 0.13 / 0.03  0.83 / 0.67 / 0.57  0.39 / 0.35 / 0.28      1.00 / 0.83 / 0.83
+      level (operands)   quick (58 tokens)   careful (103 tokens)   base (careful half the time)
+      1 (+1..+3)         1.00 / 1.00 / 1.00  0.53 / 0.43 / 0.63     0.77 / 0.72 / 0.82
+      2 (+4..+6)         0.43 / 0.43 / 0.67  0.60 / 0.93 / 0.93     0.52 / 0.68 / 0.80
+      3 (+7..+9)         0.13 / 0.13 / 0.03  0.83 / 0.67 / 0.57     0.48 / 0.40 / 0.30
 
-  The best policy thinks briefly on easy problems (no checks on level 1) and at length on hard ones:
-  length should fall on level 1 and rise on level 3, with accuracy up on both. The warm-started base
-  checks each step with probability `warm_start.check_rate` whatever the problem, so it is neither
-  always- nor never-checking, and its pass rates spread over the easy, medium and hard bins. Because
-  blind spots are deterministic, RL cannot sample its way out of them (a wrong value the base writes
-  every time is never rewarded as right); what it can learn is where to check. The decision to check is
-  the task's moment of uncertainty: a single token where token entropy runs high.
+  The best policy thinks briefly on easy problems (quick on level 1) and at length on hard ones (careful
+  on level 3): length should fall on level 1 and rise on level 3, with accuracy up on both. The
+  warm-started base works careful with probability `warm_start.check_rate` whatever the problem, so it is
+  neither always- nor never-checking, and its pass rates spread over the easy, medium and hard bins.
+  Blind spots are deterministic: RL cannot sample its way out of them (a wrong value the base writes
+  every time is never rewarded as right); what it can learn is when to work carefully. That decision,
+  the first check line or its absence, is the task's moment of uncertainty: a single token where token
+  entropy runs high.
 
 Problems are a pure function of (seed, index), so a data position is just an integer and a resumed run
 sees the same stream. Problems can also be rendered as small images so that the vision tower is exercised.
@@ -141,24 +142,21 @@ class Problem:
     return "<think> " + " ".join(lines) + f"</think> {final}"
 
   def solver_trace(self, spots: Slips, rng: np.random.Generator, check_rate: float = 0.0,
-                   checks: int | None = None, boxed: bool = True) -> str:
-    """A checks-task solver's trace: each step checked with probability `check_rate` (or exactly `checks`
-    steps, chosen at random); steps and checks on blind spots (`spots`) come out one too high."""
-    k = self.steps
-    if checks is None:
-      checked = np.flatnonzero(rng.random(k) < check_rate)
-    else:
-      checked = rng.choice(k, size=min(checks, k), replace=False)
-    return self.trace(checked=set(checked.tolist()), spots=spots, boxed=boxed)
+                   careful: bool | None = None, boxed: bool = True) -> str:
+    """A checks-task solver's trace: careful (every step checked) with probability `check_rate`, or as
+    `careful` says, else quick (no checks); steps and checks on blind spots come out one too high."""
+    if careful is None:
+      careful = bool(rng.random() < check_rate)
+    return self.trace(checked=set(range(self.steps)) if careful else set(), spots=spots, boxed=boxed)
 
   def teacher_candidates(self, max_checks: int, slip_rate: float, rng: np.random.Generator,
                          spots: Slips | None = None) -> list[str]:
     """AdaCS teacher responses of varied length. Steps task: the plain trace and traces re-checking 1..
     max_checks of the last steps; each one, with probability `slip_rate`, slips once (so it is wrong).
-    Checks task (`spots` given): traces checking 0..k of the steps (chosen at random), so that which
-    candidates come out correct shows the right amount of checking."""
+    Checks task (`spots` given): the quick trace and the careful one, so that which of them comes out
+    correct shows whether checking pays."""
     if spots is not None:
-      return [self.solver_trace(spots, rng, checks=j) for j in range(self.steps + 1)]
+      return [self.solver_trace(spots, rng, careful=c) for c in (False, True)]
     out = []
     for checks in range(max_checks + 1):
       slipped = (int(rng.integers(self.steps)),) if rng.random() < slip_rate else ()
