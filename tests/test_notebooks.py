@@ -32,11 +32,11 @@ SHORT = {
     "02_tiny_ares.ipynb": (ROOT, """\
 WORKDIR = {tmp!r}
 OVERRIDES = {{
-    "warm_start.steps": 3, "total_steps": 2, "checkpoint_every": 2,
+    "warm_start.steps": 3, "total_steps": 2, "checkpoint_every": 2, "grading_workers": 1,
     "eval.every": 1, "eval.prompts": 8, "eval.samples": 1,
-    "rollout.n": 4, "rollout.prompts_per_step": 4, "rollout.max_response_length": 48,
+    "rollout.n": 4, "rollout.prompts_per_step": 8, "rollout.max_response_length": 48,
     "aepo.global_batch_size": 8, "aepo.micro_batch_size": 8, "aepo.filter_low": 0.0,
-    "adacs.synthetic_questions": 12, "adacs.pass_rate_samples": 2, "adacs.pass_rate_batch": 4,
+    "adacs.synthetic_questions": 16, "adacs.pass_rate_samples": 1, "adacs.pass_rate_batch": 8,
     "adacs.budget": 8, "adacs.batch_size": 4, "adacs.micro_batch_size": 4, "adacs.eval_prompts": 8,
     "adacs.max_response_length": 64,
 }}"""),
@@ -47,7 +47,7 @@ ADACS_POLICY = {policy!r}
 SEEDS = "0"
 VARIANTS = "grpo"
 OVERRIDES = {{
-    "total_steps": 1, "eval.every": 1, "eval.prompts": 8, "eval.samples": 1,
+    "total_steps": 1, "grading_workers": 1, "eval.every": 1, "eval.prompts": 8, "eval.samples": 1,
     "rollout.n": 4, "rollout.prompts_per_step": 4, "rollout.max_response_length": 48,
     "aepo.global_batch_size": 8, "aepo.micro_batch_size": 8, "aepo.filter_low": 0.0,
 }}"""),
