@@ -85,7 +85,9 @@ def test_the_overrides_parse_on_a_config(tmp_path):
 def test_config_args_pass_overrides_on_and_refuse_the_drivers_own():
   argv = ["law", "--config=configs/tiny.py", "--config.total_steps=2", "--seeds=0", "--workdir=/w"]
   assert runs.config_args(argv) == ("--config=configs/tiny.py", "--config.total_steps=2")
-  with pytest.raises(ValueError, match="--seeds"):
+  from absl import app
+
+  with pytest.raises(app.UsageError, match="--seeds"):
     runs.config_args(["law", "--config=configs/tiny.py", "--config.seed=3"])
-  with pytest.raises(ValueError, match="workdir"):
+  with pytest.raises(app.UsageError, match="workdir"):
     runs.config_args(["law", "--config=configs/tiny.py", "--config.workdir=/x"])

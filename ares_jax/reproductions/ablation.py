@@ -61,9 +61,7 @@ def variant_runs(args: tuple[str, ...], policy: str, seeds: list[int], workdir: 
 def main(argv: list[str]) -> None:
   args = runs.config_args(sys.argv)
   config = entry.config_from_flags(argv)
-  if config.eval.every <= 0 or config.total_steps % config.eval.every:
-    raise app.UsageError(f"config.total_steps={config.total_steps} must be a multiple of config.eval.every="
-                         f"{config.eval.every} (the table reads each run's last held-out evaluation)")
+  runs.require_final_eval(config)
   unknown = set(_VARIANTS.value) - {v[0] for v in VARIANTS}
   if unknown:
     raise app.UsageError(f"--variants: unknown {sorted(unknown)}; choose from {[v[0] for v in VARIANTS]}")

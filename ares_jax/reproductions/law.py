@@ -55,9 +55,7 @@ def summarize(workdir: str, seeds: list[int]) -> dict:
 def main(argv: list[str]) -> None:
   args = runs.config_args(sys.argv)
   config = entry.config_from_flags(argv)
-  if config.eval.every <= 0 or config.total_steps % config.eval.every:
-    raise app.UsageError(f"config.total_steps={config.total_steps} must be a multiple of config.eval.every="
-                         f"{config.eval.every} (the last held-out evaluation is the 'after AEPO' one)")
+  runs.require_final_eval(config)
   seeds = [int(s) for s in runs.SEEDS.value]
   wd = runs.WORKDIR.value or "workdirs/law"
   todo = [runs.Run(f"seed {s}", os.path.join(wd, f"seed_{s}"), (*args, "--config.stage=ares", f"--config.seed={s}"))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from ares_jax import storage
 
@@ -71,15 +71,22 @@ def first_eval(workdir: str) -> dict[str, float]:
   return {k: v for k, v in evals[0].items() if k.startswith("eval/")}
 
 
+def require_final_eval(config) -> None:
+  """The drivers read each run's last held-out evaluation as its result: it must come at the last step."""
+  if config.eval.every <= 0 or config.total_steps % config.eval.every:
+    raise app.UsageError(f"config.total_steps={config.total_steps} must be a multiple of config.eval.every="
+                     f"{config.eval.every}: the tables read each run's evaluation at its last step")
+
+
 def config_args(argv: list[str]) -> tuple[str, ...]:
   """The `--config` and `--config.*` arguments of a driver's command line, to pass on to each run (less
   workdir and seed, which the driver sets per run)."""
   keep = []
   for a in argv[1:]:
     if a.startswith(("--config.workdir", "--config.seed=")):
-      raise ValueError(f"{a}: the driver sets each run's workdir and seed (use --workdir and --seeds)")
+      raise app.UsageError(f"{a}: the driver sets each run's workdir and seed (use --workdir and --seeds)")
     if a == "--config":
-      raise ValueError("write --config=FILE (with '=')")
+      raise app.UsageError("write --config=FILE (with '=')")
     if a.startswith(("--config=", "--config.")):
       keep.append(a)
   return tuple(keep)
