@@ -34,6 +34,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vision_heads", "tensor"),
     ("vision_mlp", "tensor"),
     ("vision_merged", "fsdp"),
+    ("lora_rank", None),  # LoRA's A [*in, r] and B [r, *out] shard like their kernel's in / out dims
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("vision_slots", ("data", "fsdp")),  # the vision tower's patch slots (all images of a batch in one axis)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from ares_jax.models.attention import IMPLEMENTATIONS
+from ares_jax.models.lora import LoraConfig
 
 
 class ConfigError(ValueError):
@@ -90,6 +91,7 @@ class ModelConfig:
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
   # auto | xla | blockwise | splash | cudnn (models/attention.py); auto picks by the mesh's platform
   attention: str = "auto"
+  lora: LoraConfig = LoraConfig()  # rank 0: no adapters (models/lora.py)
 
   def __post_init__(self):
     if self.attention not in IMPLEMENTATIONS:

@@ -6,12 +6,14 @@ mapped to mesh axes in one table, `ares_jax.sharding.LOGICAL_RULES`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+
+from ares_jax.models import lora
 
 Axes = tuple[str | None, ...]
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked (padding) rows stay NaN-free
@@ -22,6 +24,8 @@ class Dense(nn.Module):
 
   The kernel is created in its final (multi-dimensional) shape, so its logical axis names fit it
   exactly (flax's DenseGeneral initialises a flattened kernel, which breaks sharded init).
+  With `lora` (a `lora.LoraConfig`), a LoRA adapter A [*in, r], B [r, *out] in the "lora" collection
+  adds (alpha / r) B A x (dropout on x when a "dropout" RNG is given, i.e. in training).
   """
 
   features: tuple[int, ...]
@@ -30,6 +34,7 @@ class Dense(nn.Module):
   use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  lora: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,7 +48,21 @@ class Dense(nn.Module):
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[self.n_in:]),
                         tuple(self.features), self.param_dtype)
       y = y + jnp.asarray(bias, self.dtype)
+    if self.lora is not None:
+      y = y + self._adapter(x, shape)
     return y
+
+  def _adapter(self, x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    cfg, n = self.lora, self.n_in
+    box = nn.with_logical_partitioning
+    a = self.variable(lora.POLICY_KEY, "lora_a", box(lora.kaiming_uniform_a(n), self.axes[:n] + ("lora_rank",)),
+                      self.make_rng("params") if self.is_initializing() else None, shape[:n] + (cfg.rank,),
+                      self.param_dtype).value
+    b = self.variable(lora.POLICY_KEY, "lora_b", box(nn.initializers.zeros_init(), ("lora_rank",) + self.axes[n:]),
+                      None, (cfg.rank,) + shape[n:], self.param_dtype).value
+    if cfg.dropout > 0 and self.has_rng("dropout"):
+      x = nn.Dropout(cfg.dropout, deterministic=False)(x)
+    return lora.adapter_delta(x, a, b, n, cfg.scale, self.dtype)
 
 
 def _kernel_init(n_in: int):
@@ -52,11 +71,12 @@ def _kernel_init(n_in: int):
 
 
 def dense(features: int | Sequence[int], axes: Axes, *, axis: int | Sequence[int] = -1, use_bias: bool,
-          dtype, param_dtype, name: str) -> Dense:
-  """A `Dense` over the last one (`axis=-1`) or last two (`axis=(-2, -1)`) input dims."""
+          dtype, param_dtype, name: str, lora: Any = None) -> Dense:
+  """A `Dense` over the last one (`axis=-1`) or last two (`axis=(-2, -1)`) input dims; `lora`: its adapter's
+  `LoraConfig` (None: no adapter)."""
   n_in = 1 if isinstance(axis, int) else len(axis)
   feats = (features,) if isinstance(features, int) else tuple(features)
-  return Dense(feats, axes, n_in, use_bias, dtype, param_dtype, name=name)
+  return Dense(feats, axes, n_in, use_bias, dtype, param_dtype, lora, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -83,14 +103,16 @@ class GatedMLP(nn.Module):
   use_bias: bool
   dtype: jnp.dtype
   param_dtype: jnp.dtype
+  lora: Any = None  # a LoraConfig: adapters on the projections among its gate/up/down targets
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     width, hid = self.axes
-    gate = dense(self.hidden, (width, hid), name="gate_proj", **kw)(x)
-    up = dense(self.hidden, (width, hid), name="up_proj", **kw)(x)
-    return dense(x.shape[-1], (hid, width), name="down_proj", **kw)(nn.silu(gate) * up)
+    on = lambda t: None if self.lora is None else self.lora.on(t)
+    gate = dense(self.hidden, (width, hid), name="gate_proj", lora=on("gate"), **kw)(x)
+    up = dense(self.hidden, (width, hid), name="up_proj", lora=on("up"), **kw)(x)
+    return dense(x.shape[-1], (hid, width), name="down_proj", lora=on("down"), **kw)(nn.silu(gate) * up)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from ares_jax.models import lora
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.layers import RMSNorm
@@ -78,15 +79,19 @@ class Qwen25VL(nn.Module):
 
 @jax.jit
 def unstack_layers(params) -> tuple[Params, ...]:
-  """The stacked decoder weights as L per-layer trees, each leaf its own buffer (a copy)."""
+  """The stacked decoder weights as L per-layer trees, each leaf its own buffer (a copy); a layer's
+  adapters, if any, under its tree's "lora" key (`lora.variables` reads them)."""
   stacked = params["decoder"]["layers"]
+  if lora.POLICY_KEY in params:
+    stacked = lora.with_adapters(stacked, params[lora.POLICY_KEY]["decoder"]["layers"])
   n = jax.tree.leaves(stacked)[0].shape[0]
   return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
 
 
 def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, positions,
                 cache_k: Sequence[jax.Array], cache_v: Sequence[jax.Array], cache_mask):
-  """One cached decode step over per-layer weights `layers` (from `unstack_layers(params)`).
+  """One cached decode step over per-layer weights `layers` (from `unstack_layers(params)`; with adapters
+  unless `config` has none, e.g. when they are merged into the layers' weights).
 
   tokens [B]; positions [B] (text tokens: the same id on all three M-RoPE axes); cache_k/v: L arrays
   [B, S, K, D]; cache_mask [B, S] keys the token may attend to besides itself.
@@ -97,16 +102,17 @@ def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, p
   taken inside the jitted loop); benchmarks/decode_scan_vs_unrolled.py measures the difference.
   """
   model = Qwen25VL(config)
-  x = model.apply({"params": params}, tokens[:, None], method=lambda m, t: m.embed_tokens(t))
+  top = {"params": lora.base_params(params)}  # the embedding and LM head are never adapted
+  x = model.apply(top, tokens[:, None], method=lambda m, t: m.embed_tokens(t))
   pos3 = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
   cos, sin = mrope_cos_sin(config.text, pos3)
   layer = DecoderLayer(config)
   ks, vs = [], []
   for layer_params, ck, cv in zip(layers, cache_k, cache_v, strict=True):
-    x, (k, v) = layer.apply({"params": layer_params}, x, cos, sin, cache_mask[:, None, :], ck, cv)
+    x, (k, v) = layer.apply(lora.variables(config, layer_params), x, cos, sin, cache_mask[:, None, :], ck, cv)
     ks.append(k[:, 0])
     vs.append(v[:, 0])
-  return model.apply({"params": params}, x, method=Qwen25VL.logits)[:, 0], (ks, vs)
+  return model.apply(top, x, method=Qwen25VL.logits)[:, 0], (ks, vs)
 
 
 def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
@@ -165,7 +171,7 @@ def prepare_vision(config: ModelConfig, pixel_values: np.ndarray, image_grid_thw
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(config: ModelConfig, params, input_ids, positions, attention_mask, vision):
-  return Qwen25VL(config).apply({"params": params}, input_ids, positions, attention_mask, vision)
+  return Qwen25VL(config).apply(lora.variables(config, params), input_ids, positions, attention_mask, vision)
 
 
 def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixel_values=None,
@@ -196,7 +202,8 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixe
 
 
 def init_params(config: ModelConfig, key: jax.Array) -> Params:
-  """Random parameters (plain arrays, logical-axis metadata stripped)."""
+  """Random parameters (plain arrays, logical-axis metadata stripped); with `config.lora`, the policy tree
+  holds fresh adapters (B = 0) under "lora" (models/lora.py)."""
   return nn.unbox(_init_boxed(config, key))
 
 
@@ -211,13 +218,16 @@ def _dummy_inputs(config: ModelConfig):
   return ids, positions, np.ones_like(ids), vision
 
 
-def _init_boxed(config: ModelConfig, key: jax.Array):
+def _policy_tree(config: ModelConfig, key: jax.Array):
   ids, positions, mask, vision = _dummy_inputs(config)
-  return jax.jit(lambda k: Qwen25VL(config).init(k, ids, positions, mask, vision)["params"])(key)
+  v = Qwen25VL(config).init(key, ids, positions, mask, vision)
+  return lora.with_adapters(v["params"], v.get(lora.POLICY_KEY))
+
+
+def _init_boxed(config: ModelConfig, key: jax.Array):
+  return jax.jit(functools.partial(_policy_tree, config))(key)
 
 
 def abstract_params(config: ModelConfig):
-  """Shapes, dtypes and logical axis names of every parameter, without allocating (eval_shape)."""
-  ids, positions, mask, vision = _dummy_inputs(config)
-  return jax.eval_shape(lambda k: Qwen25VL(config).init(k, ids, positions, mask, vision)["params"],
-                        jax.random.key(0))
+  """Shapes, dtypes and logical axis names of every parameter (adapters included), without allocating."""
+  return jax.eval_shape(functools.partial(_policy_tree, config), jax.random.key(0))

@@ -45,11 +45,10 @@ class Attention(nn.Module):
   def __call__(self, x, cos, sin, mask, cache=None):
     cfg, tc = self.config, self.config.text
     kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
-    q = dense((tc.num_heads, tc.head_dim), ("embed", "q_heads", "head_dim"), use_bias=True, name="q_proj", **kw)(x)
-    k = dense((tc.num_kv_heads, tc.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="k_proj",
-              **kw)(x)
-    v = dense((tc.num_kv_heads, tc.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=True, name="v_proj",
-              **kw)(x)
+    proj = lambda heads, axes, t: dense((heads, tc.head_dim), ("embed", axes, "head_dim"), use_bias=True,
+                                        name=f"{t}_proj", lora=cfg.lora.on(t), **kw)(x)
+    q = proj(tc.num_heads, "q_heads", "q")
+    k, v = proj(tc.num_kv_heads, "kv_heads", "k"), proj(tc.num_kv_heads, "kv_heads", "v")
     q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length",
                                                                 "activation_heads", None))
     k = apply_rotary(k, cos, sin)
@@ -59,7 +58,7 @@ class Attention(nn.Module):
     else:
       out = cached_attention(q, cache[0], cache[1], mask, k, v)
     out = dense(tc.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
-                **kw)(out)
+                lora=cfg.lora.on("o"), **kw)(out)
     return out, (k, v)
 
 
@@ -75,7 +74,8 @@ class DecoderLayer(nn.Module):
     a, kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, cache)
     x = x + a
     h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="post_attention_layernorm")(x)
-    x = x + GatedMLP(tc.intermediate_size, ("embed", "mlp"), False, cfg.compute_dtype, pd, name="mlp")(h)
+    x = x + GatedMLP(tc.intermediate_size, ("embed", "mlp"), False, cfg.compute_dtype, pd, cfg.lora,
+                     name="mlp")(h)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, kv
 
@@ -96,7 +96,7 @@ class Decoder(nn.Module):
     layer = DecoderLayer
     if cfg.remat_policy != "none":
       layer = nn.remat(layer, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-    stack = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+    stack = nn.scan(layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.text.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
     return stack(cfg, name="layers")(x, cos, sin, segment_ids)

@@ -61,7 +61,7 @@ class VisionBlock(nn.Module):
 
     h = RMSNorm(1e-6, "vision_embed", pd, name="norm1")(x)
     qkv = dense((3, vc.num_heads, vc.head_dim), ("vision_embed", None, "vision_heads", "head_dim"),
-                use_bias=True, name="qkv", **kw)(h)
+                use_bias=True, name="qkv", lora=cfg.lora.on("vision_attn"), **kw)(h)
     q, k, v = (apply_rotary(qkv[:, i], cos, sin) if i < 2 else qkv[:, i] for i in range(3))
     # Segments: the image frame of a slot, -1 for padding slots (which then see only padding).
     attend = lambda q, k, v, seg: dot_product_attention(q, k, v, q_segment=seg, kv_segment=seg, causal=False,
@@ -83,7 +83,7 @@ class VisionBlock(nn.Module):
 
     out = jax.lax.cond(full, whole_image, windowed, q, k, v)
     x = x + dense(vc.hidden_size, ("vision_heads", "head_dim", "vision_embed"), axis=(-2, -1), use_bias=True,
-                  name="proj", **kw)(out)
+                  name="proj", lora=cfg.lora.on("vision_attn"), **kw)(out)
     h = RMSNorm(1e-6, "vision_embed", pd, name="norm2")(x)
     x = x + GatedMLP(vc.intermediate_size, ("vision_embed", "vision_mlp"), True, cfg.compute_dtype, pd,
                      name="mlp")(h)
@@ -99,9 +99,9 @@ class PatchMerger(nn.Module):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype), use_bias=True)
     x = RMSNorm(1e-6, "vision_embed", jnp.dtype(cfg.param_dtype), name="ln_q")(x)
     x = x.reshape(-1, vc.hidden_size * vc.merge_unit)
-    x = dense(x.shape[-1], ("vision_merged", "vision_mlp"), name="mlp_0", **kw)(x)
+    x = dense(x.shape[-1], ("vision_merged", "vision_mlp"), name="mlp_0", lora=cfg.lora.on("merger"), **kw)(x)
     x = nn.gelu(x, approximate=False)
-    return dense(vc.out_hidden_size, ("vision_mlp", "embed"), name="mlp_2", **kw)(x)
+    return dense(vc.out_hidden_size, ("vision_mlp", "embed"), name="mlp_2", lora=cfg.lora.on("merger"), **kw)(x)
 
 
 class VisionTower(nn.Module):
@@ -121,7 +121,7 @@ class VisionTower(nn.Module):
     block = VisionBlock
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    blocks = nn.scan(block, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=vc.depth,
                      metadata_params={nn.PARTITION_NAME: "layers"})
     x, _ = blocks(cfg, name="blocks")(x, cos, sin, inputs.slot_segment, inputs.full_layer)

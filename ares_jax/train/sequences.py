@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ares_jax.data.batching import Prompt, prompt_batch, round_up
+from ares_jax.models import lora
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.qwen25vl import Qwen25VL, prepare_vision
@@ -53,15 +54,19 @@ def pack(config: ModelConfig, prompts: Sequence[Prompt], responses: Sequence[np.
   return Packed(ids, mask, positions, vision, p_width)
 
 
-def scored_logits(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision) -> jax.Array:
-  return Qwen25VL(model_config).apply({"params": params}, input_ids, positions, attention_mask, vision)
+def scored_logits(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision,
+                  dropout_key=None) -> jax.Array:
+  """Logits of a policy tree; `dropout_key` turns LoRA dropout on (training only)."""
+  rngs = None if dropout_key is None else {"dropout": dropout_key}
+  return Qwen25VL(model_config).apply(lora.variables(model_config, params), input_ids, positions, attention_mask,
+                                      vision, rngs=rngs)
 
 
 def response_logprobs(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision,
-                      prompt_width: int, temperature: float = 1.0, with_entropy: bool = False):
+                      prompt_width: int, temperature: float = 1.0, with_entropy: bool = False, dropout_key=None):
   """log p(response token j | prefix) [B, R] under softmax(logits / temperature), and optionally the
   full-vocabulary entropy [B, R] of those distributions. Traceable (use inside jit / grad)."""
-  logits = scored_logits(model_config, params, input_ids, attention_mask, positions, vision)
+  logits = scored_logits(model_config, params, input_ids, attention_mask, positions, vision, dropout_key)
   logits = logits[:, prompt_width - 1:-1].astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
   targets = input_ids[:, prompt_width:]
