@@ -86,7 +86,7 @@ TABLE: tuple[Rule, ...] = (
 _PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
   for old, new in _PREFIXES:
     if name.startswith(old):
       return new + name[len(old):]
@@ -123,7 +123,7 @@ def _rules(config: ModelConfig) -> Iterator[Rule]:
       yield rule
 
 
-def _layer_count(rule: Rule, config: ModelConfig) -> int:
+def layer_count(rule: Rule, config: ModelConfig) -> int:
   return config.vision.depth if rule.hf.startswith("visual.") else config.text.num_layers
 
 
@@ -140,7 +140,7 @@ class _Reader:
     self.where: dict[str, tuple[str, str]] = {}
     for f, h in self._handles.items():
       for name in h.keys():
-        self.where[_canonical(name)] = (f, name)
+        self.where[canonical_name(name)] = (f, name)
 
   def shape(self, name: str) -> tuple[int, ...]:
     f, raw = self.where[name]
@@ -190,7 +190,7 @@ def _load(local: str, path: str, dtype, mesh, config_overrides) -> tuple[ModelCo
   for rule in _rules(config):
     target = tuple(flat[rule.path].shape)
     per_layer = target[1:] if rule.stacked else target
-    names = ([rule.hf.format(i=i) for i in range(_layer_count(rule, config))] if rule.stacked else [rule.hf])
+    names = ([rule.hf.format(i=i) for i in range(layer_count(rule, config))] if rule.stacked else [rule.hf])
     for n in names:
       if n not in reader.where:
         missing.append(n)
@@ -244,7 +244,7 @@ def _export_plan(config: ModelConfig, params: Any) -> list[_Entry]:
     per_layer = tuple(leaf.shape[1:] if rule.stacked else leaf.shape)
     shape = hf_shape(rule, per_layer, config)
     nbytes = int(np.prod(shape)) * jnp.dtype(leaf.dtype).itemsize
-    for i in range(_layer_count(rule, config) if rule.stacked else 1):
+    for i in range(layer_count(rule, config) if rule.stacked else 1):
       entries.append(_Entry(rule.hf.format(i=i), rule, leaf, i if rule.stacked else None, shape, nbytes))
   return entries
 

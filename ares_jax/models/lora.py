@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
 POLICY_KEY = "lora"  # the adapters' top-level name in a policy's parameter tree (and their collection)
 TEXT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -146,40 +147,24 @@ def frozen_base_abstract(config, boxed: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- merging
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict) or hasattr(v, "items"):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def _set(tree: dict, path: str, value) -> dict:
-  head, _, rest = path.partition("/")
-  tree = dict(tree)
-  tree[head] = value if not rest else _set(tree[head], rest, value)
-  return tree
-
-
 def merge_into(base: dict, lora: dict, scale: float, n_lead: int | None = None) -> dict:
   """`base` with W <- W + scale * A . B for every adapted module of `lora` (same nesting as `base`).
 
   n_lead: leading layer axes on every kernel (None: 1 under the scanned stacks, else 0; 0 for one
   unstacked layer's tree). Computed in float32, stored in W's dtype."""
-  flat = _flat(lora)
+  flat = traverse_util.flatten_dict(lora, sep="/")
+  out = traverse_util.flatten_dict(base, sep="/")
   for path in sorted({p.rsplit("/", 1)[0] for p in flat}):
     kpath = path + "/kernel"
-    w = _flat(base)[kpath]
+    w = out[kpath]
     a, b = flat[path + "/lora_a"], flat[path + "/lora_b"]
     lead = (1 if path.startswith(STACKED) else 0) if n_lead is None else n_lead
     ls = a.shape[:lead]
     a2 = a.astype(jnp.float32).reshape(*ls, -1, a.shape[-1])
     b2 = b.astype(jnp.float32).reshape(*ls, b.shape[lead], -1)
     delta = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
-    base = _set(base, kpath, (w.astype(jnp.float32) + scale * delta).astype(w.dtype))
-  return base
+    out[kpath] = (w.astype(jnp.float32) + scale * delta).astype(w.dtype)
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
 def merged(config, params: dict) -> dict:
