@@ -268,12 +268,26 @@ def model_fields(*, vocab_size: int, hidden_size: int, intermediate_size: int, n
   m.param_dtype = param_dtype
   m.remat_policy = remat_policy  # none | full | dots | dots_with_no_batch_dims
   m.attention = attention  # auto | xla | blockwise | splash | cudnn (auto: by the mesh's platform)
+  m.lora = lora_defaults()
   return m
+
+
+def lora_defaults() -> ml_collections.ConfigDict:
+  """`config.model.lora` (models/lora.py): rank 0 trains the whole model; rank > 0 trains LoRA adapters on
+  `targets` (q k v o gate up down of the decoder; vision_attn, merger of the vision tower) over a frozen base."""
+  lo = ml_collections.ConfigDict()
+  lo.rank = 0
+  lo.alpha = 16.0  # the update is (alpha / rank) B A x
+  lo.dropout = 0.0  # on the adapters' input, in training
+  lo.targets = ("q", "k", "v", "o", "gate", "up", "down")
+  lo.adapter_path = config_dict.placeholder(str)  # a PEFT folder to continue from (its rank, alpha, targets)
+  return lo
 
 
 def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
   """`config.model` -> `models.ModelConfig`, checking the shapes fit; errors name the config field."""
   from ares_jax.models import ConfigError, ModelConfig, TextConfig, VisionConfig
+  from ares_jax.models.lora import LoraConfig
 
   def need(ok: bool, msg: str) -> None:
     if not ok:
@@ -309,7 +323,14 @@ def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
       text=text, vision=vision, tie_word_embeddings=m.tie_word_embeddings, image_token_id=m.image_token_id,
       video_token_id=m.video_token_id, vision_start_token_id=m.vision_start_token_id,
       vision_end_token_id=m.vision_end_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-      dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=m.get("attention", "auto"))
+      dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=m.get("attention", "auto"),
+      lora=_lora_config(m.get("lora"), LoraConfig))
+
+
+def _lora_config(lo: ml_collections.ConfigDict | None, cls):
+  if lo is None or not lo.rank:
+    return cls()
+  return cls(rank=int(lo.rank), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=tuple(lo.targets))
 
 
 # Fields that a checkpoint's config.json fixes; the config file must agree with them.

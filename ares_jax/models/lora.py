@@ -86,8 +86,9 @@ def adapter_delta(x: jax.Array, a: jax.Array, b: jax.Array, n_in: int, scale: fl
 
 # ------------------------------------------------------------------------------------------ policy trees
 
-def enabled(config) -> bool:
-  return config.lora.enabled
+def uses_dropout(config) -> bool:
+  """Whether training draws LoRA dropout masks (Updater(dropout=...))."""
+  return config.lora.enabled and config.lora.dropout > 0
 
 
 def base_config(config):

@@ -10,7 +10,6 @@ rule), so the weight and adapter conversions cannot drift apart. Safetensors onl
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -115,7 +114,8 @@ def read_lora_config(path: str, dropout: float | None = None) -> lora.LoraConfig
 
 
 def _canonical_module(key: str) -> str:
-  """`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight` -> `model.layers.0.self_attn.q_proj`."""
+  """`base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight` ->
+  `model.layers.0.self_attn.q_proj` (hf_io's canonical module name)."""
   name = key[len(PREFIX):] if key.startswith(PREFIX) else key
   name = re.sub(r"\.lora_[AB](\.default)?\.weight$", "", name)
   return hf_io.canonical_name(name)

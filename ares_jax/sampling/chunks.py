@@ -141,7 +141,7 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   tau = None if tau_high is None else np.float32(tau_high)
   parts = []
   with sharding.mesh_context_of(params):
-    top, layers = decode_weights(config, params)
+    top, layers = decode_weights(config, params, sc.lora_merged)
     for c in chunks:
       lo = int(c.rows[0])
       out = rollout_chunk(config, sc, params, top, layers, c.ids, c.positions, c.mask, c.vision, key, tau,

@@ -33,6 +33,9 @@ class SamplingConfig:
   prompt_bucket: int = 64  # prompts are left-padded to a multiple of this (few compiled shapes)
   track_entropy: bool = True  # entropy / window entropy / HWE bookkeeping (off only for benchmarks)
   chunk_prompts: int = 0  # prompts per compiled rollout call (0: all at once); results do not depend on it
+  # LoRA policies: decode over per-layer weights with the adapters merged in (made once per call, in the
+  # per-layer copy decoding makes anyway) or apply them unmerged at every step (benchmarks/lora_decode.py)
+  lora_merged: bool = True
 
   def __post_init__(self):
     checks = {

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.qwen25vl import Qwen25VL, decode_step, unstack_layers
 from ares_jax.sampling import distributions as dist
@@ -130,16 +131,27 @@ def _step(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: int, t_
               first_token=consts.first_token)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def decode_weights(config: ModelConfig, params) -> tuple[dict, tuple]:
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def decode_weights(config: ModelConfig, params, lora_merged: bool = True) -> tuple[dict, tuple]:
   """What decoding reads, in the compute dtype, made once per `generate` call: the embedding, final
   norm and LM head, and the decoder's weights as L per-layer trees (each its own buffer; see
   `models.decode_step` for why unstacked). Casting here instead of per step keeps fp32 master
-  weights from being converted at every decode step, and halves this copy under bf16."""
+  weights from being converted at every decode step, and halves this copy under bf16. A LoRA
+  policy's adapters are merged into these per-layer copies (`lora_merged`; decode then runs
+  `decode_config`) or kept beside them."""
   dtype = config.compute_dtype
-  top = {k: v for k, v in params.items() if k not in ("decoder", "visual")}
+  top = {k: v for k, v in params.items() if k not in ("decoder", "visual", lora.POLICY_KEY)}
   cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-  return cast(top), cast(unstack_layers(params))
+  layers = unstack_layers(params)
+  if config.lora.enabled and lora_merged:
+    layers = tuple(lora.merge_into(lora.base_params(l), lora.adapters(l), config.lora.scale, n_lead=0)
+                   for l in layers)
+  return cast(top), cast(layers)
+
+
+def decode_config(config: ModelConfig, sc: SamplingConfig) -> ModelConfig:
+  """The model config decode steps run: without adapters when they are merged into the weights."""
+  return lora.base_config(config) if sc.lora_merged else config
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -156,7 +168,8 @@ def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, top, layers, 
   s_slots, n_max = n_prompts * group, sc.max_new_tokens
   prompt_of = jnp.arange(s_slots) // group
 
-  k, v = model.apply({"params": params}, ids, positions, mask, vision, method=Qwen25VL.prefill)  # [L,P,T,K,D]
+  k, v = model.apply(lora.variables(config, params), ids, positions, mask, vision,
+                     method=Qwen25VL.prefill)  # [L, P, T, K, D]
   cache_dtype = jnp.dtype(sc.cache_dtype or config.dtype)
   spec = ("cache_batch", None, "cache_heads", None)
   def to_slots(x):  # [L, P, T, K, D] -> L x [S, C, K, D]
@@ -179,7 +192,7 @@ def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, top, layers, 
       length=jnp.zeros((s_slots,), jnp.int32), pending=first_token, active=consts.slot_in_group < sc.n,
       parent=jnp.full((s_slots,), -1, jnp.int32), fork_pos=jnp.full((s_slots,), -1, jnp.int32),
       next_fork=jnp.zeros((s_slots,), jnp.int32), branches=jnp.zeros((n_prompts,), jnp.int32))
-  body = functools.partial(_step, config, sc, group, n_branch, t_prompt, top, layers, consts)
+  body = functools.partial(_step, decode_config(config, sc), sc, group, n_branch, t_prompt, top, layers, consts)
   max_steps = n_max * (1 + n_branch)  # every fork restarts at most n_max steps
   state = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), body, state)
   tokens = jnp.where(jnp.arange(n_max)[None, :] < state.length[:, None], state.tokens, sc.pad_id)

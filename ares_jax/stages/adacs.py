@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import adacs, models, sharding, storage
+from ares_jax import adacs, sharding, storage
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.adacs.report import length_by_pass_rate, write_report
 from ares_jax.data import synthetic
@@ -29,6 +29,7 @@ from ares_jax.data.coldstart import PoolQuestion, question_row, read_pool
 from ares_jax.data.grading import Grader
 from ares_jax.data.prompts import PromptStream, RowSource
 from ares_jax.data.reader import Row
+from ares_jax.stages import policy as policy_lib
 from ares_jax.stages import setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.train import sft
@@ -93,14 +94,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   eval_stream = setup.prompt_stream(config, proc, 1) if has_eval else None
   if not has_eval:
     logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
-  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), CheckpointSettings.from_config(config))
+  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), CheckpointSettings.from_config(config),
+                                    adapters_only=mcfg.lora.enabled)
   resumed = ckpt.latest_step() is not None
-  if (not resumed and config.warm_start.steps > 0 and config.data.kind == "synthetic"
-      and (not config.model.hf_path or config.warm_start.over_checkpoint)):
-    params = setup.warm_start(config, mcfg, params, setup.prompt_stream(config, proc, 0), pad_id, tok)
+
+  def warm(p):
+    p = setup.warm_start(config, mcfg, p, setup.prompt_stream(config, proc, 0), pad_id, tok)
     # The warm-started base as a Hugging Face folder: what AdaCS started from (--config.model.hf_path=it
     # reruns AdaCS without the warm start, e.g. for another SFT setting).
-    models.save_hf(os.path.join(config.workdir, "base"), mcfg, params, tokenizer=tok)
+    policy_lib.save_base(config, mcfg, p, tok)
+    return p
+  params = policy_lib.starting_params(config, ckpt, params, warm)
 
   # 1. The pool, every candidate graded and measured.
   skipped: collections.Counter = collections.Counter()
@@ -158,8 +162,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   grader.close()
   ckpt.close()
 
-  policy = os.path.join(config.workdir, "policy")
-  models.save_hf(policy, mcfg, state.params, tokenizer=tok)  # every process gathers; process 0 writes
+  policy = policy_lib.export(config, mcfg, state.params, tok)  # every process gathers; process 0 writes
   chosen = {p["id"]: p["candidate"] for p in plan}
   by_d = lambda ev: {k.rsplit("_d", 1)[1]: v for k, v in ev.items() if k.startswith("eval/length_d")}
   report = {

@@ -4,7 +4,8 @@ data -> sampling.generate (tau_high of the previous batch; a warm-up batch first
 tau, N_HE, bins, targets, lambda -> online filter -> advantages and KL weights -> old/reference
 log-probs -> PPO epochs of mini-batches of micro-batches -> metrics -> checkpoint.
 The tiny config first runs a short supervised warm start on programmatic traces so that pass rates
-span easy, medium and hard; its result is also the reference policy (kept in `aepo.ref_dtype`).
+span easy, medium and hard; its result is also the reference policy (kept in `aepo.ref_dtype`; a LoRA
+policy's reference is its base with the adapters off, so nothing is kept).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from ares_jax import aepo, models, sampling, sharding
+from ares_jax import aepo, sampling, sharding
 from ares_jax.data.batching import prompt_batch
 from ares_jax.data.tokenizer import word_token_table
+from ares_jax.models import lora
+from ares_jax.stages import policy as policy_lib
 from ares_jax.stages import setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.stages import evaluate as eval_stage
@@ -43,11 +46,15 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   eval_stream = setup.prompt_stream(config, b.processor, 1)
   a, r_cfg = config.aepo, config.rollout
   sc = setup.sampling_config(config, tok, mcfg)
+  # A LoRA policy trains its adapters only; its reference is the base (adapters off): no copy is kept.
+  adapted = mcfg.lora.enabled
   updater = Updater(aepo_update.aepo_loss_fn(mcfg), optim_lib.make_optimizer(config.optim, config.total_steps),
-                    params)
+                    params, lora.frozen_names(params), dropout=lora.uses_dropout(mcfg))
   cs = CheckpointSettings.from_config(config)
-  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), cs)
+  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), cs, adapters_only=adapted)
   grader = setup.build_grader(config)
+  params = policy_lib.starting_params(
+      config, ckpt, params, lambda p: setup.warm_start(config, mcfg, p, train_stream, pad_id, tok))
 
   # The newest readable checkpoint (an unreadable one is reported and the one before it used); the reference
   # policy never changes, so it is saved once beside the step checkpoints.
@@ -55,18 +62,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   restored = ckpt.restore_latest(template)
   del template
   if restored is None:
-    if (config.warm_start.steps > 0 and config.data.kind == "synthetic"
-        and (not config.model.hf_path or config.warm_start.over_checkpoint)):
-      params = setup.warm_start(config, mcfg, params, train_stream, pad_id, tok)
-    ref_params = aepo_update.reference_copy(params, a.ref_dtype)
+    ref_params = None if adapted else aepo_update.reference_copy(params, a.ref_dtype)
     state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
     meta = {"data_position": 0}
-    ckpt.save_once("reference", ref_params)
+    if not adapted:
+      ckpt.save_once("reference", ref_params)
     ckpt.save(0, state, meta)
     start = 0
   else:
     start, state, meta = restored
-    ref_params = ckpt.restore_once("reference", aepo_update.reference_template(params, a.ref_dtype))
+    ref_params = None if adapted else ckpt.restore_once("reference",
+                                                        aepo_update.reference_template(params, a.ref_dtype))
     logging.info("resumed from %s (data position %d)", ckpt.path_of(start), meta["data_position"])
   # rollout.chunk_prompts=0: the largest chunk whose rollout fits beside the optimizer state and reference
   sc = setup.chunked(config, b, sc, r_cfg.prompts_per_step, (state.opt_state, ref_params))
@@ -140,19 +146,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       close()
       raise run_control.Preempted("aepo", step, str(ckpt.path_of(step)))
     if config.export_every > 0 and step % config.export_every == 0 and step != config.total_steps:
-      export_policy(config, mcfg, state.params, tok)
-  export_policy(config, mcfg, state.params, tok)
+      policy_lib.export(config, mcfg, state.params, tok)
+  policy_lib.export(config, mcfg, state.params, tok)
   close()
   logging.info("curves: %s", plot_curves(config.workdir))
   return {"history": history, "skipped_rows": dict(train_stream.skipped)}
-
-
-def export_policy(config: ml_collections.ConfigDict, mcfg, params, tok) -> str:
-  """The policy as a Hugging Face folder, `{workdir}/policy/` (what `eval` and transformers load), as AdaCS
-  saves its own. Every process gathers the weights; process 0 writes."""
-  policy = os.path.join(config.workdir, "policy")
-  models.save_hf(policy, mcfg, params, tokenizer=tok)  # the tokenizer inside the same atomic folder
-  return policy
 
 
 def ppo_update(state: TrainState, ref_params, updater: Updater, rows: UpdateRows, settings: LossSettings,

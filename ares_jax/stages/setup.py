@@ -20,7 +20,7 @@ from ares_jax.data import reader, synthetic
 from ares_jax.data.grading import Grader
 from ares_jax.data.prompts import PromptStream, RowSource, SyntheticSource, split_rows
 from ares_jax.data.template import PromptTemplate, ensure_chat_template
-from ares_jax.models import hf_io
+from ares_jax.models import hf_io, lora, peft_io
 from ares_jax.train import run_control, sft
 from ares_jax.train.checkpoint import CheckpointSettings
 
@@ -108,20 +108,39 @@ def check_tokenizer(tok: Any, mcfg: models.ModelConfig) -> None:
 
 def build_params(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, boxed: Any,
                  mesh: jax.sharding.Mesh) -> tuple[models.ModelConfig, Any]:
-  """Checkpoint weights when `config.model.hf_path` is set, else a sharded random initialisation."""
+  """Checkpoint weights when `config.model.hf_path` is set, else a sharded random initialisation. With
+  LoRA (`config.model.lora`), the base is frozen in the compute dtype and the adapters are fresh (B = 0)
+  or imported from the PEFT folder `model.lora.adapter_path` (whose rank, alpha and targets then hold)."""
+  adapter_path = (config.model.get("lora") or {}).get("adapter_path")
+  if adapter_path:
+    mcfg = mcfg.replace(lora=peft_io.read_lora_config(adapter_path, dropout=mcfg.lora.dropout))
+    logging.info("LoRA adapters from %s: %s", adapter_path, mcfg.lora)
+    boxed = models.abstract_params(mcfg)
+  shardings = sharding.param_shardings(boxed, mesh)
   if config.model.hf_path:
     path = config.model.hf_path
     bad = configs.architecture_mismatches(config.model, hf_io.read_config(path))  # before reading weights
     if bad:
       raise models.ConfigError(f"the checkpoint {path} does not match the config file:\n  " + "\n  ".join(bad))
     logging.info("loading %s onto the mesh", path)
-    loaded, params = models.load_hf(path, jnp.dtype(mcfg.param_dtype), mesh=mesh,
-                                    remat_policy=mcfg.remat_policy)
+    # A LoRA base is read straight into the compute dtype: it is never updated.
+    dtype = mcfg.dtype if mcfg.lora.enabled else mcfg.param_dtype
+    loaded, params = models.load_hf(path, jnp.dtype(dtype), mesh=mesh, remat_policy=mcfg.remat_policy)
     # load_hf computes in the parameter dtype with automatic attention; the config's choices win.
-    return loaded.replace(dtype=mcfg.dtype, attention=mcfg.attention), params
-  shardings = sharding.param_shardings(boxed, mesh)
-  init = jax.jit(lambda key: models.init_params(mcfg, key), out_shardings=shardings)
-  return mcfg, init(jax.random.key(config.seed))
+    mcfg = loaded.replace(dtype=mcfg.dtype, attention=mcfg.attention, param_dtype=mcfg.param_dtype, lora=mcfg.lora)
+  else:
+    init = jax.jit(lambda key: models.init_params(mcfg, key), out_shardings=shardings)
+    params = init(jax.random.key(config.seed))  # fresh adapters included
+  if not mcfg.lora.enabled:
+    return mcfg, params
+  if adapter_path:
+    adapters = peft_io.load_peft(adapter_path, mcfg, shardings[lora.POLICY_KEY])
+  else:
+    adapters = params.get(lora.POLICY_KEY)
+    if adapters is None:
+      adapters = lora.init_adapters(mcfg, jax.random.fold_in(jax.random.key(config.seed), 1),
+                                    shardings[lora.POLICY_KEY])
+  return mcfg, lora.with_adapters(lora.frozen_base(mcfg, params), adapters)
 
 
 def build_processor(config: ml_collections.ConfigDict, tok: Any,
@@ -240,7 +259,9 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
       if stop.should_stop(step + 1):
         raise run_control.Preempted("warm start", step + 1, None)
 
-    params, losses = sft.run_sft(mcfg, params, batches, optim, w.steps, config.aepo.micro_batch_size, pad_id,
-                                 jax.random.key(config.seed), frozen=(), desc="warm start", on_step=on_step)
+    # It stands in for pretraining: it trains the base (a LoRA policy's adapters stay as they are).
+    base, losses = sft.run_sft(lora.base_config(mcfg), lora.base_params(params), batches, optim, w.steps,
+                               config.aepo.micro_batch_size, pad_id, jax.random.key(config.seed), frozen=(),
+                               desc="warm start", on_step=on_step)
   logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
-  return params
+  return lora.with_adapters(base, params.get(lora.POLICY_KEY))

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from ares_jax import aepo, sharding
+from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
 from ares_jax.data.batching import Prompt
 from ares_jax.train.sequences import Packed, pack, response_logprobs, score
@@ -44,7 +45,8 @@ def aepo_loss_fn(model_config: ModelConfig) -> LossFn:
   """(params, arrays, LossSettings) -> (the AEPO loss of one micro-batch, its metrics)."""
   def loss(params, arrays, s: LossSettings):
     logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
-                             arrays["positions"], arrays["vision"], s.prompt_width, s.temperature)
+                             arrays["positions"], arrays["vision"], s.prompt_width, s.temperature,
+                             dropout_key=arrays.get("dropout_key"))
     return aepo.aepo_loss(logp, arrays["old_logp"], arrays["ref_logp"], arrays["adv"], arrays["loss_mask"],
                           arrays["weights"], s.clip_low, s.clip_high, s.dual_clip, s.loss_agg)
   return loss
@@ -109,7 +111,13 @@ class UpdateRows:
 
 def old_and_ref_logprobs(rows: UpdateRows, params: Any, ref_params: Any, temperature: float
                          ) -> tuple[np.ndarray, np.ndarray]:
-  """log pi_old and log pi_ref of every response token, [n, width] each (float32, on the host)."""
+  """log pi_old and log pi_ref of every response token, [n, width] each (float32, on the host).
+
+  `ref_params` None: a LoRA policy's reference is its base, i.e. `params` with the adapters off (the
+  model config without adapters), so no copy of the weights is kept."""
+  ref_config = rows.model_config
+  if ref_params is None:
+    ref_params, ref_config = params, lora.base_config(rows.model_config)
   old = np.zeros((len(rows), rows.width), np.float32)
   ref = np.zeros_like(old)
   mb = rows.micro_batch_size
@@ -119,7 +127,7 @@ def old_and_ref_logprobs(rows: UpdateRows, params: Any, ref_params: Any, tempera
       p = rows.packed(idx)
       args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, temperature)
       old[idx] = np.asarray(sharding.to_host(score(rows.model_config, params, *args)))[:len(idx)]
-      ref[idx] = np.asarray(sharding.to_host(score(rows.model_config, ref_params, *args)))[:len(idx)]
+      ref[idx] = np.asarray(sharding.to_host(score(ref_config, ref_params, *args)))[:len(idx)]
   return old, ref
 
 

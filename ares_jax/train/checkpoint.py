@@ -18,6 +18,8 @@ JSON record (data position, anything the loop needs to continue exactly). Why ea
   process must restore the same step, so the processes agree on success before accepting a step.
 - Sharding-aware: a restore reads onto the shardings of its template, so a run saved on one mesh
   resumes on another (e.g. 8 devices, then 4).
+- Adapters only (`adapters_only`, LoRA policies): a step checkpoint holds the train state with its params
+  cut to the adapters (the frozen base never changes); a restore takes the base from the template.
 The directory may be local or `gs://` (etils epath, as orbax uses); every process calls every method.
 """
 
@@ -36,6 +38,7 @@ from absl import logging as absl_logging
 from etils import epath
 
 from ares_jax import storage
+from ares_jax.models import lora
 
 
 class _QuietOrbax(logging.Filter):
@@ -95,8 +98,9 @@ def _one_line(e: BaseException) -> str:
 class Checkpointer:
   """Step checkpoints of `{"state": pytree, "meta": json}` in `directory`, plus named items saved once."""
 
-  def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, async_save: bool = True, adapters_only: bool = False):
     _quiet_orbax()
+    self.adapters_only = adapters_only
     d = os.fspath(directory)
     self.directory = storage.path(d if storage.is_remote(d) else os.path.abspath(os.path.expanduser(d)))
     self._mgr = ocp.CheckpointManager(
@@ -106,8 +110,14 @@ class Checkpointer:
                                              cleanup_tmp_directories=True))
 
   @classmethod
-  def from_settings(cls, directory: str, settings: CheckpointSettings) -> "Checkpointer":
-    return cls(directory, keep=settings.keep, async_save=settings.async_save)
+  def from_settings(cls, directory: str, settings: CheckpointSettings, adapters_only: bool = False) -> "Checkpointer":
+    return cls(directory, keep=settings.keep, async_save=settings.async_save, adapters_only=adapters_only)
+
+  def _stored(self, state: Any) -> Any:
+    """What a step checkpoint holds of a TrainState: all of it, or (adapters_only) params cut to the adapters."""
+    if not self.adapters_only:
+      return state
+    return state.replace(params={lora.POLICY_KEY: lora.adapters(state.params)})
 
   def steps(self) -> list[int]:
     """Steps of the finished checkpoints, oldest first (a write still in flight is not among them)."""
@@ -122,7 +132,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts writing step `step`; returns once the arrays are copied off the devices (asynchronous), or
     once the files are written (`async_save=False`). Waits for the previous write first."""
-    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self._stored(state)),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
 
   def wait(self) -> None:
@@ -133,9 +143,13 @@ class Checkpointer:
     """Step `step` (default: the newest) onto the shardings and dtypes of `state_template` (concrete or
     abstract arrays), without fallback."""
     step = self.latest_step() if step is None else step
-    out = self._mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state_template)),
-                                                          meta=ocp.args.JsonRestore()))
-    return out.state, dict(out.meta)
+    out = self._mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(_abstract(self._stored(state_template))), meta=ocp.args.JsonRestore()))
+    state = out.state
+    if self.adapters_only:  # the frozen base comes from the template
+      state = state.replace(params=lora.with_adapters(lora.base_params(state_template.params),
+                                                      lora.adapters(state.params)))
+    return state, dict(out.meta)
 
   def restore_latest(self, state_template: Any) -> Restored | None:
     """The newest checkpoint that every process can read, or None when there is none. An unreadable one is

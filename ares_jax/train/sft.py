@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.data.batching import Prompt
@@ -33,7 +34,8 @@ def sft_loss(model_config: ModelConfig):
   """(params, arrays, SftSettings) -> (mean negative log-likelihood of the response tokens, metrics)."""
   def loss(params, arrays, settings: SftSettings):
     logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
-                             arrays["positions"], arrays["vision"], settings.prompt_width)
+                             arrays["positions"], arrays["vision"], settings.prompt_width,
+                             dropout_key=arrays.get("dropout_key"))
     mask = arrays["loss_mask"]
     n = jnp.maximum(mask.sum(), 1)
     nll = -(logp * mask).sum() / n
@@ -59,8 +61,10 @@ def micro_batches(model_config: ModelConfig, prompts: Sequence[Prompt], response
 
 def make_sft(model_config: ModelConfig, params: Any, optim: ml_collections.ConfigDict, total_steps: int,
              frozen: Sequence[str] = ("visual",)) -> Updater:
-  """The SFT updater; `params` (arrays or abstract shapes) give the shardings of its programs."""
-  return Updater(sft_loss(model_config), optim_lib.make_optimizer(optim, total_steps), params, frozen)
+  """The SFT updater; `params` (arrays or abstract shapes) give the shardings of its programs. A policy
+  with LoRA adapters trains them only (`lora.frozen_names`)."""
+  return Updater(sft_loss(model_config), optim_lib.make_optimizer(optim, total_steps), params,
+                 lora.frozen_names(params, tuple(frozen)), dropout=lora.uses_dropout(model_config))
 
 
 def run_sft(model_config: ModelConfig, params: Any, batches, optim: ml_collections.ConfigDict, steps: int,

@@ -60,10 +60,12 @@ class MicroBatch(NamedTuple):
 class Updater:
   """The micro-step and apply programs of one loss and optimizer (see the module docstring)."""
 
-  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, params: Any, frozen: Sequence[str] = ()):
+  def __init__(self, loss_fn: LossFn, tx: optax.GradientTransformation, params: Any, frozen: Sequence[str] = (),
+               dropout: bool = False):
     self.loss_fn = loss_fn
     self.tx = tx
     self.frozen = tuple(frozen)
+    self.dropout = dropout  # give each micro-batch arrays["dropout_key"] (LoRA dropout), drawn from state.rng
     self.mesh = sharding.mesh_of(params)
     trainable = self.trainable(params)  # checks the frozen names
     self.shardings = None if self.mesh is None else jax.tree.map(self._sharding_of, trainable)
@@ -134,7 +136,13 @@ class Updater:
       raise ValueError("Updater.update: no micro-batch")
     accum = self.init_accum(state.params)
     loss, metrics = None, None
-    for arrays, settings, weight in micro_batches:  # dispatched asynchronously: no host sync in the loop
+    keys = [None] * len(micro_batches)
+    if self.dropout:  # state.rng moves on every update, so a resumed run draws the same masks
+      rng, *keys = jax.random.split(state.rng, len(micro_batches) + 1)
+      state = state.replace(rng=rng)
+    for (arrays, settings, weight), key in zip(micro_batches, keys):  # dispatched asynchronously: no host sync
+      if key is not None:
+        arrays = {**arrays, "dropout_key": key}
       accum, part, m = self.micro_step(state.params, accum, arrays, np.float32(weight), settings)
       loss = part if loss is None else loss + part
       metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
