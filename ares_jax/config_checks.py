@@ -24,6 +24,7 @@ ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")  # models/attention.
 SCHEDULES = ("constant", "cosine")  # train/optimizer.py
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZERS = ("hf", "tiny")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "vision_attn", "merger")  # models/lora.py
 
 # Stages that read RL / held-out prompts from config.data.
 _PROMPT_STAGES = ("aepo", "ares", "eval")
@@ -66,6 +67,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   one_of("model.param_dtype", m.param_dtype, DTYPES)
   one_of("model.remat_policy", m.remat_policy, REMAT_POLICIES)
   one_of("model.attention", m.get("attention", "auto"), ATTENTION)
+  out += _lora_problems(m.get("lora"))
 
   r = c.rollout
   in_range("rollout.n", r.n, lambda v: v >= 1, "an integer >= 1")
@@ -122,6 +124,36 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
 
   out += _data_problems(c)
   out += _path_problems(c)
+  return out
+
+
+def _lora_problems(lo: ml_collections.ConfigDict | None) -> list[str]:
+  """config.model.lora: rank >= 0 (0 = off), alpha > 0, dropout in [0, 1), known targets, an adapter folder
+  that holds a PEFT adapter."""
+  if lo is None:
+    return []
+  out = []
+  rank, alpha, dropout = lo.get("rank", 0), lo.get("alpha", 16.0), lo.get("dropout", 0.0)
+  number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+  if not (number(rank) and rank >= 0 and rank == int(rank)):
+    out.append(f"config.model.lora.rank={rank!r}: expected an integer >= 0 (0 = no adapters)")
+  if not (number(alpha) and alpha > 0):
+    out.append(f"config.model.lora.alpha={alpha!r}: expected a number > 0 (the update is alpha / rank * B A x)")
+  if not (number(dropout) and 0 <= dropout < 1):
+    out.append(f"config.model.lora.dropout={dropout!r}: expected a rate in [0, 1)")
+  targets = lo.get("targets", ())
+  if isinstance(targets, str) or not targets or any(t not in LORA_TARGETS for t in targets):
+    out.append(f"config.model.lora.targets={targets!r}: expected a non-empty tuple of {', '.join(LORA_TARGETS)}")
+  path = lo.get("adapter_path")
+  if path and "://" not in path:
+    if not os.path.isdir(os.path.expanduser(path)):
+      out.append(f"config.model.lora.adapter_path={path!r}: no such folder (a PEFT adapter folder)")
+    else:
+      missing = [f for f in ("adapter_config.json", "adapter_model.safetensors")
+                 if not os.path.exists(os.path.join(os.path.expanduser(path), f))]
+      if missing:
+        out.append(f"config.model.lora.adapter_path={path!r}: no {' or '.join(missing)} in this folder (PEFT "
+                   "adapters as safetensors; pickled adapter_model.bin files are never loaded)")
   return out
 
 

@@ -28,6 +28,8 @@ def test_enumerations_are_the_consumers_own():
   assert config_checks.TARGET_MODES == aepo.TARGET_MODES and config_checks.LOSS_AGGS == LOSS_AGGS
   assert config_checks.SYNTHETIC_TASKS == synthetic.TASKS
   assert set(config_checks.ATTENTION) == set(IMPLEMENTATIONS)
+  from ares_jax.models import lora
+  assert config_checks.LORA_TARGETS == lora.TARGETS
   for name in config_checks.REMAT_POLICIES:
     layers.remat_policy(name)  # each is accepted
   with pytest.raises(ValueError):
@@ -67,6 +69,11 @@ def _with(**fields):
     (dict(processor__min_pixels=10_000_000), "config.processor.min_pixels=10000000 > "),
     (dict(checkpoint__keep=0), "config.checkpoint.keep=0: expected an integer >= 1"),
     (dict(aepo__max_skipped_updates=-1), "config.aepo.max_skipped_updates=-1"),
+    (dict(model__lora__rank=-1), "config.model.lora.rank=-1"),
+    (dict(model__lora__rank=8, model__lora__targets=("q", "qkv")), "config.model.lora.targets=('q', 'qkv')"),
+    (dict(model__lora__dropout=1.0), "config.model.lora.dropout=1.0"),
+    (dict(model__lora__alpha=0), "config.model.lora.alpha=0"),
+    (dict(model__lora__adapter_path="/nowhere/adapter"), "config.model.lora.adapter_path='/nowhere/adapter': no such"),
 ])
 def test_each_problem_is_one_line_naming_the_field(fields, field):
   found = config_checks.problems(_with(**fields))
@@ -78,6 +85,13 @@ def test_the_shipped_configs_have_no_problem_but_their_data():
   assert config_checks.problems(load_config("tiny.py")) == []
   for name, want in (("aepo_7b.py", "config.data.paths is empty"), ("adacs_7b.py", "config.adacs.pool_paths is empty")):
     assert [p.split(":")[0] for p in config_checks.problems(load_config(name))] == [want]
+
+
+def test_a_lora_adapter_folder_without_safetensors_is_named(tmp_path):
+  (tmp_path / "adapter_config.json").write_text("{}")
+  (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+  found = config_checks.problems(_with(model__lora__adapter_path=str(tmp_path)))
+  assert len(found) == 1 and "no adapter_model.safetensors in this folder" in found[0], found
 
 
 def test_a_checkpoint_folder_with_pickles_only_is_named(tmp_path):
