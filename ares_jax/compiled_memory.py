@@ -20,6 +20,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ares_jax.models import lora
 from ares_jax import models, sharding
 
 GIB = 1 << 30
@@ -114,11 +115,17 @@ def abstract_like(tree: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def abstract_params(mcfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
-  """The parameters as ShapeDtypeStructs in the param dtype, with the logical rules' shardings."""
+  """The parameters as ShapeDtypeStructs in the param dtype, with the logical rules' shardings; a LoRA
+  policy's frozen base in the compute dtype, as the run holds it (`lora.frozen_base`)."""
   boxed = models.abstract_params(mcfg)
   shardings = sharding.param_shardings(boxed, mesh)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(mcfg.param_dtype), sharding=s),
-                      nn.unbox(boxed), shardings)
+  out = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.dtype(mcfg.param_dtype), sharding=s),
+                     nn.unbox(boxed), shardings)
+  if not mcfg.lora.enabled:
+    return out
+  base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, mcfg.compute_dtype, sharding=x.sharding),
+                      lora.base_params(out))
+  return lora.with_adapters(base, lora.adapters(out))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from ares_jax import configs, models, sampling, sharding
 from ares_jax.compiled_memory import (GIB, Compiled, ProgramPlan, abstract_like, abstract_params, compile_program,
                                       device_bytes, device_hbm_gib, plan_row)
+from ares_jax.models import lora
 from ares_jax.sampling import chunks as chunks_lib
 from ares_jax.sampling.sampler import decode_weights, rollout_chunk
 from ares_jax.train import aepo_update, sequences, sft
@@ -130,7 +131,7 @@ def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shape
   """The per-call decode-weight copy and one rollout chunk (prefill with the vision tower, decode loop)."""
   sc = dataclasses.replace(sc, chunk_prompts=chunk)
   c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, chunk), sc)[0]
-  weights = st.compile(decode_weights, st.mcfg, st.params)
+  weights = st.compile(decode_weights, st.mcfg, st.params, sc.lora_merged)
   top, layers = weights.out
   inputs = abstract_like((c.ids, c.positions, c.mask, c.vision, jax.random.key(0)), st.mesh)
   tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
@@ -252,10 +253,12 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   c, mcfg = st.config, st.mcfg
   a, r = c.aepo, c.rollout
   shapes = step_shapes(c, mcfg, r.max_response_length)
-  ref = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(a.ref_dtype), sharding=x.sharding), st.params)
+  adapted = mcfg.lora.enabled  # LoRA: adapters train; the reference is the base with them off (no copy)
+  ref = None if adapted else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(a.ref_dtype), sharding=x.sharding), st.params)
   ref_bytes, param_bytes = device_bytes(ref), device_bytes(st.params)
-  updater = update_lib.Updater(aepo_update.aepo_loss_fn(mcfg),
-                               optim_lib.make_optimizer(c.optim, c.total_steps), st.params)
+  updater = update_lib.Updater(aepo_update.aepo_loss_fn(mcfg), optim_lib.make_optimizer(c.optim, c.total_steps),
+                               st.params, lora.frozen_names(st.params))
   rows = _training_rows(st, shapes, a.micro_batch_size)
   settings = aepo_update.LossSettings.from_config(c, rows.packed(range(a.micro_batch_size)).prompt_width)
   old = np.zeros((len(rows), rows.width), np.float32)
@@ -277,9 +280,11 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   inputs = abstract_like((p.input_ids, p.attention_mask, p.positions, p.vision), st.mesh)
   desc = f"{a.micro_batch_size} x ({p.prompt_width} + {rows.width})"
   old_c = st.compile(sequences.score, mcfg, st.params, *inputs, p.prompt_width, float(r.temperature))
-  ref_c = st.compile(sequences.score, mcfg, ref, *inputs, p.prompt_width, float(r.temperature))
+  ref_c = st.compile(sequences.score, lora.base_config(mcfg), st.params if adapted else ref, *inputs, p.prompt_width,
+                     float(r.temperature))
+  ref_name = "reference log-probs (" + ("base: adapters off" if adapted else a.ref_dtype) + ")"
   scoring = [plan_row("old log-probs (policy)", desc, old_c, resident, st.hbm_gib),
-             plan_row(f"reference log-probs ({a.ref_dtype})", desc, ref_c, opt_bytes + param_bytes, st.hbm_gib)]
+             plan_row(ref_name, desc, ref_c, opt_bytes + (0 if adapted else param_bytes), st.hbm_gib)]
   return roll + scoring + update_plans
 
 

@@ -223,7 +223,8 @@ def test_decoding_with_merged_or_unmerged_adapters_matches_the_scorer(merged):
   rng = np.random.default_rng(1)
   ids = rng.integers(5, 400, (2, 10)).astype(np.int32)
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-  sc = sampling.SamplingConfig(max_new_tokens=8, n=2, temperature=1.0, lora_merged=merged, pad_id=0)
+  sc = sampling.SamplingConfig(max_new_tokens=8, n=2, temperature=1.0, lora_merged=merged, pad_id=0,
+                               track_entropy=False)
   out = sampling.generate(mcfg, params, batch, sc, jax.random.key(0))
   prompts = [Prompt(ids[g]) for g in out.prompt_index]
   responses = [out.tokens[s, :out.length[s]] for s in range(len(out.length))]

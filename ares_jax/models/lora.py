@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from flax import traverse_util
 
 POLICY_KEY = "lora"  # the adapters' top-level name in a policy's parameter tree (and their collection)
@@ -133,17 +132,6 @@ def frozen_base(config, params: dict) -> dict:
   dt = config.compute_dtype
   cast = lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a
   return jax.tree.map(cast, base_params(params))
-
-
-def frozen_base_abstract(config, boxed: dict) -> dict:
-  """`frozen_base` on abstract (boxed) parameters, for memory plans and shardings."""
-  dt = config.compute_dtype
-  def cast(leaf):
-    if isinstance(leaf, nn.LogicallyPartitioned):
-      return leaf.replace_boxed(jax.ShapeDtypeStruct(leaf.value.shape, dt))
-    return jax.ShapeDtypeStruct(leaf.shape, dt)
-  out = jax.tree.map(cast, base_params(boxed), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  return with_adapters(out, boxed.get(POLICY_KEY))
 
 
 # ---------------------------------------------------------------------------------------------- merging
