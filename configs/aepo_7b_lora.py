@@ -1,5 +1,5 @@
 """AEPO on Qwen2.5-VL-7B-Instruct with a LoRA policy, for small slices: a TPU v5e-8 (8 chips x 16 GiB) or one
-80 GB GPU (design.md 7).
+80 GB GPU (design.md 7). configs/aepo_7b.py otherwise.
 
   python -m ares_jax.main --config=configs/aepo_7b_lora.py --config.model.hf_path=workdirs/adacs_7b/policy \
       --config.data.paths="('/data/ViRL39K',)"
@@ -9,20 +9,16 @@ Rank-64 adapters on every decoder projection train; the base stays frozen in bf1
 8 chips instead of 7.1 GiB of fp32 weights, 15.4 GiB of AdamW moments and a 3.9 GiB bf16 reference on
 4 chips for full fine-tuning): optimizer state exists for the adapters only, and the reference is the base
 with the adapters off. Prompts 2048 + responses 2048 with one image of at most 1280 merged tokens (so
-the image fits the prompt); rollouts in calls of 16 prompts x 12 slots (a 5.6 GiB bf16 KV cache per chip).
+the image fits the prompt); rollouts in calls of 16 prompts x 12 slots (a 5.3 GiB bf16 KV cache per chip).
 """
 
-from ares_jax import configs
+import os
+import runpy
 
 
 def get_config():
-  c = configs.base_config(stage="aepo", workdir="workdirs/aepo_7b_lora")
-  c.total_steps = 500
-  c.checkpoint_every = 50
-  c.mesh.fsdp = -1
-  # Real data, named on the command line (the run stops at startup, naming the field, until it is).
-  c.data.kind = "files"
-  c.model = configs.qwen25vl_7b()
+  c = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "aepo_7b.py"))["get_config"]()
+  c.workdir = "workdirs/aepo_7b_lora"
   c.model.lora.rank = 64
   c.model.lora.alpha = 128.0
   c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
@@ -30,5 +26,5 @@ def get_config():
   c.processor.max_pixels = 1280 * 28 * 28  # <= 1280 image tokens: an image fits the 2048-token prompt
   c.rollout.max_prompt_length = 2048
   c.rollout.max_response_length = 2048
-  c.rollout.chunk_prompts = 16  # KV cache 16 x 12 slots x 4096 positions x 57 KiB / 8 chips = 5.6 GiB per chip
+  c.rollout.chunk_prompts = 16  # KV cache 16 x 12 slots x 4096 positions x 56 KiB / 8 chips = 5.3 GiB per chip
   return c

@@ -86,11 +86,22 @@ TABLE: tuple[Rule, ...] = (
 _PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
-def canonical_name(name: str) -> str:
-  for old, new in _PREFIXES:
+def _swap_prefix(name: str, pairs) -> str:
+  for old, new in pairs:
     if name.startswith(old):
       return new + name[len(old):]
   return name
+
+
+def canonical_name(name: str) -> str:
+  """A tensor or module name as this table writes it (`model.layers.0...`, `visual.blocks.0...`)."""
+  return _swap_prefix(name, _PREFIXES)
+
+
+def in_memory_name(name: str) -> str:
+  """A canonical module name as transformers 5 holds it (`model.language_model.layers.0...`, `model.visual...`):
+  what peft's adapter files are keyed by."""
+  return _swap_prefix(name, tuple((new, old) for old, new in _PREFIXES))
 
 
 def hf_shape(rule: Rule, flax_shape: tuple[int, ...], config: ModelConfig) -> tuple[int, ...]:

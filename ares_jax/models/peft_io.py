@@ -27,17 +27,6 @@ from ares_jax.models.config import ModelConfig
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-# canonical (on-disk) HF prefixes -> transformers 5 in-memory module names (hf_io._PREFIXES reversed)
-_IN_MEMORY = (("model.", "model.language_model."), ("visual.", "model.visual."))
-
-
-def _in_memory(name: str) -> str:
-  for old, new in _IN_MEMORY:
-    if name.startswith(old):
-      return new + name[len(old):]
-  return name
-
-
 def _module_rule(path: str) -> hf_io.Rule:
   return next(r for r in hf_io.TABLE if r.path == path + "/kernel")
 
@@ -50,12 +39,12 @@ def modules(config: ModelConfig) -> list[tuple[str, hf_io.Rule]]:
 def target_regex(config: ModelConfig) -> str:
   """peft's `target_modules` as one regex (peft full-matches it against module names): a plain list of
   suffixes would also catch the vision blocks' mlp.gate_proj when only the text MLP is targeted."""
-  names = [_in_memory(rule.hf[:-len(".weight")]) for _, rule in modules(config)]
+  names = [hf_io.in_memory_name(rule.hf[:-len(".weight")]) for _, rule in modules(config)]
   return "|".join(".*" + re.escape(n).replace(r"\{i\}", r"\d+") for n in names)
 
 
 def _names(rule: hf_io.Rule, config: ModelConfig) -> list[str]:
-  module = _in_memory(rule.hf[:-len(".weight")])
+  module = hf_io.in_memory_name(rule.hf[:-len(".weight")])
   n = hf_io.layer_count(rule, config)
   return [module.format(i=i) for i in range(n)] if rule.stacked else [module]
 
