@@ -29,6 +29,13 @@ from tiny_configs import load_config
 
 TOL = 1e-4
 ALL = lora.TARGETS  # the text projections, the vision blocks' attention and the merger
+PEFT_ALL = (r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+            r"|.*visual\.blocks\.\d+\.attn\.(qkv|proj)|.*visual\.merger\.mlp\.(0|2)")  # the same, as peft's regex
+
+
+def _all_targets(config):
+  """One LoRA config for the parity tests (one compiled forward for all of them)."""
+  return config.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=ALL))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,7 @@ def _hf_base_model(path):
 
 def test_fresh_adapters_leave_the_base_and_merging_changes_nothing(hf_base, batch):
   _, _, config, params = hf_base
-  lcfg = config.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=ALL))
+  lcfg = _all_targets(config)
   fresh = lora.init_adapters(lcfg, jax.random.key(0))
   flat = jax.tree_util.tree_flatten_with_path(fresh)[0]
   assert all(np.all(np.asarray(v) == 0) == (str(p[-1].key) == "lora_b") for p, v in flat)  # A random, B = 0
@@ -84,7 +91,7 @@ def test_fresh_adapters_leave_the_base_and_merging_changes_nothing(hf_base, batc
 def test_peft_export_loads_in_peft_with_equal_logits(hf_base, batch, tmp_path):
   from peft import PeftModel
   _, path, config, params = hf_base
-  lcfg = config.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=ALL))
+  lcfg = _all_targets(config)
   trained = lora.with_adapters(params, _trained_adapters(lcfg))
   peft_io.save_peft(str(tmp_path / "adapter"), lcfg, trained, path)
   meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -105,11 +112,10 @@ def test_an_adapter_written_by_peft_imports_with_equal_logits(hf_base, batch, tm
   model, path, config, params = hf_base
   torch.manual_seed(3)
   peft_model = get_peft_model(_hf_base_model(path), LoraConfig(
-      r=4, lora_alpha=16, init_lora_weights=False,  # random A and B: a trained adapter
-      target_modules=r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|v_proj)|mlp\.up_proj)")).eval()
+      r=4, lora_alpha=8, init_lora_weights=False, target_modules=PEFT_ALL)).eval()  # random A and B: trained
   peft_model.save_pretrained(str(tmp_path / "from_peft"))
   lcfg = config.replace(lora=peft_io.read_lora_config(str(tmp_path / "from_peft")))
-  assert lcfg.lora == lora.LoraConfig(rank=4, alpha=16.0, dropout=0.0, targets=("q", "v", "up"))
+  assert lcfg == _all_targets(config)
   ours = lora.with_adapters(params, peft_io.load_peft(str(tmp_path / "from_peft"), lcfg))
   want = R.hf_logits(peft_model, batch)
   assert _max_diff(want, R.hf_logits(model, batch), batch) > 0.1
@@ -121,7 +127,7 @@ def test_stage_export_writes_merged_policy_peft_adapter_and_base(hf_base, batch,
   transformers, policy_adapter/ in peft onto the exported base/ it names; both equal the JAX model."""
   from peft import PeftModel
   _, _, config, params = hf_base
-  lcfg = config.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "o", "gate", "vision_attn")))
+  lcfg = _all_targets(config)
   trained = lora.with_adapters(params, _trained_adapters(lcfg))
   c = load_config("tiny.py")
   c.workdir = str(tmp_path)
