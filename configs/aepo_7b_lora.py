@@ -1,15 +1,15 @@
-"""AEPO on Qwen2.5-VL-7B-Instruct with a LoRA policy, for small slices: a TPU v5e-8 (8 chips x 16 GiB) or one
-80 GB GPU (design.md 7). configs/aepo_7b.py otherwise.
+"""AEPO on Qwen2.5-VL-7B-Instruct with a LoRA policy, for small slices such as a TPU v5e-8 (8 chips x 16 GiB;
+design.md 7). configs/aepo_7b.py otherwise.
 
   python -m ares_jax.main --config=configs/aepo_7b_lora.py --config.model.hf_path=workdirs/adacs_7b/policy \
       --config.data.paths="('/data/ViRL39K',)"
   python -m ares_jax.plan --config=configs/aepo_7b_lora.py --topology=v5e:2x4
 
-Rank-64 adapters on every decoder projection train; the base stays frozen in bf16 (1.9 GiB per chip over
-8 chips instead of 7.1 GiB of fp32 weights, 15.4 GiB of AdamW moments and a 3.9 GiB bf16 reference on
-4 chips for full fine-tuning): optimizer state exists for the adapters only, and the reference is the base
+Rank-64 adapters on every decoder projection train; the base stays frozen in bf16: 2.2 GiB of policy
+weights and 0.9 GiB of AdamW moments per chip over 8 chips (full fine-tuning on 4 v5p chips holds 7.1 GiB of
+fp32 weights, 15.4 GiB of moments and a 3.9 GiB bf16 reference per chip). The reference is the base
 with the adapters off. Prompts 2048 + responses 2048 with one image of at most 1280 merged tokens (so
-the image fits the prompt); rollouts in calls of 16 prompts x 12 slots (a 5.3 GiB bf16 KV cache per chip).
+the image fits the prompt); rollouts in calls of 6 prompts x 12 slots.
 """
 
 import os
@@ -26,5 +26,7 @@ def get_config():
   c.processor.max_pixels = 1280 * 28 * 28  # <= 1280 image tokens: an image fits the 2048-token prompt
   c.rollout.max_prompt_length = 2048
   c.rollout.max_response_length = 2048
-  c.rollout.chunk_prompts = 16  # KV cache 16 x 12 slots x 4096 positions x 56 KiB / 8 chips = 5.3 GiB per chip
+  # Rollout calls of 6 prompts x 12 slots: a bf16 KV cache of 6 x 12 x 4096 positions x 56 KiB / 8 chips = 2.0 GiB
+  # per chip. 16 prompts (5.3 GiB of cache) planned at 21.8 GiB (temporaries 16.3 GiB, ~3x the cache).
+  c.rollout.chunk_prompts = 6
   return c
