@@ -45,6 +45,15 @@ def save(model, path: str) -> str:
   return path
 
 
+def saved_and_loaded(path: str, seed: int = 0, **kw):
+  """A random model saved to `path` and loaded by ares_jax: (torch model, path, ModelConfig, params)."""
+  from ares_jax import models  # pylint: disable=g-import-not-at-top
+  model = hf_model(seed=seed, **kw)
+  save(model, path)
+  config, params = models.load_hf(path)
+  return model, path, config, params
+
+
 def image_processor(max_pixels: int = 28 * 28 * 64) -> Qwen2VLImageProcessorPil:
   return Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=max_pixels)
 

@@ -40,10 +40,7 @@ def _all_targets(config):
 
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
-  model = R.hf_model(seed=0)
-  path = R.save(model, str(tmp_path_factory.mktemp("base")))
-  config, params = models.load_hf(path)
-  return model, path, config, params
+  return R.saved_and_loaded(str(tmp_path_factory.mktemp("base")))
 
 
 @pytest.fixture(scope="module")

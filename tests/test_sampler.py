@@ -16,10 +16,7 @@ EOS = 1
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-  model = R.hf_model(seed=5)
-  path = R.save(model, str(tmp_path_factory.mktemp("sampler")))
-  config, params = models.load_hf(path)
-  return model, path, config, params
+  return R.saved_and_loaded(str(tmp_path_factory.mktemp("sampler")), seed=5)
 
 
 def _batch():
