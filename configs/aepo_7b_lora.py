@@ -9,7 +9,7 @@ Rank-64 adapters on every decoder projection train; the base stays frozen in bf1
 weights and 0.9 GiB of AdamW moments per chip over 8 chips (full fine-tuning on 4 v5p chips holds 7.1 GiB of
 fp32 weights, 15.4 GiB of moments and a 3.9 GiB bf16 reference per chip). The reference is the base
 with the adapters off. Prompts 2048 + responses 2048 with one image of at most 1280 merged tokens (so
-the image fits the prompt); rollouts in calls of 6 prompts x 12 slots.
+the image fits the prompt); rollouts in calls of 4 prompts x 12 slots.
 """
 
 import os
@@ -26,7 +26,8 @@ def get_config():
   c.processor.max_pixels = 1280 * 28 * 28  # <= 1280 image tokens: an image fits the 2048-token prompt
   c.rollout.max_prompt_length = 2048
   c.rollout.max_response_length = 2048
-  # Rollout calls of 6 prompts x 12 slots: a bf16 KV cache of 6 x 12 x 4096 positions x 56 KiB / 8 chips = 2.0 GiB
-  # per chip. 16 prompts (5.3 GiB of cache) planned at 21.8 GiB (temporaries 16.3 GiB, ~3x the cache).
-  c.rollout.chunk_prompts = 6
+  # Rollout calls of 4 prompts x 12 slots (a bf16 KV cache of 4 x 12 x 4096 positions x 56 KiB / 8 chips = 1.3 GiB
+  # per chip): the rollout's temporaries planned at 16.3 GiB for 16 prompts and 10.1 GiB for 6 (peak 15.26 GiB,
+  # just over 95% of 16), i.e. ~6.4 GiB that do not shrink with the chunk plus ~0.6 GiB per prompt.
+  c.rollout.chunk_prompts = 4
   return c
