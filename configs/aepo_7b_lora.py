@@ -26,8 +26,8 @@ def get_config():
   c.processor.max_pixels = 1280 * 28 * 28  # <= 1280 image tokens: an image fits the 2048-token prompt
   c.rollout.max_prompt_length = 2048
   c.rollout.max_response_length = 2048
-  # Rollout calls of 4 prompts x 12 slots (a bf16 KV cache of 4 x 12 x 4096 positions x 56 KiB / 8 chips = 1.3 GiB
-  # per chip): the rollout's temporaries planned at 16.3 GiB for 16 prompts and 10.1 GiB for 6 (peak 15.26 GiB,
-  # just over 95% of 16), i.e. ~6.4 GiB that do not shrink with the chunk plus ~0.6 GiB per prompt.
+  # Rollout calls of 4 prompts x 12 slots (a bf16 KV cache of 1.3 GiB per chip), planned at a 15.09 GiB peak, just
+  # under 95% of 16: the rollout's temporaries are 10.0 GiB at 4 prompts, 10.1 at 6 (15.26 GiB peak: over) and
+  # 16.3 at 16, mostly not the KV cache.
   c.rollout.chunk_prompts = 4
   return c
