@@ -7,7 +7,8 @@ the adapters only, AEPO's reference is the base with the adapters off, and every
 (merged), `policy_adapter/` (PEFT) and `base/`. AEPO's adapters, which start at B = 0, take 10x tiny.py's
 lr. Measured on the synthetic `steps` task (the tiny default before the `checks` task; README "LoRA
 policies"): AEPO raised held-out accuracy at both lrs, faster at 5e-4; AdaCS's LoRA SFT raised it at 3e-4 and
-lowered it at 1e-3. On the `checks` task (AdaCS lr 5e-4, 4 epochs) these settings are not yet measured.
+lowered it at 1e-3. On the `checks` task, LoRA AEPO from a full-fine-tuned AdaCS policy raised held-out accuracy
+0.68 -> 0.83 in 30 steps; LoRA's AdaCS SFT there (lr 5e-4, 4 epochs) is not measured.
 """
 
 import os
