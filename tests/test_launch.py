@@ -61,6 +61,11 @@ def test_xmanager_launcher_adds_one_job_per_sweep_value_to_an_experiment():
 
   from absl import flags
 
+  # ares_jax.main's --config, when a test in this process imported it (tests/test_reproductions.py), is set
+  # aside while the launcher defines its own, and put back after.
+  aside = {name: flags.FLAGS[name] for name in ("config",) if name in flags.FLAGS}
+  for name in aside:
+    delattr(flags.FLAGS, name)
   before = set(flags.FLAGS)
   spec = importlib.util.spec_from_file_location("xm_launch", ROOT / "launch" / "xm_launch.py")
   launcher = importlib.util.module_from_spec(spec)
@@ -69,6 +74,8 @@ def test_xmanager_launcher_adds_one_job_per_sweep_value_to_an_experiment():
   finally:  # the launcher's flags (--config, ...) would clash with ares_jax.main's in this process
     for name in set(flags.FLAGS) - before:
       delattr(flags.FLAGS, name)
+    for name, flag in aside.items():
+      flags.FLAGS[name] = flag
   jobs = launcher.job_args("configs/aepo_7b.py", ["model.hf_path=/gcs/b/policy"], "aepo.rho=0.25,0.5",
                            distributed=True)
   experiment = xm_mock.MockExperiment()
