@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -34,14 +35,16 @@ def launch(runs: list[Run], parallel: int = 1) -> dict[str, float]:
   """Runs each (unless `finished` says it is done), `parallel` at a time; returns wall seconds per run
   (0 for runs found finished). A run that fails raises with the tail of its log."""
   def one(run: Run) -> float:
-    if os.path.exists(os.path.join(run.workdir, "DONE")):
+    if storage.exists(os.path.join(run.workdir, "DONE")):
       return 0.0
-    os.makedirs(os.path.dirname(run.workdir) or ".", exist_ok=True)
-    log = run.workdir + ".log"
+    log = log_path(run)
+    os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
       code = subprocess.call([sys.executable, "-m", "ares_jax.main", *run.args, f"--config.workdir={run.workdir}"],
                              stdout=f, stderr=subprocess.STDOUT)
+    if storage.is_remote(run.workdir):  # beside its workdir, as for a local run
+      storage.write_bytes(run.workdir + ".log", storage.read_bytes(log))
     if code != 0:
       with open(log) as f:
         tail = f.read()[-3000:]
@@ -53,6 +56,14 @@ def launch(runs: list[Run], parallel: int = 1) -> dict[str, float]:
 
   with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
     return dict(zip([r.name for r in runs], pool.map(one, runs)))
+
+
+def log_path(run: Run) -> str:
+  """Where a run's output goes while it runs: `{workdir}.log`, or for a gs:// workdir (an object store
+  cannot be appended to) a local file under the temp folder, copied beside the workdir when the run ends."""
+  if not storage.is_remote(run.workdir):
+    return run.workdir + ".log"
+  return os.path.join(tempfile.gettempdir(), "ares_jax_runs", run.workdir.split("://", 1)[1] + ".log")
 
 
 def final_eval(workdir: str) -> dict[str, float]:
