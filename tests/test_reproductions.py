@@ -69,18 +69,22 @@ def test_ablation_variants_switch_on_one_part_at_a_time():
   assert [r for r, _, _ in ablation.variant_runs((), "/p", [0], "/w", ["aepo"])] == ["+ branching (AEPO)"]
 
 
-def test_the_overrides_parse_on_a_config(tmp_path):
-  """Every variant's overrides are fields the config has, with values of their types."""
+@pytest.mark.parametrize("config", ["tiny.py", "aepo_3b.py", "aepo_7b.py", "aepo_7b_lora.py"])
+def test_the_overrides_parse_on_a_config(config):
+  """Every variant's overrides are fields the config has, with values of their types, that the startup checks
+  accept: the ablation switches work on the 3B/7B configs as on the tiny one."""
   import subprocess
   import sys
 
-  code = ("import sys; from absl import flags; from ares_jax import main; "
+  code = ("import sys; from absl import flags; from ares_jax import config_checks, main; "
           "flags.FLAGS(sys.argv); c = flags.FLAGS.config; "
+          "print([p for p in config_checks.problems(c) if any(f in p for f in "
+          "('target_mode', 'kl_bin_scale', 'rho', 'max_branches'))]); "
           "print(c.aepo.target_mode, tuple(c.aepo.kl_bin_scale), c.aepo.rho, c.rollout.max_branches)")
-  out = subprocess.run([sys.executable, "-c", code, "--config=configs/tiny.py", *ablation.GRPO],
+  out = subprocess.run([sys.executable, "-c", code, f"--config=configs/{config}", *ablation.GRPO],
                        capture_output=True, text=True, cwd=str(tables.__file__).rsplit("/ares_jax/", 1)[0])
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.split() == ["batch_mean", "(1.0,", "1.0,", "1.0)", "1.0", "0"]
+  assert out.stdout.split() == ["[]", "batch_mean", "(1.0,", "1.0,", "1.0)", "1.0", "0"]
 
 
 def test_config_args_pass_overrides_on_and_refuse_the_drivers_own():
