@@ -1,6 +1,6 @@
 """Fault injection (issue 12): SIGTERM in the middle of an AEPO step, a kill during a checkpoint write, a
 corrupt newest checkpoint, a different mesh on resume, SIGTERM to one of two processes, updates that keep
-coming out non-finite; SIGTERM in AdaCS's SFT loop and in the warm start; how two processes agree on the
+coming out non-finite, a LoRA run's SIGTERM and resume; SIGTERM in AdaCS's SFT loop and in the warm start; how two processes agree on the
 stop step with and without JAX's preemption service (and what that costs per step). Each run that is
 interrupted is compared with an uninterrupted one where there is one to compare with.
 
@@ -183,6 +183,25 @@ def test_the_reference_policy_is_saved_once_and_not_in_step_checkpoints(chain):
   metadata = json.loads((chain.work / "checkpoints" / "4" / "state" / "_METADATA").read_text())
   top = {ast.literal_eval(k)[0] for k in metadata["tree_metadata"]}
   assert top == {"step", "params", "opt_state", "rng", "stats", "skipped"}
+
+
+def test_a_lora_run_stopped_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path, xla_cache):
+  """LoRA's checkpoints hold the adapters and their optimizer state only (the base is rebuilt from its
+  source), so resuming must land on the uninterrupted run's metrics step for step."""
+  common = MAIN + ["--config=configs/tiny_lora.py", *SMALL[1:], xla_cache]
+  rc, log = _run(common + [f"--config.workdir={tmp_path / 'straight'}"], tmp_path / "straight.log")
+  assert rc == 0, log[-3000:]
+  args = common + [f"--config.workdir={tmp_path / 'work'}"]
+  rc, log = _run(args, tmp_path / "sigterm.log", ARES_TEST_SIGTERM_AT_STEP="aepo:3")
+  assert rc == 0 and "stopped after step 3" in log, log[-3000:]
+  assert _rows(tmp_path / "work") == _rows(tmp_path / "straight")[:3]
+  rc, log = _run(args, tmp_path / "resume.log")
+  assert rc == 0 and re.search(r"resumed from \S+/checkpoints/3", log), log[-3000:]
+  assert _rows(tmp_path / "work") == _rows(tmp_path / "straight")
+  metadata = json.loads((tmp_path / "work" / "checkpoints" / "4" / "state" / "_METADATA").read_text())
+  saved = [ast.literal_eval(k) for k in metadata["tree_metadata"]]
+  params = [k for k in saved if k[0] == "params"]
+  assert params and all(k[1] == "lora" and k[-1] in ("lora_a", "lora_b") for k in params)
 
 
 def _tiny_params(mesh):
