@@ -1,8 +1,8 @@
 """Fault injection (issue 12): SIGTERM in the middle of an AEPO step, a kill during a checkpoint write, a
 corrupt newest checkpoint, a different mesh on resume, SIGTERM to one of two processes, updates that keep
-coming out non-finite, a LoRA run's SIGTERM and resume; SIGTERM in AdaCS's SFT loop and in the warm start; how two processes agree on the
-stop step with and without JAX's preemption service (and what that costs per step). Each run that is
-interrupted is compared with an uninterrupted one where there is one to compare with.
+coming out non-finite, SIGTERM to a LoRA run; SIGTERM in AdaCS's SFT loop and in the warm start; how two
+processes agree on the stop step with and without JAX's preemption service (and what that costs per step).
+Each run that is interrupted is compared with an uninterrupted one where there is one to compare with.
 
 The AEPO runs are subprocesses of `python -m ares_jax.main` on the tiny config (one simulated device each)
 sharing one persistent compilation cache, so only the first run compiles. SIGTERM is sent by the process

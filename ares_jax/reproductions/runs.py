@@ -32,7 +32,7 @@ class Run:
 
 
 def launch(runs: list[Run], parallel: int = 1) -> dict[str, float]:
-  """Runs each (unless `finished` says it is done), `parallel` at a time; returns wall seconds per run
+  """Runs each (unless its workdir holds a DONE marker), `parallel` at a time; returns wall seconds per run
   (0 for runs found finished). A run that fails raises with the tail of its log."""
   def one(run: Run) -> float:
     if storage.exists(os.path.join(run.workdir, "DONE")):
