@@ -20,8 +20,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ares_jax.models import lora
 from ares_jax import models, sharding
+from ares_jax.models import lora
 
 GIB = 1 << 30
 # HBM per chip by topology prefix (Cloud TPU documentation).

@@ -287,7 +287,6 @@ def lora_defaults() -> ml_collections.ConfigDict:
 def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
   """`config.model` -> `models.ModelConfig`, checking the shapes fit; errors name the config field."""
   from ares_jax.models import ConfigError, ModelConfig, TextConfig, VisionConfig
-  from ares_jax.models.lora import LoraConfig
 
   def need(ok: bool, msg: str) -> None:
     if not ok:
@@ -324,13 +323,14 @@ def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
       video_token_id=m.video_token_id, vision_start_token_id=m.vision_start_token_id,
       vision_end_token_id=m.vision_end_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
       dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=m.get("attention", "auto"),
-      lora=_lora_config(m.get("lora"), LoraConfig))
+      lora=_lora_config(m.get("lora")))
 
 
-def _lora_config(lo: ml_collections.ConfigDict | None, cls):
+def _lora_config(lo: ml_collections.ConfigDict | None):
+  from ares_jax.models.lora import LoraConfig  # pylint: disable=g-import-not-at-top  (configs stays light)
   if lo is None or not lo.rank:
-    return cls()
-  return cls(rank=int(lo.rank), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=tuple(lo.targets))
+    return LoraConfig()
+  return LoraConfig(rank=int(lo.rank), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=tuple(lo.targets))
 
 
 # Fields that a checkpoint's config.json fixes; the config file must agree with them.

@@ -27,6 +27,8 @@ from ares_jax.models.config import ModelConfig
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
 def _module_rule(path: str) -> hf_io.Rule:
   return next(r for r in hf_io.TABLE if r.path == path + "/kernel")
 
