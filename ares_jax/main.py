@@ -168,9 +168,10 @@ def is_user_error(e: BaseException) -> bool:
   from ares_jax.data.processor import ProcessorError  # pylint: disable=g-import-not-at-top
   from ares_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
   from ares_jax.models.hf_io import CheckpointError  # pylint: disable=g-import-not-at-top
+  from ares_jax.train.checkpoint import FormatMismatch  # pylint: disable=g-import-not-at-top
   from ares_jax.train.run_control import SkippedUpdatesError  # pylint: disable=g-import-not-at-top  (lr too high)
   return isinstance(e, (ConfigError, CheckpointError, ProcessorError, sharding.MeshError, FileNotFoundError,
-                        SkippedUpdatesError))
+                        SkippedUpdatesError, FormatMismatch))
 
 
 def cli() -> None:

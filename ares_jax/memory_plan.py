@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from ares_jax import configs, models, sampling, sharding
@@ -213,31 +212,10 @@ def _training_rows(st: Setting, shapes: Shapes, micro_batch_size: int):
                                 np.ones((mb, width), np.float32), mb, width, 0)
 
 
-def _names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def abstract_state(updater: update_lib.Updater, params: Any, mesh: jax.sharding.Mesh) -> Any:
-  """The train state as the run holds it: optimizer moments sharded like the parameter they belong
-  to (as `tx.init` on sharded arrays makes them), counters and keys replicated (`replicate_rest`)."""
-  shapes = jax.eval_shape(updater.init_state, params, jax.random.key(0))
-  by_path = {_names(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  rep = NamedSharding(mesh, PartitionSpec())
-
-  def place(path, x):
-    names = _names(path)
-    for i in range(len(names)):
-      s = by_path.get(names[i:])
-      if s is not None and len(s.spec) <= x.ndim:
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
-  return jax.tree_util.tree_map_with_path(place, shapes)
-
-
 def _update_plans(st: Setting, updater: update_lib.Updater, arrays: dict, settings: Any, ref_bytes: int,
                   label: str) -> tuple[list[ProgramPlan], int]:
   """The train state's creation (for its size), the gradient micro-step and the optimizer apply."""
-  state = abstract_state(updater, st.params, st.mesh)
+  state = updater.abstract_state(st.params, st.mesh)
   opt_bytes = device_bytes(state.opt_state)
   accum = updater.trainable(st.params)  # same shapes, dtypes and shardings as the trainable parameters
   weight = abstract_like(np.float32(1.0), st.mesh)

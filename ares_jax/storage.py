@@ -9,19 +9,26 @@ Guarantees, and why they differ by place:
 - local files: `write_*` and `atomic_open` write a hidden temporary file in the same folder, flush and fsync
   it, then `os.replace` it over the target: a reader (or a resumed run) sees the old file or the new one,
   never half of one, even after a kill or a power cut.
-- object stores: an object is replaced whole when its upload finishes (GCS has no partial objects), but a
-  client may still finalise a half-written object when an exception closes the stream, so the data goes to
-  a temporary object first and is then moved (a server-side copy, then a delete) over the target. The
-  target is always the old object or the complete new one; a kill between the two steps can leave a
-  `.tmp-*` object behind, which nothing reads.
+- object stores: GCS makes an object visible only when its upload completes, and whole, so a file is
+  written into a local temporary file (or taken from memory) and then uploaded in one call (`put_file` /
+  `pipe_file`): the target is always the old object or the complete new one. No upload streams into the
+  target itself (gcsfs, as epath opens it, finalises a half-written object when an exception closes the
+  stream) and no write goes through a rename (GCS has none: gcsfs's `mv` tries the moveTo API, and
+  emulators and older buckets answer it with an error and a retry).
 - appends (`append_lines`): local files are appended in place (flush + fsync); an object store has no
-  append, so the object is read and rewritten whole (atomically, as above). That costs the file's size per
-  call: fine for metrics (kilobytes per step), not for bulk data. Either way a torn last line left by a kill
-  is cut off before anything is appended after it, so it can never be glued to the next record.
-- folders (`replace_folder`, used for the exported policy): locally a complete folder is renamed into
-  place (the old one moved aside first); on an object store, where a folder is only a name prefix and
-  cannot be renamed at once, the old folder's marker file (config.json) is removed first and the new
-  marker is moved in last, so a reader that finds the marker finds every other file of the same folder.
+  append, so the object is read and uploaded again whole. That costs the file's size per call: fine for
+  metrics (kilobytes per step), not for bulk data. Either way a torn last line left by a kill is cut off
+  before anything is appended after it, so it can never be glued to the next record.
+- folders (`writing_folder`, used for the exported policy): locally the folder is built under a hidden
+  name and renamed into place (the old one moved aside first). An object store has no folder rename, so
+  there the old folder's marker file (config.json) is deleted first, then the old objects, the files are
+  written in place and the marker last: a reader that finds the marker finds every other file of the same
+  folder; a writer that dies leaves no marker (readers refuse the folder, `local_folder(marker=...)`).
+- listings: gcsfs caches folder listings for the life of the process by default, which hides objects that
+  another process (or another host) wrote since; this module turns that cache off for `gs://` unless
+  fsspec's configuration already says otherwise (`fsspec.config.conf["gcs"]`).
+- against an emulator (`STORAGE_EMULATOR_HOST` set, see `ares_jax.gcs_emulator`) gcsfs's gRPC probe of
+  every bucket's type, which waits 60 s per probe there, is turned off unless the environment says otherwise.
 
 Who writes: process 0 (`sharding.is_primary()`), except orbax's own shards; callers decide, this module
 does not know about processes.
@@ -43,6 +50,15 @@ from etils import epath
 
 PathLike = str | os.PathLike
 _CHUNK = 16 << 20
+
+if os.environ.get("STORAGE_EMULATOR_HOST"):  # read when gcsfs is imported (below, through fsspec's registry)
+  os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+try:
+  import fsspec  # pylint: disable=g-import-not-at-top
+  for _proto in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(_proto, {}).setdefault("use_listings_cache", False)
+except ImportError:  # epath without fsspec: TensorFlow's gfile serves gs://
+  fsspec = None
 
 
 def is_remote(p: PathLike) -> bool:
@@ -105,20 +121,38 @@ def _sibling(q: epath.Path, tag: str) -> epath.Path:
   return q.parent / f".{q.name}.{tag}-{uuid.uuid4().hex[:12]}"
 
 
+def _fsspec(q: epath.Path) -> tuple[Any, str] | None:
+  """The fsspec filesystem epath uses for remote path `q` and the path in its terms (None when epath goes
+  through TensorFlow's gfile). The same instance as epath's, so both see one another's writes."""
+  backend = getattr(q, "_backend", None)
+  if fsspec is None or not isinstance(backend, epath.backend._FileSystemSpecBackend):  # pylint: disable=protected-access
+    return None
+  return backend.fs(os.fspath(q)), os.fspath(q)
+
+
+def _upload_file(local: str, dst: epath.Path) -> None:
+  """Uploads local file `local` to object `dst` in one call: the object appears whole or not at all."""
+  found = _fsspec(dst)
+  if found is not None:
+    fs, d = found
+    fs.put_file(local, d)
+    return
+  with open(local, "rb") as fin, dst.open("wb") as fout:
+    shutil.copyfileobj(fin, fout, _CHUNK)
+
+
 def move(src: PathLike, dst: PathLike) -> None:
   """Moves file `src` over `dst` (replacing it): `os.replace` locally; on an object store a server-side
-  copy then a delete where fsspec can do it, else a streamed copy then a delete."""
+  copy, then a delete of `src` (what GCS offers: there is no rename)."""
   src, dst = path(src), path(dst)
   if not is_remote(src) and not is_remote(dst):
     os.replace(src, dst)
     return
-  try:
-    import fsspec  # pylint: disable=g-import-not-at-top
-    (fs, s), (_, d) = fsspec.core.url_to_fs(str(src)), fsspec.core.url_to_fs(str(dst))
-  except (ImportError, ValueError):  # no fsspec implementation for the scheme (e.g. gfile only)
-    fs = None
-  if fs is not None:
-    fs.mv(s, d)
+  found = _fsspec(src) if is_remote(src) and is_remote(dst) else None
+  if found is not None:
+    fs, s = found
+    fs.copy(s, os.fspath(dst))
+    fs.rm(s)
     return
   with src.open("rb") as fin, dst.open("wb") as fout:
     shutil.copyfileobj(fin, fout, _CHUNK)
@@ -132,15 +166,20 @@ def atomic_open(p: PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
   if mode not in ("w", "wb"):
     raise ValueError(f"atomic_open writes whole files: mode {mode!r}")
   final = path(p)
+  if is_remote(final):
+    with tempfile.NamedTemporaryFile(prefix="ares_jax_upload.", mode=mode) as f:
+      yield f
+      f.flush()
+      _upload_file(f.name, final)
+    return
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = _sibling(final, "tmp")
   try:
     with tmp.open(mode) as f:
       yield f
-      if not is_remote(final):
-        f.flush()
-        os.fsync(f.fileno())
-    move(tmp, final)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, final)
   except BaseException:
     with contextlib.suppress(OSError):
       if tmp.exists():
@@ -149,7 +188,12 @@ def atomic_open(p: PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:
-  """Writes `p` whole and atomically."""
+  """Writes `p` whole and atomically (on an object store: one upload from memory)."""
+  found = _fsspec(path(p)) if is_remote(p) else None
+  if found is not None:
+    fs, q = found
+    fs.pipe_file(q, data)
+    return
   with atomic_open(p, "wb") as f:
     f.write(data)
 
@@ -231,20 +275,29 @@ def write_jsonl(p: PathLike, records: Iterable[Any], default: Callable | None = 
 
 
 @contextlib.contextmanager
-def local_folder(p: PathLike, include: Callable[[str], bool] = lambda name: True) -> Iterator[str]:
+def local_folder(p: PathLike, include: Callable[[str], bool] = lambda name: True,
+                 marker: str | None = None) -> Iterator[str]:
   """A local folder with the files of folder `p` (those whose name passes `include`): `p` itself when
   it is local, else a temporary download, deleted after the block. For readers that need real files
-  (safetensors memory maps, transformers' `from_pretrained`)."""
+  (safetensors memory maps, transformers' `from_pretrained`). With `marker`, a remote folder without that
+  file (one whose writer died, see `writing_folder`) is refused before anything is downloaded."""
   if not is_remote(p):
     yield os.path.expanduser(os.fspath(p))
     return
   src = path(p)
   if not src.is_dir():
     raise FileNotFoundError(f"{p} does not exist")
+  if marker is not None and not (src / marker).exists():
+    raise FileNotFoundError(f"{p} has no {marker}: not a finished folder (its writer was interrupted, or the "
+                            "path is wrong); export it again")
   tmp = tempfile.mkdtemp(prefix="ares_jax_download.")
   try:
     for child in src.iterdir():
       if include(child.name) and not child.is_dir():
+        found = _fsspec(child)
+        if found is not None:
+          found[0].get_file(found[1], os.path.join(tmp, child.name))
+          continue
         with child.open("rb") as fin, open(os.path.join(tmp, child.name), "wb") as fout:
           shutil.copyfileobj(fin, fout, _CHUNK)
     yield tmp
@@ -253,53 +306,60 @@ def local_folder(p: PathLike, include: Callable[[str], bool] = lambda name: True
 
 
 def upload_folder(local: str, dst: PathLike) -> None:
-  """Copies every file under local folder `local` into folder `dst` (local or remote), keeping subfolders."""
+  """Copies every file under local folder `local` into folder `dst` (local or remote), keeping subfolders;
+  each file is written whole (`atomic_open` / one upload per object)."""
   out = path(dst)
   for root, _, files in os.walk(local):
     rel = os.path.relpath(root, local)
     target = out if rel == "." else out / rel
-    target.mkdir(parents=True, exist_ok=True)
     for name in files:
-      with open(os.path.join(root, name), "rb") as fin, (target / name).open("wb") as fout:
+      if is_remote(target):
+        _upload_file(os.path.join(root, name), target / name)
+        continue
+      target.mkdir(parents=True, exist_ok=True)
+      with open(os.path.join(root, name), "rb") as fin, atomic_open(target / name, "wb") as fout:
         shutil.copyfileobj(fin, fout, _CHUNK)
 
 
-def temp_folder_for(final: PathLike) -> epath.Path:
-  """A fresh hidden folder beside `final` to build it in before `replace_folder`."""
-  q = _sibling(path(final), "partial")
-  q.mkdir(parents=True, exist_ok=True)
-  return q
+@contextlib.contextmanager
+def writing_folder(final: PathLike, marker: str = "config.json") -> Iterator[epath.Path]:
+  """The folder to write the files of folder `final` into; when the block ends without an exception,
+  `final` holds exactly those files, `marker` among them (the file a reader checks; write it last).
 
-
-def replace_folder(tmp: PathLike, final: PathLike, marker: str = "config.json") -> None:
-  """Puts the complete folder `tmp` in the place of `final` (see the module docstring for what a reader
-  can see meanwhile). `marker` is the file a reader checks to know the folder is complete."""
-  tmp, final = path(tmp), path(final)
-  if not is_remote(final):
+  Locally the folder is built under a hidden name beside `final` and renamed into place (the old folder
+  moved aside first): after a failure the old folder is untouched. On an object store (no folder rename)
+  the old folder goes first, its marker before anything else, and the block writes into `final` itself:
+  after a failure `final` has no marker, and readers that check it refuse the folder."""
+  q = path(final)
+  if is_remote(q):
+    if q.exists():
+      remove(q / marker)  # first: from here on a reader sees no complete folder
+      q.rmtree()
+    yield q
+    if not (q / marker).exists():
+      raise RuntimeError(f"writing_folder({final}): the block wrote no {marker}, so the folder reads as unfinished")
+    return
+  clear_stale(q)
+  tmp = _sibling(q, "partial")
+  tmp.mkdir(parents=True, exist_ok=True)
+  try:
+    yield tmp
+    if not (tmp / marker).exists():
+      raise RuntimeError(f"writing_folder({final}): the block wrote no {marker}, so the folder reads as unfinished")
     old = None
-    if final.exists():
-      old = _sibling(final, "old")
-      os.rename(final, old)
-    os.rename(tmp, final)
+    if q.exists():
+      old = _sibling(q, "old")
+      os.rename(q, old)
+    os.rename(tmp, q)
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)
-    return
-  if final.exists():
-    remove(final / marker)  # first: from here on a reader sees no complete folder
-    final.rmtree()
-  files, todo = [], [epath.Path()]
-  while todo:  # every file under `tmp`, by relative path (subfolders are rare: a tokenizer's)
-    rel = todo.pop()
-    for c in (tmp / rel).iterdir():
-      (todo if c.is_dir() else files).append(rel / c.name)
-  files.sort(key=lambda rel: (str(rel) == marker, str(rel)))  # the marker last
-  for rel in files:
-    move(tmp / rel, final / rel)
-  rmtree(tmp)
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def clear_stale(final: PathLike) -> None:
-  """Deletes leftovers of interrupted `temp_folder_for` / `replace_folder` calls beside `final`."""
+  """Deletes leftovers of interrupted `writing_folder` blocks beside local folder `final`."""
   q = path(final)
   if not q.parent.exists():
     return

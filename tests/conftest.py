@@ -1,8 +1,12 @@
-"""Test session setup: 8 simulated CPU devices and a shared compilation cache (set before jax is imported)."""
+"""Test session setup: 8 simulated CPU devices and a shared compilation cache (set before jax is imported);
+a GCS API on loopback for the `gs://` tests (fixtures `gcs` and `bucket`)."""
 
 import os
 import sys
 import tempfile
+import uuid
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,3 +19,32 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ares_jax_tests_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(__file__))
+# gcsfs reads this when it is imported: without it, it probes each bucket over gRPC, 60 s per probe on an emulator.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """fake-gcs-server on a free loopback port (ares_jax.gcs_emulator), with this process's environment (and
+  so every process a test starts) pointing gcsfs and tensorstore at it. One per xdist worker."""
+  from ares_jax import gcs_emulator
+  emu = gcs_emulator.start()
+  saved = {k: os.environ.get(k) for k in emu.env}
+  os.environ.update(emu.env)
+  try:
+    yield emu
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    emu.stop()
+
+
+@pytest.fixture
+def bucket(gcs):
+  """`gs://<a new bucket>` on the emulator: every test starts from an empty one."""
+  name = f"test-{uuid.uuid4().hex[:16]}"
+  gcs.create_bucket(name)
+  return f"gs://{name}"

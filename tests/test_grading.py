@@ -1,5 +1,10 @@
-"""Host-side grading: math-verify accuracy, format, and a hung or crashing parse scoring 0."""
+"""Host-side grading: math-verify accuracy, format, a hung or crashing parse scoring 0, workers that outlive
+a SIGTERM to the whole process group and are never left behind."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -10,6 +15,9 @@ from ares_jax.data import grading
 def slow_or_crashing(response: str, gold: str) -> float:
   if response == "hang":
     time.sleep(60)
+  if response.startswith("slow "):
+    time.sleep(0.2)
+    response = response[len("slow "):]
   if response == "crash":
     raise RuntimeError("parser crashed")
   return float(response == gold)
@@ -50,3 +58,49 @@ def test_each_item_gets_its_own_extra_arguments():
   with grading.Grader(workers=2, timeout_s=20, fn=suffixed) as g:
     out = g.grade(["a", "a", "b", "b"], ["a", "ax", "by", "by"], extra=[(), ("x",), ("y",), ("z",)], desc="items")
   np.testing.assert_array_equal(out.accuracy, [1, 1, 1, 0])
+
+
+# Grades 12 slow items (0.2 s each, 2 workers) while a timer sends SIGTERM to the whole process group, as a
+# scheduler or `kill -TERM -<pgid>` does; this process's own handler only records it, as the run's does.
+GROUP_SIGTERM = """
+import os, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import test_grading
+from ares_jax.data import grading
+got = []
+signal.signal(signal.SIGTERM, lambda *_: got.append(1))
+g = grading.Grader(workers=2, timeout_s=5.0, fn=test_grading.slow_or_crashing)
+g.grade(["a"], ["a"])  # workers started
+print("WORKERS", *[w.process.pid for w in g._pool], flush=True)
+threading.Timer(0.3, os.killpg, (os.getpgid(0), signal.SIGTERM)).start()
+out = g.grade(["slow a", "slow b"] * 6, ["a", "x"] * 6)
+print("SIGTERM", len(got), "ACC", "".join(str(int(a)) for a in out.accuracy), "TIMEOUTS", out.timeouts, flush=True)
+"""
+
+
+def test_workers_outlive_a_sigterm_to_the_process_group_and_end_with_the_parent():
+  proc = subprocess.Popen([sys.executable, "-c", GROUP_SIGTERM, os.path.dirname(__file__)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM 1 ACC 101010101010 TIMEOUTS 0" in out, out + err[-3000:]
+  workers = [int(p) for p in out.split("WORKERS", 1)[1].split("\n", 1)[0].split()]
+  time.sleep(0.2)
+  left = _running_in_group(proc.pid)  # the session's process group: nothing alive once the parent has exited
+  assert not left and not set(workers) & set(left), left
+
+
+def _running_in_group(pgid: int) -> list[int]:
+  """Processes of process group `pgid` that are not zombies (a zombie has exited; here nobody may reap it)."""
+  out = []
+  for d in os.listdir("/proc"):
+    if d.isdigit():
+      try:
+        with open(f"/proc/{d}/stat") as f:
+          fields = f.read().rsplit(")", 1)[1].split()
+      except OSError:
+        continue
+      if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
+        out.append(int(d))
+  return out

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from fake_gcs import fake_gcs
 
 from ares_jax.reproductions import ablation, law, runs, tables
 
@@ -98,14 +97,13 @@ def test_config_args_pass_overrides_on_and_refuse_the_drivers_own():
     runs.config_args(["law", "--config=configs/tiny.py", "--config.workdir=/x"])
 
 
-def test_launch_reads_finished_runs_back_and_reports_a_failed_one(tmp_path):
-  with fake_gcs(tmp_path / "gcs"):
-    done = [runs.Run("local", str(tmp_path / "a"), ()), runs.Run("remote", "gs://bucket/w/a", ())]
-    for r in done:
-      runs.storage.write_json(f"{r.workdir}/DONE", {"seconds": 5.0})
-    assert runs.launch(done) == {"local": 0.0, "remote": 0.0}  # nothing started
-    bad = runs.Run("bad", "gs://bucket/w/b", ("--config=configs/tiny.py", "--config.no_such_field=1"))
-    with pytest.raises(RuntimeError, match="no_such_field"):
-      runs.launch([bad])
-    assert "no_such_field" in runs.storage.read_text("gs://bucket/w/b.log")  # copied beside the workdir
-    assert not runs.storage.exists("gs://bucket/w/b/DONE")
+def test_launch_reads_finished_runs_back_and_reports_a_failed_one(tmp_path, bucket):
+  done = [runs.Run("local", str(tmp_path / "a"), ()), runs.Run("remote", f"{bucket}/w/a", ())]
+  for r in done:
+    runs.storage.write_json(f"{r.workdir}/DONE", {"seconds": 5.0})
+  assert runs.launch(done) == {"local": 0.0, "remote": 0.0}  # nothing started
+  bad = runs.Run("bad", f"{bucket}/w/b", ("--config=configs/tiny.py", "--config.no_such_field=1"))
+  with pytest.raises(RuntimeError, match="no_such_field"):
+    runs.launch([bad])
+  assert "no_such_field" in runs.storage.read_text(f"{bucket}/w/b.log")  # copied beside the workdir
+  assert not runs.storage.exists(f"{bucket}/w/b/DONE")

@@ -1,5 +1,5 @@
-"""ares_jax.storage and its users, locally and on `gs://` (tests/fake_gcs.py: a local stand-in for GCS
-with its rules: no append, implicit folders, rename = copy + delete).
+"""ares_jax.storage and its users, locally and on `gs://` (a GCS API on loopback: fake-gcs-server through
+ares_jax.gcs_emulator, fixtures `gcs` / `bucket` in conftest.py; gcsfs and tensorstore both talk to it).
 
 Covers issue 12 items 1 (storage) and 7 (writes): atomic reports, a torn metrics line on resume, the
 exported policy written shard by shard into a folder that appears whole, and a tiny AEPO run whose
@@ -19,18 +19,15 @@ import pytest
 from ares_jax import configs, models, storage
 from ares_jax.models import hf_io
 from ares_jax.train import metrics as metrics_lib
-from fake_gcs import fake_gcs
 from tiny_configs import load_config
 
 
 @pytest.fixture(params=["local", "gs"])
 def base(request, tmp_path):
-  """A folder for run outputs: a local one, or `gs://bucket/run` on the fake GCS."""
+  """A folder for run outputs: a local one, or `gs://<new bucket>/run` on the emulator."""
   if request.param == "local":
-    yield str(tmp_path / "run")
-  else:
-    with fake_gcs(tmp_path / "gcs"):
-      yield "gs://bucket/run"
+    return str(tmp_path / "run")
+  return request.getfixturevalue("bucket") + "/run"
 
 
 def _leftovers(folder: str) -> list[str]:
@@ -94,30 +91,28 @@ def _records(data: bytes) -> list[bytes]:
   return out
 
 
-def test_tensorboard_event_files_on_gs_are_whole_records(tmp_path):
-  with fake_gcs(tmp_path / "gcs") as root:
-    w = metrics_lib.MetricsWriter("gs://bucket/run")
-    for step in range(1, 4):
-      w.write(step, {"loss": 1.0 / step, "kl": 0.1})
-    w.close()
-    files = storage.listdir("gs://bucket/run/tensorboard")
-    assert len(files) == 1 and "tfevents" in files[0]
-    records = _records(storage.read_bytes(f"gs://bucket/run/tensorboard/{files[0]}"))
-    assert len(records) >= 1 + 3 * 2  # the file version record, then 2 scalars per step
-    assert sum(b"loss" in r for r in records) == 3
-    assert os.path.isdir(os.path.join(root, "bucket", "run", "tensorboard"))
-    # Past its size bound an event object is left as it is and the next records go to a new one.
-    ev = metrics_lib._EventObject("gs://bucket/ev/events.out.tfevents.1", roll_bytes=10)
-    for chunk in (b"a" * 12, b"b" * 3, b"c" * 20):
-      ev.write(chunk)
-      ev.flush()
-    ev.write(b"d")
-    ev.close()
-    assert storage.listdir("gs://bucket/ev") == ["events.out.tfevents.1", "events.out.tfevents.1.00001",
-                                                 "events.out.tfevents.1.00002"]
-    assert storage.read_bytes("gs://bucket/ev/events.out.tfevents.1") == b"a" * 12
-    assert storage.read_bytes("gs://bucket/ev/events.out.tfevents.1.00001") == b"bbb" + b"c" * 20
-    assert storage.read_bytes("gs://bucket/ev/events.out.tfevents.1.00002") == b"d"
+def test_tensorboard_event_files_on_gs_are_whole_records(bucket):
+  w = metrics_lib.MetricsWriter(f"{bucket}/run")
+  for step in range(1, 4):
+    w.write(step, {"loss": 1.0 / step, "kl": 0.1})
+  w.close()
+  files = storage.listdir(f"{bucket}/run/tensorboard")
+  assert len(files) == 1 and "tfevents" in files[0]
+  records = _records(storage.read_bytes(f"{bucket}/run/tensorboard/{files[0]}"))
+  assert len(records) >= 1 + 3 * 2  # the file version record, then 2 scalars per step
+  assert sum(b"loss" in r for r in records) == 3
+  # Past its size bound an event object is left as it is and the next records go to a new one.
+  ev = metrics_lib._EventObject(f"{bucket}/ev/events.out.tfevents.1", roll_bytes=10)
+  for chunk in (b"a" * 12, b"b" * 3, b"c" * 20):
+    ev.write(chunk)
+    ev.flush()
+  ev.write(b"d")
+  ev.close()
+  assert storage.listdir(f"{bucket}/ev") == ["events.out.tfevents.1", "events.out.tfevents.1.00001",
+                                             "events.out.tfevents.1.00002"]
+  assert storage.read_bytes(f"{bucket}/ev/events.out.tfevents.1") == b"a" * 12
+  assert storage.read_bytes(f"{bucket}/ev/events.out.tfevents.1.00001") == b"bbb" + b"c" * 20
+  assert storage.read_bytes(f"{bucket}/ev/events.out.tfevents.1.00002") == b"d"
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +159,10 @@ def test_save_hf_streams_one_tensor_at_a_time_into_shards(base, tiny_model):
   assert len(load_tokenizer(policy)) == len(tiny_tokenizer())
 
 
-def test_a_failed_export_leaves_the_previous_policy_whole(base, tiny_model):
+def test_a_failed_export_never_reads_as_a_whole_policy(base, tiny_model):
+  """Locally the previous policy stays whole (the new one is renamed into place when complete). On gs://,
+  which has no folder rename, the export writes in place with config.json last: after a failure there is
+  no config.json and load_hf refuses the folder in one line, before downloading anything."""
   mcfg, params = tiny_model
   policy = f"{base}/policy"
   hf_io.save_hf(policy, mcfg, params, max_shard_bytes=64 << 10)
@@ -180,9 +178,15 @@ def test_a_failed_export_leaves_the_previous_policy_whole(base, tiny_model):
   changed = jax.tree.map(lambda a: a + 1, params)
   with pytest.raises(RuntimeError, match="preempted"):
     hf_io.save_hf(policy, mcfg, changed, max_shard_bytes=64 << 10, gather=dies)
-  assert {n: storage.read_bytes(f"{policy}/{n}") for n in storage.listdir(policy)} == before
+  if storage.is_remote(base):
+    assert "config.json" not in storage.listdir(policy)
+    with pytest.raises(FileNotFoundError, match="no config.json: not a finished folder"):
+      models.load_hf(policy)
+  else:
+    assert {n: storage.read_bytes(f"{policy}/{n}") for n in storage.listdir(policy)} == before
   assert _leftovers(base) == []
   hf_io.save_hf(policy, mcfg, changed, max_shard_bytes=64 << 10)  # the next export replaces it whole
+  assert sorted(storage.listdir(policy)) == sorted(before)
   _, params2 = models.load_hf(policy)
   jax.tree.map(np.testing.assert_array_equal, params2, jax.device_get(changed))
 
@@ -204,43 +208,37 @@ def test_sharded_export_loads_in_transformers(tmp_path, tiny_model):
   np.testing.assert_array_equal(got.detach().numpy(), want)
 
 
-def test_tiny_aepo_writes_everything_to_a_gs_workdir(tmp_path, monkeypatch):
-  """A 1-step AEPO run with a `gs://` workdir: metrics, curves, TensorBoard events and the exported policy
-  (weights, config, tokenizer) land in the bucket and load back from there. Checkpoints stay in a local
-  folder: orbax's array data goes through tensorstore's own GCS client, which this fake does not serve."""
+def test_tiny_aepo_writes_everything_to_a_gs_workdir(bucket, tmp_path, monkeypatch):
+  """A 1-step AEPO run with a `gs://` workdir: metrics, curves, TensorBoard events, orbax checkpoints
+  (through tensorstore's GCS client) and the exported policy (weights, config, tokenizer) land in the bucket,
+  nothing lands locally, and the policy loads back from there."""
   from ares_jax.data.tokenizer import load_tokenizer
   from ares_jax.stages import aepo as aepo_stage
-  from ares_jax.train import checkpoint
+  from ares_jax.train.checkpoint import Checkpointer
   from test_aepo_stage import tiny_rl_config
 
-  local = tmp_path / "checkpoints"
-  real = checkpoint.Checkpointer
-
-  class LocalCheckpointer(real):  # the same checkpointer, its folder mapped from the fake bucket to a local one
-    def __init__(self, directory, *a, **k):
-      super().__init__(str(local / str(directory).replace("gs://", "")), *a, **k)
-
-  monkeypatch.setattr(aepo_stage, "Checkpointer", LocalCheckpointer)
-  with fake_gcs(tmp_path / "gcs") as root:
-    c = tiny_rl_config("gs://bucket/aepo", 1)
-    c.data.images = False
-    c.warm_start.steps = 0
-    c.rollout.max_response_length = 16
-    out = aepo_stage.run(c)
-    bucket = os.path.join(root, "bucket", "aepo")
-    rows = metrics_lib.read_metrics("gs://bucket/aepo")
-    assert [r["step"] for r in rows] == [1] and rows == out["history"]
-    assert os.path.getsize(os.path.join(bucket, "curves.png")) > 10_000
-    assert any("tfevents" in n for n in os.listdir(os.path.join(bucket, "tensorboard")))
-    policy = "gs://bucket/aepo/policy"
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(policy))
-    assert not [n for n in os.listdir(bucket) if n.startswith(".")]  # no temporary leftovers
-    assert not os.path.exists("gs:")  # nothing went to a local folder named after the URL
-    mcfg, params = models.load_hf(policy)
-    assert mcfg.text.num_layers == 2 and len(load_tokenizer(policy)) > 0
+  monkeypatch.chdir(tmp_path)
+  work = f"{bucket}/aepo"
+  c = tiny_rl_config(work, 1)
+  c.data.images = False
+  c.warm_start.steps = 0
+  c.rollout.max_response_length = 16
+  out = aepo_stage.run(c)
+  rows = metrics_lib.read_metrics(work)
+  assert [r["step"] for r in rows] == [1] and rows == out["history"]
+  assert storage.path(f"{work}/curves.png").stat().length > 10_000
+  assert any("tfevents" in n for n in storage.listdir(f"{work}/tensorboard"))
+  assert Checkpointer(f"{work}/checkpoints").steps() == [0, 1]
+  assert "reference" in storage.listdir(f"{work}/checkpoints")
+  policy = f"{work}/policy"
+  assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(storage.listdir(policy))
+  assert not [n for n in storage.listdir(work) if n.startswith(".")]  # no temporary leftovers
+  assert os.listdir(tmp_path) == []  # nothing went to a local folder (e.g. one named after the URL)
+  mcfg, params = models.load_hf(policy)
+  assert mcfg.text.num_layers == 2 and len(load_tokenizer(policy)) > 0
 
 
-def test_compilation_cache_on_gs(tmp_path):
+def test_compilation_cache_on_gs(bucket):
   """`compilation_cache_dir=gs://...` (main.setup_compilation): JAX's persistent cache reaches object
   stores through epath too, so compiled programs land in the bucket."""
   from jax._src import compilation_cache  # reset_cache: the cache is set up once per process otherwise
@@ -250,13 +248,12 @@ def test_compilation_cache_on_gs(tmp_path):
            "jax_persistent_cache_min_entry_size_bytes")
   saved = {n: getattr(jax.config, n) for n in names}
   try:
-    with fake_gcs(tmp_path / "gcs") as root:
-      main.setup_compilation(ml_collections.ConfigDict({"compilation_cache_dir": "gs://bucket/xla_cache"}))
-      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-      jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-      compilation_cache.reset_cache()
-      jax.jit(lambda x: jax.numpy.cos(x) * 5 - 2)(jax.numpy.ones(11)).block_until_ready()
-      assert any(n.endswith("-cache") for n in os.listdir(os.path.join(root, "bucket", "xla_cache")))
+    main.setup_compilation(ml_collections.ConfigDict({"compilation_cache_dir": f"{bucket}/xla_cache"}))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    jax.jit(lambda x: jax.numpy.cos(x) * 5 - 2)(jax.numpy.ones(11)).block_until_ready()
+    assert any(n.endswith("-cache") for n in storage.listdir(f"{bucket}/xla_cache"))
   finally:
     for n, v in saved.items():
       jax.config.update(n, v)

@@ -181,7 +181,7 @@ def load_hf(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = No
   A `gs://` folder is downloaded to a temporary local folder first (safetensors reads memory maps).
   """
   from ares_jax import storage
-  with storage.local_folder(path, _weights_or_config) as local:
+  with storage.local_folder(path, _weights_or_config, marker="config.json") as local:
     return _load(local, path, dtype, mesh, config_overrides)
 
 
@@ -294,8 +294,8 @@ def save_hf(path: str, config: ModelConfig, params: Any, *, tokenizer: Any = Non
   No host ever holds the model: one tensor (one layer of one parameter) at a time is gathered from all
   processes by `gather` (default `sharding.to_host`, a collective: every process must call save_hf) and
   process 0 streams it into the open shard, whose header is known in advance from the shapes. The folder
-  is built under a hidden temporary name beside `path` and put in place when complete
-  (`storage.replace_folder`), so a reader never sees half a policy; `path` may be local or `gs://`.
+  is written through `storage.writing_folder` with config.json last, so a reader never takes half a
+  policy for a whole one; `path` may be local or `gs://` (where a failed export leaves no config.json).
   """
   from ares_jax import sharding, storage
   gather = gather or sharding.to_host
@@ -305,13 +305,9 @@ def save_hf(path: str, config: ModelConfig, params: Any, *, tokenizer: Any = Non
   shards = _group(entries, max_shard_bytes)
   names = ([f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
            if len(shards) > 1 else ["model.safetensors"])
-  tmp = None
-  if primary:
-    storage.clear_stale(path)
-    tmp = storage.temp_folder_for(path)
-  try:
+  with storage.writing_folder(path, marker="config.json") if primary else contextlib.nullcontext() as folder:
     for name, group in zip(names, shards):
-      with (tmp / name).open("wb") if primary else contextlib.nullcontext() as out:
+      with (folder / name).open("wb") if primary else contextlib.nullcontext() as out:
         if primary:
           out.write(_header(group, [jnp.dtype(e.leaf.dtype).name for e in group]))
         for e in group:
@@ -323,17 +319,13 @@ def save_hf(path: str, config: ModelConfig, params: Any, *, tokenizer: Any = Non
           del a
     if primary:
       if len(shards) > 1:
-        storage.write_json(tmp / "model.safetensors.index.json",
+        storage.write_json(folder / "model.safetensors.index.json",
                            {"metadata": {"total_size": sum(e.nbytes for e in entries)},
                             "weight_map": {e.name: n for n, g in zip(names, shards) for e in g}}, indent=2)
       if tokenizer is not None:
         with tempfile.TemporaryDirectory() as local:
           tokenizer.save_pretrained(local)
-          storage.upload_folder(local, tmp)
-      storage.write_json(tmp / "config.json", to_hf_dict(config.replace(param_dtype=dtype.name)), indent=2)
-      storage.replace_folder(tmp, path, marker="config.json")
-  except BaseException:
-    if tmp is not None:
-      storage.rmtree(tmp)
-    raise
+          storage.upload_folder(local, folder)
+      # The marker, last: a reader that finds config.json finds every other file.
+      storage.write_json(folder / "config.json", to_hf_dict(config.replace(param_dtype=dtype.name)), indent=2)
   sharding.barrier(f"save_hf {path}")  # nobody reads the folder before process 0 has written it

@@ -73,11 +73,9 @@ def save_peft(path: str, config: ModelConfig, params: dict, base_model_name_or_p
           "auto_mapping": {"base_model_class": "Qwen2_5_VLForConditionalGeneration",
                            "parent_library": "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl"}}
   if sharding.is_primary():
-    storage.clear_stale(path)
-    tmp = storage.temp_folder_for(path)
-    storage.write_bytes(tmp / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
-    storage.write_json(tmp / CONFIG_FILE, meta, indent=2)
-    storage.replace_folder(tmp, path, marker=CONFIG_FILE)
+    with storage.writing_folder(path, marker=CONFIG_FILE) as folder:
+      storage.write_bytes(folder / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+      storage.write_json(folder / CONFIG_FILE, meta, indent=2)  # the marker, last
   sharding.barrier(f"save_peft {path}")
 
 

@@ -34,7 +34,7 @@ from ares_jax.stages import setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.train import sft
 from ares_jax.train import run_control
-from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings
+from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings, restore_template
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState
 
@@ -196,11 +196,12 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
   steps_per_epoch = -(-len(examples) // a.batch_size)
   total = a.epochs * steps_per_epoch
   updater = sft.make_sft(mcfg, params, optim, total, frozen)
-  state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
-  restored = ckpt.restore_latest(state)
+  restored = ckpt.restore_latest(restore_template(updater, params, mesh, ckpt))
   start = restored.step if restored else 0
   if restored:
     state = restored.state
+  else:
+    state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
     logging.info("AdaCS SFT resumed from %s (step %d of %d)", ckpt.path_of(start), start, total)
   writer = MetricsWriter(config.workdir, resume_step=start or None)
   lengths = np.array([len(t) for _, t in examples])

@@ -33,7 +33,7 @@ from ares_jax.train import aepo_update
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.aepo_update import LossSettings, UpdateRows
 from ares_jax.train import run_control
-from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings
+from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings, restore_template
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
@@ -58,9 +58,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   # The newest readable checkpoint (an unreadable one is reported and the one before it used); the reference
   # policy never changes, so it is saved once beside the step checkpoints.
-  template = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
-  restored = ckpt.restore_latest(template)
-  del template
+  restored = ckpt.restore_latest(restore_template(updater, params, mesh, ckpt))
   if restored is None:
     ref_params = None if adapted else aepo_update.reference_copy(params, a.ref_dtype)
     state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)

@@ -20,6 +20,12 @@ JSON record (data position, anything the loop needs to continue exactly). Why ea
   resumes on another (e.g. 8 devices, then 4).
 - Adapters only (`adapters_only`, LoRA policies): a step checkpoint holds the train state with its params
   cut to the adapters (the frozen base never changes); a restore takes the base from the template.
+- Versioned (`FORMAT_VERSION`): every step checkpoint's JSON record holds the format it was written in,
+  and the directory holds it too (`format.json`, for the items saved once). A checkpoint of another
+  format is refused with one line naming both versions, before any array is read; a step without a
+  record predates versioning (format 1 and older) and is refused the same way.
+- Onto abstract shapes: `restore` takes a template of `jax.ShapeDtypeStruct`s carrying the target
+  shardings (`Updater.abstract_state`), so no concrete optimizer state is built only to be replaced.
 The directory may be local or `gs://` (etils epath, as orbax uses); every process calls every method.
 """
 
@@ -71,6 +77,25 @@ class CheckpointSettings:
                preemption=bool(c.get("preemption", cls.preemption)))
 
 
+# Bump when what a checkpoint holds changes shape or meaning (TrainState fields, stored subtrees, meta keys).
+# 1: every checkpoint before versions were recorded; 2: TrainState(step, params, opt_state, rng, stats,
+# skipped), LoRA runs storing the adapters only.
+FORMAT_VERSION = 2
+_FORMAT_FILE = "format.json"
+
+
+class FormatMismatch(RuntimeError):
+  """A checkpoint written in another format version than this code reads."""
+
+  def __init__(self, where: str, found: int | None):
+    found_text = "none recorded (format 1 or older)" if found is None else str(found)
+    super().__init__(
+        f"{where}: checkpoint format version {found_text}, this ares_jax reads version {FORMAT_VERSION}; start "
+        f"fresh (a new --config.workdir, or delete its checkpoints/) or resume with the ares_jax release that "
+        f"wrote it")
+    self.found = found
+
+
 class Restored(NamedTuple):
   step: int
   state: Any
@@ -80,6 +105,13 @@ class Restored(NamedTuple):
 def _abstract(template: Any) -> Any:
   """ShapeDtypeStructs carrying the template's shardings: what orbax restores onto."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+
+
+def restore_template(updater: Any, params: Any, mesh: jax.sharding.Mesh, ckpt: "Checkpointer") -> Any:
+  """What `ckpt.restore_latest` restores onto: `updater.abstract_state` (no memory), with the concrete
+  `params` where the checkpoints hold adapters only (the frozen base is taken from them)."""
+  template = updater.abstract_state(params, mesh)
+  return template.replace(params=params) if ckpt.adapters_only else template
 
 
 def _all_processes(ok: bool) -> bool:
@@ -96,18 +128,33 @@ def _one_line(e: BaseException) -> str:
 
 
 class Checkpointer:
-  """Step checkpoints of `{"state": pytree, "meta": json}` in `directory`, plus named items saved once."""
+  """Step checkpoints of `{"state": pytree, "meta": json}` in `directory`, plus named items saved once.
+  Opening a directory written in another format version raises `FormatMismatch` (nothing is read)."""
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True, adapters_only: bool = False):
     _quiet_orbax()
     self.adapters_only = adapters_only
     d = os.fspath(directory)
     self.directory = storage.path(d if storage.is_remote(d) else os.path.abspath(os.path.expanduser(d)))
+    self._check_format()
     self._mgr = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
                                              enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True))
+
+  def _check_format(self) -> None:
+    """Refuses a directory of another format; records this one's in a new (or unversioned empty) one."""
+    record = self.directory / _FORMAT_FILE
+    if record.exists():
+      found = int(storage.read_json(record).get("format_version", -1))
+      if found != FORMAT_VERSION:
+        raise FormatMismatch(str(self.directory), found)
+      return
+    if self.directory.exists() and any(n.isdigit() for n in storage.listdir(self.directory)):
+      raise FormatMismatch(str(self.directory), None)  # steps written before versions were recorded
+    if jax.process_index() == 0:
+      storage.write_json(record, {"format_version": FORMAT_VERSION})
 
   @classmethod
   def from_settings(cls, directory: str, settings: CheckpointSettings, adapters_only: bool = False) -> "Checkpointer":
@@ -132,6 +179,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts writing step `step`; returns once the arrays are copied off the devices (asynchronous), or
     once the files are written (`async_save=False`). Waits for the previous write first."""
+    meta = {**meta, "format_version": FORMAT_VERSION}
     self._mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self._stored(state)),
                                                  meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -139,17 +187,28 @@ class Checkpointer:
     """Blocks until every started write is complete (and committed)."""
     self._mgr.wait_until_finished()
 
+  def meta(self, step: int) -> dict:
+    """The JSON record of step `step`, read alone; `FormatMismatch` when it is of another format."""
+    meta = dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+    found = meta.pop("format_version", None)
+    if found != FORMAT_VERSION:
+      raise FormatMismatch(str(self.path_of(step)), found)
+    return meta
+
   def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Step `step` (default: the newest) onto the shardings and dtypes of `state_template` (concrete or
-    abstract arrays), without fallback."""
+    """Step `step` (default: the newest) onto the shardings and dtypes of `state_template` (abstract
+    `jax.ShapeDtypeStruct`s with shardings, or concrete arrays), without fallback. The step's format is
+    checked before any array is read. With `adapters_only` the template's params must be concrete: the
+    frozen base comes from them."""
     step = self.latest_step() if step is None else step
+    meta = self.meta(step)
     out = self._mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(self._stored(state_template))), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(_abstract(self._stored(state_template)))))
     state = out.state
     if self.adapters_only:  # the frozen base comes from the template
       state = state.replace(params=lora.with_adapters(lora.base_params(state_template.params),
                                                       lora.adapters(state.params)))
-    return state, dict(out.meta)
+    return state, meta
 
   def restore_latest(self, state_template: Any) -> Restored | None:
     """The newest checkpoint that every process can read, or None when there is none. An unreadable one is
@@ -161,6 +220,8 @@ class Checkpointer:
       try:
         state, meta = self.restore(state_template, step)
         error = None
+      except FormatMismatch:  # not damage: falling back to an older step of the same run cannot help
+        raise
       except Exception as e:  # pylint: disable=broad-except  (tensorstore, JSON, missing items: all unreadable)
         state, meta, error = None, None, e
       if _all_processes(error is None):

@@ -57,6 +57,11 @@ class MicroBatch(NamedTuple):
   weight: float  # its share of the mini-batch loss
 
 
+def _names(path) -> tuple[str, ...]:
+  """A pytree path as plain names (dict keys, dataclass fields, sequence indices)."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 class Updater:
   """The micro-step and apply programs of one loss and optimizer (see the module docstring)."""
 
@@ -90,6 +95,24 @@ class Updater:
     if isinstance(first.sharding, NamedSharding):
       return sharding.replicate_rest(state, first.sharding.mesh)
     return jax.device_put(state, first.sharding)
+
+  def abstract_state(self, params: Any, mesh: jax.sharding.Mesh) -> TrainState:
+    """The train state as `init_state` + `sharding.replicate_rest` make it, as `jax.ShapeDtypeStruct`s with
+    their shardings and no memory: optimizer moments sharded like the parameter they belong to (as
+    `tx.init` on sharded arrays makes them), counters and keys replicated. What a checkpoint restores onto
+    and what memory plans compile against. `params` may be concrete or abstract."""
+    shapes = jax.eval_shape(self.init_state, params, jax.random.key(0))
+    by_path = {_names(p): x.sharding for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def place(path, x):
+      names = _names(path)
+      for i in range(len(names)):
+        s = by_path.get(names[i:])
+        if s is not None and len(getattr(s, "spec", ())) <= x.ndim:
+          return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep)
+    return jax.tree_util.tree_map_with_path(place, shapes)
 
   def init_accum(self, params: Any) -> Any:
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self.trainable(params))
