@@ -222,9 +222,21 @@ def _update_plans(st: Setting, updater: update_lib.Updater, arrays: dict, settin
   micro = st.compile(updater.micro_step, st.params, accum, abstract_like(arrays, st.mesh), weight, settings)
   apply = st.compile(updater.apply, state, accum, weight)
   rows = arrays["input_ids"].shape
-  return [plan_row(f"{label} gradient micro-step (+ accumulation)", f"{rows[0]} x {rows[1]} tokens", micro,
+  return [restore_row(st, state, ref_bytes, label),
+          plan_row(f"{label} gradient micro-step (+ accumulation)", f"{rows[0]} x {rows[1]} tokens", micro,
                    opt_bytes + ref_bytes, st.hbm_gib),
           plan_row(f"{label} optimizer apply", "clip + AdamW + finite check", apply, ref_bytes, st.hbm_gib)], opt_bytes
+
+
+def restore_row(st: Setting, state: Any, ref_bytes: int, label: str) -> ProgramPlan:
+  """Resuming: `Checkpointer.restore_latest` onto `Updater.abstract_state` (no concrete template), then
+  the reference. No program runs: orbax allocates the restored arrays (out) beside the policy loaded at
+  start-up (resident); what a step checkpoint holds of the params is the adapters alone for LoRA."""
+  stored = lora.adapters(st.params) if st.mcfg.lora.enabled else st.params
+  out = device_bytes(stored) + device_bytes(state.replace(params=None)) + ref_bytes
+  what = "train state" + (" + reference" if ref_bytes else "") + (" (adapters)" if st.mcfg.lora.enabled else "")
+  return ProgramPlan(f"{label} restore (checkpoint onto abstract shapes)", what, 0, out, 0, 0,
+                     device_bytes(st.params), int(st.hbm_gib * GIB))
 
 
 def aepo_plans(st: Setting) -> list[ProgramPlan]:

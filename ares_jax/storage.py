@@ -159,6 +159,22 @@ def move(src: PathLike, dst: PathLike) -> None:
   src.unlink()
 
 
+def move_folder(src: PathLike, dst: PathLike) -> None:
+  """Moves folder `src` to `dst` (which must not exist): a rename locally; on an object store a server-side
+  copy of every object, then the deletion of `src` (two steps: a reader may meanwhile see both)."""
+  src, dst = path(src), path(dst)
+  if not is_remote(src) and not is_remote(dst):
+    os.rename(src, dst)
+    return
+  found = _fsspec(src) if is_remote(src) and is_remote(dst) else None
+  if found is None:
+    src.rename(dst)
+    return
+  fs, s = found
+  fs.copy(s.rstrip("/") + "/", os.fspath(dst).rstrip("/") + "/", recursive=True)
+  fs.rm(s, recursive=True)
+
+
 @contextlib.contextmanager
 def atomic_open(p: PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
   """A file to write `p` through: it replaces `p` only when the block ends without an exception (see the

@@ -39,7 +39,7 @@ def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
   names = [p.name for p in plans]
   for expected in ("pass-rate rollout chunk", "SFT gradient micro-step", "SFT optimizer apply", "decode weights",
                    "rollout chunk", "old log-probs", "reference log-probs (bfloat16)", "AEPO gradient micro-step",
-                   "AEPO optimizer apply"):
+                   "AEPO optimizer apply", "SFT restore", "AEPO restore"):
     assert any(n.startswith(expected) for n in names), (expected, names)
   st = mp.Setting.create(c, jax.devices(), 1.0)
   params = cm.device_bytes(st.params)
@@ -60,6 +60,12 @@ def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
   # the apply donates the state and the accumulator: its updated state is written in place
   assert apply.alias >= params + opt
   assert by_name["reference log-probs (bfloat16)"].resident == opt + params
+  # resuming: the restored state (params + moments + counters) and reference beside the loaded policy, with
+  # no concrete template state; never above the training programs
+  restore = by_name["AEPO restore (checkpoint onto abstract shapes)"]
+  assert restore.resident == params and params + opt + ref <= restore.out <= params + opt + ref + 4096
+  assert restore.args == restore.temp == restore.alias == 0
+  assert restore.peak <= micro.peak
   # sharded over 8 devices: a device holds about an eighth of the parameters
   total = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(st.params))
   assert params < total / 4

@@ -245,7 +245,7 @@ class Checkpointer:
         aside = self.directory / f"unreadable-{step}"
         if aside.exists():
           aside.rmtree()
-        self.path_of(step).rename(aside)
+        storage.move_folder(self.path_of(step), aside)
         absl_logging.warning("moved the unreadable checkpoint %s to %s", self.path_of(step), aside)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
