@@ -1,5 +1,6 @@
 """Two JAX processes on one machine (gloo collectives, 2 simulated CPU devices each) run the whole `ares`
-pipeline and write what one process with the same 4-device mesh writes (design.md 7: the multi-host test)."""
+pipeline in a shared `gs://` workdir (a GCS API on loopback, conftest's `bucket`), as a pod's hosts do, and
+write what one process with the same 4-device mesh writes locally (design.md 7: the multi-host test)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load, load_file
+
+from ares_jax import storage
 
 from processes import free_port, run_together
 
@@ -32,9 +35,9 @@ def _env(devices: int, **extra) -> dict:
   return env
 
 
-def _rows(path: Path) -> list[dict]:
+def _rows(path) -> list[dict]:
   return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
-          for line in path.read_text().splitlines()]
+          for line in storage.read_text(path).splitlines()]
 
 
 def _assert_rows_close(a: list[dict], b: list[dict]) -> None:
@@ -49,9 +52,9 @@ def _assert_rows_close(a: list[dict], b: list[dict]) -> None:
   assert not bad, bad
 
 
-def test_two_processes_write_what_one_process_writes(tmp_path):
+def test_two_processes_write_what_one_process_writes(tmp_path, bucket):
   port = free_port()
-  multi, single = tmp_path / "multi", tmp_path / "single"
+  multi, single = storage.path(f"{bucket}/multi"), tmp_path / "single"
   # Process 1's grader would time out on every item (1 us): grading runs on process 0 alone and is
   # broadcast, so both processes apply process 0's rewards and the run still equals the one-process run.
   hang = [[], ["--config.aepo.grading_timeout_s=0.000001"]]
@@ -75,8 +78,12 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
   _assert_rows_close(aepo_multi[:1], aepo_single[:1])
   assert [(r["step"], r.keys()) for r in aepo_multi] == [(r["step"], r.keys()) for r in aepo_single]
   for name in ("selection.jsonl", "pass_rates.jsonl"):
-    assert (multi / "adacs" / name).read_text() == (single / "adacs" / name).read_text()
-  a, b = (load_file(str(w / "adacs" / "policy" / "model.safetensors")) for w in (multi, single))
+    assert storage.read_text(multi / "adacs" / name) == (single / "adacs" / name).read_text()
+  # Everything in the bucket: both stages' checkpoints (orbax, every process writing its shards) and policies.
+  assert {"1", "2", "reference"} <= set(storage.listdir(multi / "aepo" / "checkpoints"))
+  assert storage.listdir(multi / "adacs" / "checkpoints") and storage.exists(multi / "aepo" / "policy" / "config.json")
+  a = load(storage.read_bytes(multi / "adacs" / "policy" / "model.safetensors"))
+  b = load_file(str(single / "adacs" / "policy" / "model.safetensors"))
   assert a.keys() == b.keys()
   for name in a:  # the exported policy was gathered from both processes' shards
     np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)

@@ -299,8 +299,12 @@ def test_updates_skipped_max_skipped_updates_times_in_a_row_stop_the_run(tmp_pat
   assert 1 <= len(rows) < 20 and all(r["update_skipped"] == 1.0 for r in rows)
 
 
-def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tmp_path, monkeypatch):
-  """AdaCS's SFT loop, in this process: the handler catches the SIGTERM the process sends itself."""
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tmp_path, monkeypatch, where, request):
+  """AdaCS's SFT loop, in this process: the handler catches the SIGTERM the process sends itself. Locally
+  and with its workdir and checkpoints on gs:// (the GCS emulator)."""
+  from ares_jax import storage  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
   from ares_jax.stages import adacs as adacs_stage  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(fsdp=1)
   c = load_config("tiny.py")
@@ -312,8 +316,8 @@ def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tm
               for _ in range(8)]  # 4 steps
 
   def train(name: str):
-    c.workdir = str(tmp_path / name)
-    ck = Checkpointer(str(tmp_path / name / "checkpoints"))
+    c.workdir = f"{base}/{name}"
+    ck = Checkpointer(f"{base}/{name}/checkpoints")
     try:
       return adacs_stage.train_sft(c, mcfg, jax.tree.map(jnp.copy, params), examples, ck, mesh, 0)
     finally:
@@ -324,10 +328,12 @@ def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tm
   with pytest.raises(Preempted) as stopped:
     train("cut")
   assert stopped.value.code == 0 and stopped.value.step == 2
-  assert Checkpointer(str(tmp_path / "cut" / "checkpoints")).steps() == [2]
+  assert Checkpointer(f"{base}/cut/checkpoints").steps() == [2]
   monkeypatch.delenv("ARES_TEST_SIGTERM_AT_STEP")
   resumed = train("cut")
-  assert _rows(tmp_path / "cut") == _rows(tmp_path / "straight")
+  rows = lambda name: [{k: v for k, v in r.items() if not k.startswith("time/")}
+                       for r in storage.read_jsonl(f"{base}/{name}/metrics.jsonl")]
+  assert rows("cut") == rows("straight")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
 
 
@@ -386,3 +392,37 @@ def test_two_processes_agree_on_the_stop_step_with_or_without_jax_preemption_ser
   assert stops[0] == stops[1] and 3 <= int(stops[0][0]) <= (3 if mode == "allgather" else 6), stops
   cost_ms = float(re.search(r"COST_MS (\S+)", logs[0]).group(1))
   assert cost_ms < (1.0 if mode == "jax" else 100.0), cost_ms  # measured: ~0.0002 ms (jax), ~6 ms (allgather)
+
+
+def test_a_checkpoint_of_another_format_is_refused_in_one_line_before_any_array_is_read(tmp_path, monkeypatch):
+  from ares_jax import main
+  from ares_jax.train import checkpoint as ck_lib
+  state = {"a": jnp.arange(4.0)}
+  ck = Checkpointer(str(tmp_path / "ck"))
+  ck.save(1, state, {"data_position": 4})
+  ck.close()
+  assert ck_lib.storage.read_json(tmp_path / "ck" / "format.json") == {"format_version": ck_lib.FORMAT_VERSION}
+  _corrupt_arrays = [p for p in (tmp_path / "ck" / "1" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  for p in _corrupt_arrays:  # reading any array now fails with tensorstore's error, not ours
+    os.truncate(p, 1)
+  now = ck_lib.FORMAT_VERSION
+  # A newer ares_jax opening this directory: refused at once, from the directory's record.
+  monkeypatch.setattr(ck_lib, "FORMAT_VERSION", now + 1)
+  with pytest.raises(ck_lib.FormatMismatch) as e:
+    Checkpointer(str(tmp_path / "ck"))
+  assert str(e.value) == (f"{tmp_path / 'ck'}: checkpoint format version {now}, this ares_jax reads version "
+                          f"{now + 1}; start fresh (a new --config.workdir, or delete its checkpoints/) or resume with "
+                          "the ares_jax release that wrote it")
+  assert main.is_user_error(e.value)  # main prints it as one FATAL line
+  # A step whose own record is of another format (copied in from another run): refused by the step check
+  # before its arrays are read, and not taken for damage (no fallback, nothing moved aside).
+  ck_lib.storage.write_json(tmp_path / "ck" / "format.json", {"format_version": now + 1})
+  with pytest.raises(ck_lib.FormatMismatch, match=f"ck/1: checkpoint format version {now}, this ares_jax reads "
+                                                   f"version {now + 1}"):
+    Checkpointer(str(tmp_path / "ck")).restore_latest(state)
+  assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1", "format.json"]
+  # A directory of steps without any record: written before versions were recorded.
+  monkeypatch.setattr(ck_lib, "FORMAT_VERSION", now)
+  os.remove(tmp_path / "ck" / "format.json")
+  with pytest.raises(ck_lib.FormatMismatch, match=r"version none recorded \(format 1 or older\)"):
+    Checkpointer(str(tmp_path / "ck"))
