@@ -23,6 +23,12 @@ def slow_or_crashing(response: str, gold: str) -> float:
   return float(response == gold)
 
 
+def slow_grade_one(response: str, gold: str) -> float:
+  """`grading.grade_one`, 0.05 s slower: grading lasts long enough to be interrupted (test_preemption)."""
+  time.sleep(0.05)
+  return grading.grade_one(response, gold)
+
+
 def suffixed(response: str, gold: str, suffix: str = "") -> float:
   return float(response + suffix == gold)
 

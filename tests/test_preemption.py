@@ -83,6 +83,32 @@ main.cli()
 """
 
 
+# `python -c GROUP_SIGTERM_IN_GRADING <flags>`: the stage with a grader 0.05 s slower per item; 0.3 s into the
+# grading of step $AT_STEP a timer sends SIGTERM to the whole process group (the run's own, see
+# test_sigterm_to_the_process_group_during_grading_...), as a scheduler stopping a job does.
+GROUP_SIGTERM_IN_GRADING = """
+import os, signal, sys, threading
+sys.path.insert(0, os.environ["TESTS_DIR"])
+import test_grading
+from ares_jax.data import grading
+from ares_jax.stages import setup
+setup.build_grader = lambda config: grading.Grader(workers=config.grading_workers,
+                                                   timeout_s=config.aepo.grading_timeout_s,
+                                                   fn=test_grading.slow_grade_one)
+calls = [0]
+_grade = grading.Grader.grade
+def grade(self, *args, **kwargs):
+  calls[0] += 1
+  if calls[0] == int(os.environ["AT_STEP"]):
+    threading.Timer(0.3, os.killpg, (os.getpgid(0), signal.SIGTERM)).start()
+  return _grade(self, *args, **kwargs)
+grading.Grader.grade = grade
+from ares_jax import main
+sys.argv[0] = "ares_jax.main"
+main.cli()
+"""
+
+
 def _env(devices: int, **extra) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
              JAX_PLATFORMS="cpu")
@@ -106,7 +132,7 @@ def _rows(workdir: Path) -> list[dict]:
 
 
 def _ckpt_dirs(workdir: Path) -> list[str]:
-  return sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  return sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.is_dir())
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
@@ -176,6 +202,44 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(chain
   assert re.search(r"resumed from \S+/checkpoints/2 \(data position 8\)", chain.log3)
   assert chain.rows3 == _rows(chain.straight)
   assert chain.dirs3 == ["2", "4", "reference", "unreadable-3"]  # orbax's leftover temporary folder is gone
+
+
+def test_sigterm_to_the_process_group_during_grading_checkpoints_the_uninterrupted_rewards(chain, tmp_path,
+                                                                                           xla_cache):
+  """The grader's workers ignore the SIGTERM that reaches the whole group; the step in flight is graded in
+  full, so the checkpointed step's rewards and metrics are the uninterrupted run's; no worker outlives it."""
+  import test_grading  # pylint: disable=g-import-not-at-top
+  log = tmp_path / "run.log"
+  with open(log, "w") as f:
+    proc = subprocess.Popen([sys.executable, "-c", GROUP_SIGTERM_IN_GRADING, *SMALL, xla_cache,
+                             f"--config.workdir={tmp_path / 'run'}"], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            env=_env(1, AT_STEP=2, TESTS_DIR=str(ROOT / "tests")), start_new_session=True)
+    rc = proc.wait(timeout=900)
+  out = log.read_text()
+  assert rc == 0, out[-3000:]
+  assert re.search(r"aepo: preempted; stopped after step 2 with a checkpoint at \S+/checkpoints/2", out), out[-3000:]
+  rows = _rows(tmp_path / "run")
+  assert rows == _rows(chain.straight)[:2]
+  assert all(r["grading/timeouts"] == 0 for r in rows)
+  assert not test_grading._running_in_group(proc.pid)
+
+
+def test_a_missing_reference_is_rebuilt_from_the_starting_policy_or_named(chain, tmp_path, xla_cache):
+  import shutil  # pylint: disable=g-import-not-at-top
+  work = tmp_path / "work"
+  shutil.copytree(chain.work, work)
+  shutil.rmtree(work / "checkpoints" / "reference")
+  # Warm-started: the reference (the warm start's result) cannot be rebuilt: one line, exit 2.
+  rc, log = _run(MAIN + SMALL + [xla_cache, f"--config.workdir={work}", "--config.warm_start.steps=5"],
+                 tmp_path / "warm.log")
+  assert rc == 2 and re.search(r"FATAL: \S+/checkpoints/reference is missing: the reference policy \(this run's "
+                               r"warm-started policy of step 0\) cannot be rebuilt", log), log[-3000:]
+  # Started from the seed's initialisation (as model.hf_path would be): rebuilt, saved, the run goes on.
+  rc, log = _run(MAIN + SMALL + [xla_cache, f"--config.workdir={work}", "--config.total_steps=5"],
+                 tmp_path / "rebuild.log")
+  assert rc == 0 and re.search(r"checkpoints/reference is missing: rebuilt from the starting policy "
+                               r"\(initialisation from seed 0\)", log), log[-3000:]
+  assert (work / "checkpoints" / "reference").is_dir() and [r["step"] for r in _rows(work)] == [1, 2, 3, 4, 5]
 
 
 def test_the_reference_policy_is_saved_once_and_not_in_step_checkpoints(chain):

@@ -39,6 +39,23 @@ from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
 
 
+def restore_reference(config: ml_collections.ConfigDict, ckpt: Checkpointer, params: Any) -> Any:
+  """The reference policy saved at step 0. When it is missing it is rebuilt from the starting policy if that
+  is rebuilt the same way (`model.hf_path`, or the seed's initialisation), else the run stops in one line."""
+  template = aepo_update.reference_template(params, config.aepo.ref_dtype)
+  if ckpt.has("reference"):
+    return ckpt.restore_once("reference", template)
+  where = f"{ckpt.directory}/reference"
+  if policy_lib.warm_start_due(config):
+    raise FileNotFoundError(f"{where} is missing: the reference policy (this run's warm-started policy of step 0) "
+                            "cannot be rebuilt; put that folder back or start fresh (a new --config.workdir)")
+  logging.warning("%s is missing: rebuilt from the starting policy (%s) and saved again", where,
+                  config.model.hf_path or f"initialisation from seed {config.seed}")
+  ref_params = aepo_update.reference_copy(params, config.aepo.ref_dtype)
+  ckpt.save_once("reference", ref_params)
+  return ref_params
+
+
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
   mesh, mcfg, tok, params, pad_id = b.mesh, b.mcfg, b.tokenizer, b.params, b.pad_id
@@ -69,8 +86,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     start = 0
   else:
     start, state, meta = restored
-    ref_params = None if adapted else ckpt.restore_once("reference",
-                                                        aepo_update.reference_template(params, a.ref_dtype))
+    ref_params = None if adapted else restore_reference(config, ckpt, params)
     logging.info("resumed from %s (data position %d)", ckpt.path_of(start), meta["data_position"])
   # rollout.chunk_prompts=0: the largest chunk whose rollout fits beside the optimizer state and reference
   sc = setup.chunked(config, b, sc, r_cfg.prompts_per_step, (state.opt_state, ref_params))
