@@ -141,24 +141,6 @@ def _upload_file(local: str, dst: epath.Path) -> None:
     shutil.copyfileobj(fin, fout, _CHUNK)
 
 
-def move(src: PathLike, dst: PathLike) -> None:
-  """Moves file `src` over `dst` (replacing it): `os.replace` locally; on an object store a server-side
-  copy, then a delete of `src` (what GCS offers: there is no rename)."""
-  src, dst = path(src), path(dst)
-  if not is_remote(src) and not is_remote(dst):
-    os.replace(src, dst)
-    return
-  found = _fsspec(src) if is_remote(src) and is_remote(dst) else None
-  if found is not None:
-    fs, s = found
-    fs.copy(s, os.fspath(dst))
-    fs.rm(s)
-    return
-  with src.open("rb") as fin, dst.open("wb") as fout:
-    shutil.copyfileobj(fin, fout, _CHUNK)
-  src.unlink()
-
-
 def move_folder(src: PathLike, dst: PathLike) -> None:
   """Moves folder `src` to `dst` (which must not exist): a rename locally; on an object store a server-side
   copy of every object, then the deletion of `src` (two steps: a reader may meanwhile see both)."""

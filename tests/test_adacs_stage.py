@@ -91,24 +91,28 @@ def test_spearman_and_length_tables():
   assert after == {"s": {"0.000": {"n": 1, "median": 30.0, "mean": 30.0}}}
 
 
-def test_pass_rates_resume_equals_uninterrupted(tmp_path, tiny_parts):
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_pass_rates_resume_equals_uninterrupted(tmp_path, tiny_parts, where, request):
+  """Locally, and in a gs:// bucket (the GCS emulator), where progress lines are appended by uploading again."""
+  from ares_jax import storage  # pylint: disable=g-import-not-at-top
+  base = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
   c, mcfg, tok, proc, params = tiny_parts
   pool = adacs_stage.synthetic_pool(c)[:10]
   ids = [q.id for q in pool]
   sc = setup.sampling_config(c, tok, mcfg, n=3, max_branches=0)
   stream = lambda: _pool_stream(c, pool, proc)
   with Grader(workers=1) as grader:
-    full_path = str(tmp_path / "full.jsonl")
+    full_path = f"{base}/full.jsonl"
     full = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc, jax.random.key(3),
                                full_path, batch_size=4)
-    lines = Path(full_path).read_text().splitlines()
+    lines = storage.read_text(full_path).splitlines()
     assert len(lines) == 10 and all(r in {0.0, 1 / 3, 2 / 3, 1.0} for r in full.values())
     # Killed during batch 2 (rows 4..7): its first line made it, the second was cut off mid-write.
-    part_path = tmp_path / "part.jsonl"
-    part_path.write_text("\n".join(lines[:5]) + "\n" + lines[5][:7])
-    assert len(read_progress(str(part_path))) == 5
+    part_path = f"{base}/part.jsonl"
+    storage.write_text(part_path, "\n".join(lines[:5]) + "\n" + lines[5][:7])
+    assert len(read_progress(part_path)) == 5
     resumed = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc,
-                                  jax.random.key(3), str(part_path), batch_size=4)
+                                  jax.random.key(3), part_path, batch_size=4)
   assert resumed == full
 
 

@@ -92,13 +92,24 @@ def test_workers_outlive_a_sigterm_to_the_process_group_and_end_with_the_parent(
   assert proc.returncode == 0, err[-3000:]
   assert "SIGTERM 1 ACC 101010101010 TIMEOUTS 0" in out, out + err[-3000:]
   workers = [int(p) for p in out.split("WORKERS", 1)[1].split("\n", 1)[0].split()]
-  time.sleep(0.2)
-  left = _running_in_group(proc.pid)  # the session's process group: nothing alive once the parent has exited
-  assert not left and not set(workers) & set(left), left
+  assert len(workers) == 2  # both outlived the SIGTERM (the grades above) ...
+  left = _running_in_group(proc.pid)  # ... and nothing of the group is alive once the parent has exited
+  assert not left, left
 
 
-def _running_in_group(pgid: int) -> list[int]:
-  """Processes of process group `pgid` that are not zombies (a zombie has exited; here nobody may reap it)."""
+def _running_in_group(pgid: int, within_s: float = 10.0) -> list[tuple[int, str]]:
+  """(pid, command line) of the processes of process group `pgid` that are not zombies (a zombie has exited;
+  here nobody may reap it), once none is left or after `within_s` seconds (multiprocessing's resource
+  tracker exits just after its parent)."""
+  deadline = time.monotonic() + within_s
+  while True:
+    left = _group_members(pgid)
+    if not left or time.monotonic() > deadline:
+      return left
+    time.sleep(0.1)
+
+
+def _group_members(pgid: int) -> list[tuple[int, str]]:
   out = []
   for d in os.listdir("/proc"):
     if d.isdigit():
@@ -108,5 +119,6 @@ def _running_in_group(pgid: int) -> list[int]:
       except OSError:
         continue
       if int(fields[2]) == pgid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, ...
-        out.append(int(d))
+        with open(f"/proc/{d}/cmdline", "rb") as f:
+          out.append((int(d), f.read().replace(b"\0", b" ").decode(errors="replace")[:200]))
   return out

@@ -71,6 +71,7 @@ def gs_chain(gcs, tmp_path_factory) -> types.SimpleNamespace:
   return out
 
 
+@pytest.mark.xdist_group("gs_chain")
 def test_sigterm_on_gs_exits_0_with_the_checkpoint_in_the_bucket(gs_chain):
   c = gs_chain
   assert c.rc1 == 0, c.log1[-3000:]
@@ -80,6 +81,7 @@ def test_sigterm_on_gs_exits_0_with_the_checkpoint_in_the_bucket(gs_chain):
   assert c.rows1 == _rows(c.straight)[:3]
 
 
+@pytest.mark.xdist_group("gs_chain")
 def test_the_relaunch_on_gs_continues_step_for_step_and_exports_the_same_policy(gs_chain):
   c = gs_chain
   assert c.rc2 == 0, c.log2[-3000:]
@@ -92,6 +94,7 @@ def test_the_relaunch_on_gs_continues_step_for_step_and_exports_the_same_policy(
       assert f.read() == blob, name
 
 
+@pytest.mark.xdist_group("gs_chain")
 def test_a_corrupt_newest_checkpoint_in_the_bucket_is_moved_aside(gs_chain):
   c = gs_chain
   assert c.rc3 == 0, c.log3[-3000:]
@@ -101,6 +104,7 @@ def test_a_corrupt_newest_checkpoint_in_the_bucket_is_moved_aside(gs_chain):
   assert {"3", "4", "reference", "unreadable-4", "format.json"} <= set(c.listing3)
 
 
+@pytest.mark.xdist_group("gs_chain")
 def test_the_run_kept_everything_in_the_bucket_and_its_policy_loads_in_transformers(gs_chain):
   from transformers import Qwen2_5_VLForConditionalGeneration
   c = gs_chain

@@ -174,6 +174,7 @@ def chain(tmp_path_factory, xla_cache) -> types.SimpleNamespace:
   return out
 
 
+@pytest.mark.xdist_group("preemption_chain")
 def test_sigterm_in_the_middle_of_a_step_exits_0_with_a_checkpoint_at_that_step(chain):
   assert chain.rc1 == 0, chain.log1[-3000:]
   assert re.search(r"preemption requested \(signal, SIGTERM [\d.]+ s ago on this process\): stopping after step 3",
@@ -184,17 +185,20 @@ def test_sigterm_in_the_middle_of_a_step_exits_0_with_a_checkpoint_at_that_step(
   assert chain.rows1 == _rows(chain.straight)[:3]
 
 
+@pytest.mark.xdist_group("preemption_chain")
 def test_the_resumed_run_matches_the_uninterrupted_run(chain):
   assert re.search(r"resumed from \S+/checkpoints/3 \(data position 12\)", chain.log2), chain.log2[-3000:]
   assert chain.rows2 == _rows(chain.straight)  # step 4's metrics were written before its checkpoint write
 
 
+@pytest.mark.xdist_group("preemption_chain")
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoints(chain):
   assert chain.rc2 == -9, chain.log2[-3000:]
   assert [d for d in chain.dirs2 if not d.startswith("4.orbax-checkpoint-tmp")] == ["2", "3", "reference"]
   assert any(d.startswith("4.orbax-checkpoint-tmp") for d in chain.dirs2)  # the write was under way
 
 
+@pytest.mark.xdist_group("preemption_chain")
 def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(chain):
   assert chain.rc3 == 0, chain.log3[-3000:]
   # 4 never completed, so 3 is the newest; it is unreadable, so the run goes back to 2 and redoes 3 and 4.
@@ -204,6 +208,7 @@ def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(chain
   assert chain.dirs3 == ["2", "4", "reference", "unreadable-3"]  # orbax's leftover temporary folder is gone
 
 
+@pytest.mark.xdist_group("preemption_chain")
 def test_sigterm_to_the_process_group_during_grading_checkpoints_the_uninterrupted_rewards(chain, tmp_path,
                                                                                            xla_cache):
   """The grader's workers ignore the SIGTERM that reaches the whole group; the step in flight is graded in
@@ -224,6 +229,7 @@ def test_sigterm_to_the_process_group_during_grading_checkpoints_the_uninterrupt
   assert not test_grading._running_in_group(proc.pid)
 
 
+@pytest.mark.xdist_group("preemption_chain")
 def test_a_missing_reference_is_rebuilt_from_the_starting_policy_or_named(chain, tmp_path, xla_cache):
   import shutil  # pylint: disable=g-import-not-at-top
   work = tmp_path / "work"
@@ -242,6 +248,7 @@ def test_a_missing_reference_is_rebuilt_from_the_starting_policy_or_named(chain,
   assert (work / "checkpoints" / "reference").is_dir() and [r["step"] for r in _rows(work)] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.xdist_group("preemption_chain")
 def test_the_reference_policy_is_saved_once_and_not_in_step_checkpoints(chain):
   assert _mtimes(chain.work / "checkpoints" / "reference") == chain.reference1  # two resumes rewrote nothing
   metadata = json.loads((chain.work / "checkpoints" / "4" / "state" / "_METADATA").read_text())
