@@ -492,8 +492,18 @@ def test_a_checkpoint_of_another_format_is_refused_in_one_line_before_any_array_
                                                    f"version {now + 1}"):
     Checkpointer(str(tmp_path / "ck")).restore_latest(state)
   assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["1", "format.json"]
-  # A directory of steps without any record: written before versions were recorded.
+  # Steps without a version (written before versions were recorded): tried; one that restores onto this
+  # version's state is used (with a warning), one that does not is refused in one line.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(ck_lib, "FORMAT_VERSION", now)
-  os.remove(tmp_path / "ck" / "format.json")
-  with pytest.raises(ck_lib.FormatMismatch, match=r"version none recorded \(format 1 or older\)"):
-    Checkpointer(str(tmp_path / "ck"))
+  legacy = Checkpointer(str(tmp_path / "legacy"))
+  legacy._mgr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                              meta=ocp.args.JsonSave({"data_position": 12})))
+  legacy.close()
+  restored = Checkpointer(str(tmp_path / "legacy")).restore_latest(state)
+  assert restored.step == 3 and restored.meta == {"data_position": 12}
+  np.testing.assert_array_equal(restored.state["a"], np.arange(4.0))
+  with pytest.raises(ck_lib.FormatMismatch, match=r"legacy/3: checkpoint format version none recorded \(format 1 or "
+                                                   r"older\), this ares_jax reads version \d+ and it does not restore "
+                                                   r"onto this version's train state \(.+\); start fresh"):
+    Checkpointer(str(tmp_path / "legacy")).restore_latest({"a": jnp.arange(4.0), "extra": jnp.ones(2)})

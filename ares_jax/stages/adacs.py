@@ -200,9 +200,9 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
   start = restored.step if restored else 0
   if restored:
     state = restored.state
+    logging.info("AdaCS SFT resumed from %s (step %d of %d)", ckpt.path_of(start), start, total)
   else:
     state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
-    logging.info("AdaCS SFT resumed from %s (step %d of %d)", ckpt.path_of(start), start, total)
   writer = MetricsWriter(config.workdir, resume_step=start or None)
   lengths = np.array([len(t) for _, t in examples])
   stop = run_control.StopRequests(CheckpointSettings.from_config(config).preemption, "adacs sft")

@@ -22,8 +22,9 @@ JSON record (data position, anything the loop needs to continue exactly). Why ea
   cut to the adapters (the frozen base never changes); a restore takes the base from the template.
 - Versioned (`FORMAT_VERSION`): every step checkpoint's JSON record holds the format it was written in,
   and the directory holds it too (`format.json`, for the items saved once). A checkpoint of another
-  format is refused with one line naming both versions, before any array is read; a step without a
-  record predates versioning (format 1 and older) and is refused the same way.
+  format is refused with one line naming both versions, before any array is read. A step without a
+  version predates versioning: it is tried (the format of the last unversioned release reads as this
+  one), and when no such step restores onto this version's train state, that is the one line.
 - Onto abstract shapes: `restore` takes a template of `jax.ShapeDtypeStruct`s carrying the target
   shardings (`Updater.abstract_state`), so no concrete optimizer state is built only to be replaced.
 The directory may be local or `gs://` (etils epath, as orbax uses); every process calls every method.
@@ -85,14 +86,16 @@ _FORMAT_FILE = "format.json"
 
 
 class FormatMismatch(RuntimeError):
-  """A checkpoint written in another format version than this code reads."""
+  """A checkpoint written in another format version than this code reads (`found` None: unversioned, and
+  it did not restore: `detail` says how)."""
 
-  def __init__(self, where: str, found: int | None):
+  def __init__(self, where: str, found: int | None, detail: str = ""):
     found_text = "none recorded (format 1 or older)" if found is None else str(found)
+    why = f" and it does not restore onto this version's train state ({detail})" if detail else ""
     super().__init__(
-        f"{where}: checkpoint format version {found_text}, this ares_jax reads version {FORMAT_VERSION}; start "
-        f"fresh (a new --config.workdir, or delete its checkpoints/) or resume with the ares_jax release that "
-        f"wrote it")
+        f"{where}: checkpoint format version {found_text}, this ares_jax reads version {FORMAT_VERSION}{why}; "
+        f"start fresh (a new --config.workdir, or delete its checkpoints/) or resume with the ares_jax release "
+        f"that wrote it")
     self.found = found
 
 
@@ -144,16 +147,14 @@ class Checkpointer:
                                              cleanup_tmp_directories=True))
 
   def _check_format(self) -> None:
-    """Refuses a directory of another format; records this one's in a new (or unversioned empty) one."""
+    """Refuses a directory of another format; records this one's where none is recorded (a new directory,
+    or one of unversioned steps, which `restore` checks one by one)."""
     record = self.directory / _FORMAT_FILE
     if record.exists():
       found = int(storage.read_json(record).get("format_version", -1))
       if found != FORMAT_VERSION:
         raise FormatMismatch(str(self.directory), found)
-      return
-    if self.directory.exists() and any(n.isdigit() for n in storage.listdir(self.directory)):
-      raise FormatMismatch(str(self.directory), None)  # steps written before versions were recorded
-    if jax.process_index() == 0:
+    elif jax.process_index() == 0:
       storage.write_json(record, {"format_version": FORMAT_VERSION})
 
   @classmethod
@@ -187,23 +188,32 @@ class Checkpointer:
     """Blocks until every started write is complete (and committed)."""
     self._mgr.wait_until_finished()
 
-  def meta(self, step: int) -> dict:
-    """The JSON record of step `step`, read alone; `FormatMismatch` when it is of another format."""
+  def meta(self, step: int) -> tuple[dict, int | None]:
+    """The JSON record of step `step`, read alone, and its format version (None: unversioned);
+    `FormatMismatch` when it records another version."""
     meta = dict(self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
     found = meta.pop("format_version", None)
-    if found != FORMAT_VERSION:
+    if found is not None and found != FORMAT_VERSION:
       raise FormatMismatch(str(self.path_of(step)), found)
-    return meta
+    return meta, found
 
   def restore(self, state_template: Any, step: int | None = None) -> tuple[Any, dict]:
     """Step `step` (default: the newest) onto the shardings and dtypes of `state_template` (abstract
     `jax.ShapeDtypeStruct`s with shardings, or concrete arrays), without fallback. The step's format is
-    checked before any array is read. With `adapters_only` the template's params must be concrete: the
-    frozen base comes from them."""
+    checked before any array is read; an unversioned step that does not restore raises `FormatMismatch`.
+    With `adapters_only` the template's params must be concrete: the frozen base comes from them."""
     step = self.latest_step() if step is None else step
-    meta = self.meta(step)
-    out = self._mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(self._stored(state_template)))))
+    meta, version = self.meta(step)
+    try:
+      out = self._mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(self._stored(state_template)))))
+    except Exception as e:  # pylint: disable=broad-except  (orbax / tensorstore errors of every kind)
+      if version is None:
+        raise FormatMismatch(str(self.path_of(step)), None, _one_line(e)) from e
+      raise
+    if version is None:
+      absl_logging.warning("%s records no format version (written before versions were recorded); it restored "
+                           "onto this version's train state", self.path_of(step))
     state = out.state
     if self.adapters_only:  # the frozen base comes from the template
       state = state.replace(params=lora.with_adapters(lora.base_params(state_template.params),
@@ -220,8 +230,10 @@ class Checkpointer:
       try:
         state, meta = self.restore(state_template, step)
         error = None
-      except FormatMismatch:  # not damage: falling back to an older step of the same run cannot help
-        raise
+      except FormatMismatch as e:
+        if e.found is not None:  # another version: not damage; an older step of the same run cannot help
+          raise
+        state, meta, error = None, None, e  # unversioned and unreadable: damaged, or of an older format
       except Exception as e:  # pylint: disable=broad-except  (tensorstore, JSON, missing items: all unreadable)
         state, meta, error = None, None, e
       if _all_processes(error is None):
