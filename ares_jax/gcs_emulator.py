@@ -84,7 +84,8 @@ class Emulator:
       urllib.request.urlopen(req, timeout=10).close()
     except urllib.error.HTTPError as e:
       if e.code != 409:  # 409: the bucket exists
-        raise
+        raise ValueError(f"bucket {name!r}: the emulator answered {e.code} {e.read().decode(errors='replace')[:200]} "
+                         "(GCS bucket names are 3-63 lowercase letters, digits, dashes, dots and underscores)") from e
 
   def alive(self) -> bool:
     return self.process.poll() is None
@@ -125,7 +126,7 @@ def start(port: int | None = None, buckets: Sequence[str] = (), root: str | None
   proc = subprocess.Popen(  # pylint: disable=consider-using-with
       [binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), *backend, "-external-url", url,
        "-log-level", log_level],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   emu = Emulator(url=url, port=port, process=proc)
   deadline = time.monotonic() + timeout
   while not _ready(url):
@@ -133,8 +134,12 @@ def start(port: int | None = None, buckets: Sequence[str] = (), root: str | None
       emu.stop()
       raise RuntimeError(f"fake-gcs-server did not start on {url} (exit code {proc.poll()})")
     time.sleep(0.05)
-  for b in buckets:
-    emu.create_bucket(b)
+  try:
+    for b in buckets:
+      emu.create_bucket(b)
+  except BaseException:
+    emu.stop()
+    raise
   return emu
 
 
