@@ -260,19 +260,16 @@ def test_compilation_cache_on_gs(bucket):
     compilation_cache.reset_cache()
 
 
-def test_the_emulator_refuses_a_bad_bucket_name_and_leaves_no_server():
+def test_the_emulator_refuses_a_bad_bucket_name_and_leaves_no_server(monkeypatch):
   from ares_jax import gcs_emulator
-  started = []
-  real = gcs_emulator.Emulator
+  stopped = []
+  real_stop = gcs_emulator.Emulator.stop
 
-  class Watched(real):  # the server process of the failed start, to check that it was stopped
-    def __post_init__(self):
-      started.append(self.process)
+  def stop(self, *args, **kwargs):  # the server of the failed start, to check that it ended
+    real_stop(self, *args, **kwargs)
+    stopped.append(self.process)
 
-  gcs_emulator.Emulator = Watched
-  try:
-    with pytest.raises(ValueError, match=r"bucket 'b': the emulator answered 400 .*invalid bucket name"):
-      gcs_emulator.start(buckets=["b"])
-  finally:
-    gcs_emulator.Emulator = real
-  assert len(started) == 1 and started[0].poll() is not None
+  monkeypatch.setattr(gcs_emulator.Emulator, "stop", stop)
+  with pytest.raises(ValueError, match=r"bucket 'b': the emulator answered 400 .*invalid bucket name"):
+    gcs_emulator.start(buckets=["b"])
+  assert len(stopped) == 1 and stopped[0].poll() is not None
