@@ -48,3 +48,21 @@ def bucket(gcs):
   name = f"test-{uuid.uuid4().hex[:16]}"
   gcs.create_bucket(name)
   return f"gs://{name}"
+
+
+@pytest.fixture(scope="session")
+def small_straight(tmp_path_factory, worker_id):
+  """The local workdir of the preemption tests' small AEPO run (test_preemption.SMALL), uninterrupted: what
+  the interrupted runs of test_preemption.py and test_object_store.py must equal. Made once per session:
+  xdist workers share it through a lock in the session's common temp folder."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  import test_preemption as tp  # pylint: disable=g-import-not-at-top
+  shared = tmp_path_factory.getbasetemp()
+  shared = shared.parent if worker_id != "master" else shared
+  work = shared / "small_straight"
+  with filelock.FileLock(str(shared / "small_straight.lock")):
+    if not (work / "metrics.jsonl").exists() or not (work / "policy" / "config.json").exists():
+      cache = f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"
+      rc, log = tp._run(tp.MAIN + tp.SMALL + [cache, f"--config.workdir={work}"], shared / "small_straight.log")
+      assert rc == 0, log[-3000:]
+  return work

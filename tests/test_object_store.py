@@ -48,16 +48,15 @@ def _corrupt(step_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def gs_chain(gcs, tmp_path_factory) -> types.SimpleNamespace:
-  """An uninterrupted local run; then on gs://: SIGTERM during step 3; the relaunch (to the end, policy
-  exported); its newest checkpoint (4) corrupted in the bucket; the same command once more."""
+def gs_chain(gcs, tmp_path_factory, small_straight) -> types.SimpleNamespace:
+  """The uninterrupted local run (conftest's `small_straight`); then on gs://: SIGTERM during step 3; the
+  relaunch (to the end, policy exported); its newest checkpoint (4) corrupted in the bucket; the same command
+  once more."""
   root = tmp_path_factory.mktemp("gs_chain")
   gcs.create_bucket("ares-chain")
   # The session's compilation cache (conftest.py): test_preemption's runs have the same shapes.
   common = tp.MAIN + tp.SMALL + [f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
-  out = types.SimpleNamespace(straight=str(root / "straight"), work="gs://ares-chain/aepo", root=root)
-  rc, log = tp._run(common + [f"--config.workdir={out.straight}"], root / "straight.log")
-  assert rc == 0, log[-3000:]
+  out = types.SimpleNamespace(straight=str(small_straight), work="gs://ares-chain/aepo", root=root)
   args = common + [f"--config.workdir={out.work}"]
   ckpts = f"{out.work}/checkpoints"
   out.rc1, out.log1 = tp._run(args, root / "sigterm.log", ARES_TEST_SIGTERM_AT_STEP="aepo:3")

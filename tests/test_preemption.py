@@ -154,14 +154,13 @@ def xla_cache(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory, xla_cache) -> types.SimpleNamespace:
-  """An uninterrupted run, and one run interrupted three ways in turn: SIGTERM during step 3; resumed, then
-  SIGKILLed while committing the checkpoint of step 4; its newest checkpoint (3) corrupted; resumed again."""
+def chain(tmp_path_factory, xla_cache, small_straight) -> types.SimpleNamespace:
+  """An uninterrupted run (conftest's `small_straight`), and one run interrupted three ways in turn: SIGTERM
+  during step 3; resumed, then SIGKILLed while committing the checkpoint of step 4; its newest checkpoint (3)
+  corrupted; resumed again."""
   root = tmp_path_factory.mktemp("preemption")
   common = MAIN + SMALL + [xla_cache]
-  out = types.SimpleNamespace(straight=root / "straight", work=root / "work")
-  rc, log = _run(common + [f"--config.workdir={out.straight}"], root / "straight.log")
-  assert rc == 0, log[-3000:]
+  out = types.SimpleNamespace(straight=small_straight, work=root / "work")
   args = common + [f"--config.workdir={out.work}"]
   out.rc1, out.log1 = _run(args, root / "sigterm.log", ARES_TEST_SIGTERM_AT_STEP="aepo:3")
   out.dirs1, out.rows1 = _ckpt_dirs(out.work), _rows(out.work)
