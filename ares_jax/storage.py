@@ -319,6 +319,11 @@ def upload_folder(local: str, dst: PathLike) -> None:
         shutil.copyfileobj(fin, fout, _CHUNK)
 
 
+def _require_marker(folder: epath.Path, marker: str) -> None:
+  if not (folder / marker).exists():
+    raise RuntimeError(f"writing_folder: the block wrote no {marker} into {folder}, so the folder reads as unfinished")
+
+
 @contextlib.contextmanager
 def writing_folder(final: PathLike, marker: str = "config.json") -> Iterator[epath.Path]:
   """The folder to write the files of folder `final` into; when the block ends without an exception,
@@ -334,16 +339,14 @@ def writing_folder(final: PathLike, marker: str = "config.json") -> Iterator[epa
       remove(q / marker)  # first: from here on a reader sees no complete folder
       q.rmtree()
     yield q
-    if not (q / marker).exists():
-      raise RuntimeError(f"writing_folder({final}): the block wrote no {marker}, so the folder reads as unfinished")
+    _require_marker(q, marker)
     return
   clear_stale(q)
   tmp = _sibling(q, "partial")
   tmp.mkdir(parents=True, exist_ok=True)
   try:
     yield tmp
-    if not (tmp / marker).exists():
-      raise RuntimeError(f"writing_folder({final}): the block wrote no {marker}, so the folder reads as unfinished")
+    _require_marker(tmp, marker)
     old = None
     if q.exists():
       old = _sibling(q, "old")

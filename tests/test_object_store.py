@@ -21,10 +21,7 @@ import pytest
 from ares_jax import models, storage
 from ares_jax.train.checkpoint import Checkpointer
 import test_preemption as tp
-
-
-def _rows(workdir: str) -> list[dict]:
-  return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in storage.read_jsonl(f"{workdir}/metrics.jsonl")]
+from test_preemption import _rows
 
 
 def _objects(prefix: str) -> list[str]:

@@ -126,9 +126,11 @@ def _run(args: list[str], log: Path, devices: int = 1, **env) -> tuple[int, str]
   return rc, log.read_text()
 
 
-def _rows(workdir: Path) -> list[dict]:
-  return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
-          for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def _rows(workdir) -> list[dict]:
+  """metrics.jsonl of a local or gs:// workdir, without the wall-clock (time/) keys."""
+  from ares_jax import storage  # pylint: disable=g-import-not-at-top
+  return [{k: v for k, v in r.items() if not k.startswith("time/")}
+          for r in storage.read_jsonl(f"{workdir}/metrics.jsonl")]
 
 
 def _ckpt_dirs(workdir: Path) -> list[str]:
@@ -214,7 +216,6 @@ def test_sigterm_to_the_process_group_during_grading_checkpoints_the_uninterrupt
   full, so the checkpointed step's rewards and metrics are the uninterrupted run's; no worker outlives it.
   The run's workdir is a bucket on the GCS emulator (a pod's case)."""
   import test_grading  # pylint: disable=g-import-not-at-top
-  from ares_jax import storage  # pylint: disable=g-import-not-at-top
   log = tmp_path / "run.log"
   with open(log, "w") as f:
     proc = subprocess.Popen([sys.executable, "-c", GROUP_SIGTERM_IN_GRADING, *SMALL, xla_cache,
@@ -225,8 +226,7 @@ def test_sigterm_to_the_process_group_during_grading_checkpoints_the_uninterrupt
   assert rc == 0, out[-3000:]
   assert re.search(r"aepo: preempted; stopped after step 2 with a checkpoint at gs://\S+/run/checkpoints/2", out), \
       out[-3000:]
-  rows = [{k: v for k, v in r.items() if not k.startswith("time/")}
-          for r in storage.read_jsonl(f"{bucket}/run/metrics.jsonl")]
+  rows = _rows(f"{bucket}/run")
   assert rows == _rows(chain.straight)[:2]
   assert all(r["grading/timeouts"] == 0 for r in rows)
   assert not test_grading._running_in_group(proc.pid)
@@ -377,7 +377,6 @@ def test_updates_skipped_max_skipped_updates_times_in_a_row_stop_the_run(tmp_pat
 def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tmp_path, monkeypatch, where, request):
   """AdaCS's SFT loop, in this process: the handler catches the SIGTERM the process sends itself. Locally
   and with its workdir and checkpoints on gs:// (the GCS emulator)."""
-  from ares_jax import storage  # pylint: disable=g-import-not-at-top
   base = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
   from ares_jax.stages import adacs as adacs_stage  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(fsdp=1)
@@ -405,9 +404,7 @@ def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tm
   assert Checkpointer(f"{base}/cut/checkpoints").steps() == [2]
   monkeypatch.delenv("ARES_TEST_SIGTERM_AT_STEP")
   resumed = train("cut")
-  rows = lambda name: [{k: v for k, v in r.items() if not k.startswith("time/")}
-                       for r in storage.read_jsonl(f"{base}/{name}/metrics.jsonl")]
-  assert rows("cut") == rows("straight")
+  assert _rows(f"{base}/cut") == _rows(f"{base}/straight")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
 
 
