@@ -34,7 +34,6 @@ STAGES: dict[str, str] = {
     "ares": "ares_jax.stages.pipeline:run",
     "eval": "ares_jax.stages.evaluate:run",
 }
-PLANNED_STAGES: tuple[str, ...] = ()
 
 
 class StageNotAvailable(ValueError):
@@ -42,13 +41,9 @@ class StageNotAvailable(ValueError):
 
 
 def resolve_stage(name: str) -> Callable[[Any], Any]:
-  """The function that runs stage `name`; a clear error for planned or unknown stages."""
-  available = ", ".join(STAGES)
-  if name in PLANNED_STAGES:
-    raise StageNotAvailable(f"stage {name!r} is not implemented yet; available: {available}")
+  """The function that runs stage `name`; a clear error for an unknown one."""
   if name not in STAGES:
-    planned = f" (planned: {', '.join(PLANNED_STAGES)})" if PLANNED_STAGES else ""
-    raise StageNotAvailable(f"unknown stage {name!r}; available: {available}{planned}")
+    raise StageNotAvailable(f"unknown stage {name!r}; available: {', '.join(STAGES)}")
   module, fn = STAGES[name].split(":")
   return getattr(importlib.import_module(module), fn)
 

@@ -111,10 +111,6 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-def shard_params(params: Any, shardings: Any) -> Any:
-  return jax.tree.map(jax.device_put, params, shardings)
-
-
 def replicate_rest(tree: Any, mesh: Mesh) -> Any:
   """Places every leaf not already sharded over `mesh` replicated on it (step counters, RNG keys,
   optimizer counts), so a train state is one consistent pytree for jit, checkpoints and restore."""

@@ -12,6 +12,7 @@ import pytest
 from ares_jax import aepo
 
 SEEDS = (0, 1, 2)
+BETA_SCALE = np.array([2.0, 1.0, 0.5], np.float32)  # design.md 5.9: beta_d / kl_coef for easy, medium, hard
 
 
 # ---------------------------------------------------------------- numpy references (from the spec)
@@ -91,7 +92,7 @@ def random_loss_inputs(seed, s=6, n=12, per_token_adv=False):
   mask[-1] = False  # an empty row
   bins = rng.integers(0, 3, size=s)
   wmask = rng.random((s, n)) < 0.3
-  weights = np.asarray(aepo.kl_weights(bins, wmask, aepo.default_beta_by_bin(0.05), 0.5), np.float64)
+  weights = np.asarray(aepo.kl_weights(bins, wmask, 0.05 * BETA_SCALE, 0.5), np.float64)
   return logp, old, ref, adv, mask, weights
 
 
@@ -115,8 +116,7 @@ def test_kl_weights():
   wmask = np.zeros((4, 5), bool)
   wmask[0, 1:3] = True
   wmask[2, 4] = True
-  beta = aepo.default_beta_by_bin(1e-2)
-  np.testing.assert_allclose(np.asarray(beta), [0.02, 0.01, 0.005], rtol=1e-6)
+  beta = 1e-2 * BETA_SCALE
   got = np.asarray(aepo.kl_weights(bins, wmask, beta, 0.5))
   assert got.shape == (4, 5) and got.dtype == np.float32
   want = np.zeros((4, 5))
@@ -235,13 +235,19 @@ def test_empty_mask_and_errors():
     aepo.aepo_loss(z, z, z, np.ones(2), np.ones((2, 3), bool), None)
 
 
-def test_token_normalizer_for_micro_batches():
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batch_shares_add_up_to_the_mini_batch_loss(loss_agg):
+  """The updater's weights: a micro-batch's share of the loss tokens (token_mean) or of the sequences with a
+  loss token (seq_mean_token_mean) times its loss sums to the loss of the whole mini-batch."""
   logp, old, ref, adv, mask, weights = random_loss_inputs(1)
-  whole = float(aepo.aepo_loss(logp, old, ref, adv, mask, weights)[0])
-  total = mask.sum()
-  parts = [float(aepo.aepo_loss(logp[sl], old[sl], ref[sl], adv[sl], mask[sl], weights[sl],
-                                token_normalizer=total)[0]) for sl in (slice(0, 3), slice(3, None))]
-  np.testing.assert_allclose(sum(parts), whole, rtol=1e-5)
+  whole = float(aepo.aepo_loss(logp, old, ref, adv, mask, weights, loss_agg=loss_agg)[0])
+  parts = 0.0
+  for sl in (slice(0, 3), slice(3, None)):
+    share = (mask[sl].sum() / mask.sum() if loss_agg == "token_mean"
+             else mask[sl].any(-1).sum() / mask.any(-1).sum())
+    parts += share * float(aepo.aepo_loss(logp[sl], old[sl], ref[sl], adv[sl], mask[sl], weights[sl],
+                                          loss_agg=loss_agg)[0])
+  np.testing.assert_allclose(parts, whole, rtol=1e-5)
 
 
 def test_loss_jits_float32_and_full_step():
@@ -266,7 +272,7 @@ def test_loss_jits_float32_and_full_step():
     reward, _ = aepo.hierarchical_reward(acc, n_he, bins)
     adv = aepo.grpo_advantages(reward, gid)
     keep = aepo.group_filter_mask(acc, gid)
-    weights = aepo.kl_weights(bins, aepo.hwe_window_mask(marks, w), aepo.default_beta_by_bin(), 0.5)
+    weights = aepo.kl_weights(bins, aepo.hwe_window_mask(marks, w), 1e-2 * BETA_SCALE, 0.5)
     grad_fn = jax.value_and_grad(aepo.aepo_loss, has_aux=True)
     (loss, metrics), g = grad_fn(logp, old, ref, adv, mask & keep[:, None], weights)
     return loss, metrics, g

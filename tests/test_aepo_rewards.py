@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ares_jax import aepo
+from ares_jax.aepo import rewards
 
 SEEDS = (0, 1, 2, 3)
 EPS = 1e-6
@@ -199,15 +200,15 @@ def test_correct_mean_without_correct_falls_back_to_mu():
 def test_ema_mode():
   acc, n_he, bins, _ = random_batch(4)
   bins = np.where(bins == 1, 0, bins)  # medium bin absent in step 1
-  r1, s1 = aepo.hierarchical_reward(acc, n_he, bins, target_mode="ema", ema_decay=0.8)
-  ref1 = ref_hierarchical(acc, n_he, bins, "ema", decay=0.8)
+  r1, s1 = aepo.hierarchical_reward(acc, n_he, bins, target_mode="ema")
+  ref1 = ref_hierarchical(acc, n_he, bins, "ema", decay=rewards.TARGET_EMA_DECAY)
   np.testing.assert_allclose(np.asarray(r1), ref1[0], rtol=1e-5)  # first step: target = mu, lambda = 0
   np.testing.assert_array_equal(np.asarray(s1["lambda"]), 0)
   state = np.asarray(s1["ema_state"])
   assert np.isnan(state[1]) and np.allclose(state[[0, 2]], ref1[3][[0, 2]])
   acc2, n2, bins2, _ = random_batch(5)
-  r2, s2 = aepo.hierarchical_reward(acc2, n2, bins2, target_mode="ema", ema_state=state, ema_decay=0.8)
-  ref2 = ref_hierarchical(acc2, n2, bins2, "ema", ema_prev=state, decay=0.8)
+  r2, s2 = aepo.hierarchical_reward(acc2, n2, bins2, target_mode="ema", ema_state=state)
+  ref2 = ref_hierarchical(acc2, n2, bins2, "ema", ema_prev=state, decay=rewards.TARGET_EMA_DECAY)
   np.testing.assert_allclose(np.asarray(r2), ref2[0], rtol=1e-5, atol=1e-6)
   check_stats(s2, *ref2[1:5])
   np.testing.assert_allclose(np.asarray(s2["ema_state"]), ref2[5], rtol=1e-5)

@@ -17,7 +17,7 @@ from ares_jax.aepo.difficulty import (EASY, HARD, MEDIUM, NUM_BINS, difficulty_b
                                       pass_rates)
 from ares_jax.aepo.entropy_stats import (ema_threshold, entropy_threshold, hwe_counts, hwe_marks,
                                          hwe_window_mask, trajectory_quantiles)
-from ares_jax.aepo.loss import aepo_loss, aggregate, default_beta_by_bin, k3_kl, kl_weights
+from ares_jax.aepo.loss import aepo_loss, aggregate, k3_kl, kl_weights
 from ares_jax.aepo.rewards import (TARGET_MODES, ares_release_shaping, bin_statistics, hierarchical_reward,
                                    init_ema_state)
 
@@ -27,5 +27,5 @@ __all__ = [
     "difficulty_bins", "pass_rates", "group_index", "group_mean",
     "hierarchical_reward", "ares_release_shaping", "bin_statistics", "init_ema_state",
     "grpo_advantages", "group_filter_mask",
-    "kl_weights", "default_beta_by_bin", "k3_kl", "aggregate", "aepo_loss",
+    "kl_weights", "k3_kl", "aggregate", "aepo_loss",
 ]

@@ -13,14 +13,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
-BETA_SCALE_BY_BIN = (2.0, 1.0, 0.5)  # easy, medium, hard (design.md 5.9 defaults)
 _LOG_RATIO_CLAMP = 20.0
-
-
-@jax.jit
-def default_beta_by_bin(kl_coef: float = 1e-2) -> jax.Array:
-  """beta_d = kl_coef * {easy 2.0, medium 1.0, hard 0.5} (design.md 5.9 defaults); [3] float32."""
-  return jnp.float32(kl_coef) * jnp.asarray(BETA_SCALE_BY_BIN, jnp.float32)
 
 
 @jax.jit
@@ -31,7 +24,7 @@ def kl_weights(bins: ArrayLike, window_mask: ArrayLike, beta_by_bin: ArrayLike, 
   Args:
     bins: d_i, [S] int in {0, 1, 2}.
     window_mask: W_valid, [S, N] bool (`hwe_window_mask`).
-    beta_by_bin: [3] float (`default_beta_by_bin`).
+    beta_by_bin: beta_d, [3] float (kl_coef times `aepo.kl_bin_scale`, by default {2, 1, 0.5}).
     rho: the in-window relaxation, < 1.
 
   Returns:
@@ -56,21 +49,19 @@ def k3_kl(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="loss_agg")
-def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_mean",
-              token_normalizer: ArrayLike | None = None) -> jax.Array:
+def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_mean") -> jax.Array:
   """Reduces per-token `values` [S, N] over `loss_mask` [S, N] to a scalar.
 
-  token_mean: sum over all loss-mask tokens / their number (or `token_normalizer`, e.g. the token
-  count of the whole mini-batch when it is split into micro-batches). seq_mean_token_mean: mean over
-  the sequences with at least one loss-mask token of their token means. 0 when nothing is masked in.
+  token_mean: sum over all loss-mask tokens / their number. seq_mean_token_mean: mean over the sequences
+  with at least one loss-mask token of their token means. 0 when nothing is masked in. (A mini-batch split
+  into micro-batches weights each micro-batch's value by its share of the tokens or sequences.)
   """
   if loss_agg not in LOSS_AGGS:
     raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
   v = jnp.asarray(values, jnp.float32)
   m = jnp.asarray(loss_mask).astype(jnp.float32)
   if loss_agg == "token_mean":
-    den = m.sum() if token_normalizer is None else jnp.asarray(token_normalizer, jnp.float32)
-    return (v * m).sum() / jnp.maximum(den, 1.0)
+    return (v * m).sum() / jnp.maximum(m.sum(), 1.0)
   per_tok = m.sum(-1)
   seq = (v * m).sum(-1) / jnp.maximum(per_tok, 1.0)
   has = per_tok > 0
@@ -80,8 +71,7 @@ def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_me
 @functools.partial(jax.jit, static_argnames=("dual_clip", "loss_agg"))
 def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayLike | None, adv: ArrayLike,
               loss_mask: ArrayLike, weights: ArrayLike | None, clip_low: float = 0.2, clip_high: float = 0.28,
-              dual_clip: float | None = None, loss_agg: str = "token_mean",
-              token_normalizer: ArrayLike | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+              dual_clip: float | None = None, loss_agg: str = "token_mean") -> tuple[jax.Array, dict[str, jax.Array]]:
   """The AEPO objective (design.md 5.10), to be minimised.
 
   ratio = exp(logp - old_logp) (log-ratio clamped to [-20, 20] as in verl);
@@ -99,7 +89,6 @@ def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayL
     clip_low, clip_high: the asymmetric clip range (DAPO clip-higher).
     dual_clip: c of dual-clip PPO, or None.
     loss_agg: "token_mean" or "seq_mean_token_mean".
-    token_normalizer: optional token count for "token_mean" (see `aggregate`).
 
   Returns:
     (loss, metrics): loss a float32 scalar = metrics pg_loss + kl_loss; metrics (float32 scalars,
@@ -141,8 +130,8 @@ def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayL
     w = jnp.asarray(weights, jnp.float32)
     w = jnp.broadcast_to(w[:, None] if w.ndim == 1 else w, logp.shape)
 
-  pg_loss = aggregate(pg, mask, loss_agg, token_normalizer)
-  kl_loss = aggregate(w * kl, mask, loss_agg, token_normalizer)
+  pg_loss = aggregate(pg, mask, loss_agg)
+  kl_loss = aggregate(w * kl, mask, loss_agg)
   loss = pg_loss + kl_loss
 
   sg = jax.lax.stop_gradient

@@ -16,6 +16,8 @@ from jax.typing import ArrayLike
 from ares_jax.aepo.difficulty import EASY, HARD, MEDIUM, NUM_BINS, _valid
 
 TARGET_MODES = ("correct_mean", "batch_mean", "ema", "ares_release")
+# The `ema` mode's decay (design.md leaves it open): a horizon of about ten steps.
+TARGET_EMA_DECAY = 0.9
 
 # ares_release constants per bin (easy, medium, hard), design.md 5.6.
 _REL_MARGIN_FRAC = (0.15, 0.25, 0.35)
@@ -94,7 +96,7 @@ def ares_release_shaping(accuracy: ArrayLike, n_he: ArrayLike, bins: ArrayLike, 
 @functools.partial(jax.jit, static_argnames="target_mode")
 def hierarchical_reward(accuracy: ArrayLike, n_he: ArrayLike, bins: ArrayLike,
                         target_mode: str = "correct_mean", *, eps: float = 1e-6, max_penalty: float = 1.0,
-                        ema_state: ArrayLike | None = None, ema_decay: float = 0.9, alpha: float = 0.5,
+                        ema_state: ArrayLike | None = None,
                         traj_mask: ArrayLike | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """R(x, y; d), the hierarchical entropy reward of design.md 5.6.
 
@@ -118,8 +120,7 @@ def hierarchical_reward(accuracy: ArrayLike, n_he: ArrayLike, bins: ArrayLike,
     bins: difficulty bins, [S] int in {0 easy, 1 medium, 2 hard}.
     target_mode: one of TARGET_MODES.
     eps, max_penalty: as above (max_penalty 1 keeps R in [-1, 1]).
-    ema_state, ema_decay: the `ema` mode's state and decay (ignored by the other modes).
-    alpha: the cap scale of `ares_release`.
+    ema_state: the `ema` mode's state (ignored by the other modes); its decay is TARGET_EMA_DECAY.
     traj_mask: optional [S] bool of valid trajectories; others are left out of the statistics and
       get reward 0.
 
@@ -145,7 +146,7 @@ def hierarchical_reward(accuracy: ArrayLike, n_he: ArrayLike, bins: ArrayLike,
     prev = init_ema_state() if ema_state is None else jnp.asarray(ema_state, jnp.float32)
     seen = jnp.isfinite(prev)
     target = jnp.where(seen, prev, mu)
-    d = jnp.float32(ema_decay)
+    d = jnp.float32(TARGET_EMA_DECAY)
     stats["ema_state"] = jnp.where(cnt > 0, jnp.where(seen, d * prev + (1 - d) * mu, mu), prev)
   elif target_mode == "ares_release":
     target = jnp.round(mu)
@@ -154,7 +155,7 @@ def hierarchical_reward(accuracy: ArrayLike, n_he: ArrayLike, bins: ArrayLike,
 
   if target_mode == "ares_release":
     lam = jnp.zeros((NUM_BINS,), jnp.float32)
-    shaping = ares_release_shaping(acc, n, b, target, alpha)
+    shaping = ares_release_shaping(acc, n, b, target)
   else:
     gap = mu - target
     lam = jnp.stack([jnp.maximum(0.0, gap[EASY]), jnp.abs(gap[MEDIUM]), jnp.maximum(0.0, -gap[HARD])])
