@@ -5,9 +5,9 @@
 The warm start still trains the whole base (it stands in for pretraining); AdaCS's SFT and AEPO then train
 the adapters only, AEPO's reference is the base with the adapters off, and every export writes `policy/`
 (merged), `policy_adapter/` (PEFT) and `base/`. AEPO's adapters, which start at B = 0, take 10x tiny.py's
-lr. Measured on the synthetic `steps` task (the tiny default before the `checks` task; README "LoRA
-policies"): AEPO raised held-out accuracy at both lrs, faster at 5e-4; AdaCS's LoRA SFT raised it at 3e-4 and
-lowered it at 1e-3. On the `checks` task, LoRA AEPO from a full-fine-tuned AdaCS policy raised held-out accuracy
+lr. Measured on the synthetic `steps` task (the tiny default before the `checks` task; docs/lora.md):
+AEPO raised held-out accuracy at both lrs, faster at 5e-4; AdaCS's LoRA SFT raised it at 3e-4 and lowered it
+at 1e-3. On the `checks` task, LoRA AEPO from a full-fine-tuned AdaCS policy raised held-out accuracy
 0.68 -> 0.83 in 30 steps. LoRA's AdaCS SFT on the checks task (seed 0, 4 epochs): at tiny.py's 5e-4 it
 barely moved (Spearman(length, difficulty) -0.01 -> 0.02; AEPO then made every answer careful, level 1 too);
 at 2e-3 (here) -0.01 -> 0.65, held-out accuracy 0.61 -> 0.79; 5e-3 gave 0.52 and 0.78.

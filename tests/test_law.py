@@ -1,6 +1,6 @@
-"""The tiny default shows ARES's entropy-difficulty law (README "Reproductions"), checked on every CI run.
+"""The tiny default shows ARES's entropy-difficulty law (docs/reproductions.md), checked on every CI run.
 
-The whole `ares` pipeline of configs/tiny.py on one seed (the README's law table runs three): on held-out
+The whole `ares` pipeline of configs/tiny.py on one seed (the law table in docs/ runs three): on held-out
 problems, AdaCS raises Spearman(response length, difficulty) over the warm-started base; AEPO then raises
 the hardest level's accuracy and length and does not lengthen the easiest level's answers. This also
 covers what tests/test_aepo_learning.py checked before the checks task: AEPO learns (the hardest level's
