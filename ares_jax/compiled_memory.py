@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ares_jax import models, sharding
@@ -66,7 +67,6 @@ def topology_devices(topology: str, hbm_gib: float = 0.0) -> tuple[list[Any], fl
     if hbm_gib <= 0:
       raise ValueError(f"--topology={topology}: set --config.plan.hbm_gib (the memory to plan for per device)")
     return devices[:n], hbm_gib
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   prefix = topology.split(":", 1)[0]
   if hbm_gib <= 0 and prefix not in TPU_HBM_GIB:
     raise ValueError(f"--topology={topology}: unknown HBM size; set --config.plan.hbm_gib")

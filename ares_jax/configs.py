@@ -1,23 +1,20 @@
-"""Building blocks of the experiment configs in `configs/`, and `config.model` -> `ModelConfig`.
+"""Building blocks of the experiment configs in `configs/`.
 
 Every file in `configs/` is a big_vision-style `get_config()` returning an `ml_collections`
 ConfigDict; `--config.a.b=value` overrides it on the command line. The pieces that all experiments
 share (the top-level fields, the Qwen2.5-VL vision tower, the paper's AEPO hyper-parameters) are
 built here once, so an experiment file only states what makes it different.
 
-This module is imported while flags are parsed, before `jax.distributed.initialize()`: it must not
-touch a JAX backend (model code is imported lazily inside `to_model_config`).
+This module is imported while flags are parsed, before `jax.distributed.initialize()`: it imports no JAX.
+`ares_jax/settings.py` turns the finished ConfigDict into the typed settings the code below the stages takes.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
-
-if TYPE_CHECKING:
-  from ares_jax.models import ModelConfig
 
 from ares_jax.config_checks import DATA_KINDS, STAGES  # noqa: F401  (ares: adacs, then aepo from its policy)
 
@@ -282,79 +279,3 @@ def lora_defaults() -> ml_collections.ConfigDict:
   lo.targets = ("q", "k", "v", "o", "gate", "up", "down")
   lo.adapter_path = config_dict.placeholder(str)  # a PEFT folder to continue from (its rank, alpha, targets)
   return lo
-
-
-def to_model_config(m: ml_collections.ConfigDict) -> "ModelConfig":
-  """`config.model` -> `models.ModelConfig`, checking the shapes fit; errors name the config field."""
-  from ares_jax.models import ConfigError, ModelConfig, TextConfig, VisionConfig
-
-  def need(ok: bool, msg: str) -> None:
-    if not ok:
-      raise ConfigError(msg)
-
-  need(m.hidden_size % m.num_heads == 0,
-       f"config.model.hidden_size={m.hidden_size} is not divisible by config.model.num_heads={m.num_heads}")
-  need(m.num_heads % m.num_kv_heads == 0,
-       f"config.model.num_heads={m.num_heads} is not divisible by config.model.num_kv_heads={m.num_kv_heads}")
-  head_dim = m.hidden_size // m.num_heads
-  need(len(m.mrope_section) == 3 and sum(m.mrope_section) == head_dim // 2,
-       f"config.model.mrope_section={tuple(m.mrope_section)} must have 3 entries summing to head_dim/2 = "
-       f"{head_dim // 2}")
-  v = m.vision
-  need(v.hidden_size % v.num_heads == 0, f"config.model.vision.hidden_size={v.hidden_size} is not divisible by "
-       f"config.model.vision.num_heads={v.num_heads}")
-  need(v.out_hidden_size == m.hidden_size, f"config.model.vision.out_hidden_size={v.out_hidden_size} must equal "
-       f"config.model.hidden_size={m.hidden_size}")
-  need(all(0 <= i < v.depth for i in v.fullatt_block_indexes),
-       f"config.model.vision.fullatt_block_indexes={tuple(v.fullatt_block_indexes)} must lie in [0, {v.depth})")
-  text = TextConfig(
-      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_layers=m.num_layers, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, rms_norm_eps=m.rms_norm_eps,
-      rope_theta=float(m.rope_theta), mrope_section=tuple(int(s) for s in m.mrope_section),
-      max_position_embeddings=m.max_position_embeddings)
-  vision = VisionConfig(
-      depth=v.depth, hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_heads=v.num_heads,
-      out_hidden_size=v.out_hidden_size, in_channels=v.in_channels, patch_size=v.patch_size,
-      temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
-      window_size=v.window_size, fullatt_block_indexes=tuple(int(i) for i in v.fullatt_block_indexes),
-      rope_theta=float(v.rope_theta), tokens_per_second=v.tokens_per_second)
-  return ModelConfig(
-      text=text, vision=vision, tie_word_embeddings=m.tie_word_embeddings, image_token_id=m.image_token_id,
-      video_token_id=m.video_token_id, vision_start_token_id=m.vision_start_token_id,
-      vision_end_token_id=m.vision_end_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id,
-      dtype=m.dtype, param_dtype=m.param_dtype, remat_policy=m.remat_policy, attention=m.get("attention", "auto"),
-      lora=_lora_config(m.get("lora")))
-
-
-def _lora_config(lo: ml_collections.ConfigDict | None):
-  from ares_jax.models.lora import LoraConfig  # pylint: disable=g-import-not-at-top  (configs stays light)
-  if lo is None or not lo.rank:
-    return LoraConfig()
-  return LoraConfig(rank=int(lo.rank), alpha=float(lo.alpha), dropout=float(lo.dropout), targets=tuple(lo.targets))
-
-
-# Fields that a checkpoint's config.json fixes; the config file must agree with them.
-_ARCH_FIELDS = (
-    ("vocab_size", "text.vocab_size"), ("hidden_size", "text.hidden_size"),
-    ("intermediate_size", "text.intermediate_size"), ("num_layers", "text.num_layers"),
-    ("num_heads", "text.num_heads"), ("num_kv_heads", "text.num_kv_heads"),
-    ("mrope_section", "text.mrope_section"), ("tie_word_embeddings", "tie_word_embeddings"),
-    ("image_token_id", "image_token_id"), ("vision.depth", "vision.depth"),
-    ("vision.hidden_size", "vision.hidden_size"), ("vision.fullatt_block_indexes", "vision.fullatt_block_indexes"),
-    ("vision.window_size", "vision.window_size"))
-
-
-def _get(obj: Any, dotted: str) -> Any:
-  for part in dotted.split("."):
-    obj = obj[part] if isinstance(obj, ml_collections.ConfigDict) else getattr(obj, part)
-  return tuple(obj) if isinstance(obj, (list, tuple)) else obj
-
-
-def architecture_mismatches(m: ml_collections.ConfigDict, loaded: "ModelConfig") -> list[str]:
-  """Fields where `config.model` disagrees with a checkpoint's config.json, as readable lines."""
-  out = []
-  for ours, theirs in _ARCH_FIELDS:
-    a, b = _get(m, ours), _get(loaded, theirs)
-    if a != b:
-      out.append(f"config.model.{ours}={a!r} but the checkpoint has {b!r}")
-  return out

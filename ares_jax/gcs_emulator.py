@@ -20,6 +20,7 @@ conditional writes (OCDBT: "Malformed StorageGeneration") and answers gcsfs's re
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -144,7 +145,6 @@ def start(port: int | None = None, buckets: Sequence[str] = (), root: str | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
   p = argparse.ArgumentParser(prog="python -m ares_jax.gcs_emulator", description=__doc__.split("\n\n")[0])
   p.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
   p.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 from typing import Any, Callable
 
 import jax
@@ -21,13 +20,15 @@ import numpy as np
 from absl import logging
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from ares_jax import configs, models, sampling, sharding
+from ares_jax import models, sampling, sharding
+from ares_jax import settings as settings_lib
+from ares_jax.aepo import step as aepo_step
 from ares_jax.compiled_memory import (GIB, Compiled, ProgramPlan, abstract_like, abstract_params, compile_program,
                                       device_bytes, device_hbm_gib, plan_row)
 from ares_jax.models import lora
 from ares_jax.sampling import chunks as chunks_lib
 from ares_jax.sampling.sampler import decode_weights, rollout_chunk
-from ares_jax.train import aepo_update, sequences, sft
+from ares_jax.train import sequences, sft
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import update as update_lib
 
@@ -118,7 +119,7 @@ class Setting:
   def create(cls, config: ml_collections.ConfigDict, devices: list[Any], hbm_gib: float) -> "Setting":
     m = config.mesh
     mesh = sharding.make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
-    mcfg = configs.to_model_config(config.model)
+    mcfg = settings_lib.model(config.model)
     return cls(config, mesh, mcfg, hbm_gib, abstract_params(mcfg, mesh))
 
   def compile(self, fn: Callable, *args) -> Compiled:
@@ -197,19 +198,14 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
   return lo, lo_plans
 
 
-def _sampling_config(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, **overrides):
-  from ares_jax.stages import setup  # pylint: disable=g-import-not-at-top  (the run's own rollout settings)
-  return setup.sampling_config(config, types.SimpleNamespace(pad_token_id=0), mcfg, **overrides)
-
-
 def _training_rows(st: Setting, shapes: Shapes, micro_batch_size: int):
   """`micro_batch_size` synthetic prompt + full-width response rows, as the AEPO step holds them."""
   mb, width = micro_batch_size, shapes.response_width
   prompts = synthetic_prompts(st.mcfg, shapes, mb)
   responses = [np.ones((width,), np.int32)] * mb
   mask = np.ones((mb, width), bool)
-  return aepo_update.UpdateRows(st.mcfg, prompts, responses, np.zeros((mb,), np.float32), mask,
-                                np.ones((mb, width), np.float32), mb, width, 0)
+  return aepo_step.UpdateRows(st.mcfg, prompts, responses, np.zeros((mb,), np.float32), mask,
+                              np.ones((mb, width), np.float32), mb, width, 0)
 
 
 def _update_plans(st: Setting, updater: update_lib.Updater, arrays: dict, settings: Any, ref_bytes: int,
@@ -247,15 +243,16 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   ref = None if adapted else jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(a.ref_dtype), sharding=x.sharding), st.params)
   ref_bytes, param_bytes = device_bytes(ref), device_bytes(st.params)
-  updater = update_lib.Updater(aepo_update.aepo_loss_fn(mcfg), optim_lib.make_optimizer(c.optim, c.total_steps),
+  updater = update_lib.Updater(aepo_step.aepo_loss_fn(mcfg),
+                               optim_lib.make_optimizer(settings_lib.optim(c), c.total_steps),
                                st.params, lora.frozen_names(st.params))
   rows = _training_rows(st, shapes, a.micro_batch_size)
-  settings = aepo_update.LossSettings.from_config(c, rows.packed(range(a.micro_batch_size)).prompt_width)
+  settings = settings_lib.loss(c, rows.packed(range(a.micro_batch_size)).prompt_width)
   old = np.zeros((len(rows), rows.width), np.float32)
-  micro = aepo_update.micro_batches(rows, np.arange(len(rows)), old, old, settings)[0]
+  micro = aepo_step.micro_batches(rows, np.arange(len(rows)), old, old, settings)[0]
   update_plans, opt_bytes = _update_plans(st, updater, micro.arrays, settings, ref_bytes, "AEPO")
 
-  sc = _sampling_config(c, mcfg)
+  sc = settings_lib.sampling(c, mcfg, 0)
   resident = opt_bytes + ref_bytes  # beside the policy (an argument of every program here)
   if r.chunk_prompts:
     chunk, roll = r.chunk_prompts, rollout_programs(st, sc, r.chunk_prompts, shapes, resident)
@@ -283,13 +280,12 @@ def adacs_plans(st: Setting) -> list[ProgramPlan]:
   c, mcfg = st.config, st.mcfg
   a = c.adacs
   shapes = step_shapes(c, mcfg, a.max_response_length)
-  sc = _sampling_config(c, mcfg, n=a.pass_rate_samples, max_branches=0)
+  sc = settings_lib.sampling(c, mcfg, 0, n=a.pass_rate_samples, max_branches=0)
   roll_shapes = dataclasses.replace(shapes, response_width=sc.max_new_tokens)
   chunk = c.rollout.chunk_prompts or largest_rollout_chunk(st, sc, roll_shapes, 0, a.pass_rate_batch, False)[0] or 1
   roll = rollout_programs(st, sc, chunk, roll_shapes, 0, branching=False, label="pass-rate rollout")
-  optim = ml_collections.ConfigDict(dict(c.optim))
-  optim.lr = a.lr
-  updater = sft.make_sft(mcfg, st.params, optim, 1, ("visual",) if a.freeze_vision else ())
+  s = settings_lib.adacs_sft(c)
+  updater = sft.make_sft(mcfg, st.params, s.optim, 1, s.frozen)
   prompts = synthetic_prompts(mcfg, shapes, a.micro_batch_size)
   responses = [np.ones((shapes.response_width,), np.int32)] * a.micro_batch_size
   micro = sft.micro_batches(mcfg, prompts, responses, a.micro_batch_size, 0, shapes.response_width)[0]

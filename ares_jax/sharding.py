@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -164,7 +165,6 @@ def process_index() -> int:
 
 def allgather_bytes(payload: bytes) -> list[bytes]:
   """Every process's `payload`, in process order, on every process (a collective: all must call it)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   sizes = np.asarray(multihost_utils.process_allgather(np.array([len(payload)], np.int64))).reshape(-1)
   buf = np.zeros(int(sizes.max()), np.uint8)
   buf[:len(payload)] = np.frombuffer(payload, np.uint8)
@@ -175,7 +175,6 @@ def allgather_bytes(payload: bytes) -> list[bytes]:
 def barrier(name: str) -> None:
   """Waits until every process reaches `name` (a no-op in a single-process run)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
 
 
@@ -184,5 +183,4 @@ def to_host(tree: Any) -> Any:
   of them first (every process must call this, as with any collective)."""
   if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
     return jax.device_get(tree)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.process_allgather(tree, tiled=True)

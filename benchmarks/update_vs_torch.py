@@ -83,16 +83,15 @@ def model_config(p):
 def jax_steps_s(p, ids: np.ndarray, repeats: int):
   import jax
   import jax.numpy as jnp
-  import ml_collections
   import optax
   from ares_jax import models
   from ares_jax.train import optimizer as optim_lib
-  from ares_jax.train.aepo_update import LossSettings, aepo_loss_fn
+  from ares_jax.aepo.step import LossSettings, aepo_loss_fn
   from ares_jax.train.sequences import score, scored_logits
   from ares_jax.train.update import MicroBatch, Updater
 
   mcfg = model_config(p)
-  optim = ml_collections.ConfigDict(dict(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0))
+  optim = optim_lib.OptimSettings(lr=1e-6, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0)
   tx = optim_lib.make_optimizer(optim, 100)
   mask = np.ones_like(ids)
   positions, _ = models.mrope_positions(ids, mask, None, mcfg)

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from ares_jax import settings as settings_lib
 from ares_jax import configs, models
 from ares_jax.adacs import report as report_lib
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
@@ -57,7 +58,7 @@ def tiny_adacs_config(workdir: str, **adacs):
 @pytest.fixture(scope="module")
 def tiny_parts():
   c = tiny_adacs_config("/unused")
-  mcfg = configs.to_model_config(c.model)
+  mcfg = settings_lib.model(c.model)
   tok = setup.build_tokenizer(c)
   proc = setup.build_processor(c, tok, mcfg)
   params = models.init_params(mcfg, jax.random.key(0))
@@ -99,12 +100,12 @@ def test_pass_rates_resume_equals_uninterrupted(tmp_path, tiny_parts, where, req
   c, mcfg, tok, proc, params = tiny_parts
   pool = adacs_stage.synthetic_pool(c)[:10]
   ids = [q.id for q in pool]
-  sc = setup.sampling_config(c, tok, mcfg, n=3, max_branches=0)
+  sc = settings_lib.sampling(c, mcfg, tok.pad_token_id or 0, n=3, max_branches=0)
   stream = lambda: _pool_stream(c, pool, proc)
   with Grader(workers=1) as grader:
     full_path = f"{base}/full.jsonl"
-    full = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc, jax.random.key(3),
-                               full_path, batch_size=4)
+    full = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc, key=jax.random.key(3),
+                               progress_path=full_path, batch_size=4)
     lines = storage.read_text(full_path).splitlines()
     assert len(lines) == 10 and all(r in {0.0, 1 / 3, 2 / 3, 1.0} for r in full.values())
     # Killed during batch 2 (rows 4..7): its first line made it, the second was cut off mid-write.
@@ -112,7 +113,7 @@ def test_pass_rates_resume_equals_uninterrupted(tmp_path, tiny_parts, where, req
     storage.write_text(part_path, "\n".join(lines[:5]) + "\n" + lines[5][:7])
     assert len(read_progress(part_path)) == 5
     resumed = estimate_pass_rates(mcfg, params, stream(), ids, list(range(10)), tok, grader, sc,
-                                  jax.random.key(3), part_path, batch_size=4)
+                                  key=jax.random.key(3), progress_path=part_path, batch_size=4)
   assert resumed == full
 
 
@@ -155,7 +156,7 @@ def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path):
   assert rows[-1]["sft/loss"] < rows[0]["sft/loss"]  # SFT loss falls
 
   mcfg, policy = models.load_hf(str(work / "policy"))
-  init = models.init_params(configs.to_model_config(c.model), jax.random.key(c.seed))  # build_params' init
+  init = models.init_params(settings_lib.model(c.model), jax.random.key(c.seed))  # build_params' init
   for path, a in jax.tree_util.tree_leaves_with_path(policy["visual"]):
     b = init["visual"]
     for k in path:
@@ -193,7 +194,7 @@ def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
   c = load_config("adacs_7b.py")
   assert (c.stage, c.adacs.epochs, c.adacs.lr, c.adacs.batch_size, c.adacs.freeze_vision) == ("adacs", 2, 2e-5, 256,
                                                                                              True)
-  mcfg = configs.to_model_config(c.model)
+  mcfg = settings_lib.model(c.model)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(models.abstract_params(mcfg)))
   assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) > 8e9
   b, r = 2, 64
@@ -246,8 +247,8 @@ def test_sampled_evaluation_grades_every_sample_against_its_own_prompt(tiny_part
       return Grades(np.array([g in (exs[0].answer, exs[3].answer) for g in golds], np.float32),
                     np.zeros(len(golds), np.float32), 0, 0)
 
-  sc = setup.sampling_config(c, tok, mcfg, max_new_tokens=8)
-  out = evaluate(mcfg, params, stream, Recorder(), tok, sc, 5, jax.random.key(0), samples=3)
+  sc = settings_lib.sampling(c, mcfg, tok.pad_token_id or 0, max_new_tokens=8)
+  out = evaluate(mcfg, params, stream, Recorder(), tok, sc, prompts=5, key=jax.random.key(0), samples=3)
   assert sorted(seen["golds"]) == sorted([e.answer for e in exs] * 3)
   want = np.mean([e.answer in (exs[0].answer, exs[3].answer) for e in exs])
   assert out["eval/accuracy"] == pytest.approx(want)
@@ -255,5 +256,5 @@ def test_sampled_evaluation_grades_every_sample_against_its_own_prompt(tiny_part
     of_d = [e for e in exs if e.difficulty == d]
     assert out[f"eval/accuracy_d{d}"] == pytest.approx(np.mean([e.answer in (exs[0].answer, exs[3].answer)
                                                                 for e in of_d]))
-  greedy = evaluate(mcfg, params, stream, Recorder(), tok, sc, 5, jax.random.key(0))
+  greedy = evaluate(mcfg, params, stream, Recorder(), tok, sc, prompts=5, key=jax.random.key(0))
   assert len(seen["golds"]) == 5 and greedy["eval/accuracy"] == pytest.approx(want)

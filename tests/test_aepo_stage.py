@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from ares_jax import settings as settings_lib
 from ares_jax import configs, models
 from ares_jax.stages import aepo as aepo_stage
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.train.aepo_update import LossSettings, aepo_loss_fn
+from ares_jax.aepo.step import LossSettings, aepo_loss_fn
 from ares_jax.data.batching import Prompt
 from ares_jax.train.sequences import pack
 from ares_jax.train.update import MicroBatch, Updater
@@ -70,9 +71,9 @@ def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
 def test_full_update_lowers_at_real_shapes(name):
   """The compiled micro-step (AEPO loss, gradients, accumulation) and apply lower at real shapes."""
   c = load_config(name)
-  mcfg = configs.to_model_config(c.model)
+  mcfg = settings_lib.model(c.model)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nn.unbox(models.abstract_params(mcfg)))
-  tx = optim_lib.make_optimizer(c.optim, c.total_steps)
+  tx = optim_lib.make_optimizer(settings_lib.optim(c), c.total_steps)
   updater = Updater(aepo_loss_fn(mcfg), tx, params)
   b, r = 2, 64
   grid = np.array([[1, 28, 28]])  # one 392 x 392 image
@@ -82,7 +83,8 @@ def test_full_update_lowers_at_real_shapes(name):
   arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions, vision=p.vision,
                 old_logp=np.zeros((b, r), np.float32), ref_logp=np.zeros((b, r), np.float32),
                 adv=np.ones((b,), np.float32), loss_mask=np.ones((b, r), bool), weights=np.ones((b, r), np.float32))
-  settings = LossSettings(p.prompt_width, 1.0, 0.2, 0.28, None, "token_mean")
+  settings = LossSettings(prompt_width=p.prompt_width, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
+                          loss_agg="token_mean")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), arrays)
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   accum, loss, metrics = updater.micro_step.lower(params, updater.trainable(params), abstract, scalar,
@@ -100,7 +102,7 @@ def test_update_moves_logprobs_along_the_advantages():
   """One real AEPO update raises log pi of positive-advantage responses and lowers the others."""
   from ares_jax.train.sequences import score
   c = load_config("tiny.py")
-  mcfg = configs.to_model_config(c.model)
+  mcfg = settings_lib.model(c.model)
   params = models.init_params(mcfg, jax.random.key(0))
   rng = np.random.default_rng(0)
   prompts = [Prompt(rng.integers(5, 400, 20).astype(np.int32)) for _ in range(4)]
@@ -113,11 +115,12 @@ def test_update_moves_logprobs_along_the_advantages():
   arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions, vision=p.vision,
                 old_logp=old, ref_logp=old, adv=adv, loss_mask=mask, weights=np.full((4, 16), 0.01, np.float32))
   c.optim.lr = 1e-3
-  tx = optim_lib.make_optimizer(c.optim, 10)
+  tx = optim_lib.make_optimizer(settings_lib.optim(c), 10)
   updater = Updater(aepo_loss_fn(mcfg), tx, params)
   state = updater.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
-  state, m = updater.update(state, [MicroBatch(arrays, LossSettings(p.prompt_width, 1.0, 0.2, 0.28, None, "token_mean"),
-                                               1.0)])
+  settings = LossSettings(prompt_width=p.prompt_width, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
+                          loss_agg="token_mean")
+  state, m = updater.update(state, [MicroBatch(arrays, settings, 1.0)])
   assert m["update_skipped"] == 0 and m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
   delta = ((np.asarray(score(mcfg, state.params, *args)) - old) * mask).sum(1)
   assert (np.sign(delta) == adv).all()
@@ -125,9 +128,9 @@ def test_update_moves_logprobs_along_the_advantages():
 
 def test_non_finite_loss_skips_the_update():
   c = load_config("tiny.py")
-  mcfg = configs.to_model_config(c.model)
+  mcfg = settings_lib.model(c.model)
   params = models.init_params(mcfg, jax.random.key(1))
-  tx = optim_lib.make_optimizer(c.optim, 10)
+  tx = optim_lib.make_optimizer(settings_lib.optim(c), 10)
   bad = Updater(lambda prm, arrays, settings: (jnp.sum(prm["norm"]["scale"]) * jnp.nan, {}), tx, params)
   state = bad.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
   state2, m = bad.update(state, [MicroBatch({}, None, 1.0)])
@@ -141,13 +144,13 @@ def _warm_start_texts(c, monkeypatch):
   from ares_jax.stages import setup
   from ares_jax.train import sft
 
-  mcfg = configs.to_model_config(c.model)
+  mcfg = settings_lib.model(c.model)
   tok = setup.build_tokenizer(c)
   rl_stream = setup.prompt_stream(c, setup.build_processor(c, tok, mcfg), 0)
   seen = {}
 
   def fake_run_sft(mcfg_, params, batches, *args, **kwargs):
-    seen["responses"], seen["optim"] = batches(0)[1], args[0]
+    seen["responses"], seen["optim"] = batches(0)[1], args[0].optim  # run_sft(..., batches, SftSettings, steps)
     return params, [0.0]
 
   monkeypatch.setattr(sft, "run_sft", fake_run_sft)

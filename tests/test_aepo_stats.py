@@ -209,7 +209,7 @@ def test_trigger_words_count_only_marked_windows_that_start_on_a_trigger_word():
   import types
 
   from ares_jax.data.tokenizer import tiny_tokenizer, word_token_table
-  from ares_jax.stages.aepo_batch import trigger_positions
+  from ares_jax.aepo.step import trigger_positions
 
   tok = tiny_tokenizer()
   table = word_token_table(tok, ["So", "check"])

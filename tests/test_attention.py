@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ares_jax import settings as settings_lib
 from ares_jax import configs, models, sharding
 from ares_jax.models import attention as A
 from ares_jax.models import blockwise_attention as BW
@@ -199,12 +200,12 @@ def test_config_field_is_validated_and_plumbed():
                            num_kv_heads=2, tie_word_embeddings=False, vision=configs.qwen25vl_vision(),
                            mrope_section=(2, 3, 3))
   m.vision.hidden_size, m.vision.num_heads = 32, 2
-  assert m.attention == "auto" and configs.to_model_config(m).attention == "auto"
+  assert m.attention == "auto" and settings_lib.model(m).attention == "auto"
   m.attention = "blockwise"
-  cfg = configs.to_model_config(m)
+  cfg = settings_lib.model(m)
   assert cfg.attention == "blockwise"
   with pytest.raises(ValueError, match="config.model.attention"):
     cfg.replace(attention="flash")
   m.attention = "nope"
   with pytest.raises(models.ConfigError, match="config.model.attention='nope'"):
-    configs.to_model_config(m)
+    settings_lib.model(m)

@@ -21,7 +21,6 @@ def test_enumerations_are_the_consumers_own():
   from ares_jax.models import layers
   from ares_jax.models.attention import IMPLEMENTATIONS
   from ares_jax.train import optimizer
-  import ml_collections
 
   from ares_jax.data import synthetic
 
@@ -35,7 +34,7 @@ def test_enumerations_are_the_consumers_own():
   with pytest.raises(ValueError):
     layers.remat_policy("sometimes")
   for kind in config_checks.SCHEDULES:
-    optimizer.make_optimizer(ml_collections.ConfigDict(dict(load_config("tiny.py").optim, schedule=kind)), 10)
+    optimizer.make_optimizer(optimizer.OptimSettings(**dict(load_config("tiny.py").optim, schedule=kind)), 10)
 
 
 def _with(**fields):

@@ -16,11 +16,13 @@ import pytest
 import torch
 
 import hf_reference as R
+from ares_jax import settings as settings_lib
 from ares_jax import configs, models, sampling
 from ares_jax.data.batching import Prompt
 from ares_jax.models import lora, peft_io
 from ares_jax.stages import policy as policy_lib
-from ares_jax.train import aepo_update, sft
+from ares_jax.aepo import step as aepo_step
+from ares_jax.train import sft
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.checkpoint import Checkpointer
 from ares_jax.train.sequences import pack, score
@@ -50,7 +52,7 @@ def batch():
 
 def _trained_adapters(config, seed: int = 1):
   """Adapters as training leaves them: A as initialised, B no longer 0."""
-  ad = lora.init_adapters(config, jax.random.key(seed))
+  ad = models.init_adapters(config, jax.random.key(seed))
   keys = iter(jax.random.split(jax.random.key(seed + 100), len(jax.tree.leaves(ad))))
   return jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape, a.dtype), ad)
 
@@ -72,7 +74,7 @@ def _hf_base_model(path):
 def test_fresh_adapters_leave_the_base_and_merging_changes_nothing(hf_base, batch):
   _, _, config, params = hf_base
   lcfg = _all_targets(config)
-  fresh = lora.init_adapters(lcfg, jax.random.key(0))
+  fresh = models.init_adapters(lcfg, jax.random.key(0))
   flat = jax.tree_util.tree_flatten_with_path(fresh)[0]
   assert all(np.all(np.asarray(v) == 0) == (str(p[-1].key) == "lora_b") for p, v in flat)  # A random, B = 0
   base = _logits(config, params, batch)
@@ -141,7 +143,7 @@ def test_stage_export_writes_merged_policy_peft_adapter_and_base(hf_base, batch,
 
 def _tiny_policy(rank=4, seed=0, **lora_kw):
   c = load_config("tiny.py")
-  mcfg = configs.to_model_config(c.model).replace(lora=lora.LoraConfig(rank=rank, **lora_kw))
+  mcfg = settings_lib.model(c.model).replace(lora=lora.LoraConfig(rank=rank, **lora_kw))
   params = models.init_params(mcfg, jax.random.key(seed))
   params = lora.with_adapters(lora.frozen_base(mcfg, params), _trained_adapters(mcfg, seed + 1))
   return c, mcfg, params
@@ -153,7 +155,7 @@ def _rows(mcfg, n=4, width=16, seed=0):
   responses = [rng.integers(5, 400, 12).astype(np.int32) for _ in range(n)]
   mask = np.zeros((n, width), bool)
   mask[:, :12] = True
-  return aepo_update.UpdateRows(mcfg, prompts, responses, np.array([1.0, -1.0] * (n // 2), np.float32), mask,
+  return aepo_step.UpdateRows(mcfg, prompts, responses, np.array([1.0, -1.0] * (n // 2), np.float32), mask,
                                 np.full((n, width), 0.05, np.float32), n, width, 0)
 
 
@@ -170,7 +172,7 @@ def _assert_only_adapters_moved(before, after, opt_state):
 def test_aepo_reference_is_the_base_and_an_update_moves_only_adapters():
   c, mcfg, params = _tiny_policy(targets=("q", "k", "v", "o", "gate", "up", "down"))
   rows = _rows(mcfg)
-  old, ref = aepo_update.old_and_ref_logprobs(rows, params, None, 1.0)
+  old, ref = aepo_step.old_and_ref_logprobs(rows, params, None, 1.0)
   p = rows.packed(list(range(len(rows))))
   args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, 1.0)
   base_cfg = lora.base_config(mcfg)
@@ -178,11 +180,11 @@ def test_aepo_reference_is_the_base_and_an_update_moves_only_adapters():
   np.testing.assert_array_equal(old, np.asarray(score(mcfg, params, *args)))
   assert np.abs(old - ref)[rows.loss_mask].max() > 1e-3
   c.optim.lr = 1e-3
-  settings = aepo_update.LossSettings.from_config(c)
-  updater = Updater(aepo_update.aepo_loss_fn(mcfg), optim_lib.make_optimizer(c.optim, 10), params,
+  settings = settings_lib.loss(c)
+  updater = Updater(aepo_step.aepo_loss_fn(mcfg), optim_lib.make_optimizer(settings_lib.optim(c), 10), params,
                     lora.frozen_names(params))
   state = updater.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
-  state, m = updater.update(state, aepo_update.micro_batches(rows, np.arange(len(rows)), old, ref, settings))
+  state, m = updater.update(state, aepo_step.micro_batches(rows, np.arange(len(rows)), old, ref, settings))
   assert m["update_skipped"] == 0 and m["kl"] > 0
   _assert_only_adapters_moved(params, state.params, state.opt_state)
 

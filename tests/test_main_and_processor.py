@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from ares_jax import settings as settings_lib
 from ares_jax import configs
 from ares_jax.data import images as images_lib
 from ares_jax.data import processor as processor_lib
@@ -132,21 +133,21 @@ def test_processor_pixel_bounds_and_errors(tok):
 
 
 def test_config_files_build_model_configs():
-  tiny = configs.to_model_config(load_config("tiny.py").model)
+  tiny = settings_lib.model(load_config("tiny.py").model)
   assert tiny.text.vocab_size == tokenizer_lib.TINY_VOCAB_SIZE
   assert tiny.image_token_id == tokenizer_lib.TINY_SPECIAL_IDS["<|image_pad|>"]
   assert tiny.vision.fullatt_block_indexes == (1,)
   seven = load_config("aepo_7b.py")
-  m7 = configs.to_model_config(seven.model)
+  m7 = settings_lib.model(seven.model)
   assert (m7.text.hidden_size, m7.text.num_layers, m7.text.num_kv_heads, m7.text.vocab_size) == (3584, 28, 4, 152064)
   assert not m7.tie_word_embeddings and m7.vision.out_hidden_size == 3584
   assert (seven.aepo.clip_low, seven.aepo.clip_high, seven.optim.lr, seven.rollout.n) == (0.2, 0.28, 1e-6, 8)
-  m3 = configs.to_model_config(load_config("aepo_3b.py").model)
+  m3 = settings_lib.model(load_config("aepo_3b.py").model)
   assert m3.tie_word_embeddings and m3.vision.out_hidden_size == 2048 and m3.text.num_layers == 36
   bad = load_config("tiny.py")
   bad.model.mrope_section = (4, 4, 4)
   with pytest.raises(ValueError, match="config.model.mrope_section"):
-    configs.to_model_config(bad.model)
+    settings_lib.model(bad.model)
 
 
 def test_inspect_stage_on_tiny_config(cache_dir, monkeypatch, capsys):

@@ -18,6 +18,7 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from ares_jax import settings as settings_lib
 from ares_jax import configs, models
 from ares_jax.data.tokenizer import tiny_tokenizer
 from tiny_configs import load_config
@@ -57,7 +58,7 @@ OVERRIDES = {{
 
 def tiny_policy(folder: Path) -> str:
   """A random policy of configs/tiny.py as a Hugging Face folder with its tokenizer, what AdaCS exports."""
-  mcfg = configs.to_model_config(load_config("tiny.py").model)
+  mcfg = settings_lib.model(load_config("tiny.py").model)
   models.save_hf(str(folder), mcfg, models.init_params(mcfg, jax.random.key(0)), tokenizer=tiny_tokenizer())
   return str(folder)
 

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from ares_jax import settings as settings_lib
 from ares_jax import compiled_memory as cm
 from ares_jax import memory_plan as mp
 from ares_jax import sampling
@@ -86,7 +87,7 @@ def test_largest_chunk_fits_and_the_next_does_not():
   c = _config("aepo")
   c.plan.images_per_prompt = 0
   st = mp.Setting.create(c, jax.devices(), 1.0)
-  sc = setup.sampling_config(c, type("T", (), {"pad_token_id": 0})(), st.mcfg)
+  sc = settings_lib.sampling(c, st.mcfg, 0)
   shapes = mp.step_shapes(c, st.mcfg, sc.max_new_tokens)
   whole = mp.rollout_programs(st, sc, 64, shapes, 0)[1]
   # a budget between the program at 16 and at 64 prompts
@@ -128,7 +129,7 @@ def test_tpu_topology_plans_or_names_the_missing_wheel():
   assert len(devices) == 4 and hbm == 16.0 and devices[0].platform == "tpu"
   c = _config("aepo")
   st = mp.Setting.create(c, devices, hbm)
-  sc = setup.sampling_config(c, type("T", (), {"pad_token_id": 0})(), st.mcfg)
+  sc = settings_lib.sampling(c, st.mcfg, 0)
   plans = mp.rollout_programs(st, sc, 8, mp.step_shapes(c, st.mcfg, sc.max_new_tokens), 0)
   assert all(p.fits(c.plan.usable) and p.hbm == 16 * GIB for p in plans)
   assert plans[1].temp > 0 and plans[1].args >= cm.device_bytes(st.params)

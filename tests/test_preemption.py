@@ -29,9 +29,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from ares_jax import settings as settings_lib
 from ares_jax import configs, models, sharding
 from ares_jax.data.batching import Prompt
-from ares_jax.train import aepo_update
+from ares_jax.aepo import step as aepo_step
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.checkpoint import Checkpointer
 from processes import free_port, run_together
@@ -71,12 +72,12 @@ main.cli()
 NAN_ADVANTAGES = """
 import sys
 import numpy as np
-from ares_jax.train import aepo_update
-_micro_batches = aepo_update.micro_batches
+from ares_jax.aepo import step as aepo_step
+_micro_batches = aepo_step.micro_batches
 def micro_batches(*args, **kwargs):
   return [mb._replace(arrays=dict(mb.arrays, adv=np.full_like(mb.arrays["adv"], np.nan)))
           for mb in _micro_batches(*args, **kwargs)]
-aepo_update.micro_batches = micro_batches
+aepo_step.micro_batches = micro_batches
 from ares_jax import main
 sys.argv[0] = "ares_jax.main"
 main.cli()
@@ -281,7 +282,7 @@ def test_a_lora_run_stopped_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path
 def _tiny_params(mesh):
   """The tiny model's config and random parameters sharded by the project's rules over `mesh` (placed from
   the host: no compiled initialiser)."""
-  mcfg = configs.to_model_config(load_config("tiny.py").model)
+  mcfg = settings_lib.model(load_config("tiny.py").model)
   boxed = models.abstract_params(mcfg)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s, sh: jax.device_put((0.05 * rng.standard_normal(s.shape)).astype(s.dtype), sh),
@@ -291,7 +292,7 @@ def _tiny_params(mesh):
 
 def _train_state(mesh):
   mcfg, params = _tiny_params(mesh)
-  updater = Updater(aepo_update.aepo_loss_fn(mcfg), optim_lib.make_optimizer(load_config("tiny.py").optim, 10),
+  updater = Updater(aepo_step.aepo_loss_fn(mcfg), optim_lib.make_optimizer(settings_lib.optim(load_config("tiny.py")), 10),
                     params)
   return updater.init_state(params, jax.random.key(0))
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from ares_jax import settings as settings_lib
 from ares_jax import configs, models, storage
 from ares_jax.models import hf_io
 from ares_jax.train import metrics as metrics_lib
@@ -119,7 +120,7 @@ def test_tensorboard_event_files_on_gs_are_whole_records(bucket):
 def tiny_model():
   """The tiny config's model with random values (no initialiser to compile: only shapes matter here)."""
   from flax import linen as nn
-  mcfg = configs.to_model_config(load_config("tiny.py").model)
+  mcfg = settings_lib.model(load_config("tiny.py").model)
   rng = np.random.default_rng(0)
   shapes = nn.unbox(models.abstract_params(mcfg))
   return mcfg, jax.tree.map(lambda s: jax.numpy.asarray(rng.standard_normal(s.shape), s.dtype), shapes)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from ares_jax import settings as settings_lib
 from ares_jax.data import build as build_lib
 from ares_jax.data import tfds_source
 from ares_jax.data.processor import QwenVLProcessor
@@ -103,6 +104,10 @@ def _tfds_config(path, workdir="", shuffle=True, seed=0):
   return c
 
 
+def _tfds(path, **kw):
+  return settings_lib.tfds(_tfds_config(path, **kw))
+
+
 def test_virl39k_folder_round_trips_with_resized_images_and_counted_bad_rows(virl, proc):
   root, settings, result = virl
   assert result.skipped == {"missing_image": 1, "unreadable_image": 1, "missing_answer": 1}
@@ -171,7 +176,7 @@ def test_tfds_prompts_are_the_files_prompts(virl, proc):
   """Same rows, same template, same processor: identical token ids and pixels from both kinds of source."""
   root, settings, result = virl
   template = PromptTemplate(proc.tokenizer)
-  tfds_stream = PromptStream(tfds_source.source(_tfds_config(result.path), 1), proc, template, 512)
+  tfds_stream = PromptStream(tfds_source.source(_tfds(result.path), 1), proc, template, 512)
   held = [r for r in read_rows(str(root)) if in_eval_split(r.id, 0.25)]
   files_stream = PromptStream(RowSource(held), proc, template, 512)
   a, b = tfds_stream.first(100), files_stream.first(100)
@@ -185,7 +190,7 @@ def test_tfds_prompts_are_the_files_prompts(virl, proc):
 
 def test_an_endless_tfds_source_without_a_usable_prompt_fails_clearly(virl, proc):
   _, _, result = virl
-  stream = PromptStream(tfds_source.source(_tfds_config(result.path), 0), proc, PromptTemplate(proc.tokenizer), 8)
+  stream = PromptStream(tfds_source.source(_tfds(result.path), 0), proc, PromptTemplate(proc.tokenizer), 8)
   with pytest.raises(ValueError, match="no usable row"):  # after one epoch, not never
     stream.take(0, 1)
   assert dict(stream.skipped) == {"too_long": result.counts["train"]}
@@ -195,7 +200,7 @@ def test_grain_orders_the_training_split_by_epoch(virl):
   import grain
   _, _, result = virl
   n = result.counts["train"]
-  src = tfds_source.source(_tfds_config(result.path, seed=0), 0)
+  src = tfds_source.source(_tfds(result.path, seed=0), 0)
   assert src.epoch_size == n and len(src) == sys.maxsize  # endless: Grain repeats, the stream never wraps
   ids = [src[p].id for p in range(3 * n)]
   file_order = [r.id for r in _records(result.path, "train")]
@@ -203,9 +208,9 @@ def test_grain_orders_the_training_split_by_epoch(virl):
   assert all(sorted(e) == sorted(file_order) for e in epochs)  # each epoch: every training row once
   assert len({tuple(e) for e in epochs + [file_order]}) == 4  # a different permutation every epoch
   assert [src[p].id for p in range(n)] == epochs[0]  # deterministic
-  other = tfds_source.source(_tfds_config(result.path, seed=1), 0)
+  other = tfds_source.source(_tfds(result.path, seed=1), 0)
   assert [other[p].id for p in range(n)] != epochs[0]  # seeded by config.seed
-  plain = tfds_source.source(_tfds_config(result.path, shuffle=False), 0)
+  plain = tfds_source.source(_tfds(result.path, shuffle=False), 0)
   assert [plain[p].id for p in range(2 * n)] == file_order * 2
   # A checkpoint's data position is the state of a Grain iterator over the same dataset.
   it = iter(src.dataset.to_iter_dataset())
@@ -214,7 +219,7 @@ def test_grain_orders_the_training_split_by_epoch(virl):
   for _ in range(2):
     next(it)
   assert it.get_state() == tfds_source.grain_state(n + 6)
-  held = tfds_source.source(_tfds_config(result.path), 1)
+  held = tfds_source.source(_tfds(result.path), 1)
   assert len(held) == held.epoch_size == result.counts["eval"]
   assert [held[i].id for i in range(len(held))] == [r.id for r in _records(result.path, "eval")]
   assert isinstance(src.dataset, grain.MapDataset)
@@ -257,5 +262,5 @@ def test_tfds_aepo_run_resumed_after_a_kill_continues_the_same_prompt_order(tmp_
   assert first + rest == straight
   flat = [i for step in straight for i in step]  # 16 positions of 10 rows: the run crossed into epoch 2
   assert sorted(flat[:10]) == [f"t{i}" for i in range(10)] and flat[:10] != [f"t{i}" for i in range(10)]
-  assert flat[10:] == [tfds_source.source(_tfds_config(path), 0)[p].id for p in range(10, 16)]
+  assert flat[10:] == [tfds_source.source(_tfds(path), 0)[p].id for p in range(10, 16)]
   assert flat[10:] != flat[:6]  # epoch 2 is a new permutation

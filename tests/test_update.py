@@ -1,5 +1,5 @@
 """The compiled update path (train/update.py): accumulation, frozen subtrees, shardings, the non-finite
-skip, ahead-of-time lowering; and the reference copy of the AEPO stage (train/aepo_update.py)."""
+skip, ahead-of-time lowering; and the reference copy of the AEPO stage (train/aepo_step.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ares_jax import sharding
-from ares_jax.train.aepo_update import reference_copy, reference_template
+from ares_jax.aepo.step import reference_copy, reference_template
 from ares_jax.train.update import MicroBatch, Updater
 
 D, H, O = 16, 32, 4

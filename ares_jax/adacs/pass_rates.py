@@ -32,7 +32,7 @@ def read_progress(path: str) -> dict[str, dict]:
 
 
 def estimate_pass_rates(mcfg: ModelConfig, params: Any, stream: PromptStream, ids: Sequence[str],
-                        todo: Sequence[int], tokenizer: Any, grader: Grader, sc: sampling.SamplingConfig,
+                        todo: Sequence[int], tokenizer: Any, grader: Grader, sc: sampling.SamplingConfig, *,
                         key: jax.Array, progress_path: str, batch_size: int) -> dict[str, float | None]:
   """p_q = mean accuracy of `sc.n` samples for the pool rows `todo` (indices into `stream.source`).
 
@@ -47,15 +47,15 @@ def estimate_pass_rates(mcfg: ModelConfig, params: Any, stream: PromptStream, id
                len(batches) - len(pending), progress_path)
   primary = sharding.is_primary()  # every process samples (a collective); process 0 writes
   for b in tqdm(pending, desc="pass rates", initial=len(batches) - len(pending), total=len(batches)):
-    records = _estimate_batch(mcfg, params, stream, ids, batches[b], tokenizer, grader, sc,
-                              jax.random.fold_in(key, b))
+    records = _estimate_batch(mcfg, params, stream, ids, batches[b], tokenizer, grader, sc=sc,
+                              key=jax.random.fold_in(key, b))
     if primary:
       storage.append_lines(progress_path, [json.dumps(r) for r in records])
     done.update({r["id"]: r for r in records})
   return {ids[i]: done[ids[i]]["pass_rate"] for i in todo}
 
 
-def _estimate_batch(mcfg, params, stream: PromptStream, ids, rows: list[int], tokenizer, grader: Grader,
+def _estimate_batch(mcfg, params, stream: PromptStream, ids, rows: list[int], tokenizer, grader: Grader, *,
                     sc: sampling.SamplingConfig, key) -> list[dict]:
   examples = dict(zip(rows, stream.encode_many(rows)))
   usable = [i for i in rows if examples[i] is not None]

@@ -70,7 +70,7 @@ def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_me
 
 @functools.partial(jax.jit, static_argnames=("dual_clip", "loss_agg"))
 def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayLike | None, adv: ArrayLike,
-              loss_mask: ArrayLike, weights: ArrayLike | None, clip_low: float = 0.2, clip_high: float = 0.28,
+              loss_mask: ArrayLike, weights: ArrayLike | None, *, clip_low: float = 0.2, clip_high: float = 0.28,
               dual_clip: float | None = None, loss_agg: str = "token_mean") -> tuple[jax.Array, dict[str, jax.Array]]:
   """The AEPO objective (design.md 5.10), to be minimised.
 

@@ -21,9 +21,11 @@ import re
 import signal
 import time
 from multiprocessing import util as mp_util
+from multiprocessing.connection import wait
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 _FORMAT = re.compile(r"^\s*<think>.*?</think>.*\\boxed\{.+\}", re.DOTALL)
 
@@ -177,8 +179,6 @@ class Grader:
 
   def _grade_here(self, responses: Sequence[str], golds: Sequence[str],
                   extra: Sequence[tuple] | None = None, desc: str | None = None) -> Grades:
-    from multiprocessing.connection import wait  # pylint: disable=g-import-not-at-top
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (workers import this module: keep it light)
 
     extra = [()] * len(responses) if extra is None else extra
     bar = tqdm(total=len(responses), desc=desc, unit="item", leave=False, disable=desc is None)

@@ -9,11 +9,13 @@ instruction (design.md 9): reason step by step, final answer in `\\boxed{}`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 from absl import logging
 
+from ares_jax import storage
 from ares_jax.data.processor import IMAGE_PLACEHOLDER as VISION_IMAGE
 from ares_jax.data.reader import IMAGE_PLACEHOLDER
 
@@ -42,11 +44,9 @@ def ensure_chat_template(tokenizer: Any, folder: str | None = None) -> Any:
   `chat_template.json` / `chat_template.jinja` (where transformers saves a processor's), else Qwen's."""
   if tokenizer.chat_template and "image" in str(tokenizer.chat_template):
     return tokenizer
-  from ares_jax import storage  # pylint: disable=g-import-not-at-top  (folder may be gs://)
   for name in ("chat_template.jinja", "chat_template.json"):
     path = os.path.join(folder, name) if folder else ""
     if path and storage.exists(path):
-      import json  # pylint: disable=g-import-not-at-top
       text = storage.read_text(path)
       tokenizer.chat_template = json.loads(text)["chat_template"] if name.endswith(".json") else text
       return tokenizer

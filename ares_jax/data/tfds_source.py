@@ -21,6 +21,7 @@ This module also holds the record schema (`features`, `to_record`, `to_row`) so 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -140,18 +141,31 @@ def grain_state(position: int) -> dict[str, int]:
   return {"next_index": int(position)}
 
 
-def source(config, split_seed: int) -> GrainSource:
-  """Split 0: the training rows, endless, reshuffled every epoch by Grain when `config.data.shuffle`
-  (seeded by `config.seed`); any other split: the held-out rows in file order."""
-  import grain  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TfdsSettings:
+  """What `source` reads from `config` (settings.tfds): the dataset folder, the shuffle and the bounds the
+  run's processor resizes images to (compared with those the dataset was built with)."""
 
-  d = config.data
-  path = resolve(d.tfds_dir)
-  if d.get("eval_paths"):
+  tfds_dir: str
+  shuffle: bool = True
+  seed: int = 0
+  eval_paths_given: bool = False  # data.eval_paths is set (ignored here: the build fixed the held-out split)
+  min_pixels: int = 262144
+  max_pixels: int = 4194304
+  image_factor: int = 28  # patch_size * spatial_merge_size
+
+
+def source(s: TfdsSettings, split_seed: int) -> GrainSource:
+  """Split 0: the training rows, endless, reshuffled every epoch by Grain when `s.shuffle` (seeded by
+  `s.seed`); any other split: the held-out rows in file order."""
+  import grain  # pylint: disable=g-import-not-at-top  (slow to import; only kind=tfds reads through it)
+
+  path = resolve(s.tfds_dir)
+  if s.eval_paths_given:
     logging.warning("config.data.eval_paths is ignored with kind=tfds: the held-out split was fixed when %s was "
                     "built (python -m ares_jax.data.build --eval_src=...)", path)
   builder = _builder(path)
-  _check_image_bounds(builder.info.metadata, config, path)
+  _check_image_bounds(builder.info.metadata, s, path)
   split = TRAIN if split_seed == 0 else EVAL
   if split not in builder.info.splits:  # a build whose held-out split came out empty
     if split == TRAIN:
@@ -162,21 +176,19 @@ def source(config, split_seed: int) -> GrainSource:
   ds = grain.MapDataset.source(records)
   n = len(ds)
   if split == TRAIN:
-    if d.shuffle:
-      ds = ds.shuffle(seed=int(config.seed) % 2**32)
+    if s.shuffle:
+      ds = ds.shuffle(seed=int(s.seed) % 2**32)
     ds = ds.repeat()  # endless (len = sys.maxsize); with a shuffle, each epoch its own permutation
   logging.info("data: %s split %r, %d rows%s", path, split, n,
-               " (Grain: shuffled every epoch)" if split == TRAIN and d.shuffle else "")
+               " (Grain: shuffled every epoch)" if split == TRAIN and s.shuffle else "")
   return GrainSource(ds.map(to_row), n, f"{path}[{split}]")
 
 
-def _check_image_bounds(metadata: Any, config, path: str) -> None:
+def _check_image_bounds(metadata: Any, s: TfdsSettings, path: str) -> None:
   """Warns when the dataset's images were sized for other processor bounds than this run's: they are then
   resized a second time at train time (from already resized pixels), unlike `kind=files`."""
   built = {k: metadata.get(k) for k in ("min_pixels", "max_pixels", "image_factor")}
-  vision = config.model.get("vision", {}) if hasattr(config, "model") else {}
-  wanted = {"min_pixels": config.processor.min_pixels, "max_pixels": config.processor.max_pixels,
-            "image_factor": vision.get("patch_size", 14) * vision.get("spatial_merge_size", 2)}
+  wanted = {"min_pixels": s.min_pixels, "max_pixels": s.max_pixels, "image_factor": s.image_factor}
   if built != wanted:
     logging.warning("%s: images were stored for %s, this run's processor uses %s; they will be resized again "
                     "(rebuild with matching --min_pixels/--max_pixels for identical pixels)", path, built, wanted)

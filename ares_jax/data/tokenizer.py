@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ares_jax import storage
+
 if TYPE_CHECKING:  # transformers is slow to import; the configs import this module for constants
   from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -180,8 +182,6 @@ def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":
   (trust_remote_code=False). Padding is on the left, as generation needs.
   """
   from transformers import AutoTokenizer
-
-  from ares_jax import storage  # pylint: disable=g-import-not-at-top
 
   if not storage.isdir(path):
     raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (models are never downloaded: "

@@ -159,7 +159,7 @@ def with_options(row: Row) -> Row:
 
 
 def answer(mcfg, params, bench: Benchmark, processor, template, tokenizer, sc: sampling.SamplingConfig,
-           key: jax.Array, settings: Settings, max_prompt_length: int) -> tuple[list[dict], collections.Counter]:
+           key: jax.Array, *, settings: Settings, max_prompt_length: int) -> tuple[list[dict], collections.Counter]:
   """One record per item and sample (see `reports.ROW_FIELDS`), unjudged, and the prompts skipped by
   reason. Every process runs it (generation is collective) and gets the same records."""
   decode = dataclasses.replace(sc, n=max(settings.samples, 1), max_branches=0, track_entropy=False,
@@ -221,14 +221,14 @@ def summary(records: Sequence[dict], group_by: str, name: str, skipped: Mapping[
 
 
 def evaluate(mcfg, params, benches: Sequence[Benchmark], processor, template, tokenizer,
-             sc: sampling.SamplingConfig, key: jax.Array, grader: Grader, settings: Settings,
+             sc: sampling.SamplingConfig, *, key: jax.Array, grader: Grader, settings: Settings,
              max_prompt_length: int, out_dir: str | None = None) -> dict[str, dict[str, Any]]:
   """Every benchmark answered, judged and summarised: {name: report entry}. With `out_dir`, process 0
   writes `<name>.jsonl` per benchmark and the reports there."""
   report = {}
   for k, bench in enumerate(tqdm(benches, desc="benchmarks", unit="benchmark")):
     records, skipped = answer(mcfg, params, bench, processor, template, tokenizer, sc,
-                              jax.random.fold_in(key, k), settings, max_prompt_length)
+                              jax.random.fold_in(key, k), settings=settings, max_prompt_length=max_prompt_length)
     records = judge(records, grader, bench.name, settings.group_by)
     report[bench.name] = summary(records, settings.group_by, bench.name,
                                  collections.Counter(bench.skipped) + skipped)

@@ -30,12 +30,12 @@ def spearman(x, y) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
-def evaluate(mcfg, params, stream: PromptStream, grader: Grader, tokenizer, sc: sampling.SamplingConfig,
-             n: int, key, samples: int = 0) -> dict[str, float]:
+def evaluate(mcfg, params, stream: PromptStream, grader: Grader, tokenizer, sc: sampling.SamplingConfig, *,
+             prompts: int, key, samples: int = 0) -> dict[str, float]:
   """`eval/accuracy`, `eval/length`, and per difficulty d `eval/accuracy_d{d}`, `eval/length_d{d}`, plus
-  `eval/spearman_length_vs_difficulty`, on the first `n` usable prompts of `stream` (fewer if it has
+  `eval/spearman_length_vs_difficulty`, on the first `prompts` usable prompts of `stream` (fewer if it has
   fewer): greedy, or averaged over `samples` samples per prompt at `sc.temperature`."""
-  exs = stream.first(n)
+  exs = stream.first(prompts)
   if not exs:
     raise ValueError(f"held-out evaluation: {stream.describe()} has no usable prompt (skipped: "
                      f"{dict(stream.skipped)})")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ares_jax.models import blockwise_attention
+from ares_jax.models import splash_attention
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 # Keys this short fit one kernel tile anyway (splash's minimum block is 128): a dense [T, S] score
@@ -105,7 +106,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment
   if impl == "blockwise":
     return blockwise_attention.blockwise_attention(*args, causal=causal)
   if impl == "splash":
-    from ares_jax.models import splash_attention  # pylint: disable=g-import-not-at-top (Pallas TPU import)
     return splash_attention.splash_attention(*args, causal=causal)
   return cudnn_attention(*args, causal=causal)
 

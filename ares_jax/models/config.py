@@ -13,11 +13,45 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from ares_jax.models.attention import IMPLEMENTATIONS
-from ares_jax.models.lora import LoraConfig
 
 
 class ConfigError(ValueError):
   """A config.json that ares_jax cannot honour; the message names the field."""
+
+
+# LoRA targets (models/lora.py): the decoder's projections, the vision blocks' qkv + proj, the merger's two linears.
+TEXT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+VISION_TARGETS = ("vision_attn", "merger")  # the vision blocks' qkv + proj; the merger's two linears
+TARGETS = TEXT_TARGETS + VISION_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """`config.model.lora`: rank r (0 = no adapters), alpha, dropout on the adapter's input, targets."""
+
+  rank: int = 0
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = TEXT_TARGETS
+
+  def __post_init__(self):
+    bad = [t for t in self.targets if t not in TARGETS]
+    if self.rank < 0 or bad:
+      raise ValueError(f"config.model.lora: rank={self.rank} must be >= 0 and targets {bad} must be among "
+                       f"{', '.join(TARGETS)}")
+
+  @property
+  def enabled(self) -> bool:
+    return self.rank > 0
+
+  @property
+  def scale(self) -> float:
+    """alpha / r, the factor on B A x."""
+    return self.alpha / self.rank
+
+  def on(self, target: str) -> "LoraConfig | None":
+    """This config when `target` is adapted, else None (what `layers.dense(lora=...)` takes)."""
+    return self if self.enabled and target in self.targets else None
 
 
 @dataclasses.dataclass(frozen=True)

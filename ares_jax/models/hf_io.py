@@ -22,6 +22,7 @@ from flax import linen as nn
 from flax import traverse_util
 from safetensors import safe_open
 
+from ares_jax import sharding, storage
 from ares_jax.models.config import ModelConfig, from_hf_dict, to_hf_dict
 from ares_jax.models.qwen25vl import abstract_params
 
@@ -163,7 +164,6 @@ class _Reader:
 
 
 def read_config(path: str, **overrides) -> ModelConfig:
-  from ares_jax import storage
   return from_hf_dict(storage.read_json(os.path.join(path, "config.json")), **overrides)
 
 
@@ -180,15 +180,12 @@ def load_hf(path: str, dtype=jnp.float32, *, mesh: jax.sharding.Mesh | None = No
   (`model-0000k-of-0000n.safetensors`, as HF saves 7B models and `save_hf` writes) reads like one file.
   A `gs://` folder is downloaded to a temporary local folder first (safetensors reads memory maps).
   """
-  from ares_jax import storage
   with storage.local_folder(path, _weights_or_config, marker="config.json") as local:
     return _load(local, path, dtype, mesh, config_overrides)
 
 
 def _load(local: str, path: str, dtype, mesh, config_overrides) -> tuple[ModelConfig, Any]:
   """load_hf on local folder `local` (`path` is what messages name)."""
-  from ares_jax import sharding
-
   name = jnp.dtype(dtype).name
   config = read_config(local, **{"dtype": name, "param_dtype": name, **config_overrides})
   reader = _Reader(local, path)
@@ -297,7 +294,6 @@ def save_hf(path: str, config: ModelConfig, params: Any, *, tokenizer: Any = Non
   is written through `storage.writing_folder` with config.json last, so a reader never takes half a
   policy for a whole one; `path` may be local or `gs://` (where a failed export leaves no config.json).
   """
-  from ares_jax import sharding, storage
   gather = gather or sharding.to_host
   primary = sharding.is_primary()
   entries = _export_plan(config, params)

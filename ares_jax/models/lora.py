@@ -14,7 +14,6 @@ its base (the paper's init).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -22,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ares_jax.models.config import TARGETS, TEXT_TARGETS, VISION_TARGETS, LoraConfig  # noqa: F401  (re-exported)
+
 POLICY_KEY = "lora"  # the adapters' top-level name in a policy's parameter tree (and their collection)
-TEXT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-VISION_TARGETS = ("vision_attn", "merger")  # the vision blocks' qkv + proj; the merger's two linears
-TARGETS = TEXT_TARGETS + VISION_TARGETS
 # Parameter paths of the modules each target adapts ("decoder/layers" and "visual/blocks" are scanned:
 # their kernels and adapters carry a leading layer axis).
 MODULES = {
@@ -35,35 +33,6 @@ MODULES = {
     "merger": ("visual/merger/mlp_0", "visual/merger/mlp_2"),
 }
 STACKED = ("decoder/layers/", "visual/blocks/")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  """`config.model.lora`: rank r (0 = no adapters), alpha, dropout on the adapter's input, targets."""
-
-  rank: int = 0
-  alpha: float = 16.0
-  dropout: float = 0.0
-  targets: tuple[str, ...] = TEXT_TARGETS
-
-  def __post_init__(self):
-    bad = [t for t in self.targets if t not in TARGETS]
-    if self.rank < 0 or bad:
-      raise ValueError(f"config.model.lora: rank={self.rank} must be >= 0 and targets {bad} must be among "
-                       f"{', '.join(TARGETS)}")
-
-  @property
-  def enabled(self) -> bool:
-    return self.rank > 0
-
-  @property
-  def scale(self) -> float:
-    """alpha / r, the factor on B A x."""
-    return self.alpha / self.rank
-
-  def on(self, target: str) -> "LoraConfig | None":
-    """This config when `target` is adapted, else None (what `layers.dense(lora=...)` takes)."""
-    return self if self.enabled and target in self.targets else None
 
 
 def kaiming_uniform_a(n_in: int):
@@ -115,7 +84,7 @@ def variables(config, params: dict) -> dict:
     return {"params": base_params(params)}
   if POLICY_KEY not in params:
     raise ValueError(f"config.model.lora.rank={config.lora.rank} but the parameters hold no adapters "
-                     f"(top-level names {sorted(params)}); attach them with models.lora.init_adapters")
+                     f"(top-level names {sorted(params)}); attach them with models.init_adapters")
   return {"params": base_params(params), POLICY_KEY: params[POLICY_KEY]}
 
 
@@ -161,10 +130,3 @@ def merged(config, params: dict) -> dict:
   if not config.lora.enabled:
     return base_params(params)
   return merge_into(base_params(params), params[POLICY_KEY], config.lora.scale)
-
-
-def init_adapters(config, key: jax.Array, shardings: Any = None) -> dict:
-  """Fresh adapters (A random, B = 0) for `config`, placed on `shardings` (from `abstract_adapters`)."""
-  from ares_jax.models.qwen25vl import init_params  # pylint: disable=g-import-not-at-top  (cycle)
-  fn = lambda k: init_params(config, k)[POLICY_KEY]
-  return jax.jit(fn, out_shardings=shardings)(key)

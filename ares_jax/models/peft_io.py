@@ -22,8 +22,10 @@ from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save
 
+from ares_jax import sharding, storage
 from ares_jax.models import hf_io, lora
 from ares_jax.models.config import ModelConfig
+from ares_jax.models.qwen25vl import abstract_params
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -54,7 +56,6 @@ def _names(rule: hf_io.Rule, config: ModelConfig) -> list[str]:
 def save_peft(path: str, config: ModelConfig, params: dict, base_model_name_or_path: str | None) -> None:
   """Writes the adapters of policy tree `params` as a PEFT folder at `path` (local or gs://); every process
   calls it (the adapters are gathered to the host; they are small), process 0 writes."""
-  from ares_jax import sharding, storage  # pylint: disable=g-import-not-at-top
   flat = traverse_util.flatten_dict(sharding.to_host(lora.adapters(params)), sep="/")
   r = config.lora.rank
   tensors = {}
@@ -81,7 +82,6 @@ def save_peft(path: str, config: ModelConfig, params: dict, base_model_name_or_p
 
 def read_lora_config(path: str, dropout: float | None = None) -> lora.LoraConfig:
   """The `LoraConfig` of a PEFT folder (rank, alpha, dropout unless given, targets from its tensors)."""
-  from ares_jax import storage  # pylint: disable=g-import-not-at-top
   meta = storage.read_json(os.path.join(path, CONFIG_FILE))
   where = f"{path}/{CONFIG_FILE}"
   if meta.get("peft_type", "LORA") != "LORA":
@@ -113,8 +113,6 @@ def _canonical_module(key: str) -> str:
 def load_peft(path: str, config: ModelConfig, shardings: Any = None) -> dict:
   """The adapters of PEFT folder `path` as the "lora" subtree for `config` (whose lora settings must be
   the folder's: see `read_lora_config`), placed on `shardings` when given."""
-  from ares_jax import storage  # pylint: disable=g-import-not-at-top
-  from ares_jax.models.qwen25vl import abstract_params  # pylint: disable=g-import-not-at-top
   want = {k: v.shape for k, v in traverse_util.flatten_dict(
       nn.unbox(abstract_params(config)[lora.POLICY_KEY]), sep="/").items()}
   r = config.lora.rank

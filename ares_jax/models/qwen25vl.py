@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from ares_jax import sharding
 from ares_jax.models import lora
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
@@ -195,7 +196,6 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixe
   ids = np.pad(input_ids, ((0, 0), (0, pad))).astype(np.int32)
   mask = np.pad(attention_mask, ((0, 0), (0, pad))).astype(np.int32)
   positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
-  from ares_jax import sharding
   with sharding.mesh_context_of(params):
     logits = _apply(config, params, ids, positions, mask, vision)
   return logits[:, :t]
@@ -205,6 +205,13 @@ def init_params(config: ModelConfig, key: jax.Array) -> Params:
   """Random parameters (plain arrays, logical-axis metadata stripped); with `config.lora`, the policy tree
   holds fresh adapters (B = 0) under "lora" (models/lora.py)."""
   return nn.unbox(_init_boxed(config, key))
+
+
+def init_adapters(config: ModelConfig, key: jax.Array, shardings: Any = None) -> Params:
+  """Fresh LoRA adapters (A random, B = 0) for `config`, placed on `shardings` (those of the "lora" subtree
+  of `sharding.param_shardings(abstract_params(config), mesh)`)."""
+  fn = lambda k: init_params(config, k)[lora.POLICY_KEY]
+  return jax.jit(fn, out_shardings=shardings)(key)
 
 
 def _dummy_inputs(config: ModelConfig):

@@ -22,6 +22,7 @@ from absl import logging
 from tqdm import tqdm
 
 from ares_jax import adacs, sharding, storage
+from ares_jax import settings as settings_lib
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.adacs.report import length_by_pass_rate, write_report
 from ares_jax.data import synthetic
@@ -34,7 +35,7 @@ from ares_jax.stages import setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.train import sft
 from ares_jax.train import run_control
-from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings, restore_template
+from ares_jax.train.checkpoint import Checkpointer, restore_template
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState
 
@@ -86,7 +87,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
   mesh, mcfg, tok, proc, params, pad_id = b.mesh, b.mcfg, b.tokenizer, b.processor, b.params, b.pad_id
   grader = setup.build_grader(config)
-  sc = setup.chunked(config, b, setup.sampling_config(config, tok, mcfg, n=a.pass_rate_samples, max_branches=0),
+  sc = setup.chunked(config, b, settings_lib.sampling(config, mcfg, pad_id, n=a.pass_rate_samples, max_branches=0),
                      a.pass_rate_batch)
   # Held-out prompts for before/after SFT: the synthetic task's, or the held-out rows of `data.paths`.
   has_eval = config.data.kind != "files" or bool(config.data.paths or config.data.eval_paths)
@@ -94,7 +95,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   eval_stream = setup.prompt_stream(config, proc, 1) if has_eval else None
   if not has_eval:
     logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
-  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), CheckpointSettings.from_config(config),
+  ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), settings_lib.checkpoint(config),
                                     adapters_only=mcfg.lora.enabled)
   resumed = ckpt.latest_step() is not None
 
@@ -126,8 +127,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"{config.workdir} has SFT checkpoints but {progress} lacks pass rates, which must come "
                      "from the policy before SFT: restore that file or start in a fresh workdir")
   if todo:
-    rates.update(estimate_pass_rates(mcfg, params, stream, ids, todo, tok, grader, sc, jax.random.key(config.seed),
-                                     progress, a.pass_rate_batch))
+    rates.update(estimate_pass_rates(mcfg, params, stream, ids, todo, tok, grader, sc, key=jax.random.key(config.seed),
+                                     progress_path=progress, batch_size=a.pass_rate_batch))
 
   # 3. Selection.
   questions = [{"id": q.id, "source": q.source, "pass_rate": rates[q.id], "candidates": candidates[i]}
@@ -152,13 +153,13 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if storage.exists(before_path):  # a resumed run: `params` are no longer the policy before SFT
     before = storage.read_json(before_path)
   else:
-    before = evaluate(mcfg, params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
-                      config.eval.samples) if eval_stream else {}
+    before = evaluate(mcfg, params, eval_stream, grader, tok, sc, prompts=a.eval_prompts, key=eval_key,
+                      samples=config.eval.samples) if eval_stream else {}
     if sharding.is_primary():
       storage.write_json(before_path, before)
   state = train_sft(config, mcfg, params, examples, ckpt, mesh, pad_id)
-  after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, a.eval_prompts, eval_key,
-                   config.eval.samples) if eval_stream else {}
+  after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, prompts=a.eval_prompts, key=eval_key,
+                   samples=config.eval.samples) if eval_stream else {}
   grader.close()
   ckpt.close()
 
@@ -189,13 +190,10 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
   """`adacs.epochs` shuffled passes in batches of `adacs.batch_size` (micro-batches of similar length
   accumulate into one update); checkpoints every `checkpoint_every` steps; resumes from the newest readable
   checkpoint; on SIGTERM / a preemption notice, checkpoints the step in progress and raises `Preempted`."""
-  a = config.adacs
-  optim = ml_collections.ConfigDict(dict(config.optim))
-  optim.lr = a.lr
-  frozen = ("visual",) if a.freeze_vision else ()
+  a, s = config.adacs, settings_lib.adacs_sft(config)
   steps_per_epoch = -(-len(examples) // a.batch_size)
   total = a.epochs * steps_per_epoch
-  updater = sft.make_sft(mcfg, params, optim, total, frozen)
+  updater = sft.make_sft(mcfg, params, s.optim, total, s.frozen)
   restored = ckpt.restore_latest(restore_template(updater, params, mesh, ckpt))
   start = restored.step if restored else 0
   if restored:
@@ -205,14 +203,14 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
     state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
   writer = MetricsWriter(config.workdir, resume_step=start or None)
   lengths = np.array([len(t) for _, t in examples])
-  stop = run_control.StopRequests(CheckpointSettings.from_config(config).preemption, "adacs sft")
+  stop = run_control.StopRequests(settings_lib.checkpoint(config).preemption, "adacs sft")
   for step in tqdm(range(start + 1, total + 1), desc="adacs sft", initial=start, total=total):
     epoch, k = divmod(step - 1, steps_per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(examples))
     batch = order[k * a.batch_size:(k + 1) * a.batch_size]
     batch = batch[np.argsort(lengths[batch], kind="stable")]  # length bucketing: similar widths per micro-batch
     micro = sft.micro_batches(mcfg, [examples[i][0] for i in batch], [examples[i][1] for i in batch],
-                              a.micro_batch_size, pad_id)
+                              s.micro_batch_size, pad_id)
     state, m = updater.update(state, micro)
     stop.during_step(step)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
     writer.write(step, {"sft/loss": m["loss"], "sft/grad_norm": m["grad_norm"], "sft/examples": len(batch),

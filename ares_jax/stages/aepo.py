@@ -1,11 +1,20 @@
 """Stage `aepo`: the RL loop of ARES (design.md 5), top to bottom.
 
-data -> sampling.generate (tau_high of the previous batch; a warm-up batch first) -> grading ->
-tau, N_HE, bins, targets, lambda -> online filter -> advantages and KL weights -> old/reference
-log-probs -> PPO epochs of mini-batches of micro-batches -> metrics -> checkpoint.
-The tiny config first runs a short supervised warm start on programmatic traces so that pass rates
-span easy, medium and hard; its result is also the reference policy (kept in `aepo.ref_dtype`; a LoRA
-policy's reference is its base with the adapters off, so nothing is kept).
+A step reads through these files, in this order, each once:
+
+  1. data      ares_jax/data/prompts.py    PromptStream.take: the step's prompts (a resumable position)
+  2. sampling  ares_jax/sampling/chunks.py generate: rollouts with exact entropy, window entropy and
+                                           branching at high-window-entropy positions (tau_high of the
+                                           previous batch; a warm-up batch first)
+  3. rewards   ares_jax/data/grading.py    Grader.grade: accuracy and format of every answer
+  4. aepo      ares_jax/aepo/step.py       shape_batch (tau, N_HE, bins, rewards, advantages, filter, KL
+                                           weights) -> UpdateRows -> ppo_update, on aepo/'s pure math
+  5. update    ares_jax/train/update.py    Updater.update: accumulated micro-batch gradients, one AdamW step
+
+then metrics (train/metrics.py) and a checkpoint (train/checkpoint.py). The tiny config first runs a short
+supervised warm start on programmatic traces so that pass rates span easy, medium and hard; its result is
+also the reference policy (kept in `aepo.ref_dtype`; a LoRA policy's reference is its base with the
+adapters off, so nothing is kept).
 """
 
 from __future__ import annotations
@@ -21,90 +30,58 @@ from absl import logging
 from tqdm import tqdm
 
 from ares_jax import aepo, sampling, sharding
+from ares_jax import settings as settings_lib
+from ares_jax.aepo import step as aepo_step
 from ares_jax.data.batching import prompt_batch
+from ares_jax.data.grading import Grader
 from ares_jax.data.tokenizer import word_token_table
+from ares_jax.evaluation.held_out import evaluate
 from ares_jax.models import lora
+from ares_jax.stages import evaluate as eval_stage
 from ares_jax.stages import policy as policy_lib
 from ares_jax.stages import setup
-from ares_jax.evaluation.held_out import evaluate
-from ares_jax.stages import evaluate as eval_stage
-from ares_jax.stages.aepo_batch import shape_batch
-from ares_jax.train import aepo_update
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.train.aepo_update import LossSettings, UpdateRows
 from ares_jax.train import run_control
-from ares_jax.train.checkpoint import Checkpointer, CheckpointSettings, restore_template
+from ares_jax.train.checkpoint import Checkpointer, restore_template
 from ares_jax.train.metrics import MetricsWriter, plot_curves
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
 
 
-def restore_reference(config: ml_collections.ConfigDict, ckpt: Checkpointer, params: Any) -> Any:
-  """The reference policy saved at step 0. When it is missing it is rebuilt from the starting policy if that
-  is rebuilt the same way (`model.hf_path`, or the seed's initialisation), else the run stops in one line."""
-  template = aepo_update.reference_template(params, config.aepo.ref_dtype)
-  if ckpt.has("reference"):
-    return ckpt.restore_once("reference", template)
-  where = f"{ckpt.directory}/reference"
-  if policy_lib.warm_start_due(config):
-    raise FileNotFoundError(f"{where} is missing: the reference policy (this run's warm-started policy of step 0) "
-                            "cannot be rebuilt; put that folder back or start fresh (a new --config.workdir)")
-  logging.warning("%s is missing: rebuilt from the starting policy (%s) and saved again", where,
-                  config.model.hf_path or f"initialisation from seed {config.seed}")
-  ref_params = aepo_update.reference_copy(params, config.aepo.ref_dtype)
-  ckpt.save_once("reference", ref_params)
-  return ref_params
-
-
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
-  mesh, mcfg, tok, params, pad_id = b.mesh, b.mcfg, b.tokenizer, b.params, b.pad_id
+  mesh, mcfg, tok, pad_id = b.mesh, b.mcfg, b.tokenizer, b.pad_id
   train_stream = setup.prompt_stream(config, b.processor, 0)
   eval_stream = setup.prompt_stream(config, b.processor, 1)
-  a, r_cfg = config.aepo, config.rollout
-  sc = setup.sampling_config(config, tok, mcfg)
+  a, prompts_per_step = config.aepo, config.rollout.prompts_per_step
+  shaping, loss, ppo = settings_lib.shaping(config), settings_lib.loss(config), settings_lib.ppo(config)
+  cs = settings_lib.checkpoint(config)
   # A LoRA policy trains its adapters only; its reference is the base (adapters off): no copy is kept.
   adapted = mcfg.lora.enabled
-  updater = Updater(aepo_update.aepo_loss_fn(mcfg), optim_lib.make_optimizer(config.optim, config.total_steps),
-                    params, lora.frozen_names(params), dropout=lora.uses_dropout(mcfg))
-  cs = CheckpointSettings.from_config(config)
+  updater = Updater(aepo_step.aepo_loss_fn(mcfg), optim_lib.make_optimizer(settings_lib.optim(config),
+                                                                           config.total_steps),
+                    b.params, lora.frozen_names(b.params), dropout=lora.uses_dropout(mcfg))
   ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), cs, adapters_only=adapted)
   grader = setup.build_grader(config)
   params = policy_lib.starting_params(
-      config, ckpt, params, lambda p: setup.warm_start(config, mcfg, p, train_stream, pad_id, tok))
-
-  # The newest readable checkpoint (an unreadable one is reported and the one before it used); the reference
-  # policy never changes, so it is saved once beside the step checkpoints.
-  restored = ckpt.restore_latest(restore_template(updater, params, mesh, ckpt))
-  if restored is None:
-    ref_params = None if adapted else aepo_update.reference_copy(params, a.ref_dtype)
-    state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
-    meta = {"data_position": 0}
-    if not adapted:
-      ckpt.save_once("reference", ref_params)
-    ckpt.save(0, state, meta)
-    start = 0
-  else:
-    start, state, meta = restored
-    ref_params = None if adapted else restore_reference(config, ckpt, params)
-    logging.info("resumed from %s (data position %d)", ckpt.path_of(start), meta["data_position"])
+      config, ckpt, b.params, lambda p: setup.warm_start(config, mcfg, p, train_stream, pad_id, tok))
+  start, state, ref_params, position = _restore_or_start(config, updater, ckpt, params, mesh, adapted)
   # rollout.chunk_prompts=0: the largest chunk whose rollout fits beside the optimizer state and reference
-  sc = setup.chunked(config, b, sc, r_cfg.prompts_per_step, (state.opt_state, ref_params))
-  writer = MetricsWriter(config.workdir, resume_step=start if start > 0 else None)
-  position = int(meta["data_position"])
-  settings = LossSettings.from_config(config)
+  sc = setup.chunked(config, b, settings_lib.sampling(config, mcfg, pad_id), prompts_per_step,
+                     (state.opt_state, ref_params))
   triggers = word_token_table(tok, a.trigger_words) if a.trigger_words else None  # design.md 5.3
-  history = []
+  writer = MetricsWriter(config.workdir, resume_step=start if start > 0 else None)
   bench = (eval_stage.BenchmarkRunner(config, b, eval_stage.decode_config(config, sc))
            if config.eval.benchmarks else None)
 
   def held_out(params, step: int) -> dict[str, float]:
-    out = evaluate(mcfg, params, eval_stream, grader, tok, sc, config.eval.prompts, jax.random.key(1),
-                   config.eval.samples)
+    out = evaluate(mcfg, params, eval_stream, grader, tok, sc, prompts=config.eval.prompts, key=jax.random.key(1),
+                   samples=config.eval.samples)
     if bench is not None:  # eval.benchmarks too; their files in {workdir}/eval/step_<step>/
       out.update(eval_stage.metrics(bench(params, os.path.join(eval_stage.eval_dir(config), f"step_{step}"))))
     return out
 
+  history = []
   if start == 0 and config.eval.every > 0:
     history.append(writer.write(0, held_out(state.params, 0)))
   stop = run_control.StopRequests(cs.preemption, "aepo")  # SIGTERM / JAX's preemption notice
@@ -118,31 +95,26 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   for step in tqdm(range(start + 1, config.total_steps + 1), desc="aepo", initial=start, total=config.total_steps):
     key = jax.random.fold_in(jax.random.key(config.seed), step)
     t0 = time.perf_counter()
-    exs, position = train_stream.take(position, r_cfg.prompts_per_step)
-    batch = prompt_batch([e.prompt for e in exs], pad_id)
-    tau_prev = float(state.stats["tau_high"])
-    if not np.isfinite(tau_prev):  # warm-up batch: sets tau_high, no branching
-      warm = sampling.generate(mcfg, state.params, batch, sc, jax.random.fold_in(key, 7))
-      tau_prev = float(aepo.entropy_threshold(warm.entropy, warm.mask, a.entropy_quantile))
-    rollouts = sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
-    stop.during_step(step)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
+    # 1-2. Prompts and rollouts.
+    exs, position = train_stream.take(position, prompts_per_step)
+    prompts = [e.prompt for e in exs]
+    rollouts = rollout(mcfg, state, prompt_batch(prompts, pad_id), sc, key, shaping.entropy_quantile)
     t1 = time.perf_counter()
-    used, texts = rollouts.texts(tok)
-    grades = grader.grade(texts, [exs[i].answer for i in rollouts.prompt_index[used]])
-    acc = np.zeros(len(rollouts.length), np.float32)
-    fmt = np.zeros_like(acc)
-    acc[used], fmt[used] = grades.accuracy, grades.format
+    # 3. Rewards: accuracy and format of every used slot.
+    acc, fmt, grades = grade(grader, rollouts, [e.answer for e in exs], tok)
     t2 = time.perf_counter()
-    shaped = shape_batch(rollouts, acc, fmt, a, float(state.stats["tau_high"]), np.asarray(state.stats["target_ema"]),
-                         triggers)
+    # 4. AEPO statistics, rewards, advantages and KL weights; the next step's tau_high and target EMA.
+    shaped = aepo_step.shape_batch(rollouts, acc, fmt, shaping, float(state.stats["tau_high"]),
+                                   np.asarray(state.stats["target_ema"]), triggers)
     state = sharding.replicate_rest(state.replace(stats={
         "tau_high": np.float32(shaped.tau_high), "target_ema": np.asarray(shaped.ema_state, np.float32)}), mesh)
     metrics = dict(shaped.metrics, **{"grading/timeouts": grades.timeouts, "grading/errors": grades.errors,
                                       "data/skipped": sum(train_stream.skipped.values())})
-    rows = UpdateRows.from_rollouts(mcfg, rollouts, shaped, [e.prompt for e in exs], a.micro_batch_size,
-                                    sc.max_new_tokens, pad_id)
+    # 5. PPO updates on the kept trajectories.
+    rows = aepo_step.UpdateRows.from_rollouts(mcfg, rollouts, shaped, prompts, ppo.micro_batch_size,
+                                              sc.max_new_tokens, pad_id)
     if len(rows):
-      state, upd = ppo_update(state, ref_params, updater, rows, settings, config, step, guard)
+      state, upd = aepo_step.ppo_update(state, ref_params, updater, rows, loss, ppo, step, guard)
       metrics.update(upd)
     t3 = time.perf_counter()
     metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
@@ -153,7 +125,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if guard.tripped:  # updates skipped as non-finite aepo.max_skipped_updates times in a row
       close()
       raise guard.error(step, ckpt.latest_step())
-    preempted = stop.should_stop(step)  # the same answer on every process
+    # Checkpoint; on a preemption request every process stops at this same step.
+    preempted = stop.should_stop(step)
     if preempted or step % cs.every == 0 or step == config.total_steps:
       ckpt.save(step, state, {"data_position": position})
     if preempted:
@@ -167,17 +140,58 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {"history": history, "skipped_rows": dict(train_stream.skipped)}
 
 
-def ppo_update(state: TrainState, ref_params, updater: Updater, rows: UpdateRows, settings: LossSettings,
-               config: ml_collections.ConfigDict, step: int,
-               guard: run_control.SkipGuard | None = None) -> tuple[TrainState, dict[str, float]]:
-  """Old and reference log-probs, then PPO epochs over shuffled mini-batches (one optimizer update
-  each) of micro-batches; metrics are the mean over the updates; `guard` sees every update's skip flag."""
-  old, ref = aepo_update.old_and_ref_logprobs(rows, state.params, ref_params, settings.temperature)
-  updates = []
-  shuffle = np.random.default_rng([config.seed, step])
-  for mini in aepo_update.mini_batches(len(rows), config.aepo.global_batch_size, config.ppo_epochs, shuffle):
-    state, m = updater.update(state, aepo_update.micro_batches(rows, mini, old, ref, settings))
-    if guard is not None:
-      guard.observe(m["update_skipped"])
-    updates.append(m)
-  return state.replace(step=state.step + 1), {k: float(np.mean([m[k] for m in updates])) for k in updates[0]}
+def rollout(mcfg, state: TrainState, batch: dict, sc: sampling.SamplingConfig, key: jax.Array,
+            entropy_quantile: float) -> sampling.Rollouts:
+  """The step's rollouts, branching at windows above the previous batch's tau_high; the first step has no
+  tau_high yet and takes it from a warm-up batch (which does not branch)."""
+  tau_prev = float(state.stats["tau_high"])
+  if not np.isfinite(tau_prev):
+    warm = sampling.generate(mcfg, state.params, batch, sc, jax.random.fold_in(key, 7))
+    tau_prev = float(aepo.entropy_threshold(warm.entropy, warm.mask, entropy_quantile))
+  return sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
+
+
+def grade(grader: Grader, rollouts: sampling.Rollouts, answers: list[str], tokenizer):
+  """(accuracy [S], format [S], the grades): 0 for unused slots."""
+  used, texts = rollouts.texts(tokenizer)
+  grades = grader.grade(texts, [answers[i] for i in rollouts.prompt_index[used]])
+  acc = np.zeros(len(rollouts.length), np.float32)
+  fmt = np.zeros_like(acc)
+  acc[used], fmt[used] = grades.accuracy, grades.format
+  return acc, fmt, grades
+
+
+def _restore_or_start(config: ml_collections.ConfigDict, updater: Updater, ckpt: Checkpointer, params: Any,
+                      mesh: jax.sharding.Mesh, adapted: bool) -> tuple[int, TrainState, Any, int]:
+  """(start step, train state, reference policy, data position): from the newest readable checkpoint (an
+  unreadable one is reported and the one before it used), else fresh, with the reference policy saved once
+  beside the step checkpoints (it never changes) and the step-0 checkpoint written."""
+  restored = ckpt.restore_latest(restore_template(updater, params, mesh, ckpt))
+  if restored is None:
+    ref_params = None if adapted else aepo_step.reference_copy(params, config.aepo.ref_dtype)
+    state = sharding.replicate_rest(updater.init_state(params, jax.random.key(config.seed)), mesh)
+    if not adapted:
+      ckpt.save_once("reference", ref_params)
+    ckpt.save(0, state, {"data_position": 0})
+    return 0, state, ref_params, 0
+  start, state, meta = restored
+  ref_params = None if adapted else restore_reference(config, ckpt, params)
+  logging.info("resumed from %s (data position %d)", ckpt.path_of(start), meta["data_position"])
+  return start, state, ref_params, int(meta["data_position"])
+
+
+def restore_reference(config: ml_collections.ConfigDict, ckpt: Checkpointer, params: Any) -> Any:
+  """The reference policy saved at step 0. When it is missing it is rebuilt from the starting policy if that
+  is rebuilt the same way (`model.hf_path`, or the seed's initialisation), else the run stops in one line."""
+  template = aepo_step.reference_template(params, config.aepo.ref_dtype)
+  if ckpt.has("reference"):
+    return ckpt.restore_once("reference", template)
+  where = f"{ckpt.directory}/reference"
+  if policy_lib.warm_start_due(config):
+    raise FileNotFoundError(f"{where} is missing: the reference policy (this run's warm-started policy of step 0) "
+                            "cannot be rebuilt; put that folder back or start fresh (a new --config.workdir)")
+  logging.warning("%s is missing: rebuilt from the starting policy (%s) and saved again", where,
+                  config.model.hf_path or f"initialisation from seed {config.seed}")
+  ref_params = aepo_step.reference_copy(params, config.aepo.ref_dtype)
+  ckpt.save_once("reference", ref_params)
+  return ref_params

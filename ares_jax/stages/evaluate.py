@@ -25,17 +25,12 @@ import jax
 import ml_collections
 
 from ares_jax import sampling, sharding
+from ares_jax import settings as settings_lib
 from ares_jax.data.grading import Grader
 from ares_jax.evaluation import benchmarks, reports
 from ares_jax.evaluation import judge as judge_lib
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.stages import setup
-
-
-def settings(config: ml_collections.ConfigDict) -> benchmarks.Settings:
-  e = config.eval
-  return benchmarks.Settings(samples=e.samples, max_items=e.max_items, batch_prompts=e.batch_prompts,
-                             group_by=e.group_by, max_image_pixels=config.data.max_image_pixels)
 
 
 def judge_pool(config: ml_collections.ConfigDict) -> Grader:
@@ -52,7 +47,7 @@ class BenchmarkRunner:
   every `eval.every` steps. Owns a judge pool: `close()` it."""
 
   def __init__(self, config: ml_collections.ConfigDict, b: setup.Built, sc: sampling.SamplingConfig):
-    self.config, self.b, self.settings = config, b, settings(config)
+    self.config, self.b, self.settings = config, b, settings_lib.benchmark_settings(config)
     self.benches = benchmarks.load(config.eval.benchmarks, setup.columns(config), config.data.image_root or None,
                                    config.eval.max_items, config.eval.group_by)
     self.template = setup.prompt_template(config, b.tokenizer)
@@ -63,8 +58,8 @@ class BenchmarkRunner:
     """{name: report entry}; files in `out_dir` (process 0) when given."""
     key = jax.random.key(self.config.seed + 2) if key is None else key
     return benchmarks.evaluate(self.b.mcfg, params, self.benches, self.b.processor, self.template, self.b.tokenizer,
-                               self.sc, key, self.grader, self.settings, self.config.rollout.max_prompt_length,
-                               out_dir)
+                               self.sc, key=key, grader=self.grader, settings=self.settings,
+                               max_prompt_length=self.config.rollout.max_prompt_length, out_dir=out_dir)
 
   def close(self) -> None:
     self.grader.close()
@@ -95,8 +90,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
   if not config.eval.benchmarks:
     return held_out(config, b)
-  s = settings(config)
-  sc = decode_config(config, setup.sampling_config(config, b.tokenizer, b.mcfg))
+  s = settings_lib.benchmark_settings(config)
+  sc = decode_config(config, settings_lib.sampling(config, b.mcfg, b.pad_id))
   runner = BenchmarkRunner(config, b, setup.chunked(config, b, sc, s.batch_prompts))
   try:
     report = runner(b.params, eval_dir(config))
@@ -120,10 +115,10 @@ def rescore(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def held_out(config: ml_collections.ConfigDict, b: setup.Built) -> dict[str, Any]:
   """Accuracy and length on `eval.prompts` held-out prompts of `config.data`; writes `{workdir}/eval.json`."""
   stream = setup.prompt_stream(config, b.processor, 1)
-  sc = setup.chunked(config, b, setup.sampling_config(config, b.tokenizer, b.mcfg), config.eval.prompts)
+  sc = setup.chunked(config, b, settings_lib.sampling(config, b.mcfg, b.pad_id), config.eval.prompts)
   with setup.build_grader(config) as grader:
-    out = evaluate(b.mcfg, b.params, stream, grader, b.tokenizer, sc, config.eval.prompts,
-                   jax.random.key(config.seed), config.eval.samples)
+    out = evaluate(b.mcfg, b.params, stream, grader, b.tokenizer, sc, prompts=config.eval.prompts,
+                   key=jax.random.key(config.seed), samples=config.eval.samples)
   out = {k.removeprefix("eval/"): v for k, v in out.items()}
   out.update(policy=config.model.hf_path or "random initialisation", prompts=config.eval.prompts,
              samples=config.eval.samples, skipped_rows=dict(stream.skipped))

@@ -21,7 +21,8 @@ from jax.experimental import multihost_utils
 from flax import linen as nn
 from flax import traverse_util
 
-from ares_jax import configs, models, sharding
+from ares_jax import models, sharding
+from ares_jax import settings as settings_lib
 from ares_jax.data import images as images_lib
 from ares_jax.data import processor as processor_lib
 from ares_jax.stages.setup import build_mesh, build_params, build_processor, build_tokenizer, check_tokenizer
@@ -92,7 +93,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Runs the stage; returns a summary (counts, shapes, top tokens) for tests and notebooks."""
   t0 = time.time()
   mesh = build_mesh(config)
-  mcfg = configs.to_model_config(config.model)
+  mcfg = settings_lib.model(config.model)
   _say(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.process_count()} process(es))")
   _say(f"mesh: {dict(mesh.shape)}")
 

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from ares_jax import aepo, sampling
+from ares_jax import settings as settings_lib
 from ares_jax.data import synthetic
 from ares_jax.stages import setup
 
@@ -50,10 +51,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   key = jax.random.key(config.seed)
   tau = config.sample.tau_high
   if tau is None:
-    warm = sampling.generate(mcfg, params, batch, setup.sampling_config(config, tok, mcfg), key)
+    warm = sampling.generate(mcfg, params, batch, settings_lib.sampling(config, mcfg, b.pad_id), key)
     tau = float(aepo.entropy_threshold(warm.entropy, warm.mask, config.aepo.entropy_quantile))
     print(f"tau_high from a warm-up batch (quantile {config.aepo.entropy_quantile}): {tau:.3f}")
-  r = sampling.generate(mcfg, params, batch, setup.sampling_config(config, tok, mcfg), jax.random.fold_in(key, 1),
+  r = sampling.generate(mcfg, params, batch, settings_lib.sampling(config, mcfg, b.pad_id), jax.random.fold_in(key, 1),
                         tau_high=tau)
   n_he = np.asarray(aepo.hwe_counts(r.window_entropy, r.window_valid, tau))
   rows = []

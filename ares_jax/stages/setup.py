@@ -13,16 +13,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ares_jax import configs, models, sampling, sharding, storage
+from ares_jax import memory_plan, models, sampling, sharding, storage
+from ares_jax import settings as settings_lib
+from ares_jax.config_checks import DATA_KINDS
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib
-from ares_jax.data import reader, synthetic
+from ares_jax.data import reader, synthetic, tfds_source
 from ares_jax.data.grading import Grader
 from ares_jax.data.prompts import PromptStream, RowSource, SyntheticSource, split_rows
 from ares_jax.data.template import PromptTemplate, ensure_chat_template
 from ares_jax.models import hf_io, lora, peft_io
+from ares_jax.models.qwen25vl import init_adapters
 from ares_jax.train import run_control, sft
-from ares_jax.train.checkpoint import CheckpointSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ def build(config: ml_collections.ConfigDict) -> Built:
   """The workdir, mesh, checked tokenizer, processor and parameters of `config`."""
   storage.makedirs(config.workdir)  # local or gs://
   mesh = build_mesh(config)
-  mcfg = configs.to_model_config(config.model)
+  mcfg = settings_lib.model(config.model)
   tok = build_tokenizer(config)
   check_tokenizer(tok, mcfg)
   proc = build_processor(config, tok, mcfg)
@@ -119,7 +121,7 @@ def build_params(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, bo
   shardings = sharding.param_shardings(boxed, mesh)
   if config.model.hf_path:
     path = config.model.hf_path
-    bad = configs.architecture_mismatches(config.model, hf_io.read_config(path))  # before reading weights
+    bad = settings_lib.architecture_mismatches(config.model, hf_io.read_config(path))  # before reading weights
     if bad:
       raise models.ConfigError(f"the checkpoint {path} does not match the config file:\n  " + "\n  ".join(bad))
     logging.info("loading %s onto the mesh", path)
@@ -138,7 +140,7 @@ def build_params(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, bo
   else:
     adapters = params.get(lora.POLICY_KEY)
     if adapters is None:
-      adapters = lora.init_adapters(mcfg, jax.random.fold_in(jax.random.key(config.seed), 1),
+      adapters = init_adapters(mcfg, jax.random.fold_in(jax.random.key(config.seed), 1),
                                     shardings[lora.POLICY_KEY])
   return mcfg, lora.with_adapters(lora.frozen_base(mcfg, params), adapters)
 
@@ -152,19 +154,6 @@ def build_processor(config: ml_collections.ConfigDict, tok: Any,
       patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
 
 
-def sampling_config(config: ml_collections.ConfigDict, tokenizer: Any, mcfg: models.ModelConfig,
-                    **overrides) -> sampling.SamplingConfig:
-  """The rollout section of an experiment config as a `SamplingConfig`."""
-  r = config.rollout
-  eos = mcfg.eos_token_id if isinstance(mcfg.eos_token_id, tuple) else (mcfg.eos_token_id,)
-  kw = dict(max_new_tokens=r.max_response_length, temperature=r.temperature, top_p=r.top_p,
-            top_k=max(int(r.top_k), 0), n=r.n, window=config.aepo.window, max_branches=r.max_branches,
-            eos_ids=tuple(e for e in eos if e is not None), pad_id=int(tokenizer.pad_token_id or 0),
-            cache_dtype=r.get("cache_dtype", None), chunk_prompts=r.chunk_prompts)
-  kw.update(overrides)
-  return sampling.SamplingConfig(**kw)
-
-
 def chunked(config: ml_collections.ConfigDict, b: Built, sc: sampling.SamplingConfig, most: int,
             resident: Any = ()) -> sampling.SamplingConfig:
   """`sc` with `chunk_prompts` set: the config's, or (0) the largest chunk of at most `most` prompts whose
@@ -172,7 +161,6 @@ def chunked(config: ml_collections.ConfigDict, b: Built, sc: sampling.SamplingCo
   planner on this run's devices."""
   if sc.chunk_prompts:
     return sc
-  from ares_jax import memory_plan  # pylint: disable=g-import-not-at-top  (it uses this module's settings)
   chunk = memory_plan.auto_chunk(config, b.mesh, b.mcfg, sc, most, memory_plan.device_bytes(resident),
                                  branching=sc.max_branches != 0)
   return dataclasses.replace(sc, chunk_prompts=chunk)
@@ -190,9 +178,8 @@ def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
                                 columns(config))
     return RowSource(train if split_seed == 0 else held)
   if d.kind == "tfds":
-    from ares_jax.data import tfds_source  # pylint: disable=g-import-not-at-top  (tensorflow-datasets is heavy)
-    return tfds_source.source(config, split_seed)
-  raise ValueError(f"config.data.kind={d.kind!r}: expected one of {configs.DATA_KINDS}")
+    return tfds_source.source(settings_lib.tfds(config), split_seed)
+  raise ValueError(f"config.data.kind={d.kind!r}: expected one of {DATA_KINDS}")
 
 
 @functools.lru_cache(maxsize=2)
@@ -250,18 +237,16 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
     responses = [np.array(tokenizer(t)["input_ids"] + [eos], np.int32) for t in traces]
     return prompts, responses
 
-  optim = ml_collections.ConfigDict(dict(config.optim))
-  optim.update(lr=w.lr, weight_decay=w.weight_decay, schedule="cosine", warmup_steps=max(1, w.steps // 20))
   # SIGTERM / a preemption notice stops it too (it has no checkpoint: a rerun redoes it, as it is deterministic).
-  with run_control.StopRequests(CheckpointSettings.from_config(config).preemption, "warm start") as stop:
+  with run_control.StopRequests(settings_lib.checkpoint(config).preemption, "warm start") as stop:
     def on_step(step: int, _) -> None:
       stop.during_step(step + 1)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
       if stop.should_stop(step + 1):
         raise run_control.Preempted("warm start", step + 1, None)
 
     # It stands in for pretraining: it trains the base (a LoRA policy's adapters stay as they are).
-    base, losses = sft.run_sft(lora.base_config(mcfg), lora.base_params(params), batches, optim, w.steps,
-                               config.aepo.micro_batch_size, pad_id, jax.random.key(config.seed), frozen=(),
-                               desc="warm start", on_step=on_step)
+    base, losses = sft.run_sft(lora.base_config(mcfg), lora.base_params(params), batches,
+                               settings_lib.warm_start_sft(config), w.steps, pad_id=pad_id,
+                               rng=jax.random.key(config.seed), desc="warm start", on_step=on_step)
   logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
   return lora.with_adapters(base, params.get(lora.POLICY_KEY))

@@ -38,11 +38,11 @@ import os
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ares_jax import storage
 from ares_jax.models import lora
@@ -61,21 +61,14 @@ def _quiet_orbax() -> None:
     handler.addFilter(_QuietOrbax())
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSettings:
-  """`config.checkpoint_every` and `config.checkpoint.*` (see configs.base_config)."""
+  """`config.checkpoint_every` and `config.checkpoint.*` (see configs.base_config; settings.checkpoint)."""
 
   every: int = 50  # a step checkpoint every this many steps, and at the last step
   keep: int = 3  # step checkpoints kept (the newest); data saved once is never pruned
   async_save: bool = True  # write in the background while the next step runs
   preemption: bool = True  # SIGTERM / JAX's preemption notice: finish the step, checkpoint, exit 0
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "CheckpointSettings":
-    c = config.get("checkpoint") or {}
-    return cls(every=int(config.checkpoint_every), keep=int(c.get("keep", cls.keep)),
-               async_save=bool(c.get("async_save", cls.async_save)),
-               preemption=bool(c.get("preemption", cls.preemption)))
 
 
 # Bump when what a checkpoint holds changes shape or meaning (TrainState fields, stored subtrees, meta keys).
@@ -121,7 +114,6 @@ def _all_processes(ok: bool) -> bool:
   """Whether `ok` holds on every process (a collective in a multi-process run)."""
   if jax.process_count() == 1:
     return ok
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return bool(np.all(multihost_utils.process_allgather(np.array([ok], np.int32))))
 
 
@@ -260,7 +252,6 @@ class Checkpointer:
         storage.move_folder(self.path_of(step), aside)
         absl_logging.warning("moved the unreadable checkpoint %s to %s", self.path_of(step), aside)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("checkpoint: unreadable steps moved aside")
     self._mgr.reload()
 

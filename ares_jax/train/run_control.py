@@ -40,6 +40,8 @@ import time
 import jax
 import numpy as np
 from absl import logging
+from jax._src import distributed  # the preemption sync manager's state (no public accessor)
+from jax.experimental import multihost_utils
 
 
 class Preempted(SystemExit):
@@ -65,10 +67,6 @@ class SkippedUpdatesError(RuntimeError):
 
 def _jax_preemption_service() -> bool:
   """Whether JAX's preemption sync manager runs (a multi-process run after jax.distributed.initialize)."""
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
   state = distributed.global_state
   return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
 
@@ -117,10 +115,8 @@ class StopRequests:
     if self.mode == "off":
       return False
     if self.mode == "jax":
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       stop = bool(multihost_utils.reached_preemption_sync_point(step))
     elif self.mode == "allgather":
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       flags = multihost_utils.process_allgather(np.array([self._requested_at is not None], np.int32))
       stop = bool(np.any(flags))
     else:

@@ -11,7 +11,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from tqdm import tqdm
 
@@ -23,16 +22,26 @@ from ares_jax.train.sequences import pack, response_logprobs
 from ares_jax.train.update import MicroBatch, Updater
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SftSettings:
+  """One SFT run: its optimizer, micro-batch size and the top-level parameter names it freezes (ignored by a
+  LoRA policy, which trains its adapters only). From `config.adacs` or `config.warm_start` (settings.py)."""
+
+  optim: optim_lib.OptimSettings
+  micro_batch_size: int
+  frozen: tuple[str, ...] = ("visual",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SftLoss:
   """The static part of an SFT micro-batch: where the responses start."""
 
   prompt_width: int
 
 
 def sft_loss(model_config: ModelConfig):
-  """(params, arrays, SftSettings) -> (mean negative log-likelihood of the response tokens, metrics)."""
-  def loss(params, arrays, settings: SftSettings):
+  """(params, arrays, SftLoss) -> (mean negative log-likelihood of the response tokens, metrics)."""
+  def loss(params, arrays, settings: SftLoss):
     logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
                              arrays["positions"], arrays["vision"], settings.prompt_width,
                              dropout_key=arrays.get("dropout_key"))
@@ -55,11 +64,11 @@ def micro_batches(model_config: ModelConfig, prompts: Sequence[Prompt], response
     mask = (np.arange(width)[None, :] < np.array([len(r) for r in rs])[:, None]).astype(np.float32)
     arrays = dict(input_ids=packed.input_ids, attention_mask=packed.attention_mask, positions=packed.positions,
                   vision=packed.vision, loss_mask=mask)
-    out.append(MicroBatch(arrays, SftSettings(packed.prompt_width), sum(len(r) for r in rs) / total))
+    out.append(MicroBatch(arrays, SftLoss(packed.prompt_width), sum(len(r) for r in rs) / total))
   return out
 
 
-def make_sft(model_config: ModelConfig, params: Any, optim: ml_collections.ConfigDict, total_steps: int,
+def make_sft(model_config: ModelConfig, params: Any, optim: optim_lib.OptimSettings, total_steps: int,
              frozen: Sequence[str] = ("visual",)) -> Updater:
   """The SFT updater; `params` (arrays or abstract shapes) give the shardings of its programs. A policy
   with LoRA adapters trains them only (`lora.frozen_names`)."""
@@ -67,16 +76,15 @@ def make_sft(model_config: ModelConfig, params: Any, optim: ml_collections.Confi
                  lora.frozen_names(params, tuple(frozen)), dropout=lora.uses_dropout(model_config))
 
 
-def run_sft(model_config: ModelConfig, params: Any, batches, optim: ml_collections.ConfigDict, steps: int,
-            micro_batch_size: int, pad_id: int, rng: jax.Array, frozen: Sequence[str] = ("visual",),
-            desc: str = "sft", on_step=None) -> tuple[Any, list[float]]:
+def run_sft(model_config: ModelConfig, params: Any, batches, settings: SftSettings, steps: int, *, pad_id: int,
+            rng: jax.Array, desc: str = "sft", on_step=None) -> tuple[Any, list[float]]:
   """Runs `steps` updates; `batches(step) -> (prompts, responses)`. Returns params and the losses."""
-  updater = make_sft(model_config, params, optim, steps, frozen)
+  updater = make_sft(model_config, params, settings.optim, steps, settings.frozen)
   state = updater.init_state(params, rng)
   losses = []
   for step in tqdm(range(steps), desc=desc, leave=False):
     prompts, responses = batches(step)
-    state, m = updater.update(state, micro_batches(model_config, prompts, responses, micro_batch_size, pad_id))
+    state, m = updater.update(state, micro_batches(model_config, prompts, responses, settings.micro_batch_size, pad_id))
     losses.append(m["loss"])
     if on_step is not None:
       on_step(step, m)
