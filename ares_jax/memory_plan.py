@@ -132,11 +132,10 @@ def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shape
   sc = dataclasses.replace(sc, chunk_prompts=chunk)
   c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, chunk), sc)[0]
   weights = st.compile(decode_weights, st.mcfg, st.params, sc.lora_merged)
-  top, layers = weights.out
-  inputs = abstract_like((c.ids, c.positions, c.mask, c.vision, jax.random.key(0)), st.mesh)
+  prompts, key = abstract_like((c.inputs, jax.random.key(0)), st.mesh)
   tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
   offset = abstract_like(np.int32(0), st.mesh)
-  roll = st.compile(rollout_chunk, st.mcfg, sc, st.params, top, layers, *inputs[:4], inputs[4], tau, offset)
+  roll = st.compile(rollout_chunk, st.mcfg, sc, st.params, weights.out, prompts, key, tau, offset)
   desc = f"{chunk} prompts x {sc.n + sc.branches(branching)} slots, {shapes.prompt_width} + {sc.max_new_tokens}"
   if shapes.images_per_prompt:
     desc += f", {chunk * shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
@@ -208,16 +207,16 @@ def _training_rows(st: Setting, shapes: Shapes, micro_batch_size: int):
                               np.ones((mb, width), np.float32), mb, width, 0)
 
 
-def _update_plans(st: Setting, updater: update_lib.Updater, arrays: dict, settings: Any, ref_bytes: int,
+def _update_plans(st: Setting, updater: update_lib.Updater, batch: Any, settings: Any, ref_bytes: int,
                   label: str) -> tuple[list[ProgramPlan], int]:
   """The train state's creation (for its size), the gradient micro-step and the optimizer apply."""
   state = updater.abstract_state(st.params, st.mesh)
   opt_bytes = device_bytes(state.opt_state)
   accum = updater.trainable(st.params)  # same shapes, dtypes and shardings as the trainable parameters
   weight = abstract_like(np.float32(1.0), st.mesh)
-  micro = st.compile(updater.micro_step, st.params, accum, abstract_like(arrays, st.mesh), weight, settings)
+  micro = st.compile(updater.micro_step, st.params, accum, abstract_like(batch, st.mesh), weight, settings)
   apply = st.compile(updater.apply, state, accum, weight)
-  rows = arrays["input_ids"].shape
+  rows = batch.inputs.ids.shape
   return [restore_row(st, state, ref_bytes, label),
           plan_row(f"{label} gradient micro-step (+ accumulation)", f"{rows[0]} x {rows[1]} tokens", micro,
                    opt_bytes + ref_bytes, st.hbm_gib),
@@ -250,7 +249,7 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   settings = settings_lib.loss(c, rows.packed(range(a.micro_batch_size)).prompt_width)
   old = np.zeros((len(rows), rows.width), np.float32)
   micro = aepo_step.micro_batches(rows, np.arange(len(rows)), old, old, settings)[0]
-  update_plans, opt_bytes = _update_plans(st, updater, micro.arrays, settings, ref_bytes, "AEPO")
+  update_plans, opt_bytes = _update_plans(st, updater, micro.batch, settings, ref_bytes, "AEPO")
 
   sc = settings_lib.sampling(c, mcfg, 0)
   resident = opt_bytes + ref_bytes  # beside the policy (an argument of every program here)
@@ -264,10 +263,10 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   roll = [roll[0], dataclasses.replace(roll[1], shapes=roll[1].shapes + f"; {n_calls} calls per step")]
 
   p = rows.packed(range(a.micro_batch_size))
-  inputs = abstract_like((p.input_ids, p.attention_mask, p.positions, p.vision), st.mesh)
+  inputs = abstract_like(p.inputs, st.mesh)
   desc = f"{a.micro_batch_size} x ({p.prompt_width} + {rows.width})"
-  old_c = st.compile(sequences.score, mcfg, st.params, *inputs, p.prompt_width, float(r.temperature))
-  ref_c = st.compile(sequences.score, lora.base_config(mcfg), st.params if adapted else ref, *inputs, p.prompt_width,
+  old_c = st.compile(sequences.score, mcfg, st.params, inputs, p.prompt_width, float(r.temperature))
+  ref_c = st.compile(sequences.score, lora.base_config(mcfg), st.params if adapted else ref, inputs, p.prompt_width,
                      float(r.temperature))
   ref_name = "reference log-probs (" + ("base: adapters off" if adapted else a.ref_dtype) + ")"
   scoring = [plan_row("old log-probs (policy)", desc, old_c, resident, st.hbm_gib),
@@ -289,7 +288,7 @@ def adacs_plans(st: Setting) -> list[ProgramPlan]:
   prompts = synthetic_prompts(mcfg, shapes, a.micro_batch_size)
   responses = [np.ones((shapes.response_width,), np.int32)] * a.micro_batch_size
   micro = sft.micro_batches(mcfg, prompts, responses, a.micro_batch_size, 0, shapes.response_width)[0]
-  update_plans, _ = _update_plans(st, updater, micro.arrays, micro.settings, 0, "SFT")
+  update_plans, _ = _update_plans(st, updater, micro.batch, micro.settings, 0, "SFT")
   return roll[1:] + update_plans
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from ares_jax import main as entry  # the --config flag and its one-line errors for bad overrides
+from ares_jax import storage
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "A TPU topology name (v4:2x2x1, v5e:2x4, v5p:2x2x1, "
                                 "v6e:2x4, ...) or cpu:N (N simulated CPU devices).")
@@ -42,7 +43,7 @@ def prepare_environment(topology: str) -> None:
 def main(argv: list[str]) -> None:
   config = entry.config_from_flags(argv)
   prepare_environment(_TOPOLOGY.value)
-  from ares_jax import compiled_memory, memory_plan  # pylint: disable=g-import-not-at-top  (imports JAX)
+  from ares_jax import compiled_memory, memory_plan  # JAX after prepare_environment: it reads JAX_PLATFORMS when imported
   try:
     devices, hbm = compiled_memory.topology_devices(_TOPOLOGY.value, config.plan.hbm_gib)
     plans = memory_plan.plan_step(config, devices, hbm)
@@ -54,7 +55,6 @@ def main(argv: list[str]) -> None:
   print(format_table(rows, _TOPOLOGY.value, hbm, usable))
   if _JSON.value:
     report = {"topology": _TOPOLOGY.value, "hbm_gib": hbm, "usable": usable, "programs": rows}
-    from ares_jax import storage  # pylint: disable=g-import-not-at-top
     storage.write_json(_JSON.value, report, indent=1)  # local or gs://, atomically
   if not all(r["fits"] for r in rows):
     sys.exit(1)

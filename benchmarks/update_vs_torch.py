@@ -86,7 +86,7 @@ def jax_steps_s(p, ids: np.ndarray, repeats: int):
   import optax
   from ares_jax import models
   from ares_jax.train import optimizer as optim_lib
-  from ares_jax.aepo.step import LossSettings, aepo_loss_fn
+  from ares_jax.aepo.step import AepoBatch, LossSettings, aepo_loss_fn
   from ares_jax.train.sequences import score, scored_logits
   from ares_jax.train.update import MicroBatch, Updater
 
@@ -101,7 +101,7 @@ def jax_steps_s(p, ids: np.ndarray, repeats: int):
 
   # (b) cross-entropy + optimizer in one program
   def ce(params, ids, mask, positions):
-    logits = scored_logits(mcfg, params, ids, mask, positions, None)[:, :-1].astype(jnp.float32)
+    logits = scored_logits(mcfg, params, models.ModelInputs(ids, positions, mask))[:, :-1].astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
 
@@ -125,11 +125,12 @@ def jax_steps_s(p, ids: np.ndarray, repeats: int):
   params = fresh()
   settings = LossSettings(prompt_width=1, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
                           loss_agg="token_mean")
-  old = score(mcfg, params, ids, mask, positions, None, 1, 1.0)
+  inputs = models.ModelInputs(ids, positions, mask)
+  old = score(mcfg, params, inputs, 1, 1.0)
   b, r = ids.shape[0], ids.shape[1] - 1
-  arrays = dict(input_ids=ids, attention_mask=mask, positions=positions, vision=None, old_logp=old, ref_logp=old,
-                adv=np.where(np.arange(b) % 2 == 0, 1.0, -1.0).astype(np.float32), loss_mask=np.ones((b, r), bool),
-                weights=np.full((b, r), 1e-2, np.float32))
+  adv = np.where(np.arange(b) % 2 == 0, 1.0, -1.0).astype(np.float32)
+  arrays = AepoBatch(inputs, old_logp=old, ref_logp=old, adv=adv, loss_mask=np.ones((b, r), bool),
+                     weights=np.full((b, r), 1e-2, np.float32))
   updater = Updater(aepo_loss_fn(mcfg), tx, params)
   state = [updater.init_state(params, jax.random.key(0))]
 

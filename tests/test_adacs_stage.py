@@ -127,7 +127,7 @@ def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_parts):
   loss, _ = jax.jit(sft.sft_loss(mcfg), static_argnums=2)(params, arrays, settings)
   width = settings.prompt_width
   packed = pack(mcfg, prompts, responses, 0)
-  logits = np.asarray(models.forward(mcfg, params, packed.input_ids, packed.attention_mask), np.float64)
+  logits = np.asarray(models.forward(mcfg, params, packed.inputs.ids, packed.inputs.mask), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
       -1, keepdims=True)
   nll = []

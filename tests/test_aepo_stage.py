@@ -16,7 +16,7 @@ from ares_jax import settings as settings_lib
 from ares_jax import configs, models
 from ares_jax.stages import aepo as aepo_stage
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.aepo.step import LossSettings, aepo_loss_fn
+from ares_jax.aepo.step import AepoBatch, LossSettings, aepo_loss_fn
 from ares_jax.data.batching import Prompt
 from ares_jax.train.sequences import pack
 from ares_jax.train.update import MicroBatch, Updater
@@ -80,9 +80,8 @@ def test_full_update_lowers_at_real_shapes(name):
   prompt = Prompt(np.concatenate([np.full(196, mcfg.image_token_id), np.arange(100, 140)]).astype(np.int32),
                   np.zeros((784, mcfg.vision.patch_dim), np.float32), grid)
   p = pack(mcfg, [prompt] * b, [np.arange(r, dtype=np.int32)] * b, pad_id=0, response_width=r)
-  arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions, vision=p.vision,
-                old_logp=np.zeros((b, r), np.float32), ref_logp=np.zeros((b, r), np.float32),
-                adv=np.ones((b,), np.float32), loss_mask=np.ones((b, r), bool), weights=np.ones((b, r), np.float32))
+  arrays = AepoBatch(p.inputs, old_logp=np.zeros((b, r), np.float32), ref_logp=np.zeros((b, r), np.float32),
+                     adv=np.ones((b,), np.float32), loss_mask=np.ones((b, r), bool), weights=np.ones((b, r), np.float32))
   settings = LossSettings(prompt_width=p.prompt_width, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
                           loss_agg="token_mean")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), arrays)
@@ -107,13 +106,13 @@ def test_update_moves_logprobs_along_the_advantages():
   rng = np.random.default_rng(0)
   prompts = [Prompt(rng.integers(5, 400, 20).astype(np.int32)) for _ in range(4)]
   p = pack(mcfg, prompts, [rng.integers(5, 400, 12).astype(np.int32) for _ in range(4)], 0, response_width=16)
-  args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, 1.0)
+  args = (p.inputs, p.prompt_width, 1.0)
   old = np.asarray(score(mcfg, params, *args))
   mask = np.zeros((4, 16), bool)
   mask[:, :12] = True
   adv = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
-  arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions, vision=p.vision,
-                old_logp=old, ref_logp=old, adv=adv, loss_mask=mask, weights=np.full((4, 16), 0.01, np.float32))
+  arrays = AepoBatch(p.inputs, old_logp=old, ref_logp=old, adv=adv, loss_mask=mask,
+                     weights=np.full((4, 16), 0.01, np.float32))
   c.optim.lr = 1e-3
   tx = optim_lib.make_optimizer(settings_lib.optim(c), 10)
   updater = Updater(aepo_loss_fn(mcfg), tx, params)
@@ -131,7 +130,7 @@ def test_non_finite_loss_skips_the_update():
   mcfg = settings_lib.model(c.model)
   params = models.init_params(mcfg, jax.random.key(1))
   tx = optim_lib.make_optimizer(settings_lib.optim(c), 10)
-  bad = Updater(lambda prm, arrays, settings: (jnp.sum(prm["norm"]["scale"]) * jnp.nan, {}), tx, params)
+  bad = Updater(lambda prm, batch, settings, key: (jnp.sum(prm["norm"]["scale"]) * jnp.nan, {}), tx, params)
   state = bad.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
   state2, m = bad.update(state, [MicroBatch({}, None, 1.0)])
   assert m["update_skipped"] == 1 and int(state2.skipped) == 1

@@ -174,7 +174,7 @@ def test_aepo_reference_is_the_base_and_an_update_moves_only_adapters():
   rows = _rows(mcfg)
   old, ref = aepo_step.old_and_ref_logprobs(rows, params, None, 1.0)
   p = rows.packed(list(range(len(rows))))
-  args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, 1.0)
+  args = (p.inputs, p.prompt_width, 1.0)
   base_cfg = lora.base_config(mcfg)
   np.testing.assert_array_equal(ref, np.asarray(score(base_cfg, lora.base_params(params), *args)))
   np.testing.assert_array_equal(old, np.asarray(score(mcfg, params, *args)))
@@ -234,6 +234,6 @@ def test_decoding_with_merged_or_unmerged_adapters_matches_the_scorer(merged):
   prompts = [Prompt(ids[g]) for g in out.prompt_index]
   responses = [out.tokens[s, :out.length[s]] for s in range(len(out.length))]
   p = pack(mcfg, prompts, responses, 0, response_width=8)
-  want = np.asarray(score(mcfg, params, p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, 1.0))
+  want = np.asarray(score(mcfg, params, p.inputs, p.prompt_width, 1.0))
   valid = np.arange(8)[None] < out.length[:, None]
   np.testing.assert_allclose(out.logprobs[valid], want[valid], atol=2e-4)

@@ -75,7 +75,7 @@ import numpy as np
 from ares_jax.aepo import step as aepo_step
 _micro_batches = aepo_step.micro_batches
 def micro_batches(*args, **kwargs):
-  return [mb._replace(arrays=dict(mb.arrays, adv=np.full_like(mb.arrays["adv"], np.nan)))
+  return [mb._replace(batch=mb.batch.replace(adv=np.full_like(mb.batch.adv, np.nan)))
           for mb in _micro_batches(*args, **kwargs)]
 aepo_step.micro_batches = micro_batches
 from ares_jax import main

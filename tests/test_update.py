@@ -26,7 +26,7 @@ class Toy:
   scale: float = 1.0
 
 
-def toy_loss(params, arrays, settings: Toy):
+def toy_loss(params, arrays, settings: Toy, dropout_key=None):
   """Token-mean squared error of a 2-layer net whose input is scaled by the 'visual' subtree."""
   x = arrays["x"] * params["visual"]["s"]
   h = jnp.tanh(x @ params["dense"]["w"] + params["dense"]["b"])
@@ -114,7 +114,7 @@ def test_non_finite_micro_batch_skips_the_update_and_the_next_one_runs():
   state = updater.init_state(copy(params), jax.random.key(0))
   opt_before = jax.tree.map(np.asarray, state.opt_state)
   micro = split(batch, 3)
-  micro[1].arrays["x"][0, 0] = np.inf
+  micro[1].batch["x"][0, 0] = np.inf
   state, m = updater.update(state, micro)
   assert m["update_skipped"] == 1 and m["grad_norm"] == 0.0 and int(state.skipped) == 1
   jax.tree.map(np.testing.assert_array_equal, state.params, params)

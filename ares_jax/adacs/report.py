@@ -52,9 +52,9 @@ def write_report(workdir: str, report: dict[str, Any]) -> tuple[str, str]:
 def plot_report(workdir: str, report: dict[str, Any]) -> str:
   """One panel per source: median response length against pass rate, before and after selection;
   a last panel with the policy's response length against difficulty before and after SFT."""
-  import matplotlib
+  import matplotlib  # matplotlib is slow to import: only where a plot is drawn
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # matplotlib is slow to import: only where a plot is drawn
 
   sources = sorted(report["length_vs_pass_rate"]["before_selection"])
   panels = len(sources) + (1 if report.get("policy_length_by_difficulty") else 0)

@@ -22,11 +22,13 @@ from typing import Any, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from ares_jax import aepo, sharding
 from ares_jax.data.batching import Prompt
 from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
+from ares_jax.models.qwen25vl import ModelInputs
 from ares_jax.sampling import Rollouts
 from ares_jax.train import run_control
 from ares_jax.train.sequences import Packed, pack, response_logprobs, score
@@ -152,15 +154,25 @@ def shape_batch(r: Rollouts, accuracy: np.ndarray, fmt: np.ndarray, s: ShapingSe
 
 # ------------------------------------------------------------------------------------------ the loss
 
+@struct.dataclass
+class AepoBatch:
+  """One AEPO micro-batch: prompt + response rows and, per response token, what the loss weighs it by."""
+
+  inputs: ModelInputs  # [B, P + R] rows (`sequences.pack`)
+  old_logp: jax.Array  # [B, R] log pi_old (the rollout policy)
+  ref_logp: jax.Array  # [B, R] log pi_ref
+  adv: jax.Array  # [B] advantages
+  loss_mask: jax.Array  # [B, R] bool: tokens trained on (padding rows: none)
+  weights: jax.Array  # [B, R] beta_it
+
+
 def aepo_loss_fn(model_config: ModelConfig) -> LossFn:
-  """(params, arrays, LossSettings) -> (the AEPO loss of one micro-batch, its metrics)."""
-  def loss(params, arrays, s: LossSettings):
-    logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
-                             arrays["positions"], arrays["vision"], s.prompt_width, s.temperature,
-                             dropout_key=arrays.get("dropout_key"))
-    return aepo.aepo_loss(logp, arrays["old_logp"], arrays["ref_logp"], arrays["adv"], arrays["loss_mask"],
-                          arrays["weights"], clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip,
-                          loss_agg=s.loss_agg)
+  """(params, AepoBatch, LossSettings, dropout key) -> (the AEPO loss of one micro-batch, its metrics)."""
+  def loss(params, batch: AepoBatch, s: LossSettings, dropout_key=None):
+    logp = response_logprobs(model_config, params, batch.inputs, s.prompt_width, s.temperature,
+                             dropout_key=dropout_key)
+    return aepo.aepo_loss(logp, batch.old_logp, batch.ref_logp, batch.adv, batch.loss_mask, batch.weights,
+                          clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip, loss_agg=s.loss_agg)
   return loss
 
 
@@ -239,9 +251,10 @@ def old_and_ref_logprobs(rows: UpdateRows, params: Any, ref_params: Any, tempera
     for lo in range(0, len(rows), mb):
       idx = list(range(lo, min(lo + mb, len(rows))))
       p = rows.packed(idx)
-      args = (p.input_ids, p.attention_mask, p.positions, p.vision, p.prompt_width, temperature)
-      old[idx] = np.asarray(sharding.to_host(score(rows.model_config, params, *args)))[:len(idx)]
-      ref[idx] = np.asarray(sharding.to_host(score(ref_config, ref_params, *args)))[:len(idx)]
+      old[idx] = np.asarray(sharding.to_host(score(rows.model_config, params, p.inputs, p.prompt_width,
+                                                   temperature)))[:len(idx)]
+      ref[idx] = np.asarray(sharding.to_host(score(ref_config, ref_params, p.inputs, p.prompt_width,
+                                                   temperature)))[:len(idx)]
   return old, ref
 
 
@@ -266,11 +279,10 @@ def micro_batches(rows: UpdateRows, mini: np.ndarray, old: np.ndarray, ref: np.n
     p = rows.packed(idx)
     mask = np.zeros((mb, rows.width), bool)
     mask[:n] = rows.loss_mask[idx]
-    arrays = dict(input_ids=p.input_ids, attention_mask=p.attention_mask, positions=p.positions, vision=p.vision,
-                  old_logp=rows.padded(old[idx]), ref_logp=rows.padded(ref[idx]), adv=rows.padded(rows.adv[idx]),
-                  loss_mask=mask, weights=rows.padded(rows.kl_weights[idx]))
+    batch = AepoBatch(p.inputs, old_logp=rows.padded(old[idx]), ref_logp=rows.padded(ref[idx]),
+                      adv=rows.padded(rows.adv[idx]), loss_mask=mask, weights=rows.padded(rows.kl_weights[idx]))
     share = mask.sum() / max(tokens, 1) if settings.loss_agg == "token_mean" else n / len(mini)
-    out.append(MicroBatch(arrays, dataclasses.replace(settings, prompt_width=p.prompt_width), float(share)))
+    out.append(MicroBatch(batch, dataclasses.replace(settings, prompt_width=p.prompt_width), float(share)))
   return out
 
 

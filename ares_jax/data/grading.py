@@ -161,11 +161,11 @@ class Grader:
     In a multi-process run this is a collective: process 0 grades and broadcasts its grades, so every
     process applies the same rewards even when a wall-clock timeout would have struck on one host only
     (and the other hosts start no grading workers)."""
-    import jax  # pylint: disable=g-import-not-at-top  (workers import this module: keep it light)
+    import jax  # JAX stays out of the grading worker processes, which import this module
 
     if jax.process_count() == 1 or not len(responses):
       return self._grade_here(responses, golds, extra, desc)
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # JAX stays out of the grading worker processes, which import this module
 
     n = len(responses)
     if jax.process_index() == 0:

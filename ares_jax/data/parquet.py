@@ -27,8 +27,8 @@ class ParquetImage:
 
 def records(path: str, image_columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
   """Rows of the text columns, a batch at a time; image columns holding bytes become `ParquetImage`s."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pyarrow is slow to import: only parquet files need it
+  import pyarrow.parquet as pq  # pyarrow is slow to import: only parquet files need it
 
   with pq.ParquetFile(path) as f:
     schema = f.schema_arrow
@@ -56,9 +56,9 @@ def _holds_bytes(t, pa) -> bool:
 
 def _image_counts(f, column: str, start: int, n: int) -> list[int]:
   """Images per row in rows [start, start + n) of a bytes-holding column, without keeping the bytes."""
-  import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+  import pyarrow.compute as pc  # pyarrow is slow to import: only parquet files need it
 
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pyarrow is slow to import: only parquet files need it
 
   col = _row_slice(f, column, start, n).column(0).combine_chunks()
   if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
@@ -75,7 +75,7 @@ def _image_counts(f, column: str, start: int, n: int) -> list[int]:
 
 def _row_slice(f, column: str, start: int, n: int):
   """Rows [start, start + n) of one column, reading only the row groups they lie in."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pyarrow is slow to import: only parquet files need it
 
   md, pieces, offset = f.metadata, [], 0
   for g in range(md.num_row_groups):
@@ -96,7 +96,7 @@ class _ParquetCache:
     self._key, self._table, self._offset = None, None, 0
 
   def read(self, ref: ParquetImage) -> bytes:
-    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pyarrow is slow to import: only parquet files need it
 
     with self._lock:
       with pq.ParquetFile(ref.path) as f:

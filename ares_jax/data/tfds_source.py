@@ -42,7 +42,7 @@ def features():
   """The record schema: the text fields of `Row` (UTF-8; `options`, `index` and `extra` as JSON, "" for a
   missing category or response), `pass_rate` and `difficulty` with -1 for "none", and `images`: one
   encoded image file (PNG or JPEG bytes) per image of the row, in order."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # tensorflow-datasets is slow to import: only data.kind=tfds reads it
 
   text = tfds.features.Text
   return tfds.features.FeaturesDict({
@@ -113,7 +113,7 @@ def _version_key(folder: str) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def _builder(path: str):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # tensorflow-datasets is slow to import: only data.kind=tfds reads it
 
   return tfds.builder_from_directory(path)
 
@@ -158,7 +158,7 @@ class TfdsSettings:
 def source(s: TfdsSettings, split_seed: int) -> GrainSource:
   """Split 0: the training rows, endless, reshuffled every epoch by Grain when `s.shuffle` (seeded by
   `s.seed`); any other split: the held-out rows in file order."""
-  import grain  # pylint: disable=g-import-not-at-top  (slow to import; only kind=tfds reads through it)
+  import grain  # grain is slow to import: only data.kind=tfds reads through it
 
   path = resolve(s.tfds_dir)
   if s.eval_paths_given:

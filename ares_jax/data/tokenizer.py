@@ -104,8 +104,8 @@ def tiny_corpus(seed: int = 0, repeats: int = 400) -> list[str]:
 
 def _train_tiny(folder: str) -> None:
   """Trains the tiny tokenizer and writes it with `save_pretrained` into `folder`."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # tokenizers + transformers are slow to import: only where a tokenizer is built
+  from transformers import PreTrainedTokenizerFast  # transformers is slow to import: only where it is used
 
   tok = Tokenizer(models.BPE())
   tok.normalizer = normalizers.NFC()
@@ -143,7 +143,7 @@ def tiny_tokenizer(cache_dir: str | None = None) -> "PreTrainedTokenizerFast":
   The folder is written under a temporary name and renamed into place, so concurrent builders
   (pytest-xdist workers, several hosts on a shared disk) never see a half-written tokenizer.
   """
-  from transformers import PreTrainedTokenizerFast
+  from transformers import PreTrainedTokenizerFast  # transformers is slow to import: only where it is used
 
   root = cache_dir or default_cache_dir()
   folder = os.path.join(root, f"tiny_tokenizer_v{TINY_TOKENIZER_VERSION}")
@@ -181,7 +181,7 @@ def load_tokenizer(path: str) -> "PreTrainedTokenizerBase":
   Never downloads from a hub (local_files_only) and never runs code shipped with a checkpoint
   (trust_remote_code=False). Padding is on the left, as generation needs.
   """
-  from transformers import AutoTokenizer
+  from transformers import AutoTokenizer  # transformers is slow to import: only where it is used
 
   if not storage.isdir(path):
     raise FileNotFoundError(f"tokenizer folder {path!r} does not exist (models are never downloaded: "

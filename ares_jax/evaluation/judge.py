@@ -115,7 +115,7 @@ def same_answer(gold: str, pred: str) -> bool:
     return False
   if g == p:
     return True
-  from math_verify import parse, verify  # pylint: disable=g-import-not-at-top  (in the grading worker)
+  from math_verify import parse, verify  # math-verify (sympy) is slow to import: only the grading workers load it
 
   # Its "timeout is disabled" warning: the grading pool's per-item timeout is the limit here.
   logging.getLogger("math_verify").setLevel(logging.ERROR)

@@ -72,9 +72,9 @@ def markdown(report: Mapping[str, Mapping[str, Any]]) -> str:
 
 def plot(report: Mapping[str, Mapping[str, Any]], path: str) -> None:
   """Accuracy against mean response tokens, one labelled point per benchmark (ARES reports both)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # matplotlib is slow to import: only where a plot is drawn
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # matplotlib is slow to import: only where a plot is drawn
 
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for name, r in report.items():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import struct
 
 from ares_jax import sharding
 from ares_jax.models import lora
@@ -23,6 +24,19 @@ from ares_jax.models.text import Decoder, DecoderLayer, mrope_cos_sin, segment_i
 from ares_jax.models.vision import VisionInputs, VisionTower
 
 Params = Any
+
+
+@struct.dataclass
+class ModelInputs:
+  """What one forward reads, in this order everywhere: token ids [B, T] int32, M-RoPE positions
+  [3, B, T] int32 (`positions.mrope_positions`), the attention mask [B, T] (1 = token, 0 = padding) and
+  the prepared vision inputs (`prepare_vision`; None: text only). A pytree: it crosses `jit` as one
+  argument, and memory plans turn it into abstract arrays as a whole."""
+
+  ids: jax.Array
+  positions: jax.Array
+  mask: jax.Array
+  vision: VisionInputs | None = None
 
 
 class Qwen25VL(nn.Module):
@@ -62,19 +76,19 @@ class Qwen25VL(nn.Module):
                      precision=jax.lax.Precision.HIGHEST)
     return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
 
-  def __call__(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None):
-    """input_ids/attention_mask [B, T]; positions [3, B, T] M-RoPE ids. Returns logits [B, T, V] f32."""
-    x = self.embed(input_ids, vision)
+  def __call__(self, inputs: ModelInputs):
+    """Logits [B, T, V] float32 of every position of `inputs`."""
+    x = self.embed(inputs.ids, inputs.vision)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
-    cos, sin = mrope_cos_sin(self.config.text, positions)
-    x, _ = self.decoder(x, cos, sin, segment_ids(attention_mask))
+    cos, sin = mrope_cos_sin(self.config.text, inputs.positions)
+    x, _ = self.decoder(x, cos, sin, segment_ids(inputs.mask))
     return self.logits(x)
 
-  def prefill(self, input_ids, positions, attention_mask, vision: VisionInputs | None = None):
+  def prefill(self, inputs: ModelInputs):
     """Runs the prompt and returns its KV cache entries (k, v) [L, B, T, K, D]; no LM head."""
-    x = self.embed(input_ids, vision)
-    cos, sin = mrope_cos_sin(self.config.text, positions)
-    _, kv = self.decoder(x, cos, sin, segment_ids(attention_mask))
+    x = self.embed(inputs.ids, inputs.vision)
+    cos, sin = mrope_cos_sin(self.config.text, inputs.positions)
+    _, kv = self.decoder(x, cos, sin, segment_ids(inputs.mask))
     return kv
 
 
@@ -171,8 +185,8 @@ def prepare_vision(config: ModelConfig, pixel_values: np.ndarray, image_grid_thw
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(config: ModelConfig, params, input_ids, positions, attention_mask, vision):
-  return Qwen25VL(config).apply(lora.variables(config, params), input_ids, positions, attention_mask, vision)
+def _apply(config: ModelConfig, params, inputs: ModelInputs):
+  return Qwen25VL(config).apply(lora.variables(config, params), inputs)
 
 
 def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixel_values=None,
@@ -197,7 +211,7 @@ def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixe
   mask = np.pad(attention_mask, ((0, 0), (0, pad))).astype(np.int32)
   positions = np.pad(positions, ((0, 0), (0, 0), (0, pad)))
   with sharding.mesh_context_of(params):
-    logits = _apply(config, params, ids, positions, mask, vision)
+    logits = _apply(config, params, ModelInputs(ids, positions, mask, vision))
   return logits[:, :t]
 
 
@@ -222,12 +236,11 @@ def _dummy_inputs(config: ModelConfig):
   ids = np.full((1, n + 2), config.image_token_id, np.int32)
   ids[0, 0] = ids[0, -1] = 0
   positions, _ = pos_lib.mrope_positions(ids, np.ones_like(ids), grid, config)
-  return ids, positions, np.ones_like(ids), vision
+  return ModelInputs(ids, positions, np.ones_like(ids), vision)
 
 
 def _policy_tree(config: ModelConfig, key: jax.Array):
-  ids, positions, mask, vision = _dummy_inputs(config)
-  v = Qwen25VL(config).init(key, ids, positions, mask, vision)
+  v = Qwen25VL(config).init(key, _dummy_inputs(config))
   return lora.with_adapters(v["params"], v.get(lora.POLICY_KEY))
 
 

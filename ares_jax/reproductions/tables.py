@@ -59,9 +59,9 @@ def markdown(summary: dict, title: str = "") -> str:
 
 def plot(summary: dict, path: str, title: str) -> str:
   """Accuracy and tokens against difficulty, one line per row with +- std error bars; a PNG at `path`."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # matplotlib is slow to import: only where a plot is drawn
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # matplotlib is slow to import: only where a plot is drawn
 
   ds = summary["difficulties"]
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -19,7 +19,7 @@ import numpy as np
 from ares_jax import sharding
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import check_inputs, prepare_vision
+from ares_jax.models.qwen25vl import ModelInputs, check_inputs, prepare_vision
 from ares_jax.models.vision import VisionInputs
 from ares_jax.sampling.config import Rollouts, SamplingConfig
 from ares_jax.sampling.sampler import decode_weights, rollout_chunk
@@ -46,10 +46,7 @@ class _Chunk:
 
   rows: np.ndarray  # [P_chunk] batch rows; entries past `n_real` are filler copies
   n_real: int
-  ids: np.ndarray  # [P_chunk, T]
-  mask: np.ndarray
-  positions: np.ndarray  # [3, P_chunk, T]
-  vision: VisionInputs | None
+  inputs: ModelInputs  # ids / mask [P_chunk, T], positions [3, P_chunk, T], vision
 
 
 def _images_of_rows(config: ModelConfig, ids, mask, grid) -> list[np.ndarray]:
@@ -111,16 +108,16 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
               np.concatenate([pixel_values[patch_start[i]:patch_start[i + 1]] for i in imgs]))
         vision = prepare_vision(config, pv, c_grid)
     positions, _ = pos_lib.mrope_positions(c_ids, c_mask, c_grid, config)
-    chunks.append(_Chunk(rows, len(real), c_ids, c_mask, positions, vision))
-  visions = [c.vision for c in chunks if c.vision is not None]
+    chunks.append(_Chunk(rows, len(real), ModelInputs(c_ids, positions, c_mask, vision)))
+  visions = [c.inputs.vision for c in chunks if c.inputs.vision is not None]
   if visions:  # one vision shape for all chunks; a chunk without images gets an all-padding layout
     n = max(v.patches.shape[0] for v in visions)
     m = max(v.merged_index.shape[0] for v in visions)
     empty = visions[0].replace(patches=np.zeros((0, visions[0].patches.shape[1]), np.float32),
                                slot_segment=np.zeros((0,), np.int32), pos_hw=np.zeros((0, 2), np.int32),
                                merged_index=np.zeros((0,), np.int32))
-    chunks = [dataclasses.replace(c, vision=_pad_vision(c.vision if c.vision is not None else empty, n, m))
-              for c in chunks]
+    chunks = [dataclasses.replace(c, inputs=c.inputs.replace(
+        vision=_pad_vision(c.inputs.vision if c.inputs.vision is not None else empty, n, m))) for c in chunks]
   return chunks
 
 
@@ -141,11 +138,10 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   tau = None if tau_high is None else np.float32(tau_high)
   parts = []
   with sharding.mesh_context_of(params):
-    top, layers = decode_weights(config, params, sc.lora_merged)
+    weights = decode_weights(config, params, sc.lora_merged)
     for c in chunks:
       lo = int(c.rows[0])
-      out = rollout_chunk(config, sc, params, top, layers, c.ids, c.positions, c.mask, c.vision, key, tau,
-                          np.int32(lo))
+      out = rollout_chunk(config, sc, params, weights, c.inputs, key, tau, np.int32(lo))
       out = {k: np.asarray(v)[:c.n_real * group] for k, v in sharding.to_host(out).items()}
       out["prompt_index"] = out["prompt_index"] + lo
       out["parent"] = np.where(out["parent"] >= 0, out["parent"] + lo * group, -1)

@@ -25,7 +25,7 @@ from flax import struct
 
 from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import Qwen25VL, decode_step, unstack_layers
+from ares_jax.models.qwen25vl import ModelInputs, Qwen25VL, decode_step, unstack_layers
 from ares_jax.sampling import distributions as dist
 from ares_jax.sampling.branching import fork
 from ares_jax.sampling.config import SamplingConfig
@@ -90,8 +90,9 @@ def _write_cache(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
   return jax.vmap(upd)(cache, new, at)
 
 
-def _step(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: int, t_prompt: int, top, layers,
+def _step(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: int, t_prompt: int, weights: tuple,
           consts: ChunkConsts, state: DecodeState) -> DecodeState:
+  top, layers = weights  # `decode_weights`
   s_slots, n_max = state.tokens.shape
   c = state.cache_k[0].shape[1]
   write = t_prompt - 1 + state.length  # cache slot of the token fed now
@@ -155,21 +156,22 @@ def decode_config(config: ModelConfig, sc: SamplingConfig) -> ModelConfig:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, top, layers, ids, positions, mask, vision,
-                  key, tau, prompt_offset):
+def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, weights: tuple, prompts: ModelInputs, key, tau,
+                  prompt_offset):
   """One compiled rollout of a chunk of P prompts: prefill (vision tower included), then the decode
-  loop over P * (n + branches) slots. `tau` None: no marks and no branching (a static choice);
+  loop over P * (n + branches) slots. `weights`: `decode_weights(config, params, sc.lora_merged)`;
+  `prompts`: left-aligned prompts (`chunks.make_chunks`). `tau` None: no marks and no branching (a static choice);
   `prompt_offset` [] int32: the global index of the chunk's first prompt (for the random streams).
   Returns a dict of device arrays (see `Rollouts`), `parent` indexing this chunk's slots."""
   model = Qwen25VL(config)
+  ids, positions, mask = prompts.ids, prompts.positions, prompts.mask
   n_prompts, t_prompt = ids.shape
   n_branch = sc.branches(tau is not None)
   group = sc.n + n_branch
   s_slots, n_max = n_prompts * group, sc.max_new_tokens
   prompt_of = jnp.arange(s_slots) // group
 
-  k, v = model.apply(lora.variables(config, params), ids, positions, mask, vision,
-                     method=Qwen25VL.prefill)  # [L, P, T, K, D]
+  k, v = model.apply(lora.variables(config, params), prompts, method=Qwen25VL.prefill)  # [L, P, T, K, D]
   cache_dtype = jnp.dtype(sc.cache_dtype or config.dtype)
   spec = ("cache_batch", None, "cache_heads", None)
   def to_slots(x):  # [L, P, T, K, D] -> L x [S, C, K, D]
@@ -192,7 +194,7 @@ def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, top, layers, 
       length=jnp.zeros((s_slots,), jnp.int32), pending=first_token, active=consts.slot_in_group < sc.n,
       parent=jnp.full((s_slots,), -1, jnp.int32), fork_pos=jnp.full((s_slots,), -1, jnp.int32),
       next_fork=jnp.zeros((s_slots,), jnp.int32), branches=jnp.zeros((n_prompts,), jnp.int32))
-  body = functools.partial(_step, decode_config(config, sc), sc, group, n_branch, t_prompt, top, layers, consts)
+  body = functools.partial(_step, decode_config(config, sc), sc, group, n_branch, t_prompt, weights, consts)
   max_steps = n_max * (1 + n_branch)  # every fork restarts at most n_max steps
   state = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), body, state)
   tokens = jnp.where(jnp.arange(n_max)[None, :] < state.length[:, None], state.tokens, sc.pad_id)

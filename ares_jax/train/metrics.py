@@ -35,7 +35,7 @@ class MetricsWriter:
     elif resume_step is None and storage.exists(self.path):
       storage.remove(self.path)
     try:
-      from tensorboardX import SummaryWriter
+      from tensorboardX import SummaryWriter  # tensorboardX (protobuf) is slow to import: only where event files are written
       _register_remote_event_files()
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # metrics.jsonl is always written
@@ -109,7 +109,7 @@ class _EventObjectFactory:
 def _register_remote_event_files() -> None:
   """Routes tensorboardX's `gs://` event files through ares_jax.storage (epath: gcsfs or gfile) instead
   of its own writer, which needs google-cloud-storage and uploads the whole file at every flush."""
-  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+  from tensorboardX import record_writer  # tensorboardX (protobuf) is slow to import: only where event files are written
   record_writer.register_writer_factory("gs", _EventObjectFactory())
 
 
@@ -125,9 +125,9 @@ def plot_curves(workdir: str, panels=CURVES, filename: str = "curves.png") -> st
   path = os.path.join(workdir, filename)
   if not sharding.is_primary():
     return path
-  import matplotlib
+  import matplotlib  # matplotlib is slow to import: only where a plot is drawn
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # matplotlib is slow to import: only where a plot is drawn
 
   rows = read_metrics(workdir)
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))

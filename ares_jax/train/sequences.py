@@ -19,18 +19,14 @@ from ares_jax.data.batching import Prompt, prompt_batch, round_up
 from ares_jax.models import lora
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import Qwen25VL, prepare_vision
-from ares_jax.models.vision import VisionInputs
+from ares_jax.models.qwen25vl import ModelInputs, Qwen25VL, prepare_vision
 
 
 @dataclasses.dataclass
 class Packed:
   """Host arrays for one forward over prompt + response rows."""
 
-  input_ids: np.ndarray  # [B, P + R]
-  attention_mask: np.ndarray  # [B, P + R]
-  positions: np.ndarray  # [3, B, P + R]
-  vision: VisionInputs | None
+  inputs: ModelInputs  # ids / mask [B, P + R], positions [3, B, P + R], vision
   prompt_width: int  # P
 
 
@@ -51,34 +47,30 @@ def pack(config: ModelConfig, prompts: Sequence[Prompt], responses: Sequence[np.
   grid = batch.get("image_grid_thw")
   vision = None if grid is None else prepare_vision(config, batch["pixel_values"], grid, min_windows)
   positions, _ = pos_lib.mrope_positions(ids, mask, grid, config)
-  return Packed(ids, mask, positions, vision, p_width)
+  return Packed(ModelInputs(ids, positions, mask, vision), p_width)
 
 
-def scored_logits(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision,
-                  dropout_key=None) -> jax.Array:
+def scored_logits(model_config: ModelConfig, params, inputs: ModelInputs, dropout_key=None) -> jax.Array:
   """Logits of a policy tree; `dropout_key` turns LoRA dropout on (training only)."""
   rngs = None if dropout_key is None else {"dropout": dropout_key}
-  return Qwen25VL(model_config).apply(lora.variables(model_config, params), input_ids, positions, attention_mask,
-                                      vision, rngs=rngs)
+  return Qwen25VL(model_config).apply(lora.variables(model_config, params), inputs, rngs=rngs)
 
 
-def response_logprobs(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision,
-                      prompt_width: int, temperature: float = 1.0, with_entropy: bool = False, dropout_key=None):
+def response_logprobs(model_config: ModelConfig, params, inputs: ModelInputs, prompt_width: int,
+                      temperature: float = 1.0, with_entropy: bool = False, dropout_key=None):
   """log p(response token j | prefix) [B, R] under softmax(logits / temperature), and optionally the
   full-vocabulary entropy [B, R] of those distributions. Traceable (use inside jit / grad)."""
-  logits = scored_logits(model_config, params, input_ids, attention_mask, positions, vision, dropout_key)
+  logits = scored_logits(model_config, params, inputs, dropout_key)
   logits = logits[:, prompt_width - 1:-1].astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
   logp_all = jax.nn.log_softmax(logits, axis=-1)
-  targets = input_ids[:, prompt_width:]
+  targets = inputs.ids[:, prompt_width:]
   logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
   if not with_entropy:
     return logp
   return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
-def score(model_config: ModelConfig, params, input_ids, attention_mask, positions, vision, prompt_width: int,
-          temperature: float):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def score(model_config: ModelConfig, params, inputs: ModelInputs, prompt_width: int, temperature: float):
   """Jitted `response_logprobs` (old-policy and reference log-probs)."""
-  return response_logprobs(model_config, params, input_ids, attention_mask, positions, vision, prompt_width,
-                           temperature)
+  return response_logprobs(model_config, params, inputs, prompt_width, temperature)

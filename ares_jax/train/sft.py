@@ -12,10 +12,12 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 from tqdm import tqdm
 
 from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
+from ares_jax.models.qwen25vl import ModelInputs
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.data.batching import Prompt
 from ares_jax.train.sequences import pack, response_logprobs
@@ -39,13 +41,19 @@ class SftLoss:
   prompt_width: int
 
 
+@struct.dataclass
+class SftBatch:
+  """One SFT micro-batch: prompt + response rows and which response tokens are trained on."""
+
+  inputs: ModelInputs  # [B, P + R] rows (`sequences.pack`)
+  loss_mask: jax.Array  # [B, R] float32
+
+
 def sft_loss(model_config: ModelConfig):
-  """(params, arrays, SftLoss) -> (mean negative log-likelihood of the response tokens, metrics)."""
-  def loss(params, arrays, settings: SftLoss):
-    logp = response_logprobs(model_config, params, arrays["input_ids"], arrays["attention_mask"],
-                             arrays["positions"], arrays["vision"], settings.prompt_width,
-                             dropout_key=arrays.get("dropout_key"))
-    mask = arrays["loss_mask"]
+  """(params, SftBatch, SftLoss, dropout key) -> (mean negative log-likelihood of the response tokens, metrics)."""
+  def loss(params, batch: SftBatch, settings: SftLoss, dropout_key=None):
+    logp = response_logprobs(model_config, params, batch.inputs, settings.prompt_width, dropout_key=dropout_key)
+    mask = batch.loss_mask
     n = jnp.maximum(mask.sum(), 1)
     nll = -(logp * mask).sum() / n
     return nll, {"nll": nll, "tokens": mask.sum().astype(jnp.float32)}
@@ -60,11 +68,9 @@ def micro_batches(model_config: ModelConfig, prompts: Sequence[Prompt], response
   for i in range(0, len(prompts), micro_batch_size):
     ps, rs = prompts[i:i + micro_batch_size], responses[i:i + micro_batch_size]
     packed = pack(model_config, ps, rs, pad_id, response_width=response_width)
-    width = packed.input_ids.shape[1] - packed.prompt_width
+    width = packed.inputs.ids.shape[1] - packed.prompt_width
     mask = (np.arange(width)[None, :] < np.array([len(r) for r in rs])[:, None]).astype(np.float32)
-    arrays = dict(input_ids=packed.input_ids, attention_mask=packed.attention_mask, positions=packed.positions,
-                  vision=packed.vision, loss_mask=mask)
-    out.append(MicroBatch(arrays, SftLoss(packed.prompt_width), sum(len(r) for r in rs) / total))
+    out.append(MicroBatch(SftBatch(packed.inputs, mask), SftLoss(packed.prompt_width), sum(len(r) for r in rs) / total))
   return out
 
 

@@ -2,10 +2,11 @@
 
     updater = Updater(loss_fn, tx, params, frozen=("visual",))
     state = updater.init_state(params, rng)
-    state, metrics = updater.update(state, [MicroBatch(arrays, settings, weight), ...])
+    state, metrics = updater.update(state, [MicroBatch(batch, settings, weight), ...])
 
-`loss_fn(params, arrays, settings) -> (loss, metrics dict of scalars)`; `settings` is a hashable
-(frozen dataclass) static argument. `params` given to the constructor may be arrays or
+`loss_fn(params, batch, settings, dropout_key) -> (loss, metrics dict of scalars)`; `batch` is a pytree of
+arrays (a dataclass such as `aepo.step.AepoBatch`), `settings` a hashable (frozen dataclass) static
+argument, `dropout_key` None or a key for LoRA dropout (`dropout=True`). `params` given to the constructor may be arrays or
 `jax.ShapeDtypeStruct`s: their NamedShardings (if they span a mesh) become the shardings of the
 gradients, the accumulator and the updated parameters, and their mesh the one the model's
 logical-axis activation constraints refer to.
@@ -13,7 +14,8 @@ logical-axis activation constraints refer to.
 The compiled programs are attributes, so a memory planner can lower them ahead of time with
 ShapeDtypeStructs that carry NamedShardings:
 
-    updater.micro_step(params, accum, arrays, weight, settings) -> (accum, weight * loss, {k: weight * v})
+    updater.micro_step(params, accum, batch, weight, settings, dropout_key=None)
+        -> (accum, weight * loss, {k: weight * v})
         params: the whole tree (frozen part included); accum: shaped like `updater.trainable(params)`,
         DONATED; weight: float32 scalar, traced (no recompiles per weight); settings: static.
     updater.apply(state, accum, loss) -> (state, ok, grad_norm)
@@ -48,11 +50,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ares_jax import sharding
 from ares_jax.train.state import TrainState, merge_params, split_params
 
-LossFn = Callable[[Any, dict, Hashable], tuple[jax.Array, dict]]  # (params, arrays, settings) -> (loss, metrics)
+# (params, batch, settings, dropout_key) -> (loss, metrics)
+LossFn = Callable[[Any, Any, Hashable, "jax.Array | None"], tuple[jax.Array, dict]]
 
 
 class MicroBatch(NamedTuple):
-  arrays: dict  # host or device arrays of one micro-batch
+  batch: Any  # a pytree of host or device arrays: one micro-batch
   settings: Hashable  # static loss settings (a frozen dataclass)
   weight: float  # its share of the mini-batch loss
 
@@ -70,7 +73,7 @@ class Updater:
     self.loss_fn = loss_fn
     self.tx = tx
     self.frozen = tuple(frozen)
-    self.dropout = dropout  # give each micro-batch arrays["dropout_key"] (LoRA dropout), drawn from state.rng
+    self.dropout = dropout  # give each micro-batch a dropout key (LoRA dropout), drawn from state.rng
     self.mesh = sharding.mesh_of(params)
     trainable = self.trainable(params)  # checks the frozen names
     self.shardings = None if self.mesh is None else jax.tree.map(self._sharding_of, trainable)
@@ -121,9 +124,9 @@ class Updater:
     """Keeps gradient-shaped trees in the parameters' shardings (unconstrained, XLA replicates them)."""
     return tree if self.shardings is None else jax.lax.with_sharding_constraint(tree, self.shardings)
 
-  def _micro_step(self, params, accum, arrays, weight, settings):
+  def _micro_step(self, params, accum, batch, weight, settings, dropout_key=None):
     trainable, frozen = split_params(params, self.frozen)
-    loss_of = lambda t: self.loss_fn(merge_params(t, frozen), arrays, settings)
+    loss_of = lambda t: self.loss_fn(merge_params(t, frozen), batch, settings, dropout_key)
     if self.mesh is None:
       (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
     else:  # the model's activation constraints name logical axes of this mesh
@@ -163,10 +166,8 @@ class Updater:
     if self.dropout:  # state.rng moves on every update, so a resumed run draws the same masks
       rng, *keys = jax.random.split(state.rng, len(micro_batches) + 1)
       state = state.replace(rng=rng)
-    for (arrays, settings, weight), key in zip(micro_batches, keys):  # dispatched asynchronously: no host sync
-      if key is not None:
-        arrays = {**arrays, "dropout_key": key}
-      accum, part, m = self.micro_step(state.params, accum, arrays, np.float32(weight), settings)
+    for (batch, settings, weight), key in zip(micro_batches, keys):  # dispatched asynchronously: no host sync
+      accum, part, m = self.micro_step(state.params, accum, batch, np.float32(weight), settings, key)
       loss = part if loss is None else loss + part
       metrics = m if metrics is None else jax.tree.map(jnp.add, metrics, m)
     state, ok, grad_norm = self.apply(state, accum, loss)
