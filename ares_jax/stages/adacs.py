@@ -1,9 +1,10 @@
-"""Stage `adacs`: difficulty-aware cold start (design.md 6), top to bottom.
+"""Stage `adacs`: difficulty-aware cold start (design.md 6), top to bottom, one named step after another.
 
-pool (teacher responses per question) -> grade and measure every candidate -> pass rates of the policy
-(n samples each, resumable) -> selection (per-source target lengths, water-filled pass-rate tiers) ->
-SFT on the selection (assistant tokens only, vision tower frozen, checkpointed, resumable) -> the policy
-saved as a Hugging Face folder for AEPO -> `adacs_report.json` + `adacs_report.png`.
+load_pool (teacher responses per question) -> measure_candidates (graded and measured) -> pass_rates of the
+policy (n samples each, resumable) -> select (per-source target lengths, water-filled pass-rate tiers) ->
+train_sft on sft_examples (assistant tokens only, vision tower frozen, checkpointed, resumable), the policy
+evaluated before and after -> the policy saved as a Hugging Face folder for AEPO -> report
+(`adacs_report.json` + `adacs_report.png`).
 The synthetic task supplies the pool when `config.adacs.pool_paths` is empty: each problem gets
 teacher traces of several lengths, some with a slip; its warm-started tiny policy gives the pass rates.
 """
@@ -85,16 +86,11 @@ def measure_candidates(pool: list[PoolQuestion], tokenizer, grader: Grader, max_
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   a = config.adacs
   b = setup.build(config)
-  mesh, mcfg, tok, proc, params, pad_id = b.mesh, b.mcfg, b.tokenizer, b.processor, b.params, b.pad_id
+  mcfg, tok, proc, pad_id = b.mcfg, b.tokenizer, b.processor, b.pad_id
   grader = setup.build_grader(config)
   sc = setup.chunked(config, b, settings_lib.sampling(config, mcfg, pad_id, n=a.pass_rate_samples, max_branches=0),
                      a.pass_rate_batch)
-  # Held-out prompts for before/after SFT: the synthetic task's, or the held-out rows of `data.paths`.
-  has_eval = config.data.kind != "files" or bool(config.data.paths or config.data.eval_paths)
-  # The held-out problems AEPO evaluates on too (split 1), so before SFT, after SFT and after AEPO compare.
-  eval_stream = setup.prompt_stream(config, proc, 1) if has_eval else None
-  if not has_eval:
-    logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
+  eval_stream = held_out_stream(config, proc)
   ckpt = Checkpointer.from_settings(os.path.join(config.workdir, "checkpoints"), settings_lib.checkpoint(config),
                                     adapters_only=mcfg.lora.enabled)
   resumed = ckpt.latest_step() is not None
@@ -105,20 +101,64 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     # reruns AdaCS without the warm start, e.g. for another SFT setting).
     policy_lib.save_base(config, mcfg, p, tok)
     return p
-  params = policy_lib.starting_params(config, ckpt, params, warm)
+  params = policy_lib.starting_params(config, ckpt, b.params, warm)
 
   # 1. The pool, every candidate graded and measured.
+  pool, skipped = load_pool(config)
+  candidates, cand_stats = measure_candidates(pool, tok, grader, a.max_response_length)
+  stream = PromptStream(RowSource([question_row(q) for q in pool]), proc, setup.prompt_template(config, tok),
+                        config.rollout.max_prompt_length, config.data.max_image_pixels)
+  # 2. Pass rates: supplied, or estimated with the policy before SFT (resumable).
+  rates = pass_rates(config, b, params, pool, stream, grader, sc, resumed)
+  # 3. Selection.
+  scored, plan = select(config, pool, rates, candidates)
+  # 4. SFT on the selection, evaluated before and after on held-out problems.
+  examples = sft_examples(plan, pool, stream, tok)
+  eval_key = jax.random.key(config.seed + 1)
+  evaluate_policy = lambda p: (evaluate(mcfg, p, eval_stream, grader, tok, sc, prompts=a.eval_prompts, key=eval_key,
+                                        samples=config.eval.samples) if eval_stream else {})
+  before_path = os.path.join(config.workdir, "eval_before_sft.json")
+  if storage.exists(before_path):  # a resumed run: `params` are no longer the policy before SFT
+    before = storage.read_json(before_path)
+  else:
+    before = evaluate_policy(params)
+    if sharding.is_primary():
+      storage.write_json(before_path, before)
+  state = train_sft(config, mcfg, params, examples, ckpt, b.mesh, pad_id)
+  after = evaluate_policy(state.params)
+  grader.close()
+  ckpt.close()
+  # 5. The policy for AEPO, and the report.
+  policy = policy_lib.export(config, mcfg, state.params, tok)  # every process gathers; process 0 writes
+  return report(config, pool, skipped, stream, cand_stats=cand_stats, scored=scored, plan=plan, before=before,
+                after=after, policy=policy)
+
+
+def held_out_stream(config: ml_collections.ConfigDict, processor) -> PromptStream | None:
+  """The held-out problems AEPO evaluates on too (split 1: the synthetic task's, or the held-out rows of
+  `data.paths`), so before SFT, after SFT and after AEPO compare; None without any."""
+  if config.data.kind != "files" or bool(config.data.paths or config.data.eval_paths):
+    return setup.prompt_stream(config, processor, 1)
+  logging.info("no held-out prompts (config.data.paths is empty): AdaCS is not evaluated before and after SFT")
+  return None
+
+
+def load_pool(config: ml_collections.ConfigDict) -> tuple[list[PoolQuestion], collections.Counter]:
+  """`adacs.pool_paths` read (bad rows skipped and counted by reason), or the synthetic pool."""
+  a = config.adacs
   skipped: collections.Counter = collections.Counter()
   pool = (read_pool(list(a.pool_paths), skipped, setup.columns(config), config.data.image_root or None)
           if a.pool_paths else synthetic_pool(config))
   if not pool:
     raise ValueError(f"config.adacs.pool_paths={tuple(a.pool_paths)} holds no usable question (skipped: "
                      f"{dict(skipped)})")
-  candidates, cand_stats = measure_candidates(pool, tok, grader, a.max_response_length)
-  stream = PromptStream(RowSource([question_row(q) for q in pool]), proc, setup.prompt_template(config, tok),
-                        config.rollout.max_prompt_length, config.data.max_image_pixels)
+  return pool, skipped
 
-  # 2. Pass rates: supplied, or estimated with the policy before SFT (resumable).
+
+def pass_rates(config: ml_collections.ConfigDict, b: setup.Built, params: Any, pool: list[PoolQuestion],
+               stream: PromptStream, grader: Grader, sc, resumed: bool) -> dict[str, float | None]:
+  """id -> p_q: the pool's own, else n samples of the policy before SFT (resumable, `pass_rates.jsonl`)."""
+  a = config.adacs
   ids = [q.id for q in pool]
   todo = [i for i, q in enumerate(pool) if q.pass_rate is None]
   rates = {q.id: q.pass_rate for q in pool}
@@ -127,10 +167,16 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"{config.workdir} has SFT checkpoints but {progress} lacks pass rates, which must come "
                      "from the policy before SFT: restore that file or start in a fresh workdir")
   if todo:
-    rates.update(estimate_pass_rates(mcfg, params, stream, ids, todo, tok, grader, sc, key=jax.random.key(config.seed),
-                                     progress_path=progress, batch_size=a.pass_rate_batch))
+    rates.update(estimate_pass_rates(b.mcfg, params, stream, ids, todo, b.tokenizer, grader, sc,
+                                     key=jax.random.key(config.seed), progress_path=progress,
+                                     batch_size=a.pass_rate_batch))
+  return rates
 
-  # 3. Selection.
+
+def select(config: ml_collections.ConfigDict, pool: list[PoolQuestion], rates: dict, candidates: list[list[dict]]
+           ) -> tuple[list[dict], list[dict]]:
+  """(the questions with a pass rate, the selection plan), the plan written to `selection.jsonl`."""
+  a = config.adacs
   questions = [{"id": q.id, "source": q.source, "pass_rate": rates[q.id], "candidates": candidates[i]}
                for i, q in enumerate(pool)]
   scored = [q for q in questions if q["pass_rate"] is not None]
@@ -138,35 +184,28 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if not plan:
     raise ValueError("AdaCS selected no question: no question has a correct candidate within "
                      f"config.adacs.max_response_length={a.max_response_length}")
-  index = {q.id: i for i, q in enumerate(pool)}
   if sharding.is_primary():
     storage.write_jsonl(os.path.join(config.workdir, "selection.jsonl"), plan)
+  return scored, plan
 
-  # 4. SFT on the selection, evaluated before and after on held-out synthetic problems.
-  eos = tok.convert_tokens_to_ids("<|im_end|>")
+
+def sft_examples(plan: list[dict], pool: list[PoolQuestion], stream: PromptStream, tokenizer) -> list[tuple]:
+  """(prompt, response token ids + EOS) of every selected candidate whose prompt encodes."""
+  index = {q.id: i for i, q in enumerate(pool)}
+  eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
   chosen_text = [pool[index[p["id"]]].responses[p["candidate"]] for p in plan]
   encoded = stream.encode_many([index[p["id"]] for p in plan])
-  examples = [(e, np.array(t + [eos], np.int32)) for e, t in zip(encoded, tok(chosen_text)["input_ids"])]
-  examples = [(e.prompt, t) for e, t in examples if e is not None]
-  eval_key = jax.random.key(config.seed + 1)
-  before_path = os.path.join(config.workdir, "eval_before_sft.json")
-  if storage.exists(before_path):  # a resumed run: `params` are no longer the policy before SFT
-    before = storage.read_json(before_path)
-  else:
-    before = evaluate(mcfg, params, eval_stream, grader, tok, sc, prompts=a.eval_prompts, key=eval_key,
-                      samples=config.eval.samples) if eval_stream else {}
-    if sharding.is_primary():
-      storage.write_json(before_path, before)
-  state = train_sft(config, mcfg, params, examples, ckpt, mesh, pad_id)
-  after = evaluate(mcfg, state.params, eval_stream, grader, tok, sc, prompts=a.eval_prompts, key=eval_key,
-                   samples=config.eval.samples) if eval_stream else {}
-  grader.close()
-  ckpt.close()
+  examples = [(e, np.array(t + [eos], np.int32)) for e, t in zip(encoded, tokenizer(chosen_text)["input_ids"])]
+  return [(e.prompt, t) for e, t in examples if e is not None]
 
-  policy = policy_lib.export(config, mcfg, state.params, tok)  # every process gathers; process 0 writes
+
+def report(config: ml_collections.ConfigDict, pool, skipped, stream: PromptStream, *, cand_stats: dict,
+           scored: list[dict], plan: list[dict], before: dict, after: dict, policy: str) -> dict[str, Any]:
+  """`adacs_report.json` + `adacs_report.png` (process 0), returned."""
+  a = config.adacs
   chosen = {p["id"]: p["candidate"] for p in plan}
   by_d = lambda ev: {k.rsplit("_d", 1)[1]: v for k, v in ev.items() if k.startswith("eval/length_d")}
-  report = {
+  out = {
       "questions": len(pool), "rows_skipped": dict(skipped), "prompts_skipped": dict(stream.skipped),
       "candidates": cand_stats, "selected": len(plan), "budget": a.budget,
       "selected_per_tier": {f"{t:.3f}": n for t, n in sorted(collections.Counter(p["tier"] for p in plan).items())},
@@ -179,11 +218,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       "policy_length_by_difficulty": {"before SFT": by_d(before), "after SFT": by_d(after)},
       "policy": policy,
   }
-  paths = write_report(config.workdir, report) if sharding.is_primary() else ("", "")
+  paths = write_report(config.workdir, out) if sharding.is_primary() else ("", "")
   logging.info("AdaCS: %d of %d questions selected; Spearman(length, difficulty) %.3f -> %.3f; report %s",
                len(plan), len(pool), before.get("eval/spearman_length_vs_difficulty", float("nan")),
                after.get("eval/spearman_length_vs_difficulty", float("nan")), paths[0])
-  return report
+  return out
 
 
 def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: int) -> TrainState:
