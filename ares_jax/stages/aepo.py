@@ -125,7 +125,6 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       warm = sampling.generate(mcfg, state.params, batch, sc, jax.random.fold_in(key, 7))
       tau_prev = float(aepo.entropy_threshold(warm.entropy, warm.mask, a.entropy_quantile))
     rollouts = sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
-    stop.during_step(step)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
     t1 = time.perf_counter()
     used, texts = rollouts.texts(tok)
     grades = grader.grade(texts, [exs[i].answer for i in rollouts.prompt_index[used]])
