@@ -1,10 +1,11 @@
 """Whole runs on `gs://` against a GCS API on loopback (fake-gcs-server, conftest's `gcs` fixture): gcsfs
 carries the run's own files, tensorstore (orbax) the checkpoints' arrays, both to the emulator.
 
-- an AEPO run with a gs:// workdir keeps everything in the bucket; SIGTERM mid-run exits 0 with its
-  checkpoint there; the relaunch continues step for step as an uninterrupted (local) run; a corrupt newest
-  checkpoint in the bucket is moved aside and the one before used; the exported policy (written in place,
-  config.json last) is the uninterrupted run's, byte for byte, and loads in transformers from a local copy;
+- an AEPO run with a gs:// workdir keeps everything in the bucket; SIGTERM mid-run (sent by the test once
+  step 1's metrics are in the bucket) exits 0 with its checkpoint there; the relaunch continues step for step
+  as an uninterrupted (local) run; a corrupt newest checkpoint in the bucket is moved aside and the one before
+  used; the exported policy (written in place, config.json last) is the uninterrupted run's, byte for byte,
+  and loads in transformers from a local copy;
 - the object store refusing connections for 3 s in the middle of a checkpoint save and of a file write:
   both are retried (tensorstore's and gcsfs's own retries) and complete.
 """
@@ -46,9 +47,9 @@ def _corrupt(step_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def gs_chain(gcs, tmp_path_factory, small_straight) -> types.SimpleNamespace:
-  """The uninterrupted local run (conftest's `small_straight`); then on gs://: SIGTERM during step 3; the
-  relaunch (to the end, policy exported); its newest checkpoint (4) corrupted in the bucket; the same command
-  once more."""
+  """The uninterrupted local run (conftest's `small_straight`); then on gs://: SIGTERM once step 1's metrics
+  are written (it stops after step `stop`, 1 to 3, usually 2); the relaunch (to the end, policy exported); its
+  newest checkpoint (4) corrupted in the bucket; the same command once more."""
   root = tmp_path_factory.mktemp("gs_chain")
   gcs.create_bucket("ares-chain")
   # The session's compilation cache (conftest.py): test_preemption's runs have the same shapes.
@@ -56,7 +57,8 @@ def gs_chain(gcs, tmp_path_factory, small_straight) -> types.SimpleNamespace:
   out = types.SimpleNamespace(straight=str(small_straight), work="gs://ares-chain/aepo", root=root)
   args = common + [f"--config.workdir={out.work}"]
   ckpts = f"{out.work}/checkpoints"
-  out.rc1, out.log1 = tp._run(args, root / "sigterm.log", ARES_TEST_SIGTERM_AT_STEP="aepo:3")
+  out.rc1, out.log1 = tp._run(args, root / "sigterm.log", sigterm_after=(out.work, 1))
+  out.stop = tp._stop_step(out.log1)
   out.steps1, out.rows1 = Checkpointer(ckpts).steps(), _rows(out.work)
   out.rc2, out.log2 = tp._run(args, root / "resume.log")
   out.rows2, out.policy2 = _rows(out.work), {o: storage.read_bytes(f"{out.work}/policy/{o}")
@@ -70,18 +72,20 @@ def gs_chain(gcs, tmp_path_factory, small_straight) -> types.SimpleNamespace:
 @pytest.mark.xdist_group("gs_chain")
 def test_sigterm_on_gs_exits_0_with_the_checkpoint_in_the_bucket(gs_chain):
   c = gs_chain
+  s = c.stop
   assert c.rc1 == 0, c.log1[-3000:]
-  assert re.search(r"aepo: preempted; stopped after step 3 with a checkpoint at gs://ares-chain/aepo/checkpoints/3",
-                   c.log1)
-  assert c.steps1 == [2, 3]
-  assert c.rows1 == _rows(c.straight)[:3]
+  assert re.search(rf"aepo: preempted; stopped after step {s} with a checkpoint at "
+                   rf"gs://ares-chain/aepo/checkpoints/{s}(?!\d)", c.log1)
+  assert c.steps1 == tp._kept(0, *range(2, s + 1, 2), s)  # 0, every second step, the stop step; two kept
+  assert c.rows1 == _rows(c.straight)[:s]
 
 
 @pytest.mark.xdist_group("gs_chain")
 def test_the_relaunch_on_gs_continues_step_for_step_and_exports_the_same_policy(gs_chain):
   c = gs_chain
   assert c.rc2 == 0, c.log2[-3000:]
-  assert re.search(r"resumed from gs://ares-chain/aepo/checkpoints/3 \(data position 12\)", c.log2)
+  assert re.search(rf"resumed from gs://ares-chain/aepo/checkpoints/{c.stop} \(data position {4 * c.stop}\)",
+                   c.log2)
   assert c.rows2 == _rows(c.straight)
   local = os.path.join(c.straight, "policy")
   assert sorted(c.policy2) == sorted(os.listdir(local))
@@ -93,11 +97,12 @@ def test_the_relaunch_on_gs_continues_step_for_step_and_exports_the_same_policy(
 @pytest.mark.xdist_group("gs_chain")
 def test_a_corrupt_newest_checkpoint_in_the_bucket_is_moved_aside(gs_chain):
   c = gs_chain
+  prev = tp._kept(0, 2, c.stop, 4)[0]  # the checkpoint before 4 (of those the two runs saved, two kept)
   assert c.rc3 == 0, c.log3[-3000:]
   assert re.search(r"checkpoint gs://ares-chain/aepo/checkpoints/4 is unreadable \(.*\); falling back", c.log3)
-  assert re.search(r"resumed from gs://ares-chain/aepo/checkpoints/3", c.log3)
+  assert re.search(rf"resumed from gs://ares-chain/aepo/checkpoints/{prev} ", c.log3)
   assert c.rows3 == _rows(c.straight)
-  assert {"3", "4", "reference", "unreadable-4", "format.json"} <= set(c.listing3)
+  assert {str(prev), "4", "reference", "unreadable-4", "format.json"} <= set(c.listing3)
 
 
 @pytest.mark.xdist_group("gs_chain")

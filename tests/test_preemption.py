@@ -5,11 +5,15 @@ processes agree on the stop step with and without JAX's preemption service (and 
 Each run that is interrupted is compared with an uninterrupted one where there is one to compare with.
 
 The AEPO runs are subprocesses of `python -m ares_jax.main` on the tiny config (one simulated device each)
-sharing one persistent compilation cache, so only the first run compiles. SIGTERM is sent by the process
-to itself through the documented hook of train/run_control.py (ARES_TEST_SIGTERM_AT_STEP, right after
-the step's rollout), so it takes the real path: the Python handler, or JAX's own notifier with two
-processes. The kill during a checkpoint write is a SIGKILL from inside orbax's commit of that step (its
-files written, the folder not yet renamed into place).
+sharing one persistent compilation cache, so only the first run compiles. The test sends SIGTERM as a
+scheduler would, from outside: once the run's metrics.jsonl has the row of step k (`sigterm_when`), to
+the process (to process 1 of two). The run stops after the step it is in by then, k or a later one, which
+the tests read from its `preempted; stopped after step N` line (`_stop_step`; they fail if the signal came
+too late to leave a step to the relaunch). The signal takes the real path: the Python handler, or JAX's
+own notifier with two processes. The loops run in the test's own process (AdaCS's SFT, the warm start) get
+a real SIGTERM from `os.kill` at the step wanted (`_sigterm_in_process`). The kill during a checkpoint
+write is a SIGKILL from inside orbax's commit of that step (its files written, the folder not yet renamed
+into place).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ast
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import types
@@ -34,8 +39,9 @@ from ares_jax import configs, models, sharding
 from ares_jax.data.batching import Prompt
 from ares_jax.aepo import step as aepo_step
 from ares_jax.train import optimizer as optim_lib
+from ares_jax.train import run_control
 from ares_jax.train.checkpoint import Checkpointer
-from processes import free_port, run_together
+from processes import free_port, run_together, sigterm_when
 from ares_jax.train.run_control import Preempted
 from ares_jax.train.update import Updater
 from tiny_configs import load_config
@@ -113,25 +119,74 @@ main.cli()
 def _env(devices: int, **extra) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONUNBUFFERED="1",
              JAX_PLATFORMS="cpu")
-  for k in ("ARES_TEST_SIGTERM_AT_STEP", "ARES_TEST_SIGTERM_PROCESS"):
-    env.pop(k, None)
   env.update({k: str(v) for k, v in extra.items()})
   return env
 
 
-def _run(args: list[str], log: Path, devices: int = 1, **env) -> tuple[int, str]:
-  """Runs `python <args>` with its output in `log` (a file, not a pipe); (exit code, output)."""
+def _run(args: list[str], log: Path, devices: int = 1, sigterm_after: tuple | None = None,
+         **env) -> tuple[int, str]:
+  """Runs `python <args>` with its output in `log` (a file, not a pipe); (exit code, output).
+  `sigterm_after=(workdir, k)`: SIGTERM once the run's metrics have step k's row (processes.sigterm_when)."""
   with open(log, "w") as f:
-    rc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                        env=_env(devices, **env), timeout=900, check=False).returncode
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                            env=_env(devices, **env))
+    try:
+      if sigterm_after is not None:
+        work, k = sigterm_after
+        sigterm_when([proc], 0, lambda: _last_step(work) >= k, f"{work}/metrics.jsonl had step {k}'s row", [log])
+      rc = proc.wait(timeout=900)
+    finally:
+      if proc.poll() is None:  # a failure above, or a time-out
+        proc.kill()
+        proc.wait()
   return rc, log.read_text()
 
 
-def _rows(workdir) -> list[dict]:
+def _last_step(workdir) -> int:
+  """The step of the last row of `workdir`'s metrics.jsonl (local or gs://) so far; 0 before the first."""
+  rows = _rows(workdir, missing_ok=True)
+  return rows[-1]["step"] if rows else 0
+
+
+def _stop_step(log: str, total: int = 4) -> int:
+  """The step an AEPO run stopped after on SIGTERM (its `preempted; stopped after step N` line). The tests
+  need it before the last (`total`): otherwise fails, saying the signal came too late."""
+  found = re.findall(r"aepo: preempted; stopped after step (\d+)", log)
+  assert len(found) == 1, f"not one preemption line ({found}) in the log:\n{log[-3000:]}"
+  step = int(found[0])
+  assert step < total, (f"SIGTERM came too late: the run stopped after step {step} of {total}, leaving the "
+                        f"relaunch nothing to resume; send it at an earlier step\n{log[-3000:]}")
+  return step
+
+
+def _kept(*steps: int) -> list[int]:
+  """The checkpoints kept of those saved at `steps` (checkpoint.keep=2 in SMALL)."""
+  return sorted(set(steps))[-2:]
+
+
+def _dirs(*steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+  """What `_ckpt_dirs` lists when the checkpoints saved were those of `steps` (plus the reference, `extra`)."""
+  return sorted([str(k) for k in _kept(*steps)] + ["reference", *extra])
+
+
+def _sigterm_in_process(monkeypatch, loop: str, step: int) -> None:
+  """A real SIGTERM (os.kill) to this process when the loop named `loop` asks `StopRequests.should_stop`
+  about `step`, just before its check: the signal takes the real path (the handler, then the check)."""
+  should_stop = run_control.StopRequests.should_stop
+
+  def sigterm_then_check(self, at: int) -> bool:
+    if self.loop == loop and at == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return should_stop(self, at)
+
+  monkeypatch.setattr(run_control.StopRequests, "should_stop", sigterm_then_check)
+
+
+def _rows(workdir, missing_ok: bool = False) -> list[dict]:
   """metrics.jsonl of a local or gs:// workdir, without the wall-clock (time/) keys."""
   from ares_jax import storage  # pylint: disable=g-import-not-at-top
   return [{k: v for k, v in r.items() if not k.startswith("time/")}
-          for r in storage.read_jsonl(f"{workdir}/metrics.jsonl")]
+          for r in storage.read_jsonl(f"{workdir}/metrics.jsonl", missing_ok=missing_ok)]
 
 
 def _ckpt_dirs(workdir: Path) -> list[str]:
@@ -159,18 +214,20 @@ def xla_cache(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, xla_cache, small_straight) -> types.SimpleNamespace:
   """An uninterrupted run (conftest's `small_straight`), and one run interrupted three ways in turn: SIGTERM
-  during step 3; resumed, then SIGKILLed while committing the checkpoint of step 4; its newest checkpoint (3)
-  corrupted; resumed again."""
+  once step 1's metrics are written (it stops after step `stop`, 1 to 3, usually 2); resumed, then SIGKILLed
+  while committing the checkpoint of step 4; its newest checkpoint (`corrupted`) corrupted; resumed again."""
   root = tmp_path_factory.mktemp("preemption")
   common = MAIN + SMALL + [xla_cache]
   out = types.SimpleNamespace(straight=small_straight, work=root / "work")
   args = common + [f"--config.workdir={out.work}"]
-  out.rc1, out.log1 = _run(args, root / "sigterm.log", ARES_TEST_SIGTERM_AT_STEP="aepo:3")
+  out.rc1, out.log1 = _run(args, root / "sigterm.log", sigterm_after=(out.work, 1))
+  out.stop = _stop_step(out.log1)
   out.dirs1, out.rows1 = _ckpt_dirs(out.work), _rows(out.work)
   out.reference1 = _mtimes(out.work / "checkpoints" / "reference")
   out.rc2, out.log2 = _run(["-c", KILL_AT_COMMIT, *args[len(MAIN):]], root / "kill.log", KILL_AT_COMMIT_OF_STEP=4)
   out.dirs2, out.rows2 = _ckpt_dirs(out.work), _rows(out.work)
-  _corrupt(out.work / "checkpoints" / "3")
+  out.previous, out.corrupted = _kept(0, 2, out.stop)  # the two newest complete checkpoints: 4 never completed
+  _corrupt(out.work / "checkpoints" / str(out.corrupted))
   out.rc3, out.log3 = _run(args, root / "corrupt.log")
   out.dirs3, out.rows3 = _ckpt_dirs(out.work), _rows(out.work)
   return out
@@ -178,36 +235,41 @@ def chain(tmp_path_factory, xla_cache, small_straight) -> types.SimpleNamespace:
 
 @pytest.mark.xdist_group("preemption_chain")
 def test_sigterm_in_the_middle_of_a_step_exits_0_with_a_checkpoint_at_that_step(chain):
+  s = chain.stop
   assert chain.rc1 == 0, chain.log1[-3000:]
-  assert re.search(r"preemption requested \(signal, SIGTERM [\d.]+ s ago on this process\): stopping after step 3",
-                   chain.log1)
-  assert re.search(r"aepo: preempted; stopped after step 3 with a checkpoint at \S+/checkpoints/3; rerun the same "
-                   r"command", chain.log1)
-  assert chain.dirs1 == ["2", "3", "reference"]  # keep=2: step 0 pruned; the reference is not a step
-  assert chain.rows1 == _rows(chain.straight)[:3]
+  assert re.search(rf"aepo: preemption requested \(signal, SIGTERM [\d.]+ s ago on this process\): stopping after "
+                   rf"step {s}(?!\d)", chain.log1)
+  assert re.search(rf"aepo: preempted; stopped after step {s} with a checkpoint at \S+/checkpoints/{s}; rerun the "
+                   r"same command", chain.log1)
+  # Saved: 0, every second step, the stop step; keep=2 prunes the oldest; the reference is not a step.
+  assert chain.dirs1 == _dirs(0, *range(2, s + 1, 2), s)
+  assert chain.rows1 == _rows(chain.straight)[:s]
 
 
 @pytest.mark.xdist_group("preemption_chain")
 def test_the_resumed_run_matches_the_uninterrupted_run(chain):
-  assert re.search(r"resumed from \S+/checkpoints/3 \(data position 12\)", chain.log2), chain.log2[-3000:]
+  s = chain.stop
+  assert re.search(rf"resumed from \S+/checkpoints/{s} \(data position {4 * s}\)", chain.log2), chain.log2[-3000:]
   assert chain.rows2 == _rows(chain.straight)  # step 4's metrics were written before its checkpoint write
 
 
 @pytest.mark.xdist_group("preemption_chain")
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoints(chain):
   assert chain.rc2 == -9, chain.log2[-3000:]
-  assert [d for d in chain.dirs2 if not d.startswith("4.orbax-checkpoint-tmp")] == ["2", "3", "reference"]
+  assert [d for d in chain.dirs2 if not d.startswith("4.orbax-checkpoint-tmp")] == _dirs(0, 2, chain.stop)
   assert any(d.startswith("4.orbax-checkpoint-tmp") for d in chain.dirs2)  # the write was under way
 
 
 @pytest.mark.xdist_group("preemption_chain")
 def test_a_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(chain):
+  new, prev = chain.corrupted, chain.previous
   assert chain.rc3 == 0, chain.log3[-3000:]
-  # 4 never completed, so 3 is the newest; it is unreadable, so the run goes back to 2 and redoes 3 and 4.
-  assert re.search(r"checkpoint \S+/checkpoints/3 is unreadable \(ValueError: .*\); falling back", chain.log3)
-  assert re.search(r"resumed from \S+/checkpoints/2 \(data position 8\)", chain.log3)
+  # 4 never completed, so `new` is the newest; it is unreadable, so the run goes back to `prev` and redoes the rest.
+  assert re.search(rf"checkpoint \S+/checkpoints/{new} is unreadable \(ValueError: .*\); falling back", chain.log3)
+  assert re.search(rf"resumed from \S+/checkpoints/{prev} \(data position {4 * prev}\)", chain.log3)
   assert chain.rows3 == _rows(chain.straight)
-  assert chain.dirs3 == ["2", "4", "reference", "unreadable-3"]  # orbax's leftover temporary folder is gone
+  # orbax's leftover temporary folder is gone
+  assert chain.dirs3 == _dirs(prev, 2, 4, extra=(f"unreadable-{new}",))
 
 
 @pytest.mark.xdist_group("preemption_chain")
@@ -267,11 +329,12 @@ def test_a_lora_run_stopped_by_sigterm_resumes_to_the_uninterrupted_run(tmp_path
   rc, log = _run(common + [f"--config.workdir={tmp_path / 'straight'}"], tmp_path / "straight.log")
   assert rc == 0, log[-3000:]
   args = common + [f"--config.workdir={tmp_path / 'work'}"]
-  rc, log = _run(args, tmp_path / "sigterm.log", ARES_TEST_SIGTERM_AT_STEP="aepo:3")
-  assert rc == 0 and "stopped after step 3" in log, log[-3000:]
-  assert _rows(tmp_path / "work") == _rows(tmp_path / "straight")[:3]
+  rc, log = _run(args, tmp_path / "sigterm.log", sigterm_after=(tmp_path / "work", 1))
+  stop = _stop_step(log)
+  assert rc == 0, log[-3000:]
+  assert _rows(tmp_path / "work") == _rows(tmp_path / "straight")[:stop]
   rc, log = _run(args, tmp_path / "resume.log")
-  assert rc == 0 and re.search(r"resumed from \S+/checkpoints/3", log), log[-3000:]
+  assert rc == 0 and re.search(rf"resumed from \S+/checkpoints/{stop} ", log), log[-3000:]
   assert _rows(tmp_path / "work") == _rows(tmp_path / "straight")
   metadata = json.loads((tmp_path / "work" / "checkpoints" / "4" / "state" / "_METADATA").read_text())
   saved = [ast.literal_eval(k) for k in metadata["tree_metadata"]]
@@ -340,23 +403,26 @@ def test_a_checkpoint_saved_on_8_devices_resumes_on_4(tmp_path):
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_with_one_checkpoint(tmp_path, xla_cache):
-  work, port = tmp_path / "run", free_port()
-  args = MAIN + SMALL + ["--config.total_steps=4", "--config.checkpoint_every=100", "--config.mesh.fsdp=-1",
+  work, port, total = tmp_path / "run", free_port(), 12
+  args = MAIN + SMALL + [f"--config.total_steps={total}", "--config.checkpoint_every=100", "--config.mesh.fsdp=-1",
                   "--config.distributed=True", f"--config.workdir={work}", xla_cache]
+  # SIGTERM to process 1 only, once step 1's metrics are written (by process 0).
   ran = run_together([[sys.executable, *args]] * 2,
-                     [_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i,
-                           ARES_TEST_SIGTERM_AT_STEP="aepo:1", ARES_TEST_SIGTERM_PROCESS=1) for i in range(2)],
-                     tmp_path, timeout=900)
+                     [_env(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i)
+                      for i in range(2)], tmp_path, timeout=900,
+                     while_running=lambda procs: sigterm_when(
+                         procs, 1, lambda: _last_step(work) >= 1, "step 1's metrics row",
+                         [tmp_path / f"process_{i}.log" for i in range(2)]))
   logs = [log for _, log in ran]
   for rc, log in ran:
     assert rc == 0, log[-3000:]
     assert "preemption: JAX preemption sync point" in log
-  assert "sending SIGTERM" in logs[1] and "sending SIGTERM" not in logs[0]
   stops = [re.findall(r"aepo: preempted; stopped after step (\d+) with a checkpoint at \S+/checkpoints/(\d+)", log)
            for log in logs]
   assert stops[0] == stops[1] and len(stops[0]) == 1, stops
   step = int(stops[0][0][0])
-  assert step in (1, 2, 3)  # the step in progress when the notice arrived (JAX polls for it once a second)
+  # The step in progress when the notice had spread (JAX polls for it once a second), or one after it.
+  assert 1 <= step < total, f"SIGTERM came too late: stopped after step {step} of {total}"
   assert _ckpt_dirs(work) == ["0", str(step), "reference"]
   assert [r["step"] for r in _rows(work)] == list(range(1, step + 1))
 
@@ -376,8 +442,8 @@ def test_updates_skipped_max_skipped_updates_times_in_a_row_stop_the_run(tmp_pat
 
 @pytest.mark.parametrize("where", ["local", "gs"])
 def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tmp_path, monkeypatch, where, request):
-  """AdaCS's SFT loop, in this process: the handler catches the SIGTERM the process sends itself. Locally
-  and with its workdir and checkpoints on gs:// (the GCS emulator)."""
+  """AdaCS's SFT loop, in this process: the handler catches a SIGTERM sent to the process at the end of step 2.
+  Locally and with its workdir and checkpoints on gs:// (the GCS emulator)."""
   base = str(tmp_path) if where == "local" else request.getfixturevalue("bucket")
   from ares_jax.stages import adacs as adacs_stage  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(fsdp=1)
@@ -398,12 +464,12 @@ def test_the_sft_loop_stops_on_sigterm_and_resumes_to_the_uninterrupted_state(tm
       ck.close()
 
   straight = train("straight")
-  monkeypatch.setenv("ARES_TEST_SIGTERM_AT_STEP", "adacs sft:2")
-  with pytest.raises(Preempted) as stopped:
-    train("cut")
+  with monkeypatch.context() as m:
+    _sigterm_in_process(m, "adacs sft", 2)
+    with pytest.raises(Preempted) as stopped:
+      train("cut")
   assert stopped.value.code == 0 and stopped.value.step == 2
   assert Checkpointer(f"{base}/cut/checkpoints").steps() == [2]
-  monkeypatch.delenv("ARES_TEST_SIGTERM_AT_STEP")
   resumed = train("cut")
   assert _rows(f"{base}/cut") == _rows(f"{base}/straight")
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params), jax.device_get(straight.params))
@@ -420,7 +486,7 @@ def test_sigterm_during_the_warm_start_stops_it(monkeypatch, caplog):
   mcfg, params = _tiny_params(mesh)
   tok = setup.build_tokenizer(c)
   stream = setup.prompt_stream(c, setup.build_processor(c, tok, mcfg), 0)
-  monkeypatch.setenv("ARES_TEST_SIGTERM_AT_STEP", "warm start:2")
+  _sigterm_in_process(monkeypatch, "warm start", 2)
   with pytest.raises(Preempted) as stopped:
     setup.warm_start(c, mcfg, params, stream, 0, tok)
   assert stopped.value.code == 0 and stopped.value.step == 2
@@ -428,7 +494,8 @@ def test_sigterm_during_the_warm_start_stops_it(monkeypatch, caplog):
 
 
 # Process argv[2] of 2 (coordinator port argv[1]) runs empty 0.5 s "steps" with StopRequests, JAX's preemption
-# service on or off (argv[3]); prints the mode, the step it stops after, and the cost of one should_stop.
+# service on or off (argv[3]); prints the mode, each step as it begins, the step it stops after, and the cost of
+# one should_stop.
 STOP_LOOP = """
 import sys, time
 import jax
@@ -439,8 +506,8 @@ from ares_jax.train.run_control import StopRequests
 stop = StopRequests()
 print("MODE", stop.mode, flush=True)
 for step in range(1, 13):
+  print("STEP", step, flush=True)
   time.sleep(0.5)
-  stop.during_step(step)
   if stop.should_stop(step):
     print("STOP", step, flush=True)
     break
@@ -453,9 +520,12 @@ print(f"COST_MS {(time.perf_counter() - t) / 20 * 1e3:.4f}", flush=True)
 
 @pytest.mark.parametrize("service,mode", [("on", "jax"), ("off", "allgather")])
 def test_two_processes_agree_on_the_stop_step_with_or_without_jax_preemption_service(tmp_path, service, mode):
-  port = free_port()
+  port, files = free_port(), [tmp_path / f"process_{i}.log" for i in range(2)]
+  # SIGTERM to process 1 only, as its step 3 begins (0.5 s before that step's check).
   ran = run_together([[sys.executable, "-c", STOP_LOOP, str(port), str(i), service] for i in range(2)],
-                     [_env(1, ARES_TEST_SIGTERM_AT_STEP=3, ARES_TEST_SIGTERM_PROCESS=1)] * 2, tmp_path, timeout=300)
+                     [_env(1)] * 2, tmp_path, timeout=300,
+                     while_running=lambda procs: sigterm_when(
+                         procs, 1, lambda: "STEP 3\n" in files[1].read_text(), "process 1 began step 3", files))
   logs = [log for _, log in ran]
   for rc, log in ran:
     assert rc == 0 and f"MODE {mode}" in log, log[-3000:]

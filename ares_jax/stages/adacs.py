@@ -251,7 +251,6 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
     micro = sft.micro_batches(mcfg, [examples[i][0] for i in batch], [examples[i][1] for i in batch],
                               s.micro_batch_size, pad_id)
     state, m = updater.update(state, micro)
-    stop.during_step(step)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
     writer.write(step, {"sft/loss": m["loss"], "sft/grad_norm": m["grad_norm"], "sft/examples": len(batch),
                         "epoch": epoch, "update_skipped": m["update_skipped"]})
     preempted = stop.should_stop(step)  # the same answer on every process

@@ -240,7 +240,6 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
   # SIGTERM / a preemption notice stops it too (it has no checkpoint: a rerun redoes it, as it is deterministic).
   with run_control.StopRequests(settings_lib.checkpoint(config).preemption, "warm start") as stop:
     def on_step(step: int, _) -> None:
-      stop.during_step(step + 1)  # a test hook (ARES_TEST_SIGTERM_AT_STEP); nothing otherwise
       if stop.should_stop(step + 1):
         raise run_control.Preempted("warm start", step + 1, None)
 

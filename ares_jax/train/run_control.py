@@ -24,15 +24,11 @@ and raises `Preempted` (a `SystemExit` with code 0). How a request is detected a
 A second SIGTERM to a single process (or with the allgather fallback) kills it at once (the default
 action), for when waiting for the step is not wanted.
 
-Test hook (documented, used by tests/test_preemption.py): `ARES_TEST_SIGTERM_AT_STEP=k` (any loop) or
-`=<loop>:k` (`aepo`, `adacs sft`, `warm start`) makes this process send SIGTERM to itself when that loop's
-`during_step(k)` runs (in the middle of step k: after the rollout in AEPO, after the update in SFT);
-`ARES_TEST_SIGTERM_PROCESS=i` restricts it to process i. The signal then takes the real path above.
+tests/test_preemption.py checks all of this with real SIGTERMs sent from outside, as a scheduler sends them.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -74,7 +70,8 @@ def _jax_preemption_service() -> bool:
 class StopRequests:
   """Detects preemption requests and agrees on the step to stop at (see the module docstring).
 
-  Use as a context manager (or call `close`) so that the previous SIGTERM handler comes back."""
+  `loop` names the loop in the log line of a request. Use as a context manager (or call `close`) so that the
+  previous SIGTERM handler comes back."""
 
   def __init__(self, enabled: bool = True, loop: str = ""):
     self.enabled, self.loop = enabled, loop
@@ -101,15 +98,6 @@ class StopRequests:
     self._requested_at = time.monotonic()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
 
-  def during_step(self, step: int) -> None:
-    """The test hook of the module docstring (nothing unless ARES_TEST_SIGTERM_AT_STEP is set)."""
-    at = os.environ.get("ARES_TEST_SIGTERM_AT_STEP", "")
-    loop, _, at = at.rpartition(":")
-    only = os.environ.get("ARES_TEST_SIGTERM_PROCESS")
-    if at and int(at) == step and loop in ("", self.loop) and (not only or int(only) == jax.process_index()):
-      logging.warning("ARES_TEST_SIGTERM_AT_STEP=%s: sending SIGTERM to this process", at)
-      os.kill(os.getpid(), signal.SIGTERM)
-
   def should_stop(self, step: int) -> bool:
     """Whether every process stops after `step`; all processes call this at the end of every step."""
     if self.mode == "off":
@@ -124,7 +112,8 @@ class StopRequests:
     if stop:
       since = ("" if self._requested_at is None else
                f", SIGTERM {time.monotonic() - self._requested_at:.1f} s ago on this process")
-      logging.warning("preemption requested (%s%s): stopping after step %d", self.mode, since, step)
+      logging.warning("%spreemption requested (%s%s): stopping after step %d", f"{self.loop}: " if self.loop else "",
+                      self.mode, since, step)
     return stop
 
   def close(self) -> None:
