@@ -43,7 +43,8 @@ def prepare_environment(topology: str) -> None:
 def main(argv: list[str]) -> None:
   config = entry.config_from_flags(argv)
   prepare_environment(_TOPOLOGY.value)
-  from ares_jax import compiled_memory, memory_plan  # JAX after prepare_environment: it reads JAX_PLATFORMS when imported
+  # JAX after prepare_environment: it reads JAX_PLATFORMS when imported
+  from ares_jax import compiled_memory, memory_plan
   try:
     devices, hbm = compiled_memory.topology_devices(_TOPOLOGY.value, config.plan.hbm_gib)
     plans = memory_plan.plan_step(config, devices, hbm)

@@ -355,8 +355,8 @@ def _tiny_params(mesh):
 
 def _train_state(mesh):
   mcfg, params = _tiny_params(mesh)
-  updater = Updater(aepo_step.aepo_loss_fn(mcfg), optim_lib.make_optimizer(settings_lib.optim(load_config("tiny.py")), 10),
-                    params)
+  tx = optim_lib.make_optimizer(settings_lib.optim(load_config("tiny.py")), 10)
+  updater = Updater(aepo_step.aepo_loss_fn(mcfg), tx, params)
   return updater.init_state(params, jax.random.key(0))
 
 

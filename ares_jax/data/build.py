@@ -106,7 +106,8 @@ class BuildResult:
 def fit_image(image: Image.Image, s: ImageSettings) -> Image.Image:
   """`image` (RGB) at the processor's size for bounds `s` (`QwenVLProcessor.resize`'s arithmetic and
   resampling). Raises ValueError for images the processor refuses (aspect ratio above 200)."""
-  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # transformers is slow to import: only where it is used
+  # transformers is slow to import: only where it is used
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
   w, h = image.size
   rh, rw = smart_resize(h, w, s.factor, min_pixels=s.min_pixels, max_pixels=s.max_pixels)

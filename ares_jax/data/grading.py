@@ -165,7 +165,8 @@ class Grader:
 
     if jax.process_count() == 1 or not len(responses):
       return self._grade_here(responses, golds, extra, desc)
-    from jax.experimental import multihost_utils  # JAX stays out of the grading worker processes, which import this module
+    # JAX stays out of the grading worker processes, which import this module
+    from jax.experimental import multihost_utils
 
     n = len(responses)
     if jax.process_index() == 0:

@@ -97,7 +97,8 @@ class QwenVLProcessor:
     """`image` (RGB) at the size the processor will give it, as uint8 [H, W, 3]. Processing the result
     gives the same `pixel_values` as processing `image` (smart_resize of a size it returned is that
     size), so resized images are what processes exchange and what a dataset stores."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # transformers is slow to import: only where it is used
+    # transformers is slow to import: only where it is used
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     ip = self.image_processor
     w, h = image.size

@@ -104,7 +104,8 @@ def tiny_corpus(seed: int = 0, repeats: int = 400) -> list[str]:
 
 def _train_tiny(folder: str) -> None:
   """Trains the tiny tokenizer and writes it with `save_pretrained` into `folder`."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # tokenizers + transformers are slow to import: only where a tokenizer is built
+  # tokenizers + transformers are slow to import: only where a tokenizer is built
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast  # transformers is slow to import: only where it is used
 
   tok = Tokenizer(models.BPE())

@@ -35,7 +35,8 @@ class MetricsWriter:
     elif resume_step is None and storage.exists(self.path):
       storage.remove(self.path)
     try:
-      from tensorboardX import SummaryWriter  # tensorboardX (protobuf) is slow to import: only where event files are written
+      # tensorboardX (protobuf) is slow to import: only where event files are written
+      from tensorboardX import SummaryWriter
       _register_remote_event_files()
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:  # metrics.jsonl is always written
@@ -109,7 +110,8 @@ class _EventObjectFactory:
 def _register_remote_event_files() -> None:
   """Routes tensorboardX's `gs://` event files through ares_jax.storage (epath: gcsfs or gfile) instead
   of its own writer, which needs google-cloud-storage and uploads the whole file at every flush."""
-  from tensorboardX import record_writer  # tensorboardX (protobuf) is slow to import: only where event files are written
+  # tensorboardX (protobuf) is slow to import: only where event files are written
+  from tensorboardX import record_writer
   record_writer.register_writer_factory("gs", _EventObjectFactory())
 
 

@@ -6,10 +6,10 @@
 
 `loss_fn(params, batch, settings, dropout_key) -> (loss, metrics dict of scalars)`; `batch` is a pytree of
 arrays (a dataclass such as `aepo.step.AepoBatch`), `settings` a hashable (frozen dataclass) static
-argument, `dropout_key` None or a key for LoRA dropout (`dropout=True`). `params` given to the constructor may be arrays or
-`jax.ShapeDtypeStruct`s: their NamedShardings (if they span a mesh) become the shardings of the
-gradients, the accumulator and the updated parameters, and their mesh the one the model's
-logical-axis activation constraints refer to.
+argument, `dropout_key` None or a key for LoRA dropout (`dropout=True`). `params` given to the
+constructor may be arrays or `jax.ShapeDtypeStruct`s: their NamedShardings (if they span a mesh) become
+the shardings of the gradients, the accumulator and the updated parameters, and their mesh the one the
+model's logical-axis activation constraints refer to.
 
 The compiled programs are attributes, so a memory planner can lower them ahead of time with
 ShapeDtypeStructs that carry NamedShardings:
