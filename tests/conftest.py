@@ -1,5 +1,10 @@
 """Test session setup: 8 simulated CPU devices and a shared compilation cache (set before jax is imported);
-a GCS API on loopback for the `gs://` tests (fixtures `gcs` and `bucket`)."""
+a GCS API on loopback for the `gs://` tests (fixtures `gcs` and `bucket`).
+
+Two tiers. `python -m pytest -q -n 2 --dist=loadgroup tests` runs everything (README, .ci/run). The quick
+tier, `python -m pytest -q -n 2 -m "not slow" tests`, takes minutes and still exercises every module of
+ares_jax/ (unit tests, small parity cases against transformers, one short AEPO step): whole pipelines,
+multi-process runs, notebooks, memory plans and long runs are marked `slow`."""
 
 import os
 import sys

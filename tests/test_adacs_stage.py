@@ -19,6 +19,7 @@ from ares_jax.data.coldstart import question_row
 from ares_jax.data.grading import Grader, Grades, grade_one
 from ares_jax.data.prompts import PromptStream, RowSource
 from ares_jax.stages import adacs as adacs_stage
+from ares_jax.stages import aepo as aepo_stage
 from ares_jax.stages import pipeline, setup
 from ares_jax.train import sft
 from ares_jax.train.checkpoint import Checkpointer
@@ -137,6 +138,7 @@ def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_parts):
   np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path):
   c = tiny_adacs_config(str(tmp_path / "run"))
   c.data.images = True  # half the pool shows its problem as an image: the frozen tower is exercised
@@ -171,6 +173,7 @@ def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path):
   assert len((work / "metrics.jsonl").read_text().splitlines()) == total
 
 
+@pytest.mark.slow
 def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path):
   c = tiny_adacs_config(str(tmp_path / "ares"))
   c = small_rl(c)
@@ -181,6 +184,37 @@ def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path):
   assert [h["step"] for h in out["aepo"]["history"]] == [1, 2]
   assert (tmp_path / "ares" / "adacs" / "adacs_report.json").exists()
   assert (tmp_path / "ares" / "aepo" / "metrics.jsonl").exists()
+
+
+def test_ares_pipeline_hands_the_adacs_policy_to_aepo_and_skips_a_finished_adacs(tmp_path, monkeypatch):
+  """The `ares` stage's wiring with both halves replaced (the real ones run in the test above): AdaCS in
+  {workdir}/adacs, then AEPO in {workdir}/aepo from AdaCS's policy and tokenizer without a warm start; a
+  relaunch after AdaCS finished (report and policy written) goes straight to AEPO."""
+  calls = []
+
+  def fake_adacs(c):
+    calls.append(("adacs", c.workdir, c.warm_start.steps))
+    (Path(c.workdir) / "policy").mkdir(parents=True)
+    (Path(c.workdir) / "policy" / "config.json").write_text("{}")
+    (Path(c.workdir) / "adacs_report.json").write_text("{}")
+    return {"selected": 1}
+
+  def fake_aepo(c):
+    calls.append(("aepo", c.workdir, c.warm_start.steps, c.model.hf_path, c.tokenizer.path))
+    return {"history": []}
+
+  monkeypatch.setattr(adacs_stage, "run", fake_adacs)
+  monkeypatch.setattr(aepo_stage, "run", fake_aepo)
+  c = tiny_adacs_config(str(tmp_path))
+  c.stage = "ares"
+  c.warm_start.steps = 5
+  policy = str(tmp_path / "adacs" / "policy")
+  assert pipeline.run(c) == {"adacs": {"selected": 1}, "aepo": {"history": []}}
+  assert calls == [("adacs", str(tmp_path / "adacs"), 5), ("aepo", str(tmp_path / "aepo"), 0, policy, policy)]
+  assert c.workdir == str(tmp_path) and c.warm_start.steps == 5 and not c.model.hf_path  # the caller's config
+  calls.clear()
+  assert pipeline.run(c) == {"adacs": None, "aepo": {"history": []}}
+  assert [call[0] for call in calls] == ["aepo"]
 
 
 def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():

@@ -44,15 +44,36 @@ def _rows(workdir):
     return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in f]
 
 
+# What every AEPO step writes to metrics.jsonl (beside its timings).
+STEP_METRICS = ("loss", "reward/mean", "accuracy/mean", "tau_high", "kl", "clip_frac", "entropy/mean", "branches",
+                "filtered_groups", *(f"{m}/{b}" for m in ("accuracy", "length", "n_he", "lambda")
+                                     for b in ("easy", "medium", "hard")))
+
+
+def test_one_short_aepo_step(tmp_path):
+  """The quick tier's AEPO step: the stage runs one step (rollout, grading, statistics, update, metrics,
+  checkpoint, export) on the tiny config, text only and without its warm start (compiling is most of it);
+  every step metric is written."""
+  c = tiny_rl_config(str(tmp_path), 1)
+  c.warm_start.steps = 0
+  c.rollout.max_response_length = 16
+  c.data.images = False
+  out = aepo_stage.run(c)
+  rows = _rows(c.workdir)
+  assert [r["step"] for r in rows] == [1] and rows[0]["update_skipped"] == 0
+  for key in STEP_METRICS:
+    assert key in rows[0], key
+  assert np.isfinite(rows[0]["loss"]) and out["skipped_rows"] == {}
+  assert (Path(c.workdir) / "policy" / "config.json").exists()
+
+
+@pytest.mark.slow
 def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
   straight = tiny_rl_config(str(tmp_path / "straight"), 3)
   out = aepo_stage.run(straight)
   rows = _rows(straight.workdir)
   assert [r["step"] for r in rows] == [1, 2, 3]
-  required = ["loss", "reward/mean", "accuracy/mean", "tau_high", "kl", "clip_frac", "entropy/mean", "branches",
-              "filtered_groups", *(f"{m}/{b}" for m in ("accuracy", "length", "n_he", "lambda")
-                                   for b in ("easy", "medium", "hard"))]
-  for key in required:
+  for key in STEP_METRICS:
     assert key in rows[-1], key
   assert all(np.isfinite(r["loss"]) for r in rows)
   assert any(r["branches"] > 0 for r in rows)

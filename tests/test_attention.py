@@ -153,6 +153,7 @@ _TPU_COMPILE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_splash_compiles_for_a_tpu_topology_or_refuses_cpu():
   """With libtpu installed, `auto` under a v5p mesh resolves to splash and compiles (a subprocess, so
   libtpu stays out of the test workers); the CPU devices here refuse splash with a clear error."""

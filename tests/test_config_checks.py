@@ -106,6 +106,7 @@ def _main(*args, devices=1):
                         capture_output=True, text=True, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_main_prints_every_problem_in_one_line_each_without_a_traceback(tmp_path):
   out = _main("--config.aepo.target_mode=median", "--config.rollout.top_p=2.0", f"--config.workdir={tmp_path}")
   assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -115,6 +116,7 @@ def test_main_prints_every_problem_in_one_line_each_without_a_traceback(tmp_path
   assert not any(tmp_path.iterdir())  # nothing was built or written
 
 
+@pytest.mark.slow
 def test_a_mesh_larger_than_the_devices_is_one_line_with_the_way_out(tmp_path):
   out = _main("--config.stage=inspect", "--config.inspect.forward=False", "--config.mesh.fsdp=3",
               f"--config.workdir={tmp_path}")

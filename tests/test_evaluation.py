@@ -260,6 +260,7 @@ def test_eval_stage_on_two_benchmarks_then_rescore(tmp_path):
   assert json.loads((out / "report.json").read_text())["mc"]["accuracy"] == 0.5
 
 
+@pytest.mark.slow
 def test_aepo_scores_benchmarks_and_exports_a_policy_that_eval_loads(tmp_path):
   from tiny_configs import small_rl
 

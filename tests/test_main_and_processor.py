@@ -184,6 +184,7 @@ def _main(*args: str, devices: int = 1, cache: str | None = None) -> subprocess.
                         env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_main_runs_inspect_on_simulated_mesh(cache_dir):
   r = _main("--config.mesh.fsdp=2", "--config.mesh.tensor=4", devices=8, cache=cache_dir)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -205,6 +206,7 @@ def test_main_unknown_stage_is_a_clear_error():
     main.resolve_stage("bogus")
 
 
+@pytest.mark.slow
 def test_main_two_process_distributed_run(cache_dir):
   """config.distributed: two CPU processes (2 devices each) form one 4-device mesh over gloo."""
   with socket.socket() as sock:

@@ -18,6 +18,8 @@ from ares_jax import storage
 
 from processes import free_port, run_together
 
+pytestmark = pytest.mark.slow  # the whole pipeline in two processes
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/tiny.py", "--config.stage=ares", "--config.warm_start.steps=3", "--config.total_steps=2",
         "--config.checkpoint_every=1", "--config.eval.every=0", "--config.rollout.n=4",

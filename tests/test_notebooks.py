@@ -91,6 +91,7 @@ def test_every_notebook_has_short_settings():
   assert sorted(SHORT) == notebooks(), "every notebook needs its short parameters in SHORT (and only those)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", notebooks())
 def test_notebook_runs(name, tmp_path):
   if name not in SHORT:

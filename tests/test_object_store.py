@@ -24,6 +24,8 @@ from ares_jax.train.checkpoint import Checkpointer
 import test_preemption as tp
 from test_preemption import _rows
 
+pytestmark = pytest.mark.slow  # whole runs on gs://, killed and resumed
+
 
 def _objects(prefix: str) -> list[str]:
   """Every object under `prefix`, as paths relative to it."""

@@ -35,6 +35,7 @@ def tiny_plan():
   return c, mp.plan_step(c, jax.devices(), hbm_gib=1.0)
 
 
+@pytest.mark.slow
 def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
   c, plans = tiny_plan
   names = [p.name for p in plans]
@@ -72,6 +73,7 @@ def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
   assert params < total / 4
 
 
+@pytest.mark.slow
 def test_sft_plan_has_no_vision_gradients(tiny_plan):
   c, plans = tiny_plan
   st = mp.Setting.create(c, jax.devices(), 1.0)
@@ -83,6 +85,7 @@ def test_sft_plan_has_no_vision_gradients(tiny_plan):
   assert sft.alias <= aepo.alias - vision + 64
 
 
+@pytest.mark.slow
 def test_largest_chunk_fits_and_the_next_does_not():
   c = _config("aepo")
   c.plan.images_per_prompt = 0
@@ -102,6 +105,7 @@ def test_largest_chunk_fits_and_the_next_does_not():
   assert chunk * (sc.n + sc.max_branches) % 8 == 0
 
 
+@pytest.mark.slow
 def test_plan_cli_writes_json_and_fails_when_a_program_does_not_fit(tmp_path):
   out = tmp_path / "plan.json"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -117,6 +121,7 @@ def test_plan_cli_writes_json_and_fails_when_a_program_does_not_fit(tmp_path):
   assert any(not r["fits"] for r in report["programs"])
 
 
+@pytest.mark.slow
 def test_tpu_topology_plans_or_names_the_missing_wheel():
   """With libtpu installed the tiny AEPO step is planned for a v5e slice; without it, one clear error."""
   try:
@@ -140,3 +145,24 @@ def test_auto_chunk_on_cpu_takes_every_prompt_without_compiling():
   st = mp.Setting.create(c, jax.devices(), 1.0)
   sc = sampling.SamplingConfig(max_new_tokens=8, n=2)
   assert mp.auto_chunk(c, st.mesh, st.mcfg, sc, 37) == 37
+
+
+def test_plan_table_and_environment_without_compiling(monkeypatch):
+  """plan.py's own parts: `cpu:N` asks XLA for N host devices before JAX starts (unless XLA_FLAGS already
+  does; a TPU topology asks for nothing), and the table gives each program's GiB and verdict."""
+  from ares_jax import plan  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  plan.prepare_environment("cpu:4")
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
+  plan.prepare_environment("cpu:2")
+  assert os.environ["XLA_FLAGS"] == "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=4"
+  monkeypatch.setenv("XLA_FLAGS", "")
+  plan.prepare_environment("v5p:2x2x1")
+  assert os.environ["XLA_FLAGS"] == ""
+  hbm = 16 * GIB
+  fits = cm.ProgramPlan("rollout chunk", "8 prompts", GIB, GIB // 2, GIB // 4, 2 * GIB, 3 * GIB, hbm)
+  big = cm.ProgramPlan("AEPO gradient micro-step", "8 rows", 8 * GIB, GIB, 0, 4 * GIB, 4 * GIB, hbm)
+  lines = plan.format_table([fits.row(0.9), big.row(0.9)], "v5e:2x2", 16.0, 0.9).splitlines()
+  assert lines[0] == "memory plan for v5e:2x2: 16.0 GiB HBM per device, usable 90% (GiB per device)"
+  assert lines[4] == "| rollout chunk | 8 prompts | 1.00 | 0.25 | 2.00 | 3.00 | 6.25 | fits |"
+  assert lines[5] == "| AEPO gradient micro-step | 8 rows | 8.00 | 1.00 | 4.00 | 4.00 | 17.00 | DOES NOT FIT |"

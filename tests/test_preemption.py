@@ -46,6 +46,8 @@ from ares_jax.train.run_control import Preempted
 from ares_jax.train.update import Updater
 from tiny_configs import load_config
 
+pytestmark = pytest.mark.slow  # whole AEPO runs in subprocesses, killed and resumed
+
 ROOT = Path(__file__).resolve().parents[1]
 # 4 AEPO steps of 4 prompts x (4 roots + 2 branches), 16 response tokens; checkpoints at 0, 2, 4, two kept.
 MAIN = ["-m", "ares_jax.main"]

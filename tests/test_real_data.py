@@ -23,6 +23,7 @@ from tiny_configs import load_config, small_rl
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_aepo_steps_on_a_virl39k_folder_train_only_on_training_rows(tmp_path, monkeypatch):
   folder = layouts.virl39k(tmp_path)
   c = small_rl(load_config("tiny.py"))
@@ -99,6 +100,7 @@ def test_real_model_configs_name_the_data_field_to_set(name, field, tmp_path):
   assert config_checks.problems(c) == []
 
 
+@pytest.mark.slow
 def test_a_real_config_without_data_stops_at_startup_with_one_line():
   out = subprocess.run([sys.executable, "-m", "ares_jax.main", "--config=configs/aepo_7b.py"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
@@ -128,6 +130,7 @@ print("RESULT " + json.dumps({"ids": [e.row.id for e in exs], "pos": pos, "skipp
 """
 
 
+@pytest.mark.slow
 def test_two_processes_decode_their_share_and_see_the_single_process_batch(tmp_path):
   folder = layouts.virl39k(tmp_path)
   port = free_port()

@@ -209,6 +209,7 @@ def test_sharded_export_loads_in_transformers(tmp_path, tiny_model):
   np.testing.assert_array_equal(got.detach().numpy(), want)
 
 
+@pytest.mark.slow
 def test_tiny_aepo_writes_everything_to_a_gs_workdir(bucket, tmp_path, monkeypatch):
   """A 1-step AEPO run with a `gs://` workdir: metrics, curves, TensorBoard events, orbax checkpoints
   (through tensorstore's GCS client) and the exported policy (weights, config, tokenizer) land in the bucket,

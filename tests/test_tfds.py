@@ -136,6 +136,7 @@ def test_virl39k_folder_round_trips_with_resized_images_and_counted_bad_rows(vir
   assert len(sizes) > 2 and all(w % 28 == 0 and h % 28 == 0 and 3136 <= w * h <= 50176 for w, h in sizes)
 
 
+@pytest.mark.slow
 def test_easyr1_parquet_command_line_with_eval_files_and_overwrite(tmp_path):
   src = easyr1_parquet(tmp_path / "train.parquet")
   held = tmp_path / "held.jsonl"  # the ARES cold-start layout; one id also in the training file
@@ -225,6 +226,7 @@ def test_grain_orders_the_training_split_by_epoch(virl):
   assert isinstance(src.dataset, grain.MapDataset)
 
 
+@pytest.mark.slow
 def test_tfds_aepo_run_resumed_after_a_kill_continues_the_same_prompt_order(tmp_path, monkeypatch):
   """Text rows (an ARES-layout JSONL): one compiled shape per program keeps three short runs cheap; the
   image path of the same source is covered above."""
