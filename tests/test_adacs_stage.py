@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ares_jax import settings as settings_lib
-from ares_jax import configs, models
+from ares_jax import models
 from ares_jax.adacs import report as report_lib
 from ares_jax.adacs.pass_rates import estimate_pass_rates, read_progress
 from ares_jax.data import synthetic

@@ -13,7 +13,7 @@ import pytest
 from flax import linen as nn
 
 from ares_jax import settings as settings_lib
-from ares_jax import configs, models
+from ares_jax import models
 from ares_jax.stages import aepo as aepo_stage
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.aepo.step import AepoBatch, LossSettings, aepo_loss_fn

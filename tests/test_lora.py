@@ -17,7 +17,7 @@ import torch
 
 import hf_reference as R
 from ares_jax import settings as settings_lib
-from ares_jax import configs, models, sampling
+from ares_jax import models, sampling
 from ares_jax.data.batching import Prompt
 from ares_jax.models import lora, peft_io
 from ares_jax.stages import policy as policy_lib

@@ -15,7 +15,6 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ares_jax import settings as settings_lib
-from ares_jax import configs
 from ares_jax.data import images as images_lib
 from ares_jax.data import processor as processor_lib
 from ares_jax.data import tokenizer as tokenizer_lib

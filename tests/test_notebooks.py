@@ -19,7 +19,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from ares_jax import settings as settings_lib
-from ares_jax import configs, models
+from ares_jax import models
 from ares_jax.data.tokenizer import tiny_tokenizer
 from tiny_configs import load_config
 

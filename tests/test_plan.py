@@ -16,7 +16,6 @@ from ares_jax import settings as settings_lib
 from ares_jax import compiled_memory as cm
 from ares_jax import memory_plan as mp
 from ares_jax import sampling
-from ares_jax.stages import setup
 from tiny_configs import ROOT, load_config
 
 GIB = cm.GIB

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ares_jax import settings as settings_lib
-from ares_jax import configs, models, storage
+from ares_jax import models, storage
 from ares_jax.models import hf_io
 from ares_jax.train import metrics as metrics_lib
 from tiny_configs import load_config

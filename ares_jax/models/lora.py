@@ -14,8 +14,6 @@ its base (the paper's init).
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
