@@ -76,6 +76,7 @@ main.cli()
 NAN_ADVANTAGES = """
 import sys
 import numpy as np
+from ares_jax.aepo import step as aepo_step
 _micro_batches = aepo_step.micro_batches
 def micro_batches(*args, **kwargs):
   return [mb._replace(batch=mb.batch.replace(adv=np.full_like(mb.batch.adv, np.nan)))
