@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ares_jax import models  # noqa: E402
 from ares_jax.models.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from ares_jax.models.layers import cache_reader  # noqa: E402
 from ares_jax.models.qwen25vl import Qwen25VL  # noqa: E402
 from ares_jax.models.text import DecoderLayer, mrope_cos_sin  # noqa: E402
 from flax import linen as nn  # noqa: E402
@@ -69,7 +70,8 @@ def main(preset: str, repeats: int = 30):
     return m.apply({"params": p}, x, method=Qwen25VL.logits)[:, 0]
 
   def unrolled_fn(p, layers, t, ck, cv):
-    return models.decode_step(cfg, p, layers, t, pos, ck, cv, mask)[0]
+    readers = [cache_reader(k, v, mask[:, None, :]) for k, v in zip(ck, cv)]
+    return models.decode_step(cfg, p, layers, t, pos, readers)[0]
 
   scanned, unrolled = jax.jit(scanned_fn), jax.jit(unrolled_fn)
   layers = models.unstack_layers(params)

@@ -152,6 +152,12 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask:
   return out.reshape(b, t, h, d).astype(q.dtype)
 
 
+def cache_reader(k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array):
+  """The attention of one decode step over a dense cache (`cached_attention` with the cache bound):
+  `attend(q, k_new, v_new) -> out`, what `Attention` calls with a cache."""
+  return lambda q, k_new, v_new: cached_attention(q, k_cache, v_cache, mask, k_new, v_new)
+
+
 def remat_policy(name: str):
   """Maps `ModelConfig.remat_policy` to a jax checkpoint policy (None = no remat)."""
   policies = {

@@ -7,7 +7,7 @@ concrete image sizes is prepared on the host (`positions`), then one jitted prog
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,12 +104,13 @@ def unstack_layers(params) -> tuple[Params, ...]:
 
 
 def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, positions,
-                cache_k: Sequence[jax.Array], cache_v: Sequence[jax.Array], cache_mask):
+                attend: Sequence[Callable]):
   """One cached decode step over per-layer weights `layers` (from `unstack_layers(params)`; with adapters
   unless `config` has none, e.g. when they are merged into the layers' weights).
 
-  tokens [B]; positions [B] (text tokens: the same id on all three M-RoPE axes); cache_k/v: L arrays
-  [B, S, K, D]; cache_mask [B, S] keys the token may attend to besides itself.
+  tokens [B]; positions [B] (text tokens: the same id on all three M-RoPE axes); attend: L functions
+  `(q [B, 1, H, D], k, v [B, 1, K, D]) -> [B, 1, H, D]`, each the attention over one layer's cache
+  and the token's own key (`layers.cache_reader` for a dense cache [B, S, K, D], or paged KV).
   Returns (logits [B, V] float32, (k, v): L arrays [B, K, D] each, of the new token).
 
   Why unrolled over separate buffers: a scanned decoder slices every layer's weights and cache out
@@ -123,8 +124,8 @@ def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, p
   cos, sin = mrope_cos_sin(config.text, pos3)
   layer = DecoderLayer(config)
   ks, vs = [], []
-  for layer_params, ck, cv in zip(layers, cache_k, cache_v, strict=True):
-    x, (k, v) = layer.apply(lora.variables(config, layer_params), x, cos, sin, cache_mask[:, None, :], ck, cv)
+  for layer_params, layer_attend in zip(layers, attend, strict=True):
+    x, (k, v) = layer.apply(lora.variables(config, layer_params), x, cos, sin, None, attend=layer_attend)
     ks.append(k[:, 0])
     vs.append(v[:, 0])
   return model.apply(top, x, method=Qwen25VL.logits)[:, 0], (ks, vs)

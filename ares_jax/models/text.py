@@ -9,7 +9,7 @@ from flax import linen as nn
 
 from ares_jax.models.attention import dot_product_attention
 from ares_jax.models.config import ModelConfig, TextConfig
-from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, cached_attention, dense, remat_policy
+from ares_jax.models.layers import GatedMLP, RMSNorm, apply_rotary, cache_reader, dense, remat_policy
 
 
 def mrope_cos_sin(cfg: TextConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -32,17 +32,17 @@ class Attention(nn.Module):
   """GQA self-attention.
 
   Without a cache (training, prefill) `mask` holds segment ids [B, T] (`segment_ids`): causal
-  attention within equal ids, through `attention.dot_product_attention` (`config.attention`). With a
-  cache (one decode step, T = 1) `mask` is bool [B, 1, S]: the query attends to the cached keys it
-  allows and to its own key, which is returned for the caller to write into the cache (so no
-  per-layer copy of the cache is made).
+  attention within equal ids, through `attention.dot_product_attention` (`config.attention`). One
+  decode step (T = 1) passes `attend(q, k, v) -> out` instead, which reads the cache it is bound to
+  (a dense one, `layers.cache_reader`, or the sampler's pages) beside the token's own key; that key is
+  returned for the caller to write into the cache (so no per-layer copy of the cache is made).
   Returns (output [B, T, E], (k, v) [B, T, K, D] of this call's tokens).
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache=None):
+  def __call__(self, x, cos, sin, mask, attend=None):
     cfg, tc = self.config, self.config.text
     kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
     proj = lambda heads, axes, t: dense((heads, tc.head_dim), ("embed", axes, "head_dim"), use_bias=True,
@@ -52,11 +52,11 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("activation_batch", "activation_length",
                                                                 "activation_heads", None))
     k = apply_rotary(k, cos, sin)
-    if cache is None:
+    if attend is None:
       out = dot_product_attention(q, k, v, q_segment=mask, kv_segment=mask, causal=True,
                                   implementation=cfg.attention)
     else:
-      out = cached_attention(q, cache[0], cache[1], mask, k, v)
+      out = attend(q, k, v)
     out = dense(tc.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
                 lora=cfg.lora.on("o"), **kw)(out)
     return out, (k, v)
@@ -66,12 +66,15 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None):
+  def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, attend=None):
+    """A decode step passes `attend` (see `Attention`), or a dense cache `cache_k`/`cache_v` [B, S, K, D]
+    with `mask` bool [B, 1, S] (what a scan over layers can carry)."""
     cfg, tc = self.config, self.config.text
     pd = jnp.dtype(cfg.param_dtype)
     h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="input_layernorm")(x)
-    cache = None if cache_k is None else (cache_k, cache_v)
-    a, kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, cache)
+    if cache_k is not None:
+      attend = cache_reader(cache_k, cache_v, mask)
+    a, kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, attend)
     x = x + a
     h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="post_attention_layernorm")(x)
     x = x + GatedMLP(tc.intermediate_size, ("embed", "mlp"), False, cfg.compute_dtype, pd, cfg.lora,

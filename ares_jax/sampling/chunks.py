@@ -12,6 +12,7 @@ Random streams are keyed by (prompt, slot, position), so chunking does not chang
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ from ares_jax.models.config import ModelConfig
 from ares_jax.models.qwen25vl import ModelInputs, check_inputs, prepare_vision
 from ares_jax.models.vision import VisionInputs
 from ares_jax.sampling.config import Rollouts, SamplingConfig
+from ares_jax.sampling import refill
 from ares_jax.sampling.sampler import decode_weights, rollout_chunk
 
 
@@ -122,28 +124,49 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
 
 
 def generate(config: ModelConfig, params, batch: dict, sampling_config: SamplingConfig, key: jax.Array,
-             tau_high: float | None = None) -> Rollouts:
+             tau_high: float | None = None, *, budgets=None,
+             on_done: Callable[[np.ndarray, Rollouts], None] | None = None) -> Rollouts:
   """Samples `n` trajectories per prompt (plus HWE branches when `tau_high` is given).
 
   `batch` is the processor output: input_ids, attention_mask (left or right padding), and
   optionally pixel_values / image_grid_thw. Deterministic for a given `key`, and the same for every
-  `chunk_prompts`. Slots are numbered over the whole batch: slot g * (n + branches) + i.
+  `chunk_prompts`, `kv_cache`, `page_size` and `prompts_in_flight`. Slots are numbered over the whole
+  batch: slot g * (n + branches) + i. `budgets` [B]: each prompt's response budget (at most, and by
+  default, `max_new_tokens`). `on_done(prompt rows, their rollouts)` is called as groups of prompts end
+  (every group exactly once; their slots numbered from 0 in that partial record), e.g. to grade them
+  while the rest decode.
   """
   sc = sampling_config
   if sc.suppress_ids is None:
     sc = dataclasses.replace(sc, suppress_ids=(config.image_token_id, config.video_token_id,
                                                config.vision_start_token_id, config.vision_end_token_id))
   chunks = make_chunks(config, batch, sc)
+  n_prompts = sum(c.n_real for c in chunks)
+  budgets = np.full(n_prompts, sc.max_new_tokens) if budgets is None else np.asarray(budgets).reshape(-1)
+  if budgets.shape != (n_prompts,) or np.any(budgets < 1):
+    raise ValueError(f"budgets must hold one positive response budget per prompt ({n_prompts}); got {budgets}")
+  budgets = np.minimum(budgets, sc.max_new_tokens).astype(np.int32)
   group = sc.n + sc.branches(tau_high is not None)
   tau = None if tau_high is None else np.float32(tau_high)
-  parts = []
+  report = None
+  if on_done is not None:
+    report = lambda rows, part: on_done(rows, Rollouts(prompt_index=np.repeat(np.arange(len(rows)), group).astype(
+        np.int32), **{**part, "parent": np.where(part["parent"] >= 0, part["parent"] % group + np.repeat(
+            np.arange(len(rows)), group) * group, -1)}))
   with sharding.mesh_context_of(params):
     weights = decode_weights(config, params, sc.lora_merged)
+  if sc.kv_cache == "paged":
+    out = refill.run(config, params, weights, chunks, sc, key, tau, budgets, report)
+  else:
+    parts = []
     for c in chunks:
       lo = int(c.rows[0])
-      out = rollout_chunk(config, sc, params, weights, c.inputs, key, tau, np.int32(lo))
-      out = {k: np.asarray(v)[:c.n_real * group] for k, v in sharding.to_host(out).items()}
-      out["prompt_index"] = out["prompt_index"] + lo
-      out["parent"] = np.where(out["parent"] >= 0, out["parent"] + lo * group, -1)
-      parts.append(out)
-  return Rollouts(**{k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+      with sharding.mesh_context_of(params):
+        part = rollout_chunk(config, sc, params, weights, c.inputs, key, tau, np.int32(lo), budgets[c.rows])
+      part = {k: np.asarray(v)[:c.n_real * group] for k, v in sharding.to_host(part).items()}
+      if report is not None:
+        report(c.rows[:c.n_real], part)
+      part["parent"] = np.where(part["parent"] >= 0, part["parent"] + lo * group, -1)
+      parts.append(part)
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return Rollouts(prompt_index=np.repeat(np.arange(n_prompts), group).astype(np.int32), **out)

@@ -36,13 +36,21 @@ class SamplingConfig:
   # LoRA policies: decode over per-layer weights with the adapters merged in (made once per call, in the
   # per-layer copy decoding makes anyway) or apply them unmerged at every step (benchmarks/lora_decode.py)
   lora_merged: bool = True
+  # The KV layout (README "How rollouts are decoded"): "paged" (each prompt's KV once per group, responses
+  # in pages of `page_size` tokens, copy-on-write forks, ended groups refilled from the call's queue with
+  # `prompts_in_flight` groups decoding; 0: all of the call's prompts) or "dense" (a full row per slot,
+  # the prompt copied into each; the reference engine). Results are the same either way.
+  kv_cache: str = "paged"
+  page_size: int = 64
+  prompts_in_flight: int = 0
 
   def __post_init__(self):
     checks = {
         "max_new_tokens": self.max_new_tokens >= 1, "temperature": self.temperature >= 0,
         "top_p": 0 < self.top_p <= 1, "top_k": self.top_k >= 0, "n": self.n >= 1, "window": self.window >= 1,
         "max_branches": self.max_branches is None or self.max_branches >= 0,
-        "chunk_prompts": self.chunk_prompts >= 0,
+        "chunk_prompts": self.chunk_prompts >= 0, "kv_cache": self.kv_cache in ("paged", "dense"),
+        "page_size": self.page_size >= 1, "prompts_in_flight": self.prompts_in_flight >= 0,
     }
     for field, ok in checks.items():
       if not ok:

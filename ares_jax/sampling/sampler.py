@@ -17,6 +17,7 @@ side (chunking, input preparation, results) is `sampling.chunks`.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from flax import struct
 
 from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
+from ares_jax.models.layers import cache_reader
 from ares_jax.models.qwen25vl import ModelInputs, Qwen25VL, decode_step, unstack_layers
 from ares_jax.sampling import distributions as dist
 from ares_jax.sampling.branching import fork
@@ -33,11 +35,10 @@ from ares_jax.sampling.config import SamplingConfig
 
 @struct.dataclass
 class DecodeState:
-  """Everything the decode loop carries (a pytree; S slots, N = max_new_tokens, C cache length)."""
+  """Everything the decode loop carries (a pytree; S slots in groups of G, N = max_new_tokens)."""
 
-  step: jax.Array  # [] int32
-  cache_k: tuple[jax.Array, ...]  # L x [S, C, K, D]
-  cache_v: tuple[jax.Array, ...]
+  step: jax.Array  # [] int32 decode steps run
+  cache: Any  # `DenseCache` or `paged.PagedCache`: readers, write and fork of the KV
   tokens: jax.Array  # [S, N] int32
   logprobs: jax.Array  # [S, N] float32
   entropy: jax.Array  # [S, N] float32
@@ -47,10 +48,49 @@ class DecodeState:
   length: jax.Array  # [S] int32 response tokens so far
   pending: jax.Array  # [S] int32 token fed at the next step
   active: jax.Array  # [S] bool
-  parent: jax.Array  # [S] int32
+  parent: jax.Array  # [S] int32 slot of the parent (this state's numbering), -1 for roots
   fork_pos: jax.Array  # [S] int32
   next_fork: jax.Array  # [S] int32 earliest window start this slot may fork at
-  branches: jax.Array  # [P] int32 forks taken per prompt
+  branches: jax.Array  # [P] int32 forks taken per group
+  slot_prompt: jax.Array  # [S] int32 global prompt index (the random streams' key)
+  first_token: jax.Array  # [S] int32 the prompt's last token (fed again by a child rewound to 0)
+  last_pos: jax.Array  # [S] int32 M-RoPE position of the prompt's last token
+  budget: jax.Array  # [S] int32 response tokens this slot may generate (<= N)
+
+
+def initial_slots(cache, n_groups: int, group: int, n_max: int, pad_id: int) -> DecodeState:
+  """A state of empty groups (no slot active) around `cache`; `admit_slots` fills groups."""
+  s_slots = n_groups * group
+  zeros, ints = jnp.zeros((s_slots, n_max), jnp.float32), jnp.zeros((s_slots,), jnp.int32)
+  return DecodeState(
+      step=jnp.int32(0), cache=cache, tokens=jnp.full((s_slots, n_max), pad_id, jnp.int32), logprobs=zeros,
+      entropy=zeros, window_entropy=zeros, window_valid=zeros.astype(bool), hwe=zeros.astype(bool), length=ints,
+      pending=ints, active=ints.astype(bool), parent=ints - 1, fork_pos=ints - 1, next_fork=ints,
+      branches=jnp.zeros((n_groups,), jnp.int32), slot_prompt=ints, first_token=ints, last_pos=ints, budget=ints)
+
+
+def admit_slots(state: DecodeState, groups: jax.Array, prompt_index: jax.Array, last_token: jax.Array,
+                last_pos: jax.Array, budget: jax.Array, *, n_roots: int, pad_id: int) -> DecodeState:
+  """Resets the slots of `groups` [Q] (out of range: skipped) for new prompts: `prompt_index`, their last
+  token and its M-RoPE position, their response budget (all [Q]); the roots become active."""
+  n_groups = state.branches.shape[0]
+  group = state.length.shape[0] // n_groups
+  per_slot = lambda x: jnp.repeat(x, group)  # [Q] -> [Q * G]
+  slots = (groups[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
+  slots = jnp.where(per_slot(groups) < n_groups, slots, state.length.shape[0])  # dropped
+  is_root = jnp.tile(jnp.arange(group) < n_roots, groups.shape[0])
+  set_ = lambda buf, val: buf.at[slots].set(val, mode="drop")
+  n_max = state.tokens.shape[1]
+  return state.replace(
+      tokens=set_(state.tokens, jnp.full((slots.shape[0], n_max), pad_id, jnp.int32)),
+      logprobs=set_(state.logprobs, 0.0), entropy=set_(state.entropy, 0.0),
+      window_entropy=set_(state.window_entropy, 0.0), window_valid=set_(state.window_valid, False),
+      hwe=set_(state.hwe, False), length=set_(state.length, 0), pending=set_(state.pending, per_slot(last_token)),
+      active=set_(state.active, is_root), parent=set_(state.parent, -1), fork_pos=set_(state.fork_pos, -1),
+      next_fork=set_(state.next_fork, 0), branches=state.branches.at[groups].set(0, mode="drop"),
+      slot_prompt=set_(state.slot_prompt, per_slot(prompt_index)), first_token=set_(state.first_token,
+                                                                                   per_slot(last_token)),
+      last_pos=set_(state.last_pos, per_slot(last_pos)), budget=set_(state.budget, per_slot(budget)))
 
 
 def _window_update(state: DecodeState, was_active, w: int, tau):
@@ -70,16 +110,44 @@ def _window_update(state: DecodeState, was_active, w: int, tau):
 
 
 @struct.dataclass
-class ChunkConsts:
-  """What every decode step of one chunk reads and never changes (S slots, T prompt width)."""
+class DenseCache:
+  """The position-indexed cache: L arrays [S, C, K, D] per k and v, C = T + N, every slot its own row
+  (the prompt copied into each). Fed token k of a slot goes to column T - 1 + k."""
 
-  key: jax.Array  # the call's key; each slot draws from fold_in(key, global prompt, slot in group, length)
-  tau: jax.Array  # [] tau_high (inf: no marks, no branching)
-  slot_prompt: jax.Array  # [S] int32 global prompt index of each slot (chunk offset included)
-  slot_in_group: jax.Array  # [S] int32
-  prompt_valid: jax.Array  # [S, C] bool: cache columns holding real prompt tokens
-  first_token: jax.Array  # [S] int32 the prompt's last token (fed again by a child rewound to 0)
-  last_pos: jax.Array  # [S] int32 M-RoPE position of the prompt's last token
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
+  prompt_valid: jax.Array  # [S, C] bool: columns holding real prompt tokens
+  t_prompt: int = struct.field(pytree_node=False)
+
+  def readers(self, length):
+    cols = jnp.arange(self.prompt_valid.shape[1])[None, :]
+    mask = self.prompt_valid | ((cols >= self.t_prompt - 1) & (cols < (self.t_prompt - 1 + length)[:, None]))
+    return [cache_reader(k, v, mask[:, None, :]) for k, v in zip(self.k, self.v)]
+
+  def write(self, k_new, v_new, length, active):
+    del active  # an ended slot's column is never read again: writing it costs less than masking
+    at = self.t_prompt - 1 + length
+    return self.replace(k=tuple(_write_cache(c, x, at) for c, x in zip(self.k, k_new)),
+                        v=tuple(_write_cache(c, x, at) for c, x in zip(self.v, v_new)))
+
+  def fork(self, any_fork, src_in_group, is_child, t_child, n_roots):
+    """Each new child's row replaced by its parent's (`branching.fork`), in place: one row per group and
+    branch slot is read and written (a whole-cache gather would double the cache's memory)."""
+    del is_child, t_child
+    n_groups, group = src_in_group.shape
+
+    def copy_rows(cache):
+      grouped = cache.reshape(n_groups, group, *cache.shape[1:])
+      for j in range(n_roots, group):  # only branch slots can be new children
+        rows = jax.vmap(lambda g, i: jax.lax.dynamic_index_in_dim(g, i, 0, keepdims=False))(
+            grouped, src_in_group[:, j])
+        grouped = grouped.at[:, j].set(rows)
+      return grouped.reshape(cache.shape)
+
+    # One conditional per cache array rather than one around the whole cache: a conditional's result is
+    # a buffer apart from its operand, so this bounds the extra memory by one layer's cache.
+    cond_copy = lambda c: jax.lax.cond(any_fork, copy_rows, lambda x: x, c)
+    return self.replace(k=tuple(map(cond_copy, self.k)), v=tuple(map(cond_copy, self.v)))
 
 
 def _write_cache(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
@@ -90,24 +158,28 @@ def _write_cache(cache: jax.Array, new: jax.Array, at: jax.Array) -> jax.Array:
   return jax.vmap(upd)(cache, new, at)
 
 
-def _step(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: int, t_prompt: int, weights: tuple,
-          consts: ChunkConsts, state: DecodeState) -> DecodeState:
+@struct.dataclass
+class StepConsts:
+  """What every decode step of a call reads and never changes."""
+
+  key: jax.Array  # the call's key; each slot draws from fold_in(key, global prompt, slot in group, length)
+  tau: jax.Array  # [] tau_high (inf: no marks, no branching)
+
+
+def decode_one(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: int, weights: tuple,
+               consts: StepConsts, state: DecodeState) -> DecodeState:
+  """One decode step of every slot: feed, sample, score, window, fork (either cache layout)."""
   top, layers = weights  # `decode_weights`
   s_slots, n_max = state.tokens.shape
-  c = state.cache_k[0].shape[1]
-  write = t_prompt - 1 + state.length  # cache slot of the token fed now
-  cols = jnp.arange(c)[None, :]
-  cache_mask = consts.prompt_valid | ((cols >= t_prompt - 1) & (cols < write[:, None]))
-  logits, (k_new, v_new) = decode_step(config, top, layers, state.pending, consts.last_pos + state.length,
-                                       state.cache_k, state.cache_v, cache_mask)
-  cache_k = tuple(_write_cache(ck, x, write) for ck, x in zip(state.cache_k, k_new))
-  cache_v = tuple(_write_cache(cv, x, write) for cv, x in zip(state.cache_v, v_new))
+  logits, (k_new, v_new) = decode_step(config, top, layers, state.pending, state.last_pos + state.length,
+                                       state.cache.readers(state.length))
+  cache = state.cache.write(k_new, v_new, state.length, state.active)
 
   log_probs = dist.scaled_log_probs(logits, sc.temperature)
   # Streams keyed by (prompt, slot, position), not by row: the same seed samples the same tokens
-  # whatever the chunk size or the other prompts of the call.
+  # whatever the chunk size, the other prompts of the call or the row a prompt is decoded in.
   fold = lambda p, j, n: jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(consts.key, p), j), n)
-  keys = jax.vmap(fold)(consts.slot_prompt, consts.slot_in_group, state.length)
+  keys = jax.vmap(fold)(state.slot_prompt, jnp.arange(s_slots) % group, state.length)
   sample_from = log_probs
   if sc.suppress_ids:
     sample_from = log_probs.at[:, jnp.asarray(sc.suppress_ids)].set(jnp.finfo(jnp.float32).min)
@@ -119,17 +191,15 @@ def _step(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: int, t_
   entropy = upd(state.entropy, dist.token_entropy(log_probs)) if sc.track_entropy else state.entropy
   length = state.length + state.active
   is_eos = jnp.isin(tok, jnp.asarray(sc.eos_ids or (-1,), jnp.int32))
-  active = state.active & ~is_eos & (length < n_max)
-  new = state.replace(step=state.step + 1, cache_k=cache_k, cache_v=cache_v, tokens=tokens, logprobs=logprobs,
-                      entropy=entropy, length=length, pending=jnp.where(state.active, tok, state.pending),
-                      active=active)
+  active = state.active & ~is_eos & (length < state.budget)
+  new = state.replace(step=state.step + 1, cache=cache, tokens=tokens, logprobs=logprobs, entropy=entropy,
+                      length=length, pending=jnp.where(state.active, tok, state.pending), active=active)
   if not sc.track_entropy:
     return new
   new, marked, start = _window_update(new, state.active, sc.window, consts.tau)
   if n_branch == 0:
     return new
-  return fork(new, marked, start, group=group, n_roots=sc.n, n_branch=n_branch, window=sc.window,
-              first_token=consts.first_token)
+  return fork(new, marked, start, group=group, n_roots=sc.n, n_branch=n_branch, window=sc.window)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -155,16 +225,31 @@ def decode_config(config: ModelConfig, sc: SamplingConfig) -> ModelConfig:
   return lora.base_config(config) if sc.lora_merged else config
 
 
+def results(state: DecodeState, pad_id: int) -> dict:
+  """The rollout record's arrays of every slot of `state` (`Rollouts`' fields but `prompt_index`)."""
+  n_max = state.tokens.shape[1]
+  tokens = jnp.where(jnp.arange(n_max)[None, :] < state.length[:, None], state.tokens, pad_id)
+  return dict(tokens=tokens, logprobs=state.logprobs, entropy=state.entropy, window_entropy=state.window_entropy,
+              window_valid=state.window_valid, hwe=state.hwe, length=state.length, parent=state.parent,
+              fork_pos=state.fork_pos)
+
+
+def prompt_ends(prompts: ModelInputs) -> tuple[jax.Array, jax.Array]:
+  """(last token [P], its M-RoPE position [P]) of left-aligned prompts."""
+  return prompts.ids[:, -1], prompts.positions[0, :, -1]
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, weights: tuple, prompts: ModelInputs, key, tau,
-                  prompt_offset):
-  """One compiled rollout of a chunk of P prompts: prefill (vision tower included), then the decode
-  loop over P * (n + branches) slots. `weights`: `decode_weights(config, params, sc.lora_merged)`;
-  `prompts`: left-aligned prompts (`chunks.make_chunks`). `tau` None: no marks and no branching (a static choice);
-  `prompt_offset` [] int32: the global index of the chunk's first prompt (for the random streams).
-  Returns a dict of device arrays (see `Rollouts`), `parent` indexing this chunk's slots."""
+                  prompt_offset, budget):
+  """One compiled rollout of a chunk of P prompts over a dense cache (`rollout.kv_cache="dense"`): prefill
+  (vision tower included), then the decode loop over P * (n + branches) slots. `weights`:
+  `decode_weights(config, params, sc.lora_merged)`; `prompts`: left-aligned prompts (`chunks.make_chunks`).
+  `tau` None: no marks and no branching (a static choice); `prompt_offset` [] int32: the global index of
+  the chunk's first prompt (for the random streams); `budget` [P] int32: response tokens per prompt.
+  Returns `results` of this chunk's slots, `parent` indexing them."""
   model = Qwen25VL(config)
-  ids, positions, mask = prompts.ids, prompts.positions, prompts.mask
+  ids, mask = prompts.ids, prompts.mask
   n_prompts, t_prompt = ids.shape
   n_branch = sc.branches(tau is not None)
   group = sc.n + n_branch
@@ -179,26 +264,13 @@ def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, weights: tupl
     x = jnp.pad(x, ((0, 0), (0, 0), (0, n_max), (0, 0), (0, 0)))
     return tuple(nn.with_logical_constraint(x[i], spec) for i in range(x.shape[0]))
 
-  first_token = jnp.take(ids[:, -1], prompt_of)
-  consts = ChunkConsts(
-      key=key, tau=jnp.float32(jnp.inf) if tau is None else jnp.asarray(tau, jnp.float32),
-      slot_prompt=(prompt_offset + prompt_of).astype(jnp.int32),
-      slot_in_group=(jnp.arange(s_slots) % group).astype(jnp.int32),
-      prompt_valid=jnp.pad(jnp.take(mask, prompt_of, axis=0)[:, :t_prompt - 1].astype(bool), ((0, 0), (0, n_max + 1))),
-      first_token=first_token, last_pos=jnp.take(positions[0, :, -1], prompt_of))
-  zeros = jnp.zeros((s_slots, n_max), jnp.float32)
-  state = DecodeState(
-      step=jnp.int32(0), cache_k=to_slots(k), cache_v=to_slots(v),
-      tokens=jnp.full((s_slots, n_max), sc.pad_id, jnp.int32), logprobs=zeros, entropy=zeros,
-      window_entropy=zeros, window_valid=zeros.astype(bool), hwe=zeros.astype(bool),
-      length=jnp.zeros((s_slots,), jnp.int32), pending=first_token, active=consts.slot_in_group < sc.n,
-      parent=jnp.full((s_slots,), -1, jnp.int32), fork_pos=jnp.full((s_slots,), -1, jnp.int32),
-      next_fork=jnp.zeros((s_slots,), jnp.int32), branches=jnp.zeros((n_prompts,), jnp.int32))
-  body = functools.partial(_step, decode_config(config, sc), sc, group, n_branch, t_prompt, weights, consts)
+  prompt_valid = jnp.pad(jnp.take(mask, prompt_of, axis=0)[:, :t_prompt - 1].astype(bool), ((0, 0), (0, n_max + 1)))
+  cache = DenseCache(k=to_slots(k), v=to_slots(v), prompt_valid=prompt_valid, t_prompt=t_prompt)
+  state = initial_slots(cache, n_prompts, group, n_max, sc.pad_id)
+  state = admit_slots(state, jnp.arange(n_prompts), prompt_offset + jnp.arange(n_prompts), *prompt_ends(prompts),
+                      budget, n_roots=sc.n, pad_id=sc.pad_id)
+  consts = StepConsts(key=key, tau=jnp.float32(jnp.inf) if tau is None else jnp.asarray(tau, jnp.float32))
+  body = functools.partial(decode_one, decode_config(config, sc), sc, group, n_branch, weights, consts)
   max_steps = n_max * (1 + n_branch)  # every fork restarts at most n_max steps
   state = jax.lax.while_loop(lambda s: (s.step < max_steps) & jnp.any(s.active), body, state)
-  tokens = jnp.where(jnp.arange(n_max)[None, :] < state.length[:, None], state.tokens, sc.pad_id)
-  return dict(tokens=tokens, logprobs=state.logprobs, entropy=state.entropy,
-              window_entropy=state.window_entropy, window_valid=state.window_valid, hwe=state.hwe,
-              length=state.length, prompt_index=prompt_of.astype(jnp.int32), parent=state.parent,
-              fork_pos=state.fork_pos)
+  return results(state, sc.pad_id)

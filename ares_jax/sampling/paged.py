@@ -1,0 +1,189 @@
+"""The paged KV cache of the rollout engine: each prompt once per group, responses in pages.
+
+A group (one prompt's G = n + branches trajectory slots) owns, per layer,
+  - its prompt's KV once, [T - 1, K, D] (the prompt but its last token, which every slot feeds at its
+    first step), which every root and branch slot reads: the group's shared prompt pages;
+  - a pool of R = G * ceil(N / page_size) response pages [R, page_size, K, D] and a page table per slot
+    [G, pages per slot] (-1: none), filled by a bump allocator (`next_free`).
+Arrays are [F, ...] over the F groups in flight, so with the group axis sharded every gather and
+scatter stays inside a group, on the devices that hold its slots.
+
+Why per-group pools with the worst case reserved: a slot only ever takes fresh pages (a root as it
+grows, a child from its fork position on), never gives one back while its group decodes, and needs at
+most ceil(N / page_size) of its own; so G of those per group can never run out, nothing is evicted or
+recomputed, and the outputs cannot depend on what else is in flight. A group's pages are all free
+again when it ends (its slots are refilled with the next prompt, `refill.py`).
+
+Copy-on-write forks: a child forked at response position t maps its parent's pages wholly before t,
+and gets a copy of the one partly filled page (none when t is a page boundary); later tokens go to
+pages of its own. Shared pages are never written: every slot writes only at positions >= its length,
+and a page below a child's fork position is full.
+
+Decode attention (`paged_attention`) reads the prompt once per group for all G queries (a grouped
+einsum: G * H query rows per kv head) and each slot's response pages block by block, only up to the
+longest live response, merging the blocks and the token's own key with a running log-sum-exp. The
+Pallas `ragged_paged_attention` TPU kernel was not used: it returns no log-sum-exp to merge with the
+shared prompt block, so it would read the prompt once per slot (G times the bytes) and could not mask
+a left-padded prompt.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import struct
+
+_NEG = -0.7 * float(np.finfo(np.float32).max)  # finite, as the dense path's mask value
+_PREC = jax.lax.Precision.HIGHEST
+BLOCK_TOKENS = 256  # response keys read per attention block (a few pages); smaller wastes loop trips
+
+
+def pages_per_slot(n_max: int, page_size: int, block_pages: int) -> int:
+  """Table width: the pages of N response positions, rounded up to whole attention blocks."""
+  pages = -(-n_max // page_size)
+  return -(-pages // block_pages) * block_pages
+
+
+def block_pages_for(page_size: int) -> int:
+  return max(1, BLOCK_TOKENS // page_size)
+
+
+@struct.dataclass
+class PagedCache:
+  """KV of F groups of G slots (L layers; K kv heads of D; P_s pages per slot)."""
+
+  prompt_k: tuple[jax.Array, ...]  # L x [F, T - 1, K, D]
+  prompt_v: tuple[jax.Array, ...]
+  prompt_valid: jax.Array  # [F, T - 1] bool: real prompt tokens (left padding is not)
+  pool_k: tuple[jax.Array, ...]  # L x [F, R, page_size, K, D]
+  pool_v: tuple[jax.Array, ...]
+  table: jax.Array  # [F, G, P_s] int32 page of each slot's response page j; -1: none yet
+  next_free: jax.Array  # [F] int32 first unused page of each group's pool
+  block_pages: int = struct.field(pytree_node=False)
+
+  @property
+  def page_size(self) -> int:
+    return self.pool_k[0].shape[2]
+
+  def readers(self, length):
+    return [lambda q, kn, vn, i=i: paged_attention(q, kn, vn, self.prompt_k[i], self.prompt_v[i], self.prompt_valid,
+                                                   self.pool_k[i], self.pool_v[i], self.table, length,
+                                                   self.block_pages)
+            for i in range(len(self.pool_k))]
+
+  def write(self, k_new, v_new, length, active):
+    """Stores the fed tokens' KV (L x [S, K, D]) at response position `length` [S] of the `active` slots,
+    taking a fresh page for a slot whose position starts one."""
+    n_groups, group, n_pages = self.table.shape
+    ps = self.page_size
+    length, active = length.reshape(n_groups, group), active.reshape(n_groups, group)
+    need = active & (length % ps == 0)
+    new_page = self.next_free[:, None] + jnp.cumsum(need, axis=1) - 1  # [F, G]
+    cols = jnp.arange(n_pages)
+    table = jnp.where(need[..., None] & (cols == (length // ps)[..., None]), new_page[..., None], self.table)
+    page = jnp.take_along_axis(table, (length // ps)[..., None], axis=2)[..., 0]
+    page = jnp.where(active, page, self.pool_k[0].shape[1])  # out of range: an ended slot writes nothing
+    offset = length % ps
+
+    def store(pool, new):  # pool [F, R, ps, K, D], new [S, K, D]
+      new = new.reshape(n_groups, group, *new.shape[1:]).astype(pool.dtype)
+      return jax.vmap(lambda p, i, o, x: p.at[i, o].set(x, mode="drop"))(pool, page, offset, new)
+
+    return self.replace(pool_k=tuple(map(store, self.pool_k, k_new)), pool_v=tuple(map(store, self.pool_v, v_new)),
+                        table=table, next_free=self.next_free + need.sum(axis=1, dtype=jnp.int32))
+
+  def fork(self, any_fork, src_in_group, is_child, t_child, n_roots):
+    """New children [F, G] (forked at `t_child` from slot `src_in_group` of their group) map their parent's
+    full pages before t and a copy of the partly filled one."""
+    del n_roots
+    ps, n_pages = self.page_size, self.table.shape[2]
+    parent_table = jnp.take_along_axis(self.table, src_in_group[..., None], axis=1)  # [F, G, P_s]
+    full = t_child // ps
+    partial = is_child & (t_child % ps != 0)
+    new_page = self.next_free[:, None] + jnp.cumsum(partial, axis=1) - 1
+    cols = jnp.arange(n_pages)
+    child_table = jnp.where(cols < full[..., None], parent_table, -1)
+    child_table = jnp.where(partial[..., None] & (cols == full[..., None]), new_page[..., None], child_table)
+    table = jnp.where(is_child[..., None], child_table, self.table)
+    r_pages = self.pool_k[0].shape[1]
+    src = jnp.take_along_axis(parent_table, jnp.minimum(full, n_pages - 1)[..., None], axis=2)[..., 0]
+    dst = jnp.where(partial, new_page, r_pages)  # out of range: nothing copied
+
+    def copy_pages(pool):  # G pages per group read and written, not the cache
+      return jax.vmap(lambda p, s, d: p.at[d].set(jnp.take(p, s, axis=0, mode="clip"), mode="drop"))(pool, src, dst)
+
+    cond_copy = lambda c: jax.lax.cond(any_fork, copy_pages, lambda x: x, c)
+    return self.replace(pool_k=tuple(map(cond_copy, self.pool_k)), pool_v=tuple(map(cond_copy, self.pool_v)),
+                        table=table, next_free=self.next_free + partial.sum(axis=1, dtype=jnp.int32))
+
+  def admit(self, groups, k, v, mask):
+    """Groups [Q] (out of range: skipped) take new prompts: k, v [L, Q, T, K, D] from prefill, mask [Q, T]."""
+    put = lambda buf, x: buf.at[groups].set(x[:, :-1].astype(buf.dtype), mode="drop")
+    return self.replace(prompt_k=tuple(put(b, x) for b, x in zip(self.prompt_k, k)),
+                        prompt_v=tuple(put(b, x) for b, x in zip(self.prompt_v, v)),
+                        prompt_valid=put(self.prompt_valid, mask.astype(bool)),
+                        table=self.table.at[groups].set(-1, mode="drop"),
+                        next_free=self.next_free.at[groups].set(0, mode="drop"))
+
+
+def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: int, page_size: int, kv_heads: int,
+                head_dim: int, dtype) -> PagedCache:
+  """A cache of F empty groups (sharded like the dense cache: groups over data x fsdp, heads over tensor)."""
+  bp = block_pages_for(page_size)
+  n_pages = pages_per_slot(n_max, page_size, bp)
+  r_pages = group * -(-n_max // page_size)
+  prompt = lambda: nn.with_logical_constraint(jnp.zeros((n_groups, t_prompt - 1, kv_heads, head_dim), dtype),
+                                              ("cache_batch", None, "cache_heads", None))
+  pool = lambda: nn.with_logical_constraint(jnp.zeros((n_groups, r_pages, page_size, kv_heads, head_dim), dtype),
+                                            ("cache_batch", None, None, "cache_heads", None))
+  return PagedCache(prompt_k=tuple(prompt() for _ in range(n_layers)), prompt_v=tuple(prompt() for _ in range(n_layers)),
+                    prompt_valid=jnp.zeros((n_groups, t_prompt - 1), bool),
+                    pool_k=tuple(pool() for _ in range(n_layers)), pool_v=tuple(pool() for _ in range(n_layers)),
+                    table=jnp.full((n_groups, group, n_pages), -1, jnp.int32), next_free=jnp.zeros((n_groups,), jnp.int32),
+                    block_pages=bp)
+
+
+def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, table, length, block_pages):
+  """One decode step's attention of S = F * G slots.
+
+  q [S, 1, H, D]; k_new, v_new [S, 1, K, D] (the token's own key); prompt_k/v [F, T', K, D] with
+  prompt_valid [F, T']; pool_k/v [F, R, ps, K, D]; table [F, G, P_s]; length [S]: response keys
+  0..length-1 are live. Returns [S, 1, H, D] in q's dtype.
+  """
+  s_slots, _, n_heads, d = q.shape
+  n_groups, _, kv_heads, _ = prompt_k.shape
+  group, rep, ps = s_slots // n_groups, n_heads // kv_heads, pool_k.shape[2]
+  span = block_pages * ps
+  scale = d**-0.5
+  qg = q.reshape(n_groups, group, kv_heads, rep, d)
+  dot = lambda spec, a, b: jnp.einsum(spec, a, b.astype(a.dtype), preferred_element_type=jnp.float32, precision=_PREC)
+
+  s_prompt = dot("fgkrd,ftkd->fgkrt", qg, prompt_k) * scale  # the prompt read once for all G slots
+  s_prompt = jnp.where(prompt_valid[:, None, None, None, :], s_prompt, _NEG)
+  s_self = dot("fgkrd,fgkd->fgkr", qg, k_new.reshape(n_groups, group, kv_heads, d)) * scale
+  m = jnp.maximum(s_prompt.max(-1), s_self)  # [F, G, K, r] running max
+  p_prompt, p_self = jnp.exp(s_prompt - m[..., None]), jnp.exp(s_self - m)
+  l = p_prompt.sum(-1) + p_self
+  o = dot("fgkrt,ftkd->fgkrd", p_prompt.astype(prompt_v.dtype), prompt_v)
+  o = o + p_self[..., None] * v_new.reshape(n_groups, group, kv_heads, 1, d).astype(jnp.float32)
+  live = length.reshape(n_groups, group)
+
+  def block(j, carry):
+    m, l, o = carry
+    pages = jax.lax.dynamic_slice_in_dim(table, j * block_pages, block_pages, axis=2)  # [F, G, bp]
+    gather = lambda pool: jax.vmap(lambda p, i: jnp.take(p, i, axis=0, mode="clip"))(pool, pages).reshape(
+        n_groups, group, span, kv_heads, d)
+    k_blk, v_blk = gather(pool_k), gather(pool_v)
+    s = dot("fgkrd,fgtkd->fgkrt", qg, k_blk) * scale
+    ok = (j * span + jnp.arange(span))[None, None, :] < live[..., None]  # [F, G, span]
+    s = jnp.where(ok[:, :, None, None, :], s, _NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    corr, p = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
+    o = o * corr[..., None] + dot("fgkrt,fgtkd->fgkrd", p.astype(v_blk.dtype), v_blk)
+    return m_new, l * corr + p.sum(-1), o
+
+  n_blocks = (jnp.max(length) + span - 1) // span  # only blocks some slot has reached
+  m, l, o = jax.lax.fori_loop(0, n_blocks, block, (m, l, o))
+  return (o / l[..., None]).reshape(s_slots, 1, n_heads, d).astype(q.dtype)

@@ -1,0 +1,133 @@
+"""Continuous batching over the paged cache (`rollout.kv_cache="paged"`).
+
+F = `prompts_in_flight` groups decode together. The call's prompts wait in a queue of equally shaped
+prefill chunks (`chunk_prompts` each, `chunks.make_chunks`); a chunk is prefilled into free groups as
+soon as there are enough of them (`admit`), and the decode loop (`decode`) runs until enough groups have
+ended to take the next chunk (the exit is decided on the device, so no step is spent polling), or, when
+a caller wants ended groups early (`on_done`, e.g. to grade them while the rest decode), until one more
+has ended. Ended groups are read back (`harvest`) and their slots and pages are free again.
+
+Random streams are keyed by (prompt, slot, position), so what a prompt samples does not depend on the
+group it lands in, what decodes beside it, the chunking, the page size or the number of devices.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ares_jax import sharding
+from ares_jax.models import lora
+from ares_jax.models.config import ModelConfig
+from ares_jax.models.qwen25vl import ModelInputs, Qwen25VL
+from ares_jax.sampling import paged
+from ares_jax.sampling.config import SamplingConfig
+from ares_jax.sampling.sampler import (DecodeState, StepConsts, admit_slots, decode_config, decode_one,
+                                       initial_slots, prompt_ends, results)
+
+RESULT_KEYS = ("tokens", "logprobs", "entropy", "window_entropy", "window_valid", "hwe", "length", "parent",
+               "fork_pos")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def start(config: ModelConfig, sc: SamplingConfig, n_groups: int, group: int, t_prompt: int) -> DecodeState:
+  """F empty groups of G slots for prompts of width T."""
+  tc = config.text
+  cache = paged.empty_cache(tc.num_layers, n_groups, group, t_prompt, sc.max_new_tokens, sc.page_size,
+                            tc.num_kv_heads, tc.head_dim, jnp.dtype(sc.cache_dtype or config.dtype))
+  return initial_slots(cache, n_groups, group, sc.max_new_tokens, sc.pad_id)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def admit(config: ModelConfig, sc: SamplingConfig, params, state: DecodeState, prompts: ModelInputs, groups,
+          prompt_index, budget) -> DecodeState:
+  """Prefills Q prompts (vision tower included) into `groups` [Q] (F: a filler row, skipped):
+  `prompt_index` [Q] global prompt indices, `budget` [Q] response tokens."""
+  k, v = Qwen25VL(config).apply(lora.variables(config, params), prompts, method=Qwen25VL.prefill)  # [L, Q, T, K, D]
+  state = state.replace(cache=state.cache.admit(groups, k, v, prompts.mask))
+  return admit_slots(state, groups, prompt_index, *prompt_ends(prompts), budget, n_roots=sc.n, pad_id=sc.pad_id)
+
+
+def _busy(state: DecodeState) -> jax.Array:
+  return state.active.reshape(state.branches.shape[0], -1).any(axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def decode(config: ModelConfig, sc: SamplingConfig, weights: tuple, state: DecodeState, key, tau, idle_target):
+  """Decodes until no slot is active or at least `idle_target` groups have none. Returns (state, busy [F])."""
+  n_branch = sc.branches(tau is not None)
+  consts = StepConsts(key=key, tau=jnp.float32(jnp.inf) if tau is None else jnp.asarray(tau, jnp.float32))
+  body = functools.partial(decode_one, decode_config(config, sc), sc, sc.n + n_branch, n_branch, weights, consts)
+  cond = lambda s: jnp.any(s.active) & ((~_busy(s)).sum() < idle_target)
+  state = jax.lax.while_loop(cond, body, state)
+  return state, _busy(state)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def harvest(state: DecodeState, groups, pad_id: int) -> dict:
+  """`results` of the slots of `groups` [H], group by group; `parent` as a slot in its group (-1: root)."""
+  group = state.length.shape[0] // state.branches.shape[0]
+  slots = (groups[:, None] * group + jnp.arange(group)[None, :]).reshape(-1)
+  out = {k: jnp.take(v, slots, axis=0) for k, v in results(state, pad_id).items()}
+  out["parent"] = jnp.where(out["parent"] >= 0, out["parent"] % group, -1)
+  return out
+
+
+def in_flight(sc: SamplingConfig, n_prompts: int, chunk: int) -> int:
+  """Groups decoding together: `prompts_in_flight` (0: all of the call's prompts), at least one chunk."""
+  return max(min(sc.prompts_in_flight or n_prompts, n_prompts), chunk)
+
+
+def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingConfig, key, tau, budgets: np.ndarray,
+        on_done: Callable[[np.ndarray, dict], None] | None = None) -> dict:
+  """Rolls out every chunk's prompts; returns `results` of all B * G slots (slot g * G + i: sample i of
+  prompt g, `parent` numbered the same way). `on_done(prompt rows, results of their slots)` is called
+  for every set of groups read back, in the order they end."""
+  n_prompts = sum(c.n_real for c in chunks)
+  group = sc.n + sc.branches(tau is not None)
+  n_groups = in_flight(sc, n_prompts, len(chunks[0].rows))
+  t_prompt = chunks[0].inputs.ids.shape[1]
+  with sharding.mesh_context_of(params):
+    state = start(config, sc, n_groups, group, t_prompt)
+  out: dict[str, np.ndarray] = {}
+  free, occupant, waiting = list(range(n_groups)), {}, collections.deque(chunks)
+  while waiting or occupant:
+    while waiting and len(free) >= waiting[0].n_real:
+      c = waiting.popleft()
+      groups = np.full(len(c.rows), n_groups, np.int32)
+      groups[:c.n_real] = free[:c.n_real]
+      for g, row in zip(free[:c.n_real], c.rows[:c.n_real]):
+        occupant[g] = int(row)
+      free = free[c.n_real:]
+      with sharding.mesh_context_of(params):
+        state = admit(config, sc, params, state, c.inputs, groups, c.rows.astype(np.int32), budgets[c.rows])
+    if waiting:
+      target = waiting[0].n_real  # idle groups (free ones included) the next chunk needs
+    else:
+      target = len(free) + 1 if on_done is not None else n_groups
+    with sharding.mesh_context_of(params):
+      state, busy = decode(config, sc, weights, state, key, tau, np.int32(target))
+    busy = np.asarray(sharding.to_host(busy))
+    ended = [g for g in occupant if not busy[g]]
+    if not ended:
+      continue
+    bucket = 1 << (len(ended) - 1).bit_length()  # few compiled shapes
+    index = np.asarray(ended + [ended[0]] * (bucket - len(ended)), np.int32)
+    with sharding.mesh_context_of(params):
+      part = {k: np.asarray(v)[:len(ended) * group] for k, v in sharding.to_host(harvest(state, index, sc.pad_id)).items()}
+    rows = np.asarray([occupant.pop(g) for g in ended])
+    part["parent"] = np.where(part["parent"] >= 0, part["parent"] + np.repeat(rows, group) * group, -1)
+    if not out:
+      out = {k: np.zeros((n_prompts * group,) + v.shape[1:], v.dtype) for k, v in part.items()}
+    slots = (rows[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+    for k, v in part.items():
+      out[k][slots] = v
+    if on_done is not None:
+      on_done(rows, part)
+    free.extend(ended)
+  return out
