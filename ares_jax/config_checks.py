@@ -78,6 +78,9 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   in_range("rollout.max_prompt_length", r.max_prompt_length, lambda v: v >= 1, "an integer >= 1")
   in_range("rollout.max_response_length", r.max_response_length, lambda v: v >= 1, "an integer >= 1")
   in_range("rollout.chunk_prompts", r.chunk_prompts, lambda v: v >= 0, "an integer >= 0 (0 = planned)")
+  one_of("rollout.kv_cache", r.kv_cache, ("paged", "dense"))
+  in_range("rollout.page_size", r.page_size, lambda v: v >= 1, "an integer >= 1")
+  in_range("rollout.prompts_in_flight", r.prompts_in_flight, lambda v: v >= 0, "an integer >= 0 (0 = planned)")
 
   a = c.aepo
   in_range("aepo.window", a.window, lambda v: v >= 1, "an integer >= 1")

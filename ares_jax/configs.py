@@ -162,8 +162,16 @@ def rollout_defaults() -> ml_collections.ConfigDict:
   r.prompts_per_step = 512  # rollout batch (EasyR1 default; the paper does not state it)
   r.max_prompt_length = 2048
   r.max_response_length = 2048
-  # Prompts per compiled rollout call (bounds the KV cache); 0: the largest that fits the memory budget,
-  # found by the memory planner at startup. Results do not depend on it.
+  # How rollouts hold their KV (README "How rollouts are decoded"): "paged" (each prompt once per group,
+  # responses in pages of `page_size` tokens, copy-on-write forks, ended groups refilled) or "dense" (a full
+  # row per trajectory; the reference engine). Results do not depend on any of these fields.
+  r.kv_cache = "paged"
+  r.page_size = 64
+  # paged: groups decoding together; 0: the largest that fits the memory budget (the memory planner, at
+  # startup; all of a call's prompts on CPU)
+  r.prompts_in_flight = 0
+  # dense: prompts per compiled rollout call (bounds the KV cache); 0: the largest that fits, planned at
+  # startup. paged: prompts prefilled per call (0: an eighth of the groups in flight)
   r.chunk_prompts = 0
   return r
 

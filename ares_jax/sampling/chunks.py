@@ -140,6 +140,8 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   if sc.suppress_ids is None:
     sc = dataclasses.replace(sc, suppress_ids=(config.image_token_id, config.video_token_id,
                                                config.vision_start_token_id, config.vision_end_token_id))
+  if sc.kv_cache == "paged":  # chunks are the prefill calls
+    sc = dataclasses.replace(sc, chunk_prompts=refill.layout(sc, len(batch["input_ids"]))[1])
   chunks = make_chunks(config, batch, sc)
   n_prompts = sum(c.n_real for c in chunks)
   budgets = np.full(n_prompts, sc.max_new_tokens) if budgets is None else np.asarray(budgets).reshape(-1)

@@ -78,19 +78,23 @@ def harvest(state: DecodeState, groups, pad_id: int) -> dict:
   return out
 
 
-def in_flight(sc: SamplingConfig, n_prompts: int, chunk: int) -> int:
-  """Groups decoding together: `prompts_in_flight` (0: all of the call's prompts), at least one chunk."""
-  return max(min(sc.prompts_in_flight or n_prompts, n_prompts), chunk)
+def layout(sc: SamplingConfig, n_prompts: int) -> tuple[int, int]:
+  """(groups in flight F, prompts per prefill Q) for a call of `n_prompts`: F = `prompts_in_flight` (0: all
+  of them); Q = `chunk_prompts`, else all when they all fit at once, else an eighth of F (ended groups are
+  refilled in small steps)."""
+  n_groups = min(sc.prompts_in_flight or n_prompts, n_prompts)
+  prefill = sc.chunk_prompts or (n_groups if n_groups == n_prompts else max(1, n_groups // 8))
+  return n_groups, min(prefill, n_groups)
 
 
 def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingConfig, key, tau, budgets: np.ndarray,
         on_done: Callable[[np.ndarray, dict], None] | None = None) -> dict:
-  """Rolls out every chunk's prompts; returns `results` of all B * G slots (slot g * G + i: sample i of
+  """Rolls out every chunk's prompts (`chunks.make_chunks` at `layout`'s prefill size); returns `results` of all B * G slots (slot g * G + i: sample i of
   prompt g, `parent` numbered the same way). `on_done(prompt rows, results of their slots)` is called
   for every set of groups read back, in the order they end."""
   n_prompts = sum(c.n_real for c in chunks)
   group = sc.n + sc.branches(tau is not None)
-  n_groups = in_flight(sc, n_prompts, len(chunks[0].rows))
+  n_groups = layout(sc, n_prompts)[0]
   t_prompt = chunks[0].inputs.ids.shape[1]
   with sharding.mesh_context_of(params):
     state = start(config, sc, n_groups, group, t_prompt)
