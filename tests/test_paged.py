@@ -92,7 +92,8 @@ def test_paged_on_eight_devices_equals_dense_on_one(tiny, dense):
 
 def _cache(rng, n_groups, group, t_prompt, n_max, page_size):
   kv_heads, head_dim = 2, 8
-  c = paged.empty_cache(1, n_groups, group, t_prompt, n_max, page_size, kv_heads, head_dim, jnp.float32)
+  c = paged.empty_cache(1, n_groups, group, t_prompt, n_max, page_size=page_size, kv_heads=kv_heads,
+                        head_dim=head_dim, dtype=jnp.float32)
   return c.replace(prompt_k=(jnp.asarray(rng.normal(size=c.prompt_k[0].shape), jnp.float32),),
                    prompt_v=(jnp.asarray(rng.normal(size=c.prompt_v[0].shape), jnp.float32),),
                    prompt_valid=jnp.asarray(rng.random(c.prompt_valid.shape) < 0.7))
@@ -143,8 +144,8 @@ def test_writes_forks_and_attention_against_numpy():
   kn, vn = rng.normal(size=(2, s_slots, 1, kvh, d)).astype(np.float32)
   length = np.array([7, 7, 7, 7, 7, 7], np.int32)
   out = np.asarray(paged.paged_attention(jnp.asarray(q), jnp.asarray(kn), jnp.asarray(vn), c.prompt_k[0],
-                                         c.prompt_v[0], c.prompt_valid, c.pool_k[0], c.pool_v[0], c.table,
-                                         jnp.asarray(length), 2))
+                                         c.prompt_v[0], c.prompt_valid, c.pool_k[0], c.pool_v[0], table=c.table,
+                                         length=jnp.asarray(length), block_pages=2))
   pk, pv, pvalid = (np.asarray(x) for x in (c.prompt_k[0], c.prompt_v[0], c.prompt_valid))
   for s in range(s_slots):
     f = s // group

@@ -158,13 +158,14 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   with sharding.mesh_context_of(params):
     weights = decode_weights(config, params, sc.lora_merged)
   if sc.kv_cache == "paged":
-    out = refill.run(config, params, weights, chunks, sc, key, tau, budgets, report)
+    out = refill.run(config, params, weights, chunks, sc, key, tau, budgets=budgets, on_done=report)
   else:
     parts = []
     for c in chunks:
       lo = int(c.rows[0])
       with sharding.mesh_context_of(params):
-        part = rollout_chunk(config, sc, params, weights, c.inputs, key, tau, np.int32(lo), budgets[c.rows])
+        part = rollout_chunk(config, sc, params, weights, c.inputs, key, tau, prompt_offset=np.int32(lo),
+                             budget=budgets[c.rows])
       part = {k: np.asarray(v)[:c.n_real * group] for k, v in sharding.to_host(part).items()}
       if report is not None:
         report(c.rows[:c.n_real], part)

@@ -69,8 +69,8 @@ class PagedCache:
 
   def readers(self, length):
     return [lambda q, kn, vn, i=i: paged_attention(q, kn, vn, self.prompt_k[i], self.prompt_v[i], self.prompt_valid,
-                                                   self.pool_k[i], self.pool_v[i], self.table, length,
-                                                   self.block_pages)
+                                                   self.pool_k[i], self.pool_v[i], table=self.table,
+                                                   length=length, block_pages=self.block_pages)
             for i in range(len(self.pool_k))]
 
   def write(self, k_new, v_new, length, active):
@@ -128,8 +128,8 @@ class PagedCache:
                         next_free=self.next_free.at[groups].set(0, mode="drop"))
 
 
-def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: int, page_size: int, kv_heads: int,
-                head_dim: int, dtype) -> PagedCache:
+def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: int, *, page_size: int,
+                kv_heads: int, head_dim: int, dtype) -> PagedCache:
   """A cache of F empty groups (sharded like the dense cache: groups over data x fsdp, heads over tensor)."""
   bp = block_pages_for(page_size)
   n_pages = pages_per_slot(n_max, page_size, bp)
@@ -145,7 +145,8 @@ def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: 
                     block_pages=bp)
 
 
-def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, table, length, block_pages):
+def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, *, table, length,
+                    block_pages):
   """One decode step's attention of S = F * G slots.
 
   q [S, 1, H, D]; k_new, v_new [S, 1, K, D] (the token's own key); prompt_k/v [F, T', K, D] with

@@ -38,8 +38,9 @@ RESULT_KEYS = ("tokens", "logprobs", "entropy", "window_entropy", "window_valid"
 def start(config: ModelConfig, sc: SamplingConfig, n_groups: int, group: int, t_prompt: int) -> DecodeState:
   """F empty groups of G slots for prompts of width T."""
   tc = config.text
-  cache = paged.empty_cache(tc.num_layers, n_groups, group, t_prompt, sc.max_new_tokens, sc.page_size,
-                            tc.num_kv_heads, tc.head_dim, jnp.dtype(sc.cache_dtype or config.dtype))
+  cache = paged.empty_cache(tc.num_layers, n_groups, group, t_prompt, sc.max_new_tokens, page_size=sc.page_size,
+                            kv_heads=tc.num_kv_heads, head_dim=tc.head_dim,
+                            dtype=jnp.dtype(sc.cache_dtype or config.dtype))
   return initial_slots(cache, n_groups, group, sc.max_new_tokens, sc.pad_id)
 
 
@@ -87,8 +88,8 @@ def layout(sc: SamplingConfig, n_prompts: int) -> tuple[int, int]:
   return n_groups, min(prefill, n_groups)
 
 
-def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingConfig, key, tau, budgets: np.ndarray,
-        on_done: Callable[[np.ndarray, dict], None] | None = None) -> dict:
+def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingConfig, key, tau, *,
+        budgets: np.ndarray, on_done: Callable[[np.ndarray, dict], None] | None = None) -> dict:
   """Rolls out every chunk's prompts (`chunks.make_chunks` at `layout`'s prefill size); returns `results` of all B * G slots (slot g * G + i: sample i of
   prompt g, `parent` numbered the same way). `on_done(prompt rows, results of their slots)` is called
   for every set of groups read back, in the order they end."""

@@ -240,7 +240,7 @@ def prompt_ends(prompts: ModelInputs) -> tuple[jax.Array, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, weights: tuple, prompts: ModelInputs, key, tau,
+def rollout_chunk(config: ModelConfig, sc: SamplingConfig, params, weights: tuple, prompts: ModelInputs, key, tau, *,
                   prompt_offset, budget):
   """One compiled rollout of a chunk of P prompts over a dense cache (`rollout.kv_cache="dense"`): prefill
   (vision tower included), then the decode loop over P * (n + branches) slots. `weights`:
