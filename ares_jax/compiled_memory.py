@@ -1,9 +1,10 @@
-"""Per-device memory of compiled programs: topologies, abstract sharded arrays, and what XLA reports.
+"""Per-device memory and cost of compiled programs: topologies, abstract sharded arrays, what XLA reports.
 
 The pieces of a memory plan that know nothing of a training step: the devices (and HBM) of a TPU
 topology or of the run itself, per-device bytes of sharded trees, host arrays and the model's
 parameters as the abstract sharded arrays jit would see, and one compiled program's arguments /
-outputs / temporaries as `memory_analysis()` gives them.
+outputs / temporaries as `memory_analysis()` gives them, with its flops and bytes accessed as
+`cost_analysis()` gives them (see `compile_program`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +22,16 @@ from flax import linen as nn
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ares_jax import models, sharding
+from ares_jax import chips, models, sharding
 from ares_jax.models import lora
 
 GIB = 1 << 30
-# HBM per chip by topology prefix (Cloud TPU documentation).
-TPU_HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0}
 
 
 @dataclasses.dataclass(frozen=True)
 class ProgramPlan:
-  """One compiled program's per-device memory (bytes) and the resident state beside it."""
+  """One compiled program's per-device memory (bytes) and the resident state beside it, and its per-device
+  flops and bytes accessed (XLA's cost analysis; None where no program ran or XLA reported none)."""
 
   name: str
   shapes: str
@@ -41,6 +41,8 @@ class ProgramPlan:
   temp: int
   resident: int  # state alive during the program but not among its arguments
   hbm: int
+  flops: Optional[float] = None
+  bytes_accessed: Optional[float] = None
 
   @property
   def peak(self) -> int:
@@ -49,15 +51,20 @@ class ProgramPlan:
   def fits(self, usable: float) -> bool:
     return self.peak <= usable * self.hbm
 
-  def row(self, usable: float) -> dict[str, Any]:
+  def row(self, usable: float, device: Optional[chips.Device] = None) -> dict[str, Any]:
+    """The table's and the JSON report's row; `roofline_s` on `device` (None without one: a CPU)."""
     g = lambda b: round(b / GIB, 2)
     return {"name": self.name, "shapes": self.shapes, "args_gib": g(self.args), "out_gib": g(self.out - self.alias),
             "temp_gib": g(self.temp), "resident_gib": g(self.resident), "peak_gib": g(self.peak),
-            "fits": self.fits(usable)}
+            "fits": self.fits(usable), "flops": self.flops, "bytes_accessed": self.bytes_accessed,
+            "roofline_s": device.roofline_s(self.flops, self.bytes_accessed) if device else None}
 
 
 def topology_devices(topology: str, hbm_gib: float = 0.0) -> tuple[list[Any], float]:
-  """The devices of `topology` ("v5p:2x2x1", ..., or "cpu:N") and their HBM in GiB (`hbm_gib` > 0 wins)."""
+  """The devices of `topology` ("v5p:2x2x1", ..., or "cpu:N") and their HBM in GiB (`hbm_gib` > 0 wins).
+
+  HBM per device is the chip's (`chips`) over the devices it is described as: half a v4 chip's 32 GiB,
+  since `topologies` describes a v4 slice with one device per TensorCore (`chips.for_device`)."""
   if topology.startswith("cpu:"):
     n = int(topology.split(":", 1)[1])
     devices = jax.devices("cpu")
@@ -67,15 +74,18 @@ def topology_devices(topology: str, hbm_gib: float = 0.0) -> tuple[list[Any], fl
     if hbm_gib <= 0:
       raise ValueError(f"--topology={topology}: set --config.plan.hbm_gib (the memory to plan for per device)")
     return devices[:n], hbm_gib
-  prefix = topology.split(":", 1)[0]
-  if hbm_gib <= 0 and prefix not in TPU_HBM_GIB:
+  if hbm_gib <= 0 and chips.from_topology(topology) is None:
     raise ValueError(f"--topology={topology}: unknown HBM size; set --config.plan.hbm_gib")
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
   except Exception as e:  # libtpu absent or an unknown name: say which
     raise ValueError(f"--topology={topology}: cannot describe this TPU topology ({e}); install the libtpu wheel "
                      "(pip install -e '.[plan]') or use --topology=cpu:N") from e
-  return list(desc.devices), hbm_gib or TPU_HBM_GIB[prefix]
+  devices = list(desc.devices)
+  if hbm_gib > 0:
+    return devices, hbm_gib
+  device = chips.for_device(devices[0]) or chips.Device(chips.from_topology(topology))
+  return devices, device.hbm_gib
 
 
 def device_hbm_gib(device: Any, configured: float = 0.0) -> float:
@@ -130,23 +140,50 @@ def abstract_params(mcfg: models.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-  """A compiled program's abstract outputs and per-device memory."""
+  """A compiled program's abstract outputs, per-device memory, and per-device flops and bytes accessed."""
 
   out: Any  # ShapeDtypeStructs with shardings
   args: int
   out_bytes: int
   alias: int
   temp: int
+  flops: Optional[float] = None
+  bytes_accessed: Optional[float] = None
 
 
 _HBM_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\)")
+
+
+def cost(compiled: Any) -> tuple[Optional[float], Optional[float]]:
+  """(flops, bytes accessed) of a compiled program, per device; (None, None) where XLA reports none.
+
+  `cost_analysis()` is a dict in jax 0.10 and a list of one dict in older versions; a backend may
+  return None, an empty dict, or raise. XLA leaves zero figures out (a copy's dict has "bytes accessed"
+  and no "flops"), so a figure missing from a non-empty dict is 0.
+
+  The figures are one device's program after SPMD partitioning. Measured on 8 simulated CPU devices: a
+  [512, 256] x [256, 128] f32 matmul reports 2*m*n*k = 33.6M flops unsharded and 4.19M (an eighth) with
+  its rows sharded 8 ways; with the contracted dimension sharded, an eighth plus the all-reduce's adds
+  (4.26M); compiled for `v5p:2x2x1` / `v4:2x2x1` (4 / 8 devices), a quarter / an eighth. A while loop's
+  body is counted once whatever its trip count (a `fori_loop` of 10 matmuls reports one matmul's flops):
+  a rollout program's figure is its prefill plus one decode step, not the decode loop (design.md section 8)."""
+  try:
+    analysis = compiled.cost_analysis()
+  except (NotImplementedError, jax.errors.JaxRuntimeError):  # a backend without a cost model (UNIMPLEMENTED)
+    return None, None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis:
+    return None, None
+  return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
 
 
 def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh) -> Compiled:
   """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it.
 
   XLA refuses to compile a TPU program whose temporaries exceed HBM, naming what it wanted: that
-  figure is the program's temporaries (its outputs are then unknown: counted as 0)."""
+  figure is the program's temporaries (its outputs are then unknown: counted as 0, and its cost is
+  unknown). Flops and bytes accessed are per device (`cost`)."""
   with sharding.mesh_context(mesh):
     lowered = fn.lower(*args)
     try:
@@ -158,9 +195,11 @@ def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh) -> Compiled:
       temp = float(found.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": GIB << 10}[found.group(2)]
       return Compiled(None, device_bytes(args), 0, 0, int(temp))
   m = compiled.memory_analysis()
+  flops, bytes_accessed = cost(compiled)
   return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), flops, bytes_accessed)
 
 
 def plan_row(name: str, shapes: str, c: Compiled, resident: int, hbm_gib: float) -> ProgramPlan:
-  return ProgramPlan(name, shapes, c.args, c.out_bytes, c.alias, c.temp, resident, int(hbm_gib * GIB))
+  return ProgramPlan(name, shapes, c.args, c.out_bytes, c.alias, c.temp, resident, int(hbm_gib * GIB), c.flops,
+                     c.bytes_accessed)

@@ -11,6 +11,10 @@ per-device arguments, outputs and temporaries; the state that lives beside a pro
 moments, the reference policy, ...) is measured from the programs that create it. A program fits
 when resident + peak <= `plan.usable` x HBM. Exits 1 when anything does not fit.
 
+Each program's per-device flops and bytes accessed come from XLA's `cost_analysis()`, and its roofline
+time, max(flops / peak, bytes / bandwidth), from the chip's public figures (`chips`; none for cpu:N).
+XLA counts a loop body once: a rollout chunk's figures are its prefill plus one decode step.
+
 `--topology=cpu:N` plans for N simulated CPU devices (HBM from `--config.plan.hbm_gib`), and the AEPO
 stage uses `largest_rollout_chunk` on its own devices when `rollout.chunk_prompts` is 0.
 """
@@ -19,12 +23,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Optional
 
 from absl import app, flags, logging
 
+from ares_jax import chips, storage
 from ares_jax import main as entry  # the --config flag and its one-line errors for bad overrides
-from ares_jax import storage
+
+GIB = 1 << 30  # compiled_memory.GIB: that module imports JAX, which must start after prepare_environment
 
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "A TPU topology name (v4:2x2x1, v5e:2x4, v5p:2x2x1, "
                                 "v6e:2x4, ...) or cpu:N (N simulated CPU devices).")
@@ -52,24 +58,52 @@ def main(argv: list[str]) -> None:
     sys.stderr.write(f"FATAL: {e}\n")
     sys.exit(2)
   usable = config.plan.usable
-  rows = [p.row(usable) for p in plans]
-  print(format_table(rows, _TOPOLOGY.value, hbm, usable))
+  device = chips.for_device(devices[0])
+  rows = [p.row(usable, device) for p in plans]
+  print(format_table(rows, _TOPOLOGY.value, hbm, usable, device))
   if _JSON.value:
-    report = {"topology": _TOPOLOGY.value, "hbm_gib": hbm, "usable": usable, "programs": rows}
-    storage.write_json(_JSON.value, report, indent=1)  # local or gs://, atomically
+    storage.write_json(_JSON.value, report(rows, _TOPOLOGY.value, hbm, usable, device), indent=1)  # local or gs://
   if not all(r["fits"] for r in rows):
     sys.exit(1)
 
 
-def format_table(rows: list[dict[str, Any]], topology: str, hbm: float, usable: float) -> str:
-  head = ("program", "shapes", "args", "out", "temp", "resident", "peak", "verdict")
+def report(rows: list[dict[str, Any]], topology: str, hbm: float, usable: float,
+           device: Optional[chips.Device] = None) -> dict[str, Any]:
+  """The JSON report: the table's rows (with flops, bytes_accessed, roofline_s) and the chip figures used."""
+  return {"topology": topology, "hbm_gib": hbm, "usable": usable,
+          "chip": device.describe() if device else None, "programs": rows}
+
+
+def format_table(rows: list[dict[str, Any]], topology: str, hbm: float, usable: float,
+                 device: Optional[chips.Device] = None) -> str:
+  """The markdown table: memory in GiB per device, then XLA's cost per device and its roofline time."""
+  head = ("program", "shapes", "args", "out", "temp", "resident", "peak", "verdict", "GFLOP", "GiB accessed",
+          "roofline ms")
   lines = [f"memory plan for {topology}: {hbm:.1f} GiB HBM per device, usable {usable:.0%} (GiB per device)", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     verdict = "fits" if r["fits"] else "DOES NOT FIT"
+    cost = " | ".join(_figure(r.get(k), scale) for k, scale in (("flops", 1e9), ("bytes_accessed", GIB),
+                                                            ("roofline_s", 1e-3)))
     lines.append(f"| {r['name']} | {r['shapes']} | {r['args_gib']:.2f} | {r['out_gib']:.2f} | {r['temp_gib']:.2f} | "
-                 f"{r['resident_gib']:.2f} | {r['peak_gib']:.2f} | {verdict} |")
+                 f"{r['resident_gib']:.2f} | {r['peak_gib']:.2f} | {verdict} | {cost} |")
+  if device:
+    share = f" (1/{device.per_chip} chip per device)" if device.per_chip > 1 else ""
+    roof = (f"roofline on {device.chip.name}{share}: {device.peak_flops / 1e12:.1f} TFLOP/s bf16, "
+            f"{device.hbm_bandwidth / 1e9:.0f} GB/s per device")
+  else:
+    roof = "no roofline: no peak figures for these devices (chips.py)"
+  lines += ["", "GFLOP and GiB accessed: XLA's cost analysis per device, a loop body counted once (a rollout chunk: "
+            f"prefill + one decode step); {roof}."]
   return "\n".join(lines)
+
+
+def _figure(value: Optional[float], scale: float) -> str:
+  """Three significant figures (thousands grouped above 100); "-" where there is no figure."""
+  if value is None:
+    return "-"
+  x = value / scale
+  return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def cli() -> None:

@@ -48,6 +48,7 @@ def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
   by_name = {p.name: p for p in plans}
   for p in plans:
     assert p.peak == p.resident + p.args + p.out - p.alias + p.temp
+    assert (p.flops is None) == ("restore" in p.name) and (p.bytes_accessed is None) == ("restore" in p.name)
     assert p.fits(c.plan.usable) == (p.peak <= c.plan.usable * GIB)
     assert min(p.args, p.out, p.alias, p.temp, p.resident) >= 0
   micro = by_name["AEPO gradient micro-step (+ accumulation)"]
@@ -116,8 +117,15 @@ def test_plan_cli_writes_json_and_fails_when_a_program_does_not_fit(tmp_path):
   report = json.loads(out.read_text())
   assert report["topology"] == "cpu:8" and report["hbm_gib"] == 0.004
   row = report["programs"][0]
-  assert set(row) == {"name", "shapes", "args_gib", "out_gib", "temp_gib", "resident_gib", "peak_gib", "fits"}
+  assert set(row) == {"name", "shapes", "args_gib", "out_gib", "temp_gib", "resident_gib", "peak_gib", "fits",
+                      "flops", "bytes_accessed", "roofline_s"}
   assert any(not r["fits"] for r in report["programs"])
+  # XLA's per-device cost of every compiled program (not of the restore row); no roofline on CPU devices
+  assert report["chip"] is None and all(r["roofline_s"] is None for r in report["programs"])
+  for r in report["programs"]:
+    assert (r["flops"] is None) == r["name"].startswith("AEPO restore"), r
+  assert all(r["flops"] >= 0 and r["bytes_accessed"] > 0 for r in report["programs"] if r["flops"] is not None)
+  assert all(r["flops"] > 0 for r in report["programs"] if "log-probs" in r["name"] or "micro-step" in r["name"])
 
 
 @pytest.mark.slow
@@ -137,6 +145,7 @@ def test_tpu_topology_plans_or_names_the_missing_wheel():
   plans = mp.rollout_programs(st, sc, 8, mp.step_shapes(c, st.mcfg, sc.max_new_tokens), 0)
   assert all(p.fits(c.plan.usable) and p.hbm == 16 * GIB for p in plans)
   assert plans[1].temp > 0 and plans[1].args >= cm.device_bytes(st.params)
+  assert plans[1].flops > 0 and plans[1].bytes_accessed > 0  # XLA's TPU cost model, per device
 
 
 def test_auto_chunk_on_cpu_takes_every_prompt_without_compiling():
@@ -163,5 +172,7 @@ def test_plan_table_and_environment_without_compiling(monkeypatch):
   big = cm.ProgramPlan("AEPO gradient micro-step", "8 rows", 8 * GIB, GIB, 0, 4 * GIB, 4 * GIB, hbm)
   lines = plan.format_table([fits.row(0.9), big.row(0.9)], "v5e:2x2", 16.0, 0.9).splitlines()
   assert lines[0] == "memory plan for v5e:2x2: 16.0 GiB HBM per device, usable 90% (GiB per device)"
-  assert lines[4] == "| rollout chunk | 8 prompts | 1.00 | 0.25 | 2.00 | 3.00 | 6.25 | fits |"
-  assert lines[5] == "| AEPO gradient micro-step | 8 rows | 8.00 | 1.00 | 4.00 | 4.00 | 17.00 | DOES NOT FIT |"
+  # the memory columns, then the cost columns (tests/test_costs.py): none for hand-made rows
+  assert lines[4] == "| rollout chunk | 8 prompts | 1.00 | 0.25 | 2.00 | 3.00 | 6.25 | fits | - | - | - |"
+  assert lines[5] == ("| AEPO gradient micro-step | 8 rows | 8.00 | 1.00 | 4.00 | 4.00 | 17.00 | DOES NOT FIT "
+                      "| - | - | - |")
