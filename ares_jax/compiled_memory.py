@@ -43,6 +43,8 @@ class ProgramPlan:
   hbm: int
   flops: Optional[float] = None
   bytes_accessed: Optional[float] = None
+  collective_bytes: Optional[int] = None  # what the program's collectives produce per device (`collectives`)
+  extra: tuple[tuple[str, Any], ...] = ()  # further (key, value) pairs of the JSON row
 
   @property
   def peak(self) -> int:
@@ -57,7 +59,8 @@ class ProgramPlan:
     return {"name": self.name, "shapes": self.shapes, "args_gib": g(self.args), "out_gib": g(self.out - self.alias),
             "temp_gib": g(self.temp), "resident_gib": g(self.resident), "peak_gib": g(self.peak),
             "fits": self.fits(usable), "flops": self.flops, "bytes_accessed": self.bytes_accessed,
-            "roofline_s": device.roofline_s(self.flops, self.bytes_accessed) if device else None}
+            "roofline_s": device.roofline_s(self.flops, self.bytes_accessed) if device else None,
+            "collective_bytes": self.collective_bytes, **dict(self.extra)}
 
 
 def topology_devices(topology: str, hbm_gib: float = 0.0) -> tuple[list[Any], float]:
@@ -149,6 +152,7 @@ class Compiled:
   temp: int
   flops: Optional[float] = None
   bytes_accessed: Optional[float] = None
+  collective_bytes: Optional[int] = None
 
 
 _HBM_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT]?)\)")
@@ -178,14 +182,34 @@ def cost(compiled: Any) -> tuple[Optional[float], Optional[float]]:
   return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
 
 
-def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh) -> Compiled:
+_COLLECTIVE = re.compile(r"=\s*(\(?[a-z0-9]+\[[^=]*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-start)?\(")
+_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+
+
+def collectives(hlo_text: str) -> int:
+  """Bytes produced per device by the collectives of an optimized HLO module (all-gather, all-reduce,
+  reduce-scatter, all-to-all, collective-permute; an async pair counted at its start): what crosses the
+  interconnect, up to each algorithm's constant. Like the cost analysis, a loop body counts once."""
+  total = 0
+  for shapes, _, _ in _COLLECTIVE.findall(hlo_text):
+    for dtype, dims in _ARRAY.findall(shapes):
+      bits = re.match(r"[a-z]+([0-9]+)", dtype)  # f32, bf16, s8, f8e4m3fn; pred is a byte
+      if not dims or (bits is None and dtype != "pred"):  # async contexts carry scalars and tokens
+        continue
+      size = max(int(bits.group(1)) // 8, 1) if bits else 1
+      total += size * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return total
+
+
+def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, **kwargs) -> Compiled:
   """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it.
 
   XLA refuses to compile a TPU program whose temporaries exceed HBM, naming what it wanted: that
   figure is the program's temporaries (its outputs are then unknown: counted as 0, and its cost is
   unknown). Flops and bytes accessed are per device (`cost`)."""
   with sharding.mesh_context(mesh):
-    lowered = fn.lower(*args)
+    lowered = fn.lower(*args, **kwargs)
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -193,13 +217,15 @@ def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh) -> Compiled:
       if not found:
         raise
       temp = float(found.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": GIB << 10}[found.group(2)]
-      return Compiled(None, device_bytes(args), 0, 0, int(temp))
+      return Compiled(None, device_bytes((args, kwargs)), 0, 0, int(temp))
   m = compiled.memory_analysis()
   flops, bytes_accessed = cost(compiled)
   return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), flops, bytes_accessed)
+                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), flops, bytes_accessed,
+                  collectives(compiled.as_text()))
 
 
-def plan_row(name: str, shapes: str, c: Compiled, resident: int, hbm_gib: float) -> ProgramPlan:
+def plan_row(name: str, shapes: str, c: Compiled, resident: int, hbm_gib: float,
+             extra: tuple[tuple[str, Any], ...] = ()) -> ProgramPlan:
   return ProgramPlan(name, shapes, c.args, c.out_bytes, c.alias, c.temp, resident, int(hbm_gib * GIB), c.flops,
-                     c.bytes_accessed)
+                     c.bytes_accessed, c.collective_bytes, extra)

@@ -27,6 +27,7 @@ from ares_jax.compiled_memory import (GIB, Compiled, ProgramPlan, abstract_like,
                                       device_bytes, device_hbm_gib, plan_row)
 from ares_jax.models import lora
 from ares_jax.sampling import chunks as chunks_lib
+from ares_jax.sampling import paged, refill, sampler
 from ares_jax.sampling.sampler import decode_weights, rollout_chunk
 from ares_jax.train import sequences, sft
 from ares_jax.train import optimizer as optim_lib
@@ -122,26 +123,85 @@ class Setting:
     mcfg = settings_lib.model(config.model)
     return cls(config, mesh, mcfg, hbm_gib, abstract_params(mcfg, mesh))
 
-  def compile(self, fn: Callable, *args) -> Compiled:
-    return compile_program(fn, *args, mesh=self.mesh)
+  def compile(self, fn: Callable, *args, **kwargs) -> Compiled:
+    return compile_program(fn, *args, mesh=self.mesh, **kwargs)
 
 
 def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shapes: Shapes, resident: int,
-                     branching: bool = True, label: str = "rollout") -> list[ProgramPlan]:
-  """The per-call decode-weight copy and one rollout chunk (prefill with the vision tower, decode loop)."""
+                     branching: bool = True, label: str = "rollout", costs: bool = True) -> list[ProgramPlan]:
+  """The per-call decode-weight copy and the rollout's programs: for `rollout.kv_cache="dense"` one chunk
+  of `chunk` prompts (prefill with the vision tower, decode loop); for "paged" `chunk` groups in flight
+  (`paged_programs`)."""
+  weights = st.compile(decode_weights, st.mcfg, st.params, sc.lora_merged)
+  if sc.kv_cache == "paged":
+    return paged_programs(st, sc, chunk, shapes, resident, weights, branching=branching, label=label, costs=costs)
   sc = dataclasses.replace(sc, chunk_prompts=chunk)
   c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, chunk), sc)[0]
-  weights = st.compile(decode_weights, st.mcfg, st.params, sc.lora_merged)
   prompts, key = abstract_like((c.inputs, jax.random.key(0)), st.mesh)
   tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
   offset = abstract_like(np.int32(0), st.mesh)
-  roll = st.compile(rollout_chunk, st.mcfg, sc, st.params, weights.out, prompts, key, tau, offset)
+  budget = abstract_like(np.zeros((chunk,), np.int32), st.mesh)
+  roll = st.compile(rollout_chunk, st.mcfg, sc, st.params, weights.out, prompts, key, tau, prompt_offset=offset,
+                    budget=budget)
   desc = f"{chunk} prompts x {sc.n + sc.branches(branching)} slots, {shapes.prompt_width} + {sc.max_new_tokens}"
   if shapes.images_per_prompt:
     desc += f", {chunk * shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
   return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
                    resident, st.hbm_gib),
           plan_row(f"{label} chunk (prefill + decode loop)", desc + shapes.note, roll, resident, st.hbm_gib)]
+
+
+def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shapes: Shapes, resident: int,
+                   weights: Compiled, *, branching: bool, label: str, costs: bool) -> list[ProgramPlan]:
+  """The paged engine's programs with `n_groups` groups in flight: prefilling a chunk of prompts into
+  free groups, and the decode loop. With `costs`, one decode step compiled apart at half the response
+  budget live (`PagedCache.cost_blocks`) gives the decode row's flops, bytes and collectives per step,
+  beside the dense engine's step at the same shapes (bytes per prompt-step of both in the JSON)."""
+  group = sc.n + sc.branches(branching)
+  prefill = sc.chunk_prompts or max(1, n_groups // 8)  # `refill.layout` for a step of more prompts
+  c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, prefill),
+                             dataclasses.replace(sc, chunk_prompts=prefill))[0]
+  t_prompt = c.inputs.ids.shape[1]
+  state = st.compile(refill.start, st.mcfg, sc, n_groups, group, t_prompt).out
+  prompts, key = abstract_like((c.inputs, jax.random.key(0)), st.mesh)
+  per_prompt = abstract_like(np.zeros((prefill,), np.int32), st.mesh)
+  admit = st.compile(refill.admit, st.mcfg, sc, st.params, state, prompts, per_prompt, per_prompt, per_prompt)
+  tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
+  decode = st.compile(refill.decode, st.mcfg, sc, weights.out, state, key, tau, abstract_like(np.int32(0), st.mesh))
+  img = f", {shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px" if shapes.images_per_prompt else ""
+  desc = f"{n_groups} groups in flight x {group} slots, {t_prompt} + {sc.max_new_tokens}, pages of {sc.page_size}"
+  extra: tuple = ()
+  if costs:
+    live = max(sc.max_new_tokens // 2, 1)
+    span = paged.block_pages_for(sc.page_size) * sc.page_size
+    at_live = state.replace(cache=state.cache.replace(cost_blocks=-(-live // span)))
+    step = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out, at_live, key)
+    dense = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out,
+                       dense_state(st, sc, n_groups, group, t_prompt), key)
+    decode = dataclasses.replace(decode, flops=step.flops, bytes_accessed=step.bytes_accessed,
+                                 collective_bytes=step.collective_bytes)
+    per_step = lambda c: None if c.bytes_accessed is None else c.bytes_accessed / n_groups
+    extra = (("decode_step_live_tokens", live), ("decode_step_bytes", step.bytes_accessed),
+             ("bytes_per_prompt_step", per_step(step)), ("dense_decode_step_bytes", dense.bytes_accessed),
+             ("dense_bytes_per_prompt_step", per_step(dense)),
+             ("dense_decode_step_collective_bytes", dense.collective_bytes))
+    desc += f"; cost columns: one step at {live} live response tokens"
+  return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
+                   resident, st.hbm_gib),
+          plan_row(f"{label}: prefill into free groups", f"{prefill} prompts{img}", admit, resident, st.hbm_gib),
+          plan_row(f"{label}: paged decode loop", desc + shapes.note, decode, resident, st.hbm_gib, extra)]
+
+
+def dense_state(st: Setting, sc: sampling.SamplingConfig, n_prompts: int, group: int, t_prompt: int) -> Any:
+  """The dense engine's decode state at these shapes as abstract arrays (not compiled: it need not fit),
+  its caches sharded as `rollout_chunk` shards them."""
+  shapes = jax.eval_shape(lambda: sampler.dense_start(st.mcfg, sc, n_prompts, group, t_prompt))
+  cache_spec = ("cache_batch", None, "cache_heads", None)
+  def place(x):
+    names = cache_spec if x.ndim == 4 else (("cache_batch",) + (None,) * (x.ndim - 1) if x.ndim else ())
+    spec = sharding.logical_to_spec(names, x.shape, st.mesh)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(st.mesh, spec))
+  return jax.tree.map(place, shapes)
 
 
 def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shapes, resident: int, most: int,
@@ -151,14 +211,18 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
   would be replicated). A rollout's memory is close to affine in its prompts (the KV cache and the
   per-slot buffers) though bucketed shapes bend it, so two small compiles start a bracketed search by
   interpolation that ends within a sixteenth: a handful of compiles, never one of the whole batch.
+  The paged engine's groups in flight are searched the same way (multiples of the batch-sharding devices,
+  its group axis being the sharded one), without the cost compiles.
   Returns (chunk, its plans); (0, []) when not even the smallest fits."""
   batch_devices = st.mesh.shape["data"] * st.mesh.shape["fsdp"]
   base = batch_devices // math.gcd(batch_devices, sc.n + sc.branches(branching))
+  if sc.kv_cache == "paged":
+    base = batch_devices
   budget = st.config.plan.usable * st.hbm_gib * GIB
   top = sequences.round_up(most, base)
   def plan(n):
-    plans = rollout_programs(st, sc, n, shapes, resident, branching)
-    logging.info("rollout chunk of %d prompts: peak %.2f GiB (budget %.2f GiB)", n, peak(plans) / GIB, budget / GIB)
+    plans = rollout_programs(st, sc, n, shapes, resident, branching, costs=False)
+    logging.info("rollout chunk (paged: groups in flight) of %d prompts: peak %.2f GiB (budget %.2f GiB)", n, peak(plans) / GIB, budget / GIB)
     return plans
   peak = lambda plans: max(p.peak for p in plans)
   small = plan(base)
@@ -253,14 +317,17 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
 
   sc = settings_lib.sampling(c, mcfg, 0)
   resident = opt_bytes + ref_bytes  # beside the policy (an argument of every program here)
-  if r.chunk_prompts:
-    chunk, roll = r.chunk_prompts, rollout_programs(st, sc, r.chunk_prompts, shapes, resident)
+  paged_engine = sc.kv_cache == "paged"
+  fixed = r.prompts_in_flight if paged_engine else r.chunk_prompts
+  if fixed:
+    chunk = fixed
   else:
     chunk, roll = largest_rollout_chunk(st, sc, shapes, resident, r.prompts_per_step)
-    if not chunk:
-      roll = rollout_programs(st, sc, 1, shapes, resident)  # the smallest, to show by how much it fails
-  n_calls = -(-r.prompts_per_step // max(chunk, 1))
-  roll = [roll[0], dataclasses.replace(roll[1], shapes=roll[1].shapes + f"; {n_calls} calls per step")]
+  # the chosen size again with the paged decode step's costs; the smallest when none fits, to show by how much
+  roll = rollout_programs(st, sc, chunk or 1, shapes, resident) if fixed or paged_engine or not chunk else roll
+  if not paged_engine:
+    n_calls = -(-r.prompts_per_step // max(chunk, 1))
+    roll = [roll[0], dataclasses.replace(roll[1], shapes=roll[1].shapes + f"; {n_calls} calls per step")]
 
   p = rows.packed(range(a.micro_batch_size))
   inputs = abstract_like(p.inputs, st.mesh)
@@ -281,7 +348,8 @@ def adacs_plans(st: Setting) -> list[ProgramPlan]:
   shapes = step_shapes(c, mcfg, a.max_response_length)
   sc = settings_lib.sampling(c, mcfg, 0, n=a.pass_rate_samples, max_branches=0)
   roll_shapes = dataclasses.replace(shapes, response_width=sc.max_new_tokens)
-  chunk = c.rollout.chunk_prompts or largest_rollout_chunk(st, sc, roll_shapes, 0, a.pass_rate_batch, False)[0] or 1
+  fixed = c.rollout.prompts_in_flight if sc.kv_cache == "paged" else c.rollout.chunk_prompts
+  chunk = fixed or largest_rollout_chunk(st, sc, roll_shapes, 0, a.pass_rate_batch, False)[0] or 1
   roll = rollout_programs(st, sc, chunk, roll_shapes, 0, branching=False, label="pass-rate rollout")
   s = settings_lib.adacs_sft(c)
   updater = sft.make_sft(mcfg, st.params, s.optim, 1, s.frozen)
@@ -307,20 +375,22 @@ def plan_step(config: ml_collections.ConfigDict, devices: list[Any], hbm_gib: fl
 
 def auto_chunk(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, mcfg: models.ModelConfig,
                sc: sampling.SamplingConfig, most: int, resident_bytes: int = 0, branching: bool = True) -> int:
-  """`rollout.chunk_prompts=0` resolved on the run's own devices: the largest chunk (<= `most`) whose
-  rollout program fits beside `resident_bytes`. On CPU without `plan.hbm_gib` the budget is host
-  memory, which a CPU-sized model does not approach: all prompts in one call, without compiling."""
+  """`rollout.chunk_prompts=0` (dense) or `rollout.prompts_in_flight=0` (paged) resolved on the run's own
+  devices: the largest chunk or groups in flight (<= `most`) whose rollout programs fit beside
+  `resident_bytes`. On CPU without `plan.hbm_gib` the budget is host memory, which a CPU-sized model does
+  not approach: all prompts at once, without compiling."""
+  field = "rollout.prompts_in_flight" if sc.kv_cache == "paged" else "rollout.chunk_prompts"
   device = mesh.devices.flat[0]
   if device.platform == "cpu" and config.plan.hbm_gib <= 0:
-    logging.info("rollout.chunk_prompts=0 on CPU: all %d prompts per call (set plan.hbm_gib to plan chunks)", most)
+    logging.info("%s=0 on CPU: all %d prompts at once (set plan.hbm_gib to plan them)", field, most)
     return most
   hbm = device_hbm_gib(device, config.plan.hbm_gib)
   st = Setting(config, mesh, mcfg, hbm, abstract_params(mcfg, mesh))
   shapes = step_shapes(config, mcfg, sc.max_new_tokens)
   chunk, plans = largest_rollout_chunk(st, sc, shapes, resident_bytes, most, branching)
   if not chunk:
-    raise ValueError(f"rollout.chunk_prompts=0: not even the smallest chunk fits {hbm:.1f} GiB per device "
+    raise ValueError(f"{field}=0: not even the smallest size fits {hbm:.1f} GiB per device "
                      f"beside {resident_bytes / GIB:.1f} GiB of state; run `python -m ares_jax.plan` for the table")
-  logging.info("rollout.chunk_prompts=0: %d prompts per call (peak %.2f of %.1f GiB per device)", chunk,
+  logging.info("%s=0: %d prompts (peak %.2f of %.1f GiB per device)", field, chunk,
                max(p.peak for p in plans) / GIB, hbm)
   return chunk

@@ -143,9 +143,7 @@ def test_writes_forks_and_attention_against_numpy():
   q = rng.normal(size=(s_slots, 1, heads, d)).astype(np.float32)
   kn, vn = rng.normal(size=(2, s_slots, 1, kvh, d)).astype(np.float32)
   length = np.array([7, 7, 7, 7, 7, 7], np.int32)
-  out = np.asarray(paged.paged_attention(jnp.asarray(q), jnp.asarray(kn), jnp.asarray(vn), c.prompt_k[0],
-                                         c.prompt_v[0], c.prompt_valid, c.pool_k[0], c.pool_v[0], table=c.table,
-                                         length=jnp.asarray(length), block_pages=2))
+  out = np.asarray(c.readers(jnp.asarray(length))[0](jnp.asarray(q), jnp.asarray(kn), jnp.asarray(vn)))
   pk, pv, pvalid = (np.asarray(x) for x in (c.prompt_k[0], c.prompt_v[0], c.prompt_valid))
   for s in range(s_slots):
     f = s // group

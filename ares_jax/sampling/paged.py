@@ -19,12 +19,15 @@ and gets a copy of the one partly filled page (none when t is a page boundary); 
 pages of its own. Shared pages are never written: every slot writes only at positions >= its length,
 and a page below a child's fork position is full.
 
-Decode attention (`paged_attention`) reads the prompt once per group for all G queries (a grouped
-einsum: G * H query rows per kv head) and each slot's response pages block by block, only up to the
-longest live response, merging the blocks and the token's own key with a running log-sum-exp. The
-Pallas `ragged_paged_attention` TPU kernel was not used: it returns no log-sum-exp to merge with the
-shared prompt block, so it would read the prompt once per slot (G times the bytes) and could not mask
-a left-padded prompt.
+Decode attention (`paged_attention`) reads every group's KV once per step for all of its G queries:
+the prompt (a grouped einsum: G * H query rows per kv head) and the group's pages in use, in blocks
+of whole pages sliced from the pool (no gather), up to the most pages any group has taken; each slot
+keeps the keys of the pages its table maps, at their positions, and the blocks and the token's own key
+are merged with a running log-sum-exp. So a prefix that forks share is read once, not once per slot.
+Scores cost G times the flops of a per-slot read, which decode has to spare (it is bound by HBM
+bandwidth). The Pallas `ragged_paged_attention` TPU kernel was not used: it reads each sequence's pages
+on its own (the shared prompt G times) and returns no log-sum-exp to merge blocks read apart, and
+it cannot mask a left-padded prompt.
 """
 
 from __future__ import annotations
@@ -36,14 +39,14 @@ from flax import linen as nn
 from flax import struct
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite, as the dense path's mask value
+_UNMAPPED = np.iinfo(np.int32).max // 2  # a page position no length reaches
 _PREC = jax.lax.Precision.HIGHEST
 BLOCK_TOKENS = 256  # response keys read per attention block (a few pages); smaller wastes loop trips
 
 
-def pages_per_slot(n_max: int, page_size: int, block_pages: int) -> int:
-  """Table width: the pages of N response positions, rounded up to whole attention blocks."""
-  pages = -(-n_max // page_size)
-  return -(-pages // block_pages) * block_pages
+def pages_per_slot(n_max: int, page_size: int) -> int:
+  """Table width: the pages of N response positions."""
+  return -(-n_max // page_size)
 
 
 def block_pages_for(page_size: int) -> int:
@@ -62,16 +65,30 @@ class PagedCache:
   table: jax.Array  # [F, G, P_s] int32 page of each slot's response page j; -1: none yet
   next_free: jax.Array  # [F] int32 first unused page of each group's pool
   block_pages: int = struct.field(pytree_node=False)
+  # > 0: attention reads exactly this many page blocks, unrolled, whatever the live length: memory plans
+  # compile one decode step so to read its cost at a live length (a loop's body is counted once)
+  cost_blocks: int = struct.field(pytree_node=False, default=0)
 
   @property
   def page_size(self) -> int:
     return self.pool_k[0].shape[2]
 
+  def page_positions(self) -> jax.Array:
+    """[F, G, R] int32: the response position of page p's first token in slot g's sequence, or a number
+    past any length where g does not map p (made once per step, read by every layer)."""
+    n_groups, group, n_pages = self.table.shape
+    r_pages = self.pool_k[0].shape[1]
+    first = jnp.arange(n_pages, dtype=jnp.int32) * self.page_size
+    mapped = jnp.where(self.table >= 0, self.table, r_pages)  # out of range: dropped
+    unmapped = jnp.full((r_pages,), _UNMAPPED, jnp.int32)
+    return jax.vmap(jax.vmap(lambda t: unmapped.at[t].set(first, mode="drop")))(mapped)
+
   def readers(self, length):
-    return [lambda q, kn, vn, i=i: paged_attention(q, kn, vn, self.prompt_k[i], self.prompt_v[i], self.prompt_valid,
-                                                   self.pool_k[i], self.pool_v[i], table=self.table,
-                                                   length=length, block_pages=self.block_pages)
-            for i in range(len(self.pool_k))]
+    page_pos = self.page_positions()
+    return [lambda q, kn, vn, i=i: paged_attention(
+        q, kn, vn, self.prompt_k[i], self.prompt_v[i], self.prompt_valid, self.pool_k[i], self.pool_v[i],
+        page_pos=page_pos, length=length, pages_used=self.next_free, block_pages=self.block_pages,
+        blocks=self.cost_blocks) for i in range(len(self.pool_k))]
 
   def write(self, k_new, v_new, length, active):
     """Stores the fed tokens' KV (L x [S, K, D]) at response position `length` [S] of the `active` slots,
@@ -132,8 +149,8 @@ def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: 
                 kv_heads: int, head_dim: int, dtype) -> PagedCache:
   """A cache of F empty groups (sharded like the dense cache: groups over data x fsdp, heads over tensor)."""
   bp = block_pages_for(page_size)
-  n_pages = pages_per_slot(n_max, page_size, bp)
-  r_pages = group * -(-n_max // page_size)
+  n_pages = pages_per_slot(n_max, page_size)
+  r_pages = -(-group * -(-n_max // page_size) // bp) * bp  # whole attention blocks
   prompt = lambda: nn.with_logical_constraint(jnp.zeros((n_groups, t_prompt - 1, kv_heads, head_dim), dtype),
                                               ("cache_batch", None, "cache_heads", None))
   pool = lambda: nn.with_logical_constraint(jnp.zeros((n_groups, r_pages, page_size, kv_heads, head_dim), dtype),
@@ -145,23 +162,27 @@ def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: 
                     block_pages=bp)
 
 
-def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, *, table, length,
-                    block_pages):
+def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, *, page_pos, length,
+                    pages_used, block_pages: int, blocks: int = 0):
   """One decode step's attention of S = F * G slots.
 
   q [S, 1, H, D]; k_new, v_new [S, 1, K, D] (the token's own key); prompt_k/v [F, T', K, D] with
-  prompt_valid [F, T']; pool_k/v [F, R, ps, K, D]; table [F, G, P_s]; length [S]: response keys
-  0..length-1 are live. Returns [S, 1, H, D] in q's dtype.
+  prompt_valid [F, T']; pool_k/v [F, R, ps, K, D]; page_pos [F, G, R] (`PagedCache.page_positions`);
+  length [S]: response keys 0..length-1 are live; pages_used [F]. `blocks` > 0: read that many page
+  blocks, unrolled (`PagedCache.cost_blocks`). Returns [S, 1, H, D] in q's dtype.
+
+  Both the prompt and the response pages are read once per group for all G queries: block j is pages
+  [j * bp, (j + 1) * bp) of every group's pool (a slice, not a gather), and each slot keeps the keys of
+  the pages its table maps, at their positions (softmax does not care in which order keys come).
   """
   s_slots, _, n_heads, d = q.shape
   n_groups, _, kv_heads, _ = prompt_k.shape
   group, rep, ps = s_slots // n_groups, n_heads // kv_heads, pool_k.shape[2]
-  span = block_pages * ps
   scale = d**-0.5
   qg = q.reshape(n_groups, group, kv_heads, rep, d)
   dot = lambda spec, a, b: jnp.einsum(spec, a, b.astype(a.dtype), preferred_element_type=jnp.float32, precision=_PREC)
 
-  s_prompt = dot("fgkrd,ftkd->fgkrt", qg, prompt_k) * scale  # the prompt read once for all G slots
+  s_prompt = dot("fgkrd,ftkd->fgkrt", qg, prompt_k) * scale
   s_prompt = jnp.where(prompt_valid[:, None, None, None, :], s_prompt, _NEG)
   s_self = dot("fgkrd,fgkd->fgkr", qg, k_new.reshape(n_groups, group, kv_heads, d)) * scale
   m = jnp.maximum(s_prompt.max(-1), s_self)  # [F, G, K, r] running max
@@ -173,18 +194,22 @@ def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, p
 
   def block(j, carry):
     m, l, o = carry
-    pages = jax.lax.dynamic_slice_in_dim(table, j * block_pages, block_pages, axis=2)  # [F, G, bp]
-    gather = lambda pool: jax.vmap(lambda p, i: jnp.take(p, i, axis=0, mode="clip"))(pool, pages).reshape(
-        n_groups, group, span, kv_heads, d)
-    k_blk, v_blk = gather(pool_k), gather(pool_v)
-    s = dot("fgkrd,fgtkd->fgkrt", qg, k_blk) * scale
-    ok = (j * span + jnp.arange(span))[None, None, :] < live[..., None]  # [F, G, span]
-    s = jnp.where(ok[:, :, None, None, :], s, _NEG)
+    k_blk = jax.lax.dynamic_slice_in_dim(pool_k, j * block_pages, block_pages, axis=1)  # [F, bp, ps, K, D]
+    v_blk = jax.lax.dynamic_slice_in_dim(pool_v, j * block_pages, block_pages, axis=1)
+    first = jax.lax.dynamic_slice_in_dim(page_pos, j * block_pages, block_pages, axis=2)  # [F, G, bp]
+    ok = (first[..., None] + jnp.arange(ps)) < live[..., None, None]  # [F, G, bp, ps]
+    s = dot("fgkrd,fpskd->fgkrps", qg, k_blk) * scale
+    s = jnp.where(ok[:, :, None, None], s, _NEG).reshape(*s.shape[:4], -1)
     m_new = jnp.maximum(m, s.max(-1))
     corr, p = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
-    o = o * corr[..., None] + dot("fgkrt,fgtkd->fgkrd", p.astype(v_blk.dtype), v_blk)
-    return m_new, l * corr + p.sum(-1), o
+    p = p.reshape(*p.shape[:4], block_pages, ps).astype(v_blk.dtype)
+    o = o * corr[..., None] + dot("fgkrps,fpskd->fgkrd", p, v_blk)
+    return m_new, l * corr + p.astype(jnp.float32).sum((-2, -1)), o
 
-  n_blocks = (jnp.max(length) + span - 1) // span  # only blocks some slot has reached
-  m, l, o = jax.lax.fori_loop(0, n_blocks, block, (m, l, o))
+  if blocks:
+    for j in range(blocks):
+      m, l, o = block(j, (m, l, o))
+  else:
+    n_blocks = (jnp.max(pages_used) + block_pages - 1) // block_pages  # only pages some group has taken
+    m, l, o = jax.lax.fori_loop(0, n_blocks, block, (m, l, o))
   return (o / l[..., None]).reshape(s_slots, 1, n_heads, d).astype(q.dtype)

@@ -225,6 +225,30 @@ def decode_config(config: ModelConfig, sc: SamplingConfig) -> ModelConfig:
   return lora.base_config(config) if sc.lora_merged else config
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def one_step(config: ModelConfig, sc: SamplingConfig, branching: bool, weights: tuple, state: DecodeState, key):
+  """A single decode step of `state` as its own program: what memory plans compile to read one step's
+  cost (XLA's cost analysis counts a loop body once, whatever the loop's trip count)."""
+  n_branch = sc.branches(branching)
+  consts = StepConsts(key=key, tau=jnp.float32(1.0 if branching else jnp.inf))
+  return decode_one(decode_config(config, sc), sc, sc.n + n_branch, n_branch, weights, consts, state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def dense_start(config: ModelConfig, sc: SamplingConfig, n_prompts: int, group: int, t_prompt: int) -> DecodeState:
+  """A dense cache's decode state of `n_prompts` x `group` slots at prompt width T, every slot active at
+  response length 0 (its shapes and shardings are those `rollout_chunk` decodes with)."""
+  s_slots, n_max = n_prompts * group, sc.max_new_tokens
+  tc = config.text
+  rows = lambda: nn.with_logical_constraint(
+      jnp.zeros((s_slots, t_prompt + n_max, tc.num_kv_heads, tc.head_dim), jnp.dtype(sc.cache_dtype or config.dtype)),
+      ("cache_batch", None, "cache_heads", None))
+  cache = DenseCache(k=tuple(rows() for _ in range(tc.num_layers)), v=tuple(rows() for _ in range(tc.num_layers)),
+                     prompt_valid=jnp.ones((s_slots, t_prompt + n_max), bool), t_prompt=t_prompt)
+  state = initial_slots(cache, n_prompts, group, n_max, sc.pad_id)
+  return state.replace(active=jnp.ones((s_slots,), bool), budget=jnp.full((s_slots,), n_max, jnp.int32))
+
+
 def results(state: DecodeState, pad_id: int) -> dict:
   """The rollout record's arrays of every slot of `state` (`Rollouts`' fields but `prompt_index`)."""
   n_max = state.tokens.shape[1]

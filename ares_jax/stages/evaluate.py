@@ -80,7 +80,9 @@ def decode_config(config: ml_collections.ConfigDict, sc: sampling.SamplingConfig
   n = max(config.eval.samples, 1)
   slots = sc.n + sc.branches(True)
   chunk = sc.chunk_prompts and min(sc.chunk_prompts, max(1, sc.chunk_prompts * slots // n))
+  in_flight = sc.prompts_in_flight and min(sc.prompts_in_flight, max(1, sc.prompts_in_flight * slots // n))
   return dataclasses.replace(sc, n=n, max_branches=0, track_entropy=False, chunk_prompts=chunk,
+                             prompts_in_flight=in_flight,
                              temperature=sc.temperature if config.eval.samples > 0 else 0.0)
 
 

@@ -156,14 +156,15 @@ def build_processor(config: ml_collections.ConfigDict, tok: Any,
 
 def chunked(config: ml_collections.ConfigDict, b: Built, sc: sampling.SamplingConfig, most: int,
             resident: Any = ()) -> sampling.SamplingConfig:
-  """`sc` with `chunk_prompts` set: the config's, or (0) the largest chunk of at most `most` prompts whose
+  """`sc` with its rollout size set: the config's, or (0) the largest of at most `most` prompts whose
   rollout fits beside the device arrays `resident` (optimizer state, reference policy), by the memory
-  planner on this run's devices."""
-  if sc.chunk_prompts:
+  planner on this run's devices: `chunk_prompts` for the dense engine, `prompts_in_flight` for the paged."""
+  field = "prompts_in_flight" if sc.kv_cache == "paged" else "chunk_prompts"
+  if getattr(sc, field):
     return sc
-  chunk = memory_plan.auto_chunk(config, b.mesh, b.mcfg, sc, most, memory_plan.device_bytes(resident),
-                                 branching=sc.max_branches != 0)
-  return dataclasses.replace(sc, chunk_prompts=chunk)
+  size = memory_plan.auto_chunk(config, b.mesh, b.mcfg, sc, most, memory_plan.device_bytes(resident),
+                                branching=sc.max_branches != 0)
+  return dataclasses.replace(sc, **{field: size})
 
 
 def make_source(config: ml_collections.ConfigDict, split_seed: int = 0):
