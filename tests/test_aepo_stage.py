@@ -88,6 +88,24 @@ def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
   assert _rows(resumed.workdir) == rows
 
 
+@pytest.mark.slow
+def test_paged_and_dense_engines_run_the_same_steps(tmp_path):
+  """The tiny AEPO stage's first steps are the same on either rollout engine (the paged one refilling
+  three groups in flight two at a time, the dense one in chunks of two): every metric of every step."""
+  runs = {}
+  for kv, extra in (("dense", dict(chunk_prompts=2)), ("paged", dict(prompts_in_flight=3, chunk_prompts=2,
+                                                                      page_size=4))):
+    c = tiny_rl_config(str(tmp_path / kv), 2)
+    c.warm_start.steps = 0
+    c.rollout.max_response_length = 24
+    c.rollout.kv_cache = kv
+    c.rollout.update(extra)
+    aepo_stage.run(c)
+    runs[kv] = _rows(c.workdir)
+  assert any(r["branches"] > 0 for r in runs["dense"])
+  assert runs["paged"] == runs["dense"]
+
+
 @pytest.mark.parametrize("name", ["aepo_3b.py", "aepo_7b.py"])
 def test_full_update_lowers_at_real_shapes(name):
   """The compiled micro-step (AEPO loss, gradients, accumulation) and apply lower at real shapes."""
