@@ -133,6 +133,10 @@ def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shape
   of `chunk` prompts (prefill with the vision tower, decode loop); for "paged" `chunk` groups in flight
   (`paged_programs`)."""
   weights = st.compile(decode_weights, st.mcfg, st.params, sc.lora_merged)
+  # placed as `generate` places them (whole on every device where they fit): the row shows the placed copy
+  layout = sampler.decode_weight_layout(weights.out, int(st.hbm_gib * GIB))
+  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), weights.out, layout)
+  weights = dataclasses.replace(weights, out=placed, out_bytes=sharding.device_bytes_of(placed, layout))
   if sc.kv_cache == "paged":
     return paged_programs(st, sc, chunk, shapes, resident, weights, branching=branching, label=label, costs=costs)
   sc = dataclasses.replace(sc, chunk_prompts=chunk)

@@ -112,6 +112,32 @@ def param_shardings(boxed_params: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+BATCH_AXES = ("data", "fsdp")
+
+
+def without_batch_axes(tree: Any) -> Any:
+  """Each leaf's NamedSharding with the batch axes (`data`, `fsdp`) dropped, kept over `tensor`: how a
+  program that reads the whole of an array at every step should hold it. FSDP-sharded decode weights,
+  for one, would be gathered at every decode step (`sampler.decode_weight_layout`)."""
+  def drop(entry):
+    names = entry if isinstance(entry, tuple) else (entry,)
+    kept = tuple(n for n in names if n is not None and n not in BATCH_AXES)
+    return kept if len(kept) > 1 else (kept[0] if kept else None)
+
+  def one(x):
+    s = x.sharding
+    return NamedSharding(s.mesh, PartitionSpec(*map(drop, s.spec))) if isinstance(s, NamedSharding) else s
+  return jax.tree.map(one, tree)
+
+
+def device_bytes_of(tree: Any, shardings: Any) -> int:
+  """Bytes one device holds of `tree` (arrays or ShapeDtypeStructs) laid out by `shardings`."""
+  total = 0
+  for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    total += int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+  return total
+
+
 def replicate_rest(tree: Any, mesh: Mesh) -> Any:
   """Places every leaf not already sharded over `mesh` replicated on it (step counters, RNG keys,
   optimizer counts), so a train state is one consistent pytree for jit, checkpoints and restore."""

@@ -24,7 +24,7 @@ from ares_jax.models.qwen25vl import ModelInputs, check_inputs, prepare_vision
 from ares_jax.models.vision import VisionInputs
 from ares_jax.sampling.config import Rollouts, SamplingConfig
 from ares_jax.sampling import refill
-from ares_jax.sampling.sampler import decode_weights, rollout_chunk
+from ares_jax.sampling.sampler import decode_weight_layout, decode_weights, device_memory, rollout_chunk
 
 
 def left_align(ids: np.ndarray, mask: np.ndarray, bucket: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -157,6 +157,7 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
             np.arange(len(rows)), group) * group, -1)}))
   with sharding.mesh_context_of(params):
     weights = decode_weights(config, params, sc.lora_merged)
+    weights = jax.device_put(weights, decode_weight_layout(weights, device_memory()))
   if sc.kv_cache == "paged":
     out = refill.run(config, params, weights, chunks, sc, key, tau, budgets=budgets, on_done=report)
   else:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
 
+from ares_jax import sharding
 from ares_jax.models import lora
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.layers import cache_reader
@@ -218,6 +219,26 @@ def decode_weights(config: ModelConfig, params, lora_merged: bool = True) -> tup
     layers = tuple(lora.merge_into(lora.base_params(l), lora.adapters(l), config.lora.scale, n_lead=0)
                    for l in layers)
   return cast(top), cast(layers)
+
+
+DECODE_WEIGHTS_SHARE = 0.25  # of a device's memory that whole decode weights may take
+
+
+def decode_weight_layout(weights: tuple, hbm_bytes: int | None) -> tuple:
+  """Shardings for `decode_weights`: whole on every device (over `tensor` only) when that takes at most
+  DECODE_WEIGHTS_SHARE of `hbm_bytes` (None: unknown, as on CPU), else as they are. FSDP-sharded
+  weights would be all-gathered at every decode step (memory plans count it: `collective_bytes`); held
+  whole they cost memory once per `generate` call instead (at 7B in bf16, 14 GiB on every device)."""
+  whole = sharding.without_batch_axes(weights)
+  if hbm_bytes and sharding.device_bytes_of(weights, whole) > DECODE_WEIGHTS_SHARE * hbm_bytes:
+    return jax.tree.map(lambda x: x.sharding, weights)
+  return whole
+
+
+def device_memory() -> int | None:
+  """The first device's memory in bytes, if its backend says (TPU and GPU do, CPU does not)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
 
 
 def decode_config(config: ModelConfig, sc: SamplingConfig) -> ModelConfig:
