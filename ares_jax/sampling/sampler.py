@@ -1,17 +1,21 @@
-"""The compiled rollout program of one chunk of prompts: one prefill, then a `lax.while_loop` of cached
-decode steps that samples, scores (log-prob, exact entropy, window entropy, HWE marks) and forks.
+"""The decode step both rollout engines run, and the dense engine's compiled rollout of one chunk.
 
-Layout: every prompt owns G = n + max_branches consecutive trajectory slots; roots first, branch
-slots after them, filled in order. The KV cache is position-indexed, L arrays [S, C, K, D] (one per
-layer, so a decode step reads and updates each in place) with C = T + max_new_tokens: slots 0..T-2
-hold the prompt but its last token, and the token fed at step k of a trajectory (the last prompt
-token, then each sampled token) is written to T-1+k. So rewinding a trajectory to response position t
-is just setting its length to t.
+`decode_one` feeds every slot's pending token, samples, scores (log-prob, exact entropy, window entropy,
+HWE marks) and forks; the KV it reads and writes is `DecodeState.cache`, one of two layouts with the same
+three methods (readers for the attention, write, fork):
+  - `DenseCache` (`rollout.kv_cache="dense"`, `rollout_chunk`): position-indexed rows, L arrays [S, C, K, D]
+    with C = T + max_new_tokens. Columns 0..T-2 hold the prompt but its last token, and the token fed at
+    step k of a trajectory (the last prompt token, then each sampled token) is written to T-1+k; every
+    slot has its own copy of the prompt, and a fork copies its parent's row.
+  - `paged.PagedCache` (the default; `refill.py` drives it): the prompt once per group, responses in pages.
+Every prompt owns G = n + max_branches consecutive slots; roots first, branch slots after them, filled in
+order. Rewinding a trajectory to response position t is just setting its length to t.
 
 Decode runs the layers unrolled over per-layer weight buffers in the compute dtype (`decode_weights`,
-made once per `generate` call): the price is one extra copy of the decoder weights while sampling,
-the gain 2.06x per decode step on an H100 (~1.8B, bf16, batch 64; benchmarks/README.md). The host
-side (chunking, input preparation, results) is `sampling.chunks`.
+made once per `generate` call and held whole on each device where they fit, `decode_weight_layout`):
+the price is one extra copy of the decoder weights while sampling, the gain 2.06x per decode step on an
+H100 (~1.8B, bf16, batch 64; benchmarks/README.md). The host side (chunking, input preparation,
+results) is `sampling.chunks`.
 """
 
 from __future__ import annotations

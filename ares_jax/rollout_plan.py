@@ -1,0 +1,158 @@
+"""The rollout's device programs in a memory plan, and the largest rollout that fits: prompts per call
+for the dense engine, groups in flight for the paged one (`largest_rollout_chunk`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from ares_jax import sampling, sharding
+from ares_jax.compiled_memory import GIB, Compiled, ProgramPlan, abstract_like, plan_row
+from ares_jax.sampling import chunks as chunks_lib
+from ares_jax.sampling import paged, refill, sampler
+from ares_jax.sampling.sampler import decode_weights, rollout_chunk
+from ares_jax.plan_inputs import Setting, Shapes, synthetic_batch
+from ares_jax.train import sequences
+
+
+def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shapes: Shapes, resident: int,
+                     branching: bool = True, label: str = "rollout", costs: bool = True) -> list[ProgramPlan]:
+  """The per-call decode-weight copy and the rollout's programs: for `rollout.kv_cache="dense"` one chunk
+  of `chunk` prompts (prefill with the vision tower, decode loop); for "paged" `chunk` groups in flight
+  (`paged_programs`)."""
+  weights = st.compile(decode_weights, st.mcfg, st.params, sc.lora_merged)
+  # placed as `generate` places them (whole on every device where they fit): the row shows the placed copy
+  layout = sampler.decode_weight_layout(weights.out, int(st.hbm_gib * GIB))
+  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), weights.out, layout)
+  weights = dataclasses.replace(weights, out=placed, out_bytes=sharding.device_bytes_of(placed, layout))
+  if sc.kv_cache == "paged":
+    return paged_programs(st, sc, chunk, shapes, resident, weights, branching=branching, label=label, costs=costs)
+  sc = dataclasses.replace(sc, chunk_prompts=chunk)
+  c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, chunk), sc)[0]
+  prompts, key = abstract_like((c.inputs, jax.random.key(0)), st.mesh)
+  tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
+  offset = abstract_like(np.int32(0), st.mesh)
+  budget = abstract_like(np.zeros((chunk,), np.int32), st.mesh)
+  roll = st.compile(rollout_chunk, st.mcfg, sc, st.params, weights.out, prompts, key, tau, prompt_offset=offset,
+                    budget=budget)
+  desc = f"{chunk} prompts x {sc.n + sc.branches(branching)} slots, {shapes.prompt_width} + {sc.max_new_tokens}"
+  if shapes.images_per_prompt:
+    desc += f", {chunk * shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
+  return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
+                   resident, st.hbm_gib),
+          plan_row(f"{label} chunk (prefill + decode loop)", desc + shapes.note, roll, resident, st.hbm_gib)]
+
+
+def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shapes: Shapes, resident: int,
+                   weights: Compiled, *, branching: bool, label: str, costs: bool) -> list[ProgramPlan]:
+  """The paged engine's programs with `n_groups` groups in flight: prefilling a chunk of prompts into
+  free groups, and the decode loop. With `costs`, one decode step compiled apart at half the response
+  budget live (`PagedCache.cost_blocks`) gives the decode row's flops, bytes and collectives per step,
+  beside the dense engine's step at the same shapes (bytes per prompt-step of both in the JSON)."""
+  group = sc.n + sc.branches(branching)
+  prefill = sc.chunk_prompts or max(1, n_groups // 8)  # `refill.layout` for a step of more prompts
+  c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, prefill),
+                             dataclasses.replace(sc, chunk_prompts=prefill))[0]
+  t_prompt = c.inputs.ids.shape[1]
+  state = st.compile(refill.start, st.mcfg, sc, n_groups, group, t_prompt).out
+  prompts, key = abstract_like((c.inputs, jax.random.key(0)), st.mesh)
+  per_prompt = abstract_like(np.zeros((prefill,), np.int32), st.mesh)
+  admit = st.compile(refill.admit, st.mcfg, sc, st.params, state, prompts, per_prompt, per_prompt, per_prompt)
+  tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
+  decode = st.compile(refill.decode, st.mcfg, sc, weights.out, state, key, tau, abstract_like(np.int32(0), st.mesh))
+  img = f", {shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px" if shapes.images_per_prompt else ""
+  desc = f"{n_groups} groups in flight x {group} slots, {t_prompt} + {sc.max_new_tokens}, pages of {sc.page_size}"
+  extra: tuple = ()
+  if costs:
+    live = max(sc.max_new_tokens // 2, 1)
+    span = paged.block_pages_for(sc.page_size) * sc.page_size
+    at_live = state.replace(cache=state.cache.replace(cost_blocks=-(-live // span)))
+    step = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out, at_live, key)
+    dense = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out,
+                       dense_state(st, sc, n_groups, group, t_prompt), key)
+    decode = dataclasses.replace(decode, flops=step.flops, bytes_accessed=step.bytes_accessed,
+                                 collective_bytes=step.collective_bytes)
+    per_step = lambda c: None if c.bytes_accessed is None else c.bytes_accessed / n_groups
+    extra = (("decode_step_live_tokens", live), ("decode_step_bytes", step.bytes_accessed),
+             ("bytes_per_prompt_step", per_step(step)), ("dense_decode_step_bytes", dense.bytes_accessed),
+             ("dense_bytes_per_prompt_step", per_step(dense)),
+             ("dense_decode_step_collective_bytes", dense.collective_bytes))
+    desc += f"; cost columns: one step at {live} live response tokens"
+  return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
+                   resident, st.hbm_gib),
+          plan_row(f"{label}: prefill into free groups", f"{prefill} prompts{img}", admit, resident, st.hbm_gib),
+          plan_row(f"{label}: paged decode loop", desc + shapes.note, decode, resident, st.hbm_gib, extra)]
+
+
+def dense_state(st: Setting, sc: sampling.SamplingConfig, n_prompts: int, group: int, t_prompt: int) -> Any:
+  """The dense engine's decode state at these shapes as abstract arrays (not compiled: it need not fit),
+  its caches sharded as `rollout_chunk` shards them."""
+  shapes = jax.eval_shape(lambda: sampler.dense_start(st.mcfg, sc, n_prompts, group, t_prompt))
+  cache_spec = ("cache_batch", None, "cache_heads", None)
+  def place(x):
+    names = cache_spec if x.ndim == 4 else (("cache_batch",) + (None,) * (x.ndim - 1) if x.ndim else ())
+    spec = sharding.logical_to_spec(names, x.shape, st.mesh)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(st.mesh, spec))
+  return jax.tree.map(place, shapes)
+
+
+def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shapes, resident: int, most: int,
+                          branching: bool = True) -> tuple[int, list[ProgramPlan]]:
+  """The largest prompts-per-call that fits beside `resident` bytes, up to `most`. Chunks are multiples
+  of the smallest one whose slots divide evenly over the batch-sharding devices (else the KV cache
+  would be replicated). A rollout's memory is close to affine in its prompts (the KV cache and the
+  per-slot buffers) though bucketed shapes bend it, so two small compiles start a bracketed search by
+  interpolation that ends within a sixteenth: a handful of compiles, never one of the whole batch.
+  The paged engine's groups in flight are searched the same way (multiples of the batch-sharding devices,
+  its group axis being the sharded one), without the cost compiles.
+  Returns (chunk, its plans); (0, []) when not even the smallest fits."""
+  batch_devices = st.mesh.shape["data"] * st.mesh.shape["fsdp"]
+  base = batch_devices // math.gcd(batch_devices, sc.n + sc.branches(branching))
+  if sc.kv_cache == "paged":
+    base = batch_devices
+  budget = st.config.plan.usable * st.hbm_gib * GIB
+  top = sequences.round_up(most, base)
+  def plan(n):
+    plans = rollout_programs(st, sc, n, shapes, resident, branching, costs=False)
+    logging.info("rollout chunk (paged: groups in flight) of %d prompts: peak %.2f GiB (budget %.2f GiB)", n, peak(plans) / GIB, budget / GIB)
+    return plans
+  peak = lambda plans: max(p.peak for p in plans)
+  small = plan(base)
+  if peak(small) > budget:
+    return 0, []
+  if top == base:
+    return base, small
+  # Bracket the largest fitting chunk between one that fits (lo) and one that does not (hi), guessing
+  # by linear interpolation (extrapolation while hi is unknown); stop within a sixteenth.
+  lo, lo_plans, lo_peak = base, small, peak(small)
+  hi, hi_peak = None, None
+  second = min(8 * base, top)  # far enough from the first point for a slope that buckets do not hide
+  probe = plan(second)
+  slope = max((peak(probe) - lo_peak) / (second - base), 1.0)
+  if peak(probe) <= budget:
+    lo, lo_plans, lo_peak = second, probe, peak(probe)
+  else:
+    hi, hi_peak = second, peak(probe)
+  while lo < top:
+    if hi is None:
+      guess = min(top, int((budget - lo_peak) / slope) + lo)
+    else:
+      if hi - lo <= max(base, lo // 16):
+        break
+      guess = lo + int((budget - lo_peak) / max(hi_peak - lo_peak, 1.0) * (hi - lo))
+    guess = guess // base * base
+    guess = min(max(guess, lo + base), top if hi is None else hi - base)
+    if hi is not None and guess <= lo:
+      break
+    plans = plan(guess)
+    if peak(plans) <= budget:
+      slope = max((peak(plans) - lo_peak) / (guess - lo), 1.0)
+      lo, lo_plans, lo_peak = guess, plans, peak(plans)
+    else:
+      hi, hi_peak = guess, peak(plans)
+  return lo, lo_plans
