@@ -9,10 +9,12 @@ outputs / temporaries as `memory_analysis()` gives them, with its flops and byte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import tempfile
 from typing import Any, Callable, Optional
 
 import jax
@@ -202,39 +204,37 @@ def collectives(hlo_text: str) -> int:
   return total
 
 
-_COLLECTIVE_OPS = ("AllGather", "AllReduce", "ReduceScatter", "AllToAll", "CollectivePermute")
-
-
-def collectives_of(compiled: Any) -> int:
-  """`collectives` of a compiled program, read instruction by instruction (printing a whole TPU module
-  can fail on its async wrappers: "async-update instruction should have 1 operands")."""
-  lines = [ins.to_string() for module in compiled.runtime_executable().hlo_modules()
-           for comp in module.computations() for ins in comp.instructions()
-           if any(op in str(ins.opcode) for op in _COLLECTIVE_OPS) and "Done" not in str(ins.opcode)]
-  return collectives("\n".join(lines))
-
-
-def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, **kwargs) -> Compiled:
+def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, count_collectives: bool = False,
+                    **kwargs) -> Compiled:
   """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it.
 
   XLA refuses to compile a TPU program whose temporaries exceed HBM, naming what it wanted: that
   figure is the program's temporaries (its outputs are then unknown: counted as 0, and its cost is
-  unknown). Flops and bytes accessed are per device (`cost`)."""
-  with sharding.mesh_context(mesh):
+  unknown). Flops and bytes accessed are per device (`cost`). `count_collectives`: also the bytes its
+  collectives produce (`collectives`), read from the optimized HLO that XLA dumps (a TPU module read
+  back through `Compiled.as_text` can fail on its async wrappers: "async-update instruction should have
+  1 operands")."""
+  dump = tempfile.TemporaryDirectory() if count_collectives else contextlib.nullcontext()
+  with sharding.mesh_context(mesh), dump as where:
     lowered = fn.lower(*args, **kwargs)
     try:
-      compiled = lowered.compile()
+      options = {"xla_dump_to": where, "xla_dump_hlo_as_text": True} if where else None
+      compiled = lowered.compile(compiler_options=options)
     except jax.errors.JaxRuntimeError as e:
       found = _HBM_OOM.search(str(e))
       if not found:
         raise
       temp = float(found.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": GIB << 10}[found.group(2)]
       return Compiled(None, device_bytes((args, kwargs)), 0, 0, int(temp))
+    n_collective = None
+    if where:
+      texts = [p for p in os.listdir(where) if p.endswith(".after_optimizations.txt")]
+      n_collective = sum(collectives(open(os.path.join(where, p)).read()) for p in texts) if texts else None
   m = compiled.memory_analysis()
   flops, bytes_accessed = cost(compiled)
   return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                   int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), flops, bytes_accessed,
-                  collectives_of(compiled))
+                  n_collective)
 
 
 def plan_row(name: str, shapes: str, c: Compiled, resident: int, hbm_gib: float,

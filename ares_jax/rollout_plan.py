@@ -72,9 +72,9 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
     live = max(sc.max_new_tokens // 2, 1)
     span = paged.block_pages_for(sc.page_size) * sc.page_size
     at_live = state.replace(cache=state.cache.replace(cost_blocks=-(-live // span)))
-    step = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out, at_live, key)
+    step = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out, at_live, key, count_collectives=True)
     dense = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out,
-                       dense_state(st, sc, n_groups, group, t_prompt), key)
+                       dense_state(st, sc, n_groups, group, t_prompt), key, count_collectives=True)
     decode = dataclasses.replace(decode, flops=step.flops, bytes_accessed=step.bytes_accessed,
                                  collective_bytes=step.collective_bytes)
     per_step = lambda c: None if c.bytes_accessed is None else c.bytes_accessed / n_groups
