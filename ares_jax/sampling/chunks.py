@@ -1,11 +1,13 @@
-"""`generate`: a batch of prompts rolled out in memory-bounded chunks of the compiled program.
+"""`generate`: a batch of prompts rolled out by either engine, fed in equally shaped chunks.
 
-A rollout's device memory grows with the prompts decoded together (the KV cache is
-P x (n + branches) x (T + N) tokens, the vision tower sees every image of the chunk), so a step's
-512 prompts at 7B cannot be one program; `SamplingConfig.chunk_prompts` bounds it (the memory
-planner, `ares_jax.plan`, finds the largest chunk that fits). Every chunk has the same shapes — the
-prompt width of the whole batch, the image slot count of the largest chunk, the last chunk filled with
-copies of a prompt whose slots are dropped — so a step compiles one program whatever its chunking.
+A rollout's device memory grows with the prompts decoded together, so a step's 512 prompts at 7B
+cannot be one program. The paged engine (`refill.py`) keeps `prompts_in_flight` groups decoding and
+prefills the waiting prompts `chunk_prompts` at a time as groups end; the dense engine runs one
+compiled rollout per chunk of `chunk_prompts` (its KV cache is P x (n + branches) x (T + N) tokens, the
+vision tower sees every image of the chunk). The memory planner (`ares_jax.plan`) finds the largest
+size that fits. Every chunk has the same shapes (the prompt width of the whole batch, the image slot
+count of the largest chunk, the last chunk filled with copies of a prompt whose slots are dropped), so
+a step compiles one program per engine part whatever its chunking.
 Random streams are keyed by (prompt, slot, position), so chunking does not change what is sampled.
 """
 
@@ -123,6 +125,13 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
   return chunks
 
 
+def _renumbered(part: dict, n_prompts: int, group: int) -> Rollouts:
+  """The record of `n_prompts` groups read back together, slots and parents numbered from 0."""
+  local = np.repeat(np.arange(n_prompts), group)
+  parent = np.where(part["parent"] >= 0, part["parent"] % group + local * group, -1)
+  return Rollouts(**{**part, "parent": parent}, prompt_index=local.astype(np.int32))
+
+
 def generate(config: ModelConfig, params, batch: dict, sampling_config: SamplingConfig, key: jax.Array,
              tau_high: float | None = None, *, budgets=None,
              on_done: Callable[[np.ndarray, Rollouts], None] | None = None) -> Rollouts:
@@ -150,11 +159,7 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   budgets = np.minimum(budgets, sc.max_new_tokens).astype(np.int32)
   group = sc.n + sc.branches(tau_high is not None)
   tau = None if tau_high is None else np.float32(tau_high)
-  report = None
-  if on_done is not None:
-    report = lambda rows, part: on_done(rows, Rollouts(prompt_index=np.repeat(np.arange(len(rows)), group).astype(
-        np.int32), **{**part, "parent": np.where(part["parent"] >= 0, part["parent"] % group + np.repeat(
-            np.arange(len(rows)), group) * group, -1)}))
+  report = None if on_done is None else lambda rows, part: on_done(rows, _renumbered(part, len(rows), group))
   with sharding.mesh_context_of(params):
     weights = decode_weights(config, params, sc.lora_merged)
     weights = jax.device_put(weights, decode_weight_layout(weights, device_memory()))

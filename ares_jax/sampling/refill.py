@@ -30,10 +30,6 @@ from ares_jax.sampling.config import SamplingConfig
 from ares_jax.sampling.sampler import (DecodeState, StepConsts, admit_slots, decode_config, decode_one,
                                        initial_slots, prompt_ends, results)
 
-RESULT_KEYS = ("tokens", "logprobs", "entropy", "window_entropy", "window_valid", "hwe", "length", "parent",
-               "fork_pos")
-
-
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def start(config: ModelConfig, sc: SamplingConfig, n_groups: int, group: int, t_prompt: int) -> DecodeState:
   """F empty groups of G slots for prompts of width T."""
