@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -103,6 +104,47 @@ def assert_same_grades(a, b) -> None:
   np.testing.assert_array_equal(a.accuracy, b.accuracy)
   np.testing.assert_array_equal(a.format, b.format)
   assert (a.timeouts, a.errors) == (b.timeouts, b.errors)
+
+
+class LetterTokenizer:
+  """Token t decodes to letter t ("a" = 0): enough of a tokenizer for `Rollouts.texts`."""
+
+  def batch_decode(self, ids, skip_special_tokens=True):
+    return ["".join(chr(ord("a") + t) for t in row) for row in ids]
+
+
+def test_groups_graded_as_they_end_give_the_grades_of_grading_afterwards():
+  """`EarlyGrading.on_done` gets groups of prompts in the order they end, each numbered from 0 as `generate`
+  reports them (unused branch slots among them); `grade` then returns what grading every slot afterwards does."""
+  import test_grading  # pylint: disable=g-import-not-at-top
+
+  group, n_prompts, width = 3, 5, 4
+  rng = np.random.default_rng(0)
+  s = n_prompts * group
+  tokens = rng.integers(0, 2, (s, width)).astype(np.int32)  # responses over {a, b}
+  length = rng.integers(1, width + 1, s).astype(np.int32)
+  length[[2, 8, 14]] = 0  # branch slots never forked
+  zeros = np.zeros((s, width), np.float32)
+  rollouts = aepo_stage.sampling.Rollouts(
+      tokens=tokens, logprobs=zeros, entropy=zeros, window_entropy=zeros, window_valid=zeros > 0, hwe=zeros > 0,
+      length=length, prompt_index=np.repeat(np.arange(n_prompts), group).astype(np.int32),
+      parent=np.full(s, -1, np.int32), fork_pos=np.full(s, -1, np.int32))
+  tok = LetterTokenizer()
+  answers = tok.batch_decode([rollouts.response(g * group).tolist() for g in range(n_prompts)])  # root 0 is right
+  with aepo_stage.Grader(workers=2, timeout_s=20, fn=test_grading.suffixed) as grader:
+    early = aepo_stage.EarlyGrading(grader.batch(), answers, tok)
+    for rows in ([3], [0, 4], [2], [1]):  # as the groups end
+      rows = np.asarray(rows)
+      slots = (rows[:, None] * group + np.arange(group)).reshape(-1)
+      part = {f.name: getattr(rollouts, f.name)[slots] for f in dataclasses.fields(rollouts)}
+      part["prompt_index"] = np.repeat(np.arange(len(rows)), group).astype(np.int32)
+      early.on_done(rows, aepo_stage.sampling.Rollouts(**part))
+    got = aepo_stage.grade(grader, rollouts, answers, tok, early)
+    want = aepo_stage.grade(grader, rollouts, answers, tok)
+  assert 0 < want[0].sum() < len(rollouts.used.nonzero()[0])  # some right, some wrong
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  assert_same_grades(got[2], want[2])
 
 
 @pytest.mark.slow
