@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from ares_jax.stages import aepo as aepo_stage
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.aepo.step import AepoBatch, LossSettings, aepo_loss_fn
 from ares_jax.data.batching import Prompt
+from ares_jax.data.grading import GradingBatch
 from ares_jax.train.sequences import pack
 from ares_jax.train.update import MicroBatch, Updater
 from tiny_configs import load_config, small_rl
@@ -50,21 +52,99 @@ STEP_METRICS = ("loss", "reward/mean", "accuracy/mean", "tau_high", "kl", "clip_
                                      for b in ("easy", "medium", "hard")))
 
 
-def test_one_short_aepo_step(tmp_path):
+def test_one_short_aepo_step(tmp_path, monkeypatch):
   """The quick tier's AEPO step: the stage runs one step (rollout, grading, statistics, update, metrics,
   checkpoint, export) on the tiny config, text only and without its warm start (compiling is most of it);
-  every step metric is written."""
+  every step metric is written. The groups put to the grader as they ended are exactly the used slots'
+  texts and answers, and their grades are what grading every slot after decoding gives (so the overlap
+  leaves the metrics as they were)."""
   c = tiny_rl_config(str(tmp_path), 1)
   c.warm_start.steps = 0
   c.rollout.max_response_length = 16
   c.data.images = False
+  early_puts, compared = [], []
+  real_put, real_grade = GradingBatch.put, aepo_stage.grade
+
+  def recording_put(self, responses, golds, extra=None, keys=None):
+    if keys is not None:  # the step's groups (grading afterwards and held-out evaluation put no keys)
+      early_puts.append((np.asarray(keys), list(responses), list(golds)))
+    return real_put(self, responses, golds, extra, keys)
+
+  def grade_both_ways(grader, rollouts, answers, tokenizer, early=None):
+    out = real_grade(grader, rollouts, answers, tokenizer, early)
+    assert early is not None and early_puts
+    keys = np.concatenate([k for k, _, _ in early_puts])
+    responses = [r for _, rs, _ in early_puts for r in rs]
+    golds = [g for _, _, gs in early_puts for g in gs]
+    order = np.argsort(keys)
+    used, texts = rollouts.texts(tokenizer)
+    np.testing.assert_array_equal(keys[order], used)
+    assert [responses[i] for i in order] == texts
+    assert [golds[i] for i in order] == [answers[p] for p in rollouts.prompt_index[used]]
+    after = real_grade(grader, rollouts, answers, tokenizer)  # every used slot graded now, as before the overlap
+    np.testing.assert_array_equal(out[0], after[0])
+    np.testing.assert_array_equal(out[1], after[1])
+    assert_same_grades(out[2], after[2])
+    compared.append(len(early_puts))
+    return out
+
+  monkeypatch.setattr(GradingBatch, "put", recording_put)
+  monkeypatch.setattr(aepo_stage, "grade", grade_both_ways)
   out = aepo_stage.run(c)
+  assert compared  # the step graded through the early path
   rows = _rows(c.workdir)
   assert [r["step"] for r in rows] == [1] and rows[0]["update_skipped"] == 0
   for key in STEP_METRICS:
     assert key in rows[0], key
   assert np.isfinite(rows[0]["loss"]) and out["skipped_rows"] == {}
   assert (Path(c.workdir) / "policy" / "config.json").exists()
+
+
+def assert_same_grades(a, b) -> None:
+  np.testing.assert_array_equal(a.accuracy, b.accuracy)
+  np.testing.assert_array_equal(a.format, b.format)
+  assert (a.timeouts, a.errors) == (b.timeouts, b.errors)
+
+
+class LetterTokenizer:
+  """Token t decodes to letter t ("a" = 0): enough of a tokenizer for `Rollouts.texts`."""
+
+  def batch_decode(self, ids, skip_special_tokens=True):
+    return ["".join(chr(ord("a") + t) for t in row) for row in ids]
+
+
+def test_groups_graded_as_they_end_give_the_grades_of_grading_afterwards():
+  """`EarlyGrading.on_done` gets groups of prompts in the order they end, each numbered from 0 as `generate`
+  reports them (unused branch slots among them); `grade` then returns what grading every slot afterwards does."""
+  import test_grading  # pylint: disable=g-import-not-at-top
+
+  group, n_prompts, width = 3, 5, 4
+  rng = np.random.default_rng(0)
+  s = n_prompts * group
+  tokens = rng.integers(0, 2, (s, width)).astype(np.int32)  # responses over {a, b}
+  length = rng.integers(1, width + 1, s).astype(np.int32)
+  length[[2, 8, 14]] = 0  # branch slots never forked
+  zeros = np.zeros((s, width), np.float32)
+  rollouts = aepo_stage.sampling.Rollouts(
+      tokens=tokens, logprobs=zeros, entropy=zeros, window_entropy=zeros, window_valid=zeros > 0, hwe=zeros > 0,
+      length=length, prompt_index=np.repeat(np.arange(n_prompts), group).astype(np.int32),
+      parent=np.full(s, -1, np.int32), fork_pos=np.full(s, -1, np.int32))
+  tok = LetterTokenizer()
+  answers = tok.batch_decode([rollouts.response(g * group).tolist() for g in range(n_prompts)])  # root 0 is right
+  with aepo_stage.Grader(workers=2, timeout_s=20, fn=test_grading.suffixed) as grader:
+    early = aepo_stage.EarlyGrading(grader.batch(), answers, tok)
+    for rows in ([3], [0, 4], [2], [1]):  # as the groups end
+      rows = np.asarray(rows)
+      slots = (rows[:, None] * group + np.arange(group)).reshape(-1)
+      part = {f.name: getattr(rollouts, f.name)[slots] for f in dataclasses.fields(rollouts)}
+      part["prompt_index"] = np.repeat(np.arange(len(rows)), group).astype(np.int32)
+      early.on_done(rows, aepo_stage.sampling.Rollouts(**part))
+    got = aepo_stage.grade(grader, rollouts, answers, tok, early)
+    want = aepo_stage.grade(grader, rollouts, answers, tok)
+  assert 0 < want[0].sum() < len(rollouts.used.nonzero()[0])  # some right, some wrong
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  assert_same_grades(got[2], want[2])
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from ares_jax.data import grading
 
@@ -31,6 +32,12 @@ def slow_grade_one(response: str, gold: str) -> float:
 
 def suffixed(response: str, gold: str, suffix: str = "") -> float:
   return float(response + suffix == gold)
+
+
+def sleepy(response: str, gold: str) -> float:
+  """0.25 s per item: grading whose length is known (the overlap test)."""
+  time.sleep(0.25)
+  return float(response == gold)
 
 
 def test_last_boxed_and_format():
@@ -66,6 +73,58 @@ def test_each_item_gets_its_own_extra_arguments():
   np.testing.assert_array_equal(out.accuracy, [1, 1, 1, 0])
 
 
+def test_a_batch_put_out_of_order_grades_what_grade_does():
+  """Groups put as they come (keys out of order, a hung and a crashing item among them) give `grade`'s grades
+  in key order; `put` never waits for a worker; closing the grader fails a batch still in flight."""
+  responses = ["a", "hang", "b", "crash", "c", "slow d", "e"]
+  golds = ["a", "x", "b", "x", "z", "d", "y"]
+  with grading.Grader(workers=2, timeout_s=1.0, fn=slow_or_crashing, grace_s=0.5) as g:
+    want = g.grade(responses, golds)
+    batch = g.batch()
+    t0 = time.perf_counter()
+    for part in ([5, 1], [0, 6, 3], [4, 2]):
+      batch.put([responses[i] for i in part], [golds[i] for i in part], keys=part)
+    assert time.perf_counter() - t0 < 1.0  # less than the hung item's timeout
+    got = batch.result()
+    np.testing.assert_array_equal(want.accuracy, [1, 0, 1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(got.accuracy, want.accuracy)
+    np.testing.assert_array_equal(got.format, want.format)
+    assert (got.timeouts, got.errors) == (want.timeouts, want.errors) == (1, 1)
+    cut = g.batch()
+    cut.put(["hang"], ["x"])
+    g.close()
+    with pytest.raises(RuntimeError, match="closed"):
+      cut.result()
+    assert g.grade(["a"], ["a"]).accuracy[0] == 1  # a later grade starts new workers
+
+
+def test_a_batch_is_graded_while_the_main_thread_is_inside_jax_calls():
+  """8 items of 0.25 s on 2 workers are 1 s of grading (`grade` waits that long); put before 3 s of jitted
+  calls on the main thread, they are all graded by the end of them, so `result` returns at once."""
+  import jax
+  import jax.numpy as jnp
+
+  work = jax.jit(lambda x: jnp.tanh(x @ x))
+  x = work(jnp.full((256, 256), 0.01)).block_until_ready()
+  responses, golds = [f"r{i}" for i in range(8)], [f"r{i}" if i % 3 else "x" for i in range(8)]
+  with grading.Grader(workers=2, timeout_s=30, fn=sleepy) as g:
+    g.grade(["warm"], ["warm"])  # workers started
+    t0 = time.perf_counter()
+    want = g.grade(responses, golds)
+    assert time.perf_counter() - t0 >= 0.95  # the grading to hide
+    batch = g.batch()
+    t0 = time.perf_counter()
+    batch.put(responses, golds)
+    while time.perf_counter() - t0 < 3.0:
+      x = work(x).block_until_ready()
+    t1 = time.perf_counter()
+    got = batch.result()
+    waited = time.perf_counter() - t1
+  assert waited < 0.2, waited
+  np.testing.assert_array_equal(got.accuracy, want.accuracy)
+  np.testing.assert_array_equal(got.accuracy, [0, 1, 1, 0, 1, 1, 0, 1])
+
+
 # Grades 12 slow items (0.2 s each, 2 workers) while a timer sends SIGTERM to the whole process group, as a
 # scheduler or `kill -TERM -<pgid>` does; this process's own handler only records it, as the run's does.
 GROUP_SIGTERM = """
@@ -77,7 +136,7 @@ got = []
 signal.signal(signal.SIGTERM, lambda *_: got.append(1))
 g = grading.Grader(workers=2, timeout_s=5.0, fn=test_grading.slow_or_crashing)
 g.grade(["a"], ["a"])  # workers started
-print("WORKERS", *[w.process.pid for w in g._pool], flush=True)
+print("WORKERS", *g._feeder.pids(), flush=True)
 threading.Timer(0.3, os.killpg, (os.getpgid(0), signal.SIGTERM)).start()
 out = g.grade(["slow a", "slow b"] * 6, ["a", "x"] * 6)
 print("SIGTERM", len(got), "ACC", "".join(str(int(a)) for a in out.accuracy), "TIMEOUTS", out.timeouts, flush=True)

@@ -89,7 +89,8 @@ main.cli()
 
 
 # `python -c GROUP_SIGTERM_IN_GRADING <flags>`: the stage with a grader 0.05 s slower per item; 0.3 s into the
-# grading of step $AT_STEP a timer sends SIGTERM to the whole process group (the run's own, see
+# grading of step $AT_STEP (after its first group was put to the grader, while the rest decode or are graded)
+# a timer sends SIGTERM to the whole process group (the run's own, see
 # test_sigterm_to_the_process_group_during_grading_...), as a scheduler stopping a job does.
 GROUP_SIGTERM_IN_GRADING = """
 import os, signal, sys, threading
@@ -100,14 +101,15 @@ from ares_jax.stages import setup
 setup.build_grader = lambda config: grading.Grader(workers=config.grading_workers,
                                                    timeout_s=config.aepo.grading_timeout_s,
                                                    fn=test_grading.slow_grade_one)
-calls = [0]
-_grade = grading.Grader.grade
-def grade(self, *args, **kwargs):
-  calls[0] += 1
-  if calls[0] == int(os.environ["AT_STEP"]):
-    threading.Timer(0.3, os.killpg, (os.getpgid(0), signal.SIGTERM)).start()
-  return _grade(self, *args, **kwargs)
-grading.Grader.grade = grade
+batches = []
+_put = grading.GradingBatch.put
+def put(self, *args, **kwargs):
+  if not any(b is self for b in batches):  # a step's first group
+    batches.append(self)
+    if len(batches) == int(os.environ["AT_STEP"]):
+      threading.Timer(0.3, os.killpg, (os.getpgid(0), signal.SIGTERM)).start()
+  return _put(self, *args, **kwargs)
+grading.GradingBatch.put = put
 from ares_jax import main
 sys.argv[0] = "ares_jax.main"
 main.cli()

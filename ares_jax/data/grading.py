@@ -1,31 +1,32 @@
 """Verifiable rewards on the host (design.md 5.7): accuracy by math-verify, a format check.
 
-Grading runs in a persistent pool of worker processes, started and warmed (math-verify imported)
-before the first item so start-up never counts against an item; each item then has a timeout.
-This module imports nothing heavy: spawned workers load it by name. A parse that hangs
-or crashes scores 0 and is counted, and a hung worker is replaced, so grading never stalls training.
-Model output is only ever parsed, never evaluated.
+Grading runs in a persistent pool of worker processes (data/grading_pool.py), each item with a timeout: a
+parse that hangs or crashes scores 0 and is counted, and a hung worker is replaced, so grading never stalls
+training. Model output is only ever parsed, never evaluated. A grade is a pure function of (response,
+gold), so grading items early, late or in any order gives the same grades (a timeout aside).
 
-The workers ignore SIGTERM and SIGINT: a preemption notice sent to the whole process group (or cgroup)
-reaches the training process, which finishes the step in flight, grading included, before its checkpoint;
-had the workers died with it, that step's items would have timed out and trained on rewards of 0. The
-parent ends them itself (`close`: finish, then SIGKILL after a grace period; also at interpreter exit).
+Two ways in: `Grader.grade` grades a list and waits; `Grader.batch` opens a batch whose items are graded
+in the background as they are put (a feeder thread keeps the workers busy while the main thread is inside
+JAX calls), and `result` waits only for what is left. The AEPO stage puts each group of trajectories as
+it ends, so most grading hides behind the decoding of the rest.
+
+The workers ignore SIGTERM and SIGINT (the step in flight is graded in full before a preemption's
+checkpoint); `close` ends them (finish, then SIGKILL after a grace period; also at interpreter exit).
+This module imports nothing heavy: spawned workers load it by name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing as mp
 import re
-import signal
-import time
 from multiprocessing import util as mp_util
-from multiprocessing.connection import wait
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
+
+from ares_jax.data import grading_pool
 
 _FORMAT = re.compile(r"^\s*<think>.*?</think>.*\\boxed\{.+\}", re.DOTALL)
 
@@ -62,56 +63,6 @@ def grade_one(response: str, gold: str) -> float:
   return float(verify(gold_parsed, pred))
 
 
-def _serve(conn, fn) -> None:
-  """A worker: grades (index, args) messages from the parent until it gets None or the parent is gone."""
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent decides when a worker stops (module docstring)
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  import math_verify  # noqa: F401  (first import takes seconds: before the first item's clock starts)
-  conn.send(None)
-  while True:
-    try:
-      msg = conn.recv()
-    except (EOFError, OSError):  # the parent died without saying goodbye
-      return
-    if msg is None:
-      return
-    i, args = msg
-    try:
-      conn.send((i, True, float(fn(*args))))
-    except Exception:  # pylint: disable=broad-except  (a crashing parse scores 0)
-      conn.send((i, False, 0.0))
-
-
-@dataclasses.dataclass
-class _Worker:
-  """One worker process and the pipe to it (its own pipe: a worker killed mid-item holds no shared lock)."""
-
-  process: Any
-  conn: Any
-  item: int | None = None  # the item it is grading
-  deadline: float = 0.0
-
-  def kill(self) -> None:
-    self.process.kill()
-    self.process.join()
-    self.conn.close()
-
-
-def _stop_workers(workers: list[_Worker], grace_s: float) -> None:
-  """Asks every worker to exit, waits up to `grace_s` seconds, SIGKILLs the rest (they ignore SIGTERM)."""
-  for w in workers:
-    with contextlib.suppress(OSError):
-      w.conn.send(None)
-  deadline = time.monotonic() + grace_s
-  for w in workers:
-    w.process.join(max(0.0, deadline - time.monotonic()))
-    if w.process.is_alive():
-      w.kill()
-    else:
-      w.conn.close()
-  workers.clear()
-
-
 @dataclasses.dataclass
 class Grades:
   accuracy: np.ndarray  # [S] float32 in {0, 1}
@@ -120,11 +71,92 @@ class Grades:
   errors: int
 
 
+class GradingBatch:
+  """Items graded in the background from the moment they are `put`; `result` waits for the rest.
+
+  Made by `Grader.batch`. Items carry integer `keys` (by default their order of arrival) and `result`
+  returns their grades sorted by key, so a batch filled in any order (e.g. groups of a rollout as they
+  end) gives what grading the items in key order at once would.
+  """
+
+  def __init__(self, feeder: grading_pool.Feeder | None):
+    self._feeder = feeder  # None: another process grades (see `Grader.batch`)
+    self._keys: list[int] = []
+    self._responses: list[str] = []
+    self._acc: list[float] = []
+    self._left = self._timeouts = self._errors = 0
+    self._error: BaseException | None = None
+    self._done = False
+
+  def put(self, responses: Sequence[str], golds: Sequence[str], extra: Sequence[tuple] | None = None,
+          keys: Sequence[int] | None = None) -> None:
+    """Queues `fn(responses[i], golds[i], *extra[i])` for every i; returns at once. `keys`: one distinct
+    integer per item, the order `result` sorts by (give them for every put or for none)."""
+    if self._done:
+      raise RuntimeError("put after result: a grading batch is read once")
+    n, first = len(responses), len(self._responses)
+    if len(golds) != n or (extra is not None and len(extra) != n) or (keys is not None and len(keys) != n):
+      raise ValueError(f"{n} responses need as many golds, extra tuples and keys")
+    extra = [()] * n if extra is None else extra
+    self._keys.extend(range(first, first + n) if keys is None else (int(k) for k in keys))
+    self._responses.extend(responses)
+    if self._feeder is None or not n:
+      return
+    with self._feeder.cond:
+      self._acc.extend([0.0] * n)
+      self._left += n
+    self._feeder.put([(self, first + i, (responses[i], golds[i], *extra[i])) for i in range(n)])
+
+  def settle(self, index: int, value: float, outcome: str) -> None:
+    """An item's grade (called by the feeder thread, its lock held)."""
+    self._acc[index] = value
+    self._left -= 1
+    self._timeouts += outcome == "timeout"
+    self._errors += outcome == "error"
+
+  def fail(self, error: BaseException) -> None:
+    self._error = error
+
+  def result(self, desc: str | None = None) -> Grades:
+    """The grades of every item put, sorted by key; waits for those not graded yet. `desc`: show a
+    progress bar under that name while waiting.
+
+    In a multi-process run this is a collective (every process calls it, having put the same items):
+    process 0 grades and broadcasts its grades, so every process applies the same rewards even when a
+    wall-clock timeout would have struck on one host only (and the other hosts start no grading workers)."""
+    import jax  # JAX stays out of the grading worker processes, which import this module
+
+    self._done = True
+    n = len(self._responses)
+    order = np.argsort(np.asarray(self._keys, np.int64), kind="stable")
+    if n and np.any(np.diff(np.asarray(self._keys)[order]) == 0):
+      raise ValueError("a grading batch's keys must be distinct")
+    fmt = np.array([format_ok(self._responses[i]) for i in order], np.float32).reshape(n)
+    acc, counts = np.zeros(n, np.float32), np.zeros(2, np.int32)
+    if self._feeder is not None and n:
+      self._wait(desc)
+      acc, counts = np.asarray(self._acc, np.float32)[order], np.array([self._timeouts, self._errors], np.int32)
+    if jax.process_count() > 1 and n:
+      from jax.experimental import multihost_utils  # late, as jax above
+
+      acc, counts = (np.asarray(x) for x in multihost_utils.broadcast_one_to_all((acc, counts)))
+    return Grades(acc.astype(np.float32), fmt, int(counts[0]), int(counts[1]))
+
+  def _wait(self, desc: str | None) -> None:
+    total = len(self._responses)
+    with tqdm(total=total, desc=desc, unit="item", leave=False, disable=desc is None) as bar, self._feeder.cond:
+      while self._left and self._error is None:
+        bar.update(total - self._left - bar.n)
+        self._feeder.cond.wait()
+    if self._error is not None:
+      raise self._error
+
+
 class Grader:
-  """Grades batches in `workers` processes with a `timeout_s` limit per item.
+  """Grades items in `workers` processes with a `timeout_s` limit per item.
 
   `fn(response, gold, *extra) -> float` must be importable by module name (it runs in spawned workers);
-  `extra`, when given to `grade`, holds each item's further arguments (e.g. a benchmark item's options).
+  `extra`, when given, holds each item's further arguments (e.g. a benchmark item's options).
   A judge that calls math-verify there passes `timeout_seconds=None`: the pool's timeout is the limit.
   A worker whose item runs past the limit is killed and replaced; `close` (or the end of the process)
   ends the workers: `grace_s` to exit, then SIGKILL.
@@ -132,105 +164,32 @@ class Grader:
 
   def __init__(self, workers: int = 2, timeout_s: float = 5.0, fn=grade_one, grace_s: float = 5.0):
     self.workers, self.timeout_s, self.fn, self.grace_s = max(1, workers), timeout_s, fn, grace_s
-    self._ctx = mp.get_context("spawn")  # fork would copy a JAX process with live threads
-    self._pool: list[_Worker] = []
+    # spawn: fork would copy a JAX process with live threads
+    self._feeder = grading_pool.Feeder(mp.get_context("spawn"), fn, self.workers, timeout_s)
     # Runs before multiprocessing's exit hook joins child processes (which would wait forever on a worker
     # that ignores SIGTERM) when the process ends without `close`.
-    self._finalizer = mp_util.Finalize(self, _stop_workers, args=(self._pool, 0.0), exitpriority=20)
+    self._finalizer = mp_util.Finalize(self, self._feeder.stop, args=(0.0,), exitpriority=20)
 
-  def _start_worker(self) -> _Worker:
-    parent, child = self._ctx.Pipe()
-    proc = self._ctx.Process(target=_serve, args=(child, self.fn), name="ares_jax grader")
-    proc.start()
-    child.close()
-    return _Worker(proc, parent)
+  def batch(self) -> GradingBatch:
+    """An empty batch: its items are graded in the background as they are put (`GradingBatch`). In a
+    multi-process run only process 0 grades; `result` broadcasts its grades."""
+    import jax  # JAX stays out of the grading worker processes, which import this module
 
-  def _get_pool(self) -> list[_Worker]:
-    if not self._pool:
-      fresh = [self._start_worker() for _ in range(self.workers)]
-      for w in fresh:  # warmed up (math-verify imported) before any item's clock starts
-        w.conn.recv()
-      self._pool.extend(fresh)
-    return self._pool
+    return GradingBatch(self._feeder if jax.process_index() == 0 else None)
 
   def grade(self, responses: Sequence[str], golds: Sequence[str],
             extra: Sequence[tuple] | None = None, desc: str | None = None) -> Grades:
-    """`fn` on every (response, gold, *extra[i]); a hung or crashing item scores 0 and is counted.
-    `desc`: show a progress bar under that name (benchmarks grade thousands of items at once).
-
-    In a multi-process run this is a collective: process 0 grades and broadcasts its grades, so every
-    process applies the same rewards even when a wall-clock timeout would have struck on one host only
-    (and the other hosts start no grading workers)."""
-    import jax  # JAX stays out of the grading worker processes, which import this module
-
-    if jax.process_count() == 1 or not len(responses):
-      return self._grade_here(responses, golds, extra, desc)
-    # JAX stays out of the grading worker processes, which import this module
-    from jax.experimental import multihost_utils
-
-    n = len(responses)
-    if jax.process_index() == 0:
-      mine = self._grade_here(responses, golds, extra, desc)
-      acc, counts = mine.accuracy, np.array([mine.timeouts, mine.errors], np.int32)
-    else:
-      acc, counts = np.zeros(n, np.float32), np.zeros(2, np.int32)
-    acc, counts = (np.asarray(x) for x in multihost_utils.broadcast_one_to_all((acc, counts)))
-    fmt = np.array([format_ok(r) for r in responses], np.float32)  # a pure function of the text
-    return Grades(acc.astype(np.float32), fmt, int(counts[0]), int(counts[1]))
-
-  def _grade_here(self, responses: Sequence[str], golds: Sequence[str],
-                  extra: Sequence[tuple] | None = None, desc: str | None = None) -> Grades:
-
-    extra = [()] * len(responses) if extra is None else extra
-    bar = tqdm(total=len(responses), desc=desc, unit="item", leave=False, disable=desc is None)
-    acc = np.zeros(len(responses), np.float32)
-    timeouts = errors = 0
-    todo = list(range(len(responses)))[::-1]
-    pool = self._get_pool()
-    busy: dict[Any, _Worker] = {}
-    while todo or busy:
-      for w in list(pool):  # hand out items to idle workers
-        if w.item is None and todo:
-          i = todo[-1]
-          try:
-            w.conn.send((i, (responses[i], golds[i], *extra[i])))
-          except OSError:  # it died while idle (killed from outside): a fresh one takes the item next round
-            self._replace(w)
-            continue
-          w.item, w.deadline = todo.pop(), time.monotonic() + self.timeout_s
-          busy[w.conn] = w
-      first = min(w.deadline for w in busy.values())
-      for conn in wait(list(busy), timeout=max(0.0, first - time.monotonic())):
-        w = busy.pop(conn)
-        try:
-          i, ok, value = conn.recv()
-        except (EOFError, OSError):  # the worker died (killed from outside): its item scores 0
-          i, ok, value = w.item, False, 0.0
-          self._replace(w)
-        acc[i], errors, w.item = value, errors + (not ok), None
-        bar.update(1)
-      now = time.monotonic()
-      for conn, w in list(busy.items()):
-        if w.deadline <= now:  # hung: score 0, replace the worker
-          del busy[conn]
-          timeouts += 1
-          w.item = None
-          self._replace(w)
-          bar.update(1)
-    bar.close()
-    fmt = np.array([format_ok(r) for r in responses], np.float32)
-    return Grades(acc, fmt, timeouts, errors)
-
-  def _replace(self, w: _Worker) -> None:
-    """Kills worker `w` and puts a fresh one (warmed up) in its place."""
-    w.kill()
-    fresh = self._start_worker()
-    fresh.conn.recv()
-    self._pool[self._pool.index(w)] = fresh
+    """`fn` on every (response, gold, *extra[i]), waiting for all; a hung or crashing item scores 0 and is
+    counted. `desc`: show a progress bar under that name (benchmarks grade thousands of items at once).
+    A collective in a multi-process run (`GradingBatch.result`)."""
+    batch = self.batch()
+    batch.put(responses, golds, extra)
+    return batch.result(desc)
 
   def close(self) -> None:
-    """Ends the workers (`grace_s` to exit, then SIGKILL); a later `grade` starts new ones."""
-    _stop_workers(self._pool, self.grace_s)
+    """Ends the workers (`grace_s` to exit, then SIGKILL); items not graded yet fail their batch's
+    `result`. A later `put` or `grade` starts new workers."""
+    self._feeder.stop(self.grace_s)
 
   def __enter__(self):
     return self

@@ -6,7 +6,8 @@ A step reads through these files, in this order, each once:
   2. sampling  ares_jax/sampling/chunks.py generate: rollouts with exact entropy, window entropy and
                                            branching at high-window-entropy positions (tau_high of the
                                            previous batch; a warm-up batch first)
-  3. rewards   ares_jax/data/grading.py    Grader.grade: accuracy and format of every answer
+  3. rewards   ares_jax/data/grading.py    Grader.batch: accuracy and format of every answer, each group
+                                           graded as it ends while the rest decode (`grade`)
   4. aepo      ares_jax/aepo/step.py       shape_batch (tau, N_HE, bins, rewards, advantages, filter, KL
                                            weights) -> UpdateRows -> ppo_update, on aepo/'s pure math
   5. update    ares_jax/train/update.py    Updater.update: accumulated micro-batch gradients, one AdamW step
@@ -19,6 +20,7 @@ adapters off, so nothing is kept).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -33,7 +35,7 @@ from ares_jax import aepo, sampling, sharding
 from ares_jax import settings as settings_lib
 from ares_jax.aepo import step as aepo_step
 from ares_jax.data.batching import prompt_batch
-from ares_jax.data.grading import Grader
+from ares_jax.data.grading import Grader, GradingBatch
 from ares_jax.data.tokenizer import word_token_table
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.models import lora
@@ -97,11 +99,12 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     t0 = time.perf_counter()
     # 1-2. Prompts and rollouts.
     exs, position = train_stream.take(position, prompts_per_step)
-    prompts = [e.prompt for e in exs]
-    rollouts = rollout(mcfg, state, prompt_batch(prompts, pad_id), sc, key, shaping.entropy_quantile)
+    prompts, answers = [e.prompt for e in exs], [e.answer for e in exs]
+    early = EarlyGrading(grader.batch(), answers, tok)  # 3 starts here: groups are graded as they end
+    rollouts = rollout(mcfg, state, prompt_batch(prompts, pad_id), sc, key, shaping.entropy_quantile, early.on_done)
     t1 = time.perf_counter()
-    # 3. Rewards: accuracy and format of every used slot.
-    acc, fmt, grades = grade(grader, rollouts, [e.answer for e in exs], tok)
+    # 3. Rewards: accuracy and format of every used slot (time/reward: the wait for what decoding did not hide).
+    acc, fmt, grades = grade(grader, rollouts, answers, tok, early)
     t2 = time.perf_counter()
     # 4. AEPO statistics, rewards, advantages and KL weights; the next step's tau_high and target EMA.
     shaped = aepo_step.shape_batch(rollouts, acc, fmt, shaping, float(state.stats["tau_high"]),
@@ -141,20 +144,57 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def rollout(mcfg, state: TrainState, batch: dict, sc: sampling.SamplingConfig, key: jax.Array,
-            entropy_quantile: float) -> sampling.Rollouts:
+            entropy_quantile: float, on_done=None) -> sampling.Rollouts:
   """The step's rollouts, branching at windows above the previous batch's tau_high; the first step has no
-  tau_high yet and takes it from a warm-up batch (which does not branch)."""
+  tau_high yet and takes it from a warm-up batch (which does not branch, and is not graded). `on_done`:
+  `generate`'s, for the step's rollouts."""
   tau_prev = float(state.stats["tau_high"])
   if not np.isfinite(tau_prev):
     warm = sampling.generate(mcfg, state.params, batch, sc, jax.random.fold_in(key, 7))
     tau_prev = float(aepo.entropy_threshold(warm.entropy, warm.mask, entropy_quantile))
-  return sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev)
+  return sampling.generate(mcfg, state.params, batch, sc, key, tau_high=tau_prev, on_done=on_done)
 
 
-def grade(grader: Grader, rollouts: sampling.Rollouts, answers: list[str], tokenizer):
-  """(accuracy [S], format [S], the grades): 0 for unused slots."""
-  used, texts = rollouts.texts(tokenizer)
-  grades = grader.grade(texts, [answers[i] for i in rollouts.prompt_index[used]])
+@dataclasses.dataclass(frozen=True)
+class EarlyGrading:
+  """A step's grading batch, fed by `generate`'s `on_done` (pass `on_done`) with each group of prompts as it
+  ends, so the host grades while the device decodes the rest. Items are keyed by their slot in the step's
+  rollouts."""
+
+  batch: GradingBatch
+  answers: list[str]
+  tokenizer: Any
+  slots: list[np.ndarray] = dataclasses.field(default_factory=list)  # the slots put, per group set
+
+  def on_done(self, rows: np.ndarray, part: sampling.Rollouts) -> None:
+    used, texts = part.texts(self.tokenizer)  # part's slots: row j // group, sample j % group
+    group = len(part.length) // len(rows)
+    prompt_rows = rows[part.prompt_index[used]]
+    slots = prompt_rows * group + used % group  # the slot of the whole rollout (generate's numbering)
+    self.slots.append(slots)
+    self.batch.put(texts, [self.answers[r] for r in prompt_rows], keys=slots)
+
+
+def grade(grader: Grader, rollouts: sampling.Rollouts, answers: list[str], tokenizer,
+          early: EarlyGrading | None = None):
+  """(accuracy [S], format [S], the grades): 0 for unused slots; the grades are in slot order.
+
+  With `early` (whose `on_done` went to the `generate` that made `rollouts`) the used slots were put to the
+  grader group by group as they ended, graded while the rest decoded: this only waits for what is left,
+  which is all the step's `time/reward` measures. The result is what grading every used slot now gives: a
+  grade is a pure function of (response, gold), and the batch returns its items in slot order."""
+  used = np.flatnonzero(rollouts.used)
+  if early is None:
+    _, texts = rollouts.texts(tokenizer)
+    batch = grader.batch()
+    batch.put(texts, [answers[i] for i in rollouts.prompt_index[used]])
+  else:
+    put = np.sort(np.concatenate(early.slots)) if early.slots else np.zeros(0, np.int64)
+    if not np.array_equal(put, used):
+      raise RuntimeError(f"generate reported {len(put)} slots ({len(np.unique(put))} distinct) of its "
+                         f"{len(used)} used ones to on_done: every group must be reported once")
+    batch = early.batch
+  grades = batch.result()
   acc = np.zeros(len(rollouts.length), np.float32)
   fmt = np.zeros_like(acc)
   acc[used], fmt[used] = grades.accuracy, grades.format
