@@ -4,8 +4,8 @@ F = `prompts_in_flight` groups decode together. The call's prompts wait in a que
 prefill chunks (`chunk_prompts` each, `chunks.make_chunks`); a chunk is prefilled into free groups as
 soon as there are enough of them (`admit`), and the decode loop (`decode`) runs until enough groups have
 ended to take the next chunk (the exit is decided on the device, so no step is spent polling), or, when
-a caller wants ended groups early (`on_done`, e.g. to grade them while the rest decode), until one more
-has ended. Ended groups are read back (`harvest`) and their slots and pages are free again.
+a caller wants ended groups early (`on_done`, e.g. to grade them while the rest decode), until a
+chunk's worth more have ended. Ended groups are read back (`harvest`) and their slots and pages are free again.
 
 Random streams are keyed by (prompt, slot, position), so what a prompt samples does not depend on the
 group it lands in, what decodes beside it, the chunking, the page size or the number of devices.
@@ -109,8 +109,10 @@ def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingC
         state = admit(config, sc, params, state, c.inputs, groups, c.rows.astype(np.int32), budgets[c.rows])
     if waiting:
       target = waiting[0].n_real  # idle groups (free ones included) the next chunk needs
+    elif on_done is not None:  # hand ended groups out a chunk at a time, not one round trip per group
+      target = min(len(free) + len(chunks[0].rows), n_groups)
     else:
-      target = len(free) + 1 if on_done is not None else n_groups
+      target = n_groups
     with sharding.mesh_context_of(params):
       state, busy = decode(config, sc, weights, state, key, tau, np.int32(target))
     busy = np.asarray(sharding.to_host(busy))
