@@ -5,7 +5,8 @@ prefill chunks (`chunk_prompts` each, `chunks.make_chunks`); a chunk is prefille
 soon as there are enough of them (`admit`), and the decode loop (`decode`) runs until enough groups have
 ended to take the next chunk (the exit is decided on the device, so no step is spent polling), or, when
 a caller wants ended groups early (`on_done`, e.g. to grade them while the rest decode), until a
-chunk's worth more have ended. Ended groups are read back (`harvest`) and their slots and pages are free again.
+chunk's worth more have ended. Ended groups are read back (`harvest`) and their slots and pages are
+free again.
 
 Random streams are keyed by (prompt, slot, position), so what a prompt samples does not depend on the
 group it lands in, what decodes beside it, the chunking, the page size or the number of devices.
