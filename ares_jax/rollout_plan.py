@@ -65,7 +65,9 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
   admit = st.compile(refill.admit, st.mcfg, sc, st.params, state, prompts, per_prompt, per_prompt, per_prompt)
   tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
   decode = st.compile(refill.decode, st.mcfg, sc, weights.out, state, key, tau, abstract_like(np.int32(0), st.mesh))
-  img = f", {shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px" if shapes.images_per_prompt else ""
+  img = ""
+  if shapes.images_per_prompt:
+    img = f", {shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
   desc = f"{n_groups} groups in flight x {group} slots, {t_prompt} + {sc.max_new_tokens}, pages of {sc.page_size}"
   extra: tuple = ()
   if costs:
@@ -119,7 +121,8 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
   top = sequences.round_up(most, base)
   def plan(n):
     plans = rollout_programs(st, sc, n, shapes, resident, branching, costs=False)
-    logging.info("rollout chunk (paged: groups in flight) of %d prompts: peak %.2f GiB (budget %.2f GiB)", n, peak(plans) / GIB, budget / GIB)
+    logging.info("rollout chunk (paged: groups in flight) of %d prompts: peak %.2f GiB (budget %.2f GiB)", n,
+                 peak(plans) / GIB, budget / GIB)
     return plans
   peak = lambda plans: max(p.peak for p in plans)
   small = plan(base)

@@ -155,10 +155,11 @@ def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: 
                                               ("cache_batch", None, "cache_heads", None))
   pool = lambda: nn.with_logical_constraint(jnp.zeros((n_groups, r_pages, page_size, kv_heads, head_dim), dtype),
                                             ("cache_batch", None, None, "cache_heads", None))
-  return PagedCache(prompt_k=tuple(prompt() for _ in range(n_layers)), prompt_v=tuple(prompt() for _ in range(n_layers)),
+  layers = lambda make: tuple(make() for _ in range(n_layers))
+  return PagedCache(prompt_k=layers(prompt), prompt_v=layers(prompt),
                     prompt_valid=jnp.zeros((n_groups, t_prompt - 1), bool),
-                    pool_k=tuple(pool() for _ in range(n_layers)), pool_v=tuple(pool() for _ in range(n_layers)),
-                    table=jnp.full((n_groups, group, n_pages), -1, jnp.int32), next_free=jnp.zeros((n_groups,), jnp.int32),
+                    pool_k=layers(pool), pool_v=layers(pool), table=jnp.full((n_groups, group, n_pages), -1, jnp.int32),
+                    next_free=jnp.zeros((n_groups,), jnp.int32),
                     block_pages=bp)
 
 

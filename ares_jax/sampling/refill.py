@@ -87,9 +87,10 @@ def layout(sc: SamplingConfig, n_prompts: int) -> tuple[int, int]:
 
 def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingConfig, key, tau, *,
         budgets: np.ndarray, on_done: Callable[[np.ndarray, dict], None] | None = None) -> dict:
-  """Rolls out every chunk's prompts (`chunks.make_chunks` at `layout`'s prefill size); returns `results` of all B * G slots (slot g * G + i: sample i of
-  prompt g, `parent` numbered the same way). `on_done(prompt rows, results of their slots)` is called
-  for every set of groups read back, in the order they end."""
+  """Rolls out every chunk's prompts (`chunks.make_chunks` at `layout`'s prefill size); returns `results` of
+  all B * G slots (slot g * G + i: sample i of prompt g, `parent` numbered the same way).
+  `on_done(prompt rows, results of their slots)` is called for every set of groups read back, in the
+  order they end."""
   n_prompts = sum(c.n_real for c in chunks)
   group = sc.n + sc.branches(tau is not None)
   n_groups = layout(sc, n_prompts)[0]
@@ -123,7 +124,8 @@ def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingC
     bucket = 1 << (len(ended) - 1).bit_length()  # few compiled shapes
     index = np.asarray(ended + [ended[0]] * (bucket - len(ended)), np.int32)
     with sharding.mesh_context_of(params):
-      part = {k: np.asarray(v)[:len(ended) * group] for k, v in sharding.to_host(harvest(state, index, sc.pad_id)).items()}
+      part = sharding.to_host(harvest(state, index, sc.pad_id))
+    part = {k: np.asarray(v)[:len(ended) * group] for k, v in part.items()}
     rows = np.asarray([occupant.pop(g) for g in ended])
     part["parent"] = np.where(part["parent"] >= 0, part["parent"] + np.repeat(rows, group) * group, -1)
     if not out:
