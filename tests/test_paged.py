@@ -99,6 +99,14 @@ def _cache(rng, n_groups, group, t_prompt, n_max, page_size):
                    prompt_valid=jnp.asarray(rng.random(c.prompt_valid.shape) < 0.7))
 
 
+def _step(c, k, v, length, active, q=None):
+  """One decode step of a one-layer cache: the tokens' k, v [S, K, D] written at `length`; (cache, out)."""
+  q = jnp.zeros((k.shape[0], 1, 2 * k.shape[1], k.shape[2])) if q is None else q
+  cache, attend = c.attention(jnp.asarray(length), jnp.asarray(active))
+  out, update = attend[0](q, jnp.asarray(k)[:, None], jnp.asarray(v)[:, None])
+  return cache.absorb([update], length, active), out
+
+
 def test_writes_forks_and_attention_against_numpy():
   """Responses written token by token through `write` (pages taken as they start), a fork copying one
   partly filled page, then `paged_attention` against softmax over each slot's keys rebuilt in numpy."""
@@ -111,7 +119,7 @@ def test_writes_forks_and_attention_against_numpy():
   active = np.array([True, True, False] * n_groups)  # slot 2 of each group: a branch slot, unused yet
   for t in range(7):
     length = np.full((s_slots,), t, np.int32)
-    c = c.write((jnp.asarray(keys[t]),), (jnp.asarray(vals[t]),), jnp.asarray(length), jnp.asarray(active))
+    c, _ = _step(c, keys[t], vals[t], length, active)
   assert np.asarray(c.next_free).tolist() == [2 * 3, 2 * 3]  # 7 tokens: 3 pages for each of 2 slots
   # slot 2 of group 0 forks from slot 1 at t = 4 (mid-page: page 1 is copied), group 1's at t = 3 (a boundary)
   src = jnp.asarray([[0, 1, 1], [0, 1, 1]])
@@ -134,16 +142,18 @@ def test_writes_forks_and_attention_against_numpy():
     length = np.array([7, 7, max(t, 4), 7, 7, t], np.int32)
     mask = np.array([False, False, t >= 4, False, False, True])
     new_k, new_v = rng.normal(size=(2, s_slots, kvh, d)).astype(np.float32)
-    c = c.write((jnp.asarray(new_k),), (jnp.asarray(new_v),), jnp.asarray(length), jnp.asarray(mask))
+    c, _ = _step(c, new_k, new_v, length, mask)
     for s in np.flatnonzero(mask):
       hist_k[length[s], s], hist_v[length[s], s] = new_k[s], new_v[s]
   np.testing.assert_array_equal(np.asarray(c.table)[0, :2], table[0, :2])
 
   heads = 4
   q = rng.normal(size=(s_slots, 1, heads, d)).astype(np.float32)
-  kn, vn = rng.normal(size=(2, s_slots, 1, kvh, d)).astype(np.float32)
+  kn, vn = rng.normal(size=(2, s_slots, kvh, d)).astype(np.float32)
   length = np.array([7, 7, 7, 7, 7, 7], np.int32)
-  out = np.asarray(c.readers(jnp.asarray(length))[0](jnp.asarray(q), jnp.asarray(kn), jnp.asarray(vn)))
+  _, out = _step(c, kn, vn, length, np.ones((s_slots,), bool), jnp.asarray(q))
+  out = np.asarray(out)
+  kn, vn = kn[:, None], vn[:, None]
   pk, pv, pvalid = (np.asarray(x) for x in (c.prompt_k[0], c.prompt_v[0], c.prompt_valid))
   for s in range(s_slots):
     f = s // group

@@ -154,8 +154,9 @@ def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask:
 
 def cache_reader(k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array):
   """The attention of one decode step over a dense cache (`cached_attention` with the cache bound):
-  `attend(q, k_new, v_new) -> out`, what `Attention` calls with a cache."""
-  return lambda q, k_new, v_new: cached_attention(q, k_cache, v_cache, mask, k_new, v_new)
+  `attend(q, k_new, v_new) -> (out, (k_new, v_new))`, what `Attention` calls with a cache; the token's
+  key and value come back for the caller to write into the cache."""
+  return lambda q, k_new, v_new: (cached_attention(q, k_cache, v_cache, mask, k_new, v_new), (k_new, v_new))
 
 
 def remat_policy(name: str):

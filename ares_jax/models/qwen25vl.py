@@ -109,9 +109,10 @@ def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, p
   unless `config` has none, e.g. when they are merged into the layers' weights).
 
   tokens [B]; positions [B] (text tokens: the same id on all three M-RoPE axes); attend: L functions
-  `(q [B, 1, H, D], k, v [B, 1, K, D]) -> [B, 1, H, D]`, each the attention over one layer's cache
-  and the token's own key (`layers.cache_reader` for a dense cache [B, S, K, D], or paged KV).
-  Returns (logits [B, V] float32, (k, v): L arrays [B, K, D] each, of the new token).
+  `(q [B, 1, H, D], k, v [B, 1, K, D]) -> (out [B, 1, H, D], update)`, each the attention over one
+  layer's cache and the token's own key (`layers.cache_reader` for a dense cache [B, S, K, D], whose
+  update is the token's (k, v); or the sampler's pages).
+  Returns (logits [B, V] float32, the L layers' updates).
 
   Why unrolled over separate buffers: a scanned decoder slices every layer's weights and cache out
   of the stacked arrays each step, and XLA materialises those slices as copies (so do static slices
@@ -123,12 +124,11 @@ def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, p
   pos3 = jnp.broadcast_to(positions[None, :, None], (3, tokens.shape[0], 1))
   cos, sin = mrope_cos_sin(config.text, pos3)
   layer = DecoderLayer(config)
-  ks, vs = [], []
+  updates = []
   for layer_params, layer_attend in zip(layers, attend, strict=True):
-    x, (k, v) = layer.apply(lora.variables(config, layer_params), x, cos, sin, None, attend=layer_attend)
-    ks.append(k[:, 0])
-    vs.append(v[:, 0])
-  return model.apply(top, x, method=Qwen25VL.logits)[:, 0], (ks, vs)
+    x, update = layer.apply(lora.variables(config, layer_params), x, cos, sin, None, attend=layer_attend)
+    updates.append(update)
+  return model.apply(top, x, method=Qwen25VL.logits)[:, 0], updates
 
 
 def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:

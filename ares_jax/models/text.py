@@ -32,11 +32,12 @@ class Attention(nn.Module):
   """GQA self-attention.
 
   Without a cache (training, prefill) `mask` holds segment ids [B, T] (`segment_ids`): causal
-  attention within equal ids, through `attention.dot_product_attention` (`config.attention`). One
-  decode step (T = 1) passes `attend(q, k, v) -> out` instead, which reads the cache it is bound to
-  (a dense one, `layers.cache_reader`, or the sampler's pages) beside the token's own key; that key is
-  returned for the caller to write into the cache (so no per-layer copy of the cache is made).
-  Returns (output [B, T, E], (k, v) [B, T, K, D] of this call's tokens).
+  attention within equal ids, through `attention.dot_product_attention` (`config.attention`), and the
+  second output is (k, v) [B, T, K, D] of this call's tokens (a prefill's cache entries). One decode step
+  (T = 1) passes `attend(q, k, v) -> (out, update)` instead, which reads the cache it is bound to (a
+  dense one, `layers.cache_reader`, or the sampler's pages) beside the token's own key; its `update`
+  (what the cache needs to take this token: its k and v, or pages it wrote) is the second output.
+  Returns (output [B, T, E], that second output).
   """
 
   config: ModelConfig
@@ -55,11 +56,12 @@ class Attention(nn.Module):
     if attend is None:
       out = dot_product_attention(q, k, v, q_segment=mask, kv_segment=mask, causal=True,
                                   implementation=cfg.attention)
+      kv = (k, v)
     else:
-      out = attend(q, k, v)
+      out, kv = attend(q, k, v)
     out = dense(tc.hidden_size, ("q_heads", "head_dim", "embed"), axis=(-2, -1), use_bias=False, name="o_proj",
                 lora=cfg.lora.on("o"), **kw)(out)
-    return out, (k, v)
+    return out, kv
 
 
 class DecoderLayer(nn.Module):

@@ -32,6 +32,8 @@ it cannot mask a left-padded prompt.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,33 +85,40 @@ class PagedCache:
     unmapped = jnp.full((r_pages,), _UNMAPPED, jnp.int32)
     return jax.vmap(jax.vmap(lambda t: unmapped.at[t].set(first, mode="drop")))(mapped)
 
-  def readers(self, length):
-    page_pos = self.page_positions()
-    return [lambda q, kn, vn, i=i: paged_attention(
-        q, kn, vn, self.prompt_k[i], self.prompt_v[i], self.prompt_valid, self.pool_k[i], self.pool_v[i],
-        page_pos=page_pos, length=length, pages_used=self.next_free, block_pages=self.block_pages,
-        blocks=self.cost_blocks) for i in range(len(self.pool_k))]
-
-  def write(self, k_new, v_new, length, active):
-    """Stores the fed tokens' KV (L x [S, K, D]) at response position `length` [S] of the `active` slots,
-    taking a fresh page for a slot whose position starts one."""
+  def attention(self, length, active):
+    """(this cache with a fresh page for each active slot whose response position `length` [S] starts one,
+    the L layers' attention of the step). Each layer's attention writes the fed token's KV into its page
+    before reading the pool and returns the written pools: XLA then updates the pools in place (written
+    after a loop had read them, they would be copied whole)."""
     n_groups, group, n_pages = self.table.shape
-    ps = self.page_size
+    ps, r_pages = self.page_size, self.pool_k[0].shape[1]
     length, active = length.reshape(n_groups, group), active.reshape(n_groups, group)
     need = active & (length % ps == 0)
     new_page = self.next_free[:, None] + jnp.cumsum(need, axis=1) - 1  # [F, G]
-    cols = jnp.arange(n_pages)
-    table = jnp.where(need[..., None] & (cols == (length // ps)[..., None]), new_page[..., None], self.table)
+    table = jnp.where(need[..., None] & (jnp.arange(n_pages) == (length // ps)[..., None]), new_page[..., None],
+                      self.table)
     page = jnp.take_along_axis(table, (length // ps)[..., None], axis=2)[..., 0]
-    page = jnp.where(active, page, self.pool_k[0].shape[1])  # out of range: an ended slot writes nothing
+    page = jnp.where(active, page, r_pages)  # out of range: an ended slot writes nothing
     offset = length % ps
+    cache = self.replace(table=table, next_free=self.next_free + need.sum(axis=1, dtype=jnp.int32))
+    page_pos = cache.page_positions()
 
-    def store(pool, new):  # pool [F, R, ps, K, D], new [S, K, D]
-      new = new.reshape(n_groups, group, *new.shape[1:]).astype(pool.dtype)
+    def store(pool, new):  # pool [F, R, ps, K, D], new [S, 1, K, D]
+      new = new.reshape(n_groups, group, *new.shape[2:]).astype(pool.dtype)
       return jax.vmap(lambda p, i, o, x: p.at[i, o].set(x, mode="drop"))(pool, page, offset, new)
 
-    return self.replace(pool_k=tuple(map(store, self.pool_k, k_new)), pool_v=tuple(map(store, self.pool_v, v_new)),
-                        table=table, next_free=self.next_free + need.sum(axis=1, dtype=jnp.int32))
+    def attend(i, q, k, v):
+      pool_k, pool_v = store(self.pool_k[i], k), store(self.pool_v[i], v)
+      out = paged_attention(q, k, v, self.prompt_k[i], self.prompt_v[i], self.prompt_valid, pool_k, pool_v,
+                            page_pos=page_pos, length=length.reshape(-1), pages_used=cache.next_free,
+                            block_pages=self.block_pages, blocks=self.cost_blocks)
+      return out, (pool_k, pool_v)
+    return cache, [functools.partial(attend, i) for i in range(len(self.pool_k))]
+
+  def absorb(self, updates, length, active):
+    """The pools each layer's attention wrote (`attention`)."""
+    del length, active
+    return self.replace(pool_k=tuple(u[0] for u in updates), pool_v=tuple(u[1] for u in updates))
 
   def fork(self, any_fork, src_in_group, is_child, t_child, n_roots):
     """New children [F, G] (forked at `t_child` from slot `src_in_group` of their group) map their parent's

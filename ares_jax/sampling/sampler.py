@@ -2,7 +2,7 @@
 
 `decode_one` feeds every slot's pending token, samples, scores (log-prob, exact entropy, window entropy,
 HWE marks) and forks; the KV it reads and writes is `DecodeState.cache`, one of two layouts with the same
-three methods (readers for the attention, write, fork):
+three methods (`attention`: the layers' attention of a step; `absorb`: what those wrote; `fork`):
   - `DenseCache` (`rollout.kv_cache="dense"`, `rollout_chunk`): position-indexed rows, L arrays [S, C, K, D]
     with C = T + max_new_tokens. Columns 0..T-2 hold the prompt but its last token, and the token fed at
     step k of a trajectory (the last prompt token, then each sampled token) is written to T-1+k; every
@@ -124,16 +124,19 @@ class DenseCache:
   prompt_valid: jax.Array  # [S, C] bool: columns holding real prompt tokens
   t_prompt: int = struct.field(pytree_node=False)
 
-  def readers(self, length):
+  def attention(self, length, active):
+    """(this cache, the L layers' attention of a decode step at response position `length` [S])."""
+    del active
     cols = jnp.arange(self.prompt_valid.shape[1])[None, :]
     mask = self.prompt_valid | ((cols >= self.t_prompt - 1) & (cols < (self.t_prompt - 1 + length)[:, None]))
-    return [cache_reader(k, v, mask[:, None, :]) for k, v in zip(self.k, self.v)]
+    return self, [cache_reader(k, v, mask[:, None, :]) for k, v in zip(self.k, self.v)]
 
-  def write(self, k_new, v_new, length, active):
+  def absorb(self, updates, length, active):
+    """Writes the fed tokens' (k, v) [S, 1, K, D] of each layer (`updates`) at column T - 1 + length."""
     del active  # an ended slot's column is never read again: writing it costs less than masking
     at = self.t_prompt - 1 + length
-    return self.replace(k=tuple(_write_cache(c, x, at) for c, x in zip(self.k, k_new)),
-                        v=tuple(_write_cache(c, x, at) for c, x in zip(self.v, v_new)))
+    return self.replace(k=tuple(_write_cache(c, kv[0][:, 0], at) for c, kv in zip(self.k, updates)),
+                        v=tuple(_write_cache(c, kv[1][:, 0], at) for c, kv in zip(self.v, updates)))
 
   def fork(self, any_fork, src_in_group, is_child, t_child, n_roots):
     """Each new child's row replaced by its parent's (`branching.fork`), in place: one row per group and
@@ -176,9 +179,9 @@ def decode_one(config: ModelConfig, sc: SamplingConfig, group: int, n_branch: in
   """One decode step of every slot: feed, sample, score, window, fork (either cache layout)."""
   top, layers = weights  # `decode_weights`
   s_slots, n_max = state.tokens.shape
-  logits, (k_new, v_new) = decode_step(config, top, layers, state.pending, state.last_pos + state.length,
-                                       state.cache.readers(state.length))
-  cache = state.cache.write(k_new, v_new, state.length, state.active)
+  cache, attend = state.cache.attention(state.length, state.active)
+  logits, updates = decode_step(config, top, layers, state.pending, state.last_pos + state.length, attend)
+  cache = cache.absorb(updates, state.length, state.active)
 
   log_probs = dist.scaled_log_probs(logits, sc.temperature)
   # Streams keyed by (prompt, slot, position), not by row: the same seed samples the same tokens
