@@ -130,8 +130,10 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
     return 0, []
   if top == base:
     return base, small
-  # Bracket the largest fitting chunk between one that fits (lo) and one that does not (hi), guessing
-  # by linear interpolation (extrapolation while hi is unknown); stop within a sixteenth.
+  # Bracket the largest fitting chunk between one that fits (lo) and one that does not (hi). After a probe
+  # that fits, extrapolate along the slope of the last two that fit (the peak bends upwards as other
+  # programs take over, so a line to hi would creep up by one base at a time); after one that does not,
+  # interpolate between lo and hi. Stop within a sixteenth.
   lo, lo_plans, lo_peak = base, small, peak(small)
   hi, hi_peak = None, None
   second = min(8 * base, top)  # far enough from the first point for a slope that buckets do not hide
@@ -141,19 +143,21 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
     lo, lo_plans, lo_peak = second, probe, peak(probe)
   else:
     hi, hi_peak = second, peak(probe)
+  fitted = hi is None
   while lo < top:
-    if hi is None:
+    if hi is not None and hi - lo <= max(base, lo // 16):
+      break
+    if fitted:
       guess = min(top, int((budget - lo_peak) / slope) + lo)
     else:
-      if hi - lo <= max(base, lo // 16):
-        break
       guess = lo + int((budget - lo_peak) / max(hi_peak - lo_peak, 1.0) * (hi - lo))
     guess = guess // base * base
     guess = min(max(guess, lo + base), top if hi is None else hi - base)
     if hi is not None and guess <= lo:
       break
     plans = plan(guess)
-    if peak(plans) <= budget:
+    fitted = peak(plans) <= budget
+    if fitted:
       slope = max((peak(plans) - lo_peak) / (guess - lo), 1.0)
       lo, lo_plans, lo_peak = guess, plans, peak(plans)
     else:

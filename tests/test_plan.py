@@ -86,23 +86,25 @@ def test_sft_plan_has_no_vision_gradients(tiny_plan):
 
 
 @pytest.mark.slow
-def test_largest_chunk_fits_and_the_next_does_not():
+@pytest.mark.parametrize("kv_cache", ["paged", "dense"])
+def test_largest_chunk_fits_and_the_next_does_not(kv_cache):
+  """The search finds a size that fits (prompts per call, dense; groups in flight, paged) whose double
+  does not, in multiples that spread evenly over the 8 batch-sharding devices."""
   c = _config("aepo")
   c.plan.images_per_prompt = 0
+  c.rollout.kv_cache = kv_cache
   st = mp.Setting.create(c, jax.devices(), 1.0)
   sc = settings_lib.sampling(c, st.mcfg, 0)
   shapes = mp.step_shapes(c, st.mcfg, sc.max_new_tokens)
-  whole = mp.rollout_programs(st, sc, 64, shapes, 0)[1]
-  # a budget between the program at 16 and at 64 prompts
-  small = mp.rollout_programs(st, sc, 8, shapes, 0)[1]
-  budget = (small.peak + whole.peak) / 2 / c.plan.usable / GIB
+  peak = lambda n, st: max(p.peak for p in mp.rollout_programs(st, sc, n, shapes, 0, costs=False))
+  # a budget between the programs at 8 and at 64 prompts
+  budget = (peak(8, st) + peak(64, st)) / 2 / c.plan.usable / GIB
   st = mp.Setting.create(c, jax.devices(), budget)
   chunk, plans = mp.largest_rollout_chunk(st, sc, shapes, 0, 64)
   assert 8 <= chunk < 64 and all(p.fits(c.plan.usable) for p in plans)
-  bigger = mp.rollout_programs(st, sc, chunk * 2, shapes, 0)[1]
-  assert not bigger.fits(c.plan.usable)
-  # slots divide evenly over the 8 batch-sharding devices (else the KV cache would be replicated)
-  assert chunk * (sc.n + sc.max_branches) % 8 == 0
+  assert peak(chunk * 2, st) > c.plan.usable * budget * GIB
+  # slots (dense) or groups (paged) divide evenly over the batch-sharding devices (else the cache is replicated)
+  assert (chunk * (sc.n + sc.max_branches) if kv_cache == "dense" else chunk) % 8 == 0
 
 
 @pytest.mark.slow
