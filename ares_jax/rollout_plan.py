@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import jax
 import numpy as np
@@ -52,8 +51,8 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
                    weights: Compiled, *, branching: bool, label: str, costs: bool) -> list[ProgramPlan]:
   """The paged engine's programs with `n_groups` groups in flight: prefilling a chunk of prompts into
   free groups, and the decode loop. With `costs`, one decode step compiled apart at half the response
-  budget live (`PagedCache.cost_blocks`) gives the decode row's flops, bytes and collectives per step,
-  beside the dense engine's step at the same shapes (bytes per prompt-step of both in the JSON)."""
+  budget live (`PagedCache.cost_blocks`) gives the decode row's flops and collectives per step; its bytes
+  are the weights and live KV a step reads, with the dense engine's KV per prompt-step beside them."""
   group = sc.n + sc.branches(branching)
   prefill = sc.chunk_prompts or max(1, n_groups // 8)  # `refill.layout` for a step of more prompts
   c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, prefill),
@@ -75,32 +74,25 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
     span = paged.block_pages_for(sc.page_size) * sc.page_size
     at_live = state.replace(cache=state.cache.replace(cost_blocks=-(-live // span)))
     step = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out, at_live, key, count_collectives=True)
-    dense = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out,
-                       dense_state(st, sc, n_groups, group, t_prompt), key, count_collectives=True)
-    decode = dataclasses.replace(decode, flops=step.flops, bytes_accessed=step.bytes_accessed,
+    # HBM a decode step must read: the decode weights and the KV in use (the prompt once per group, each
+    # slot's `live` response tokens), against the dense engine's full rows. XLA's TPU cost model is no
+    # guide here: it counts every in-place page write as a read and write of the whole pool.
+    tc = st.mcfg.text
+    kv_token = 2 * tc.num_layers * tc.num_kv_heads * tc.head_dim * np.dtype(sc.cache_dtype or st.mcfg.dtype).itemsize
+    paged_kv, dense_kv = (t_prompt - 1 + group * live) * kv_token, group * (t_prompt + sc.max_new_tokens) * kv_token
+    groups_per_device = n_groups / (st.mesh.shape["data"] * st.mesh.shape["fsdp"])
+    step_bytes = weights.out_bytes + groups_per_device * paged_kv / st.mesh.shape["tensor"]
+    decode = dataclasses.replace(decode, flops=step.flops, bytes_accessed=step_bytes,
                                  collective_bytes=step.collective_bytes)
-    per_step = lambda c: None if c.bytes_accessed is None else c.bytes_accessed / n_groups
-    extra = (("decode_step_live_tokens", live), ("decode_step_bytes", step.bytes_accessed),
-             ("bytes_per_prompt_step", per_step(step)), ("dense_decode_step_bytes", dense.bytes_accessed),
-             ("dense_bytes_per_prompt_step", per_step(dense)),
-             ("dense_decode_step_collective_bytes", dense.collective_bytes))
-    desc += f"; cost columns: one step at {live} live response tokens"
+    extra = (("decode_step_live_tokens", live), ("decode_step_bytes", step_bytes),
+             ("xla_decode_step_bytes", step.bytes_accessed), ("kv_bytes_per_prompt_step", paged_kv),
+             ("dense_kv_bytes_per_prompt_step", dense_kv), ("kv_read_ratio", paged_kv / dense_kv))
+    desc += (f"; cost columns: one step at {live} live response tokens, bytes = decode weights + live KV "
+             f"({paged_kv / dense_kv:.2f} of the dense engine's KV per prompt-step)")
   return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
                    resident, st.hbm_gib),
           plan_row(f"{label}: prefill into free groups", f"{prefill} prompts{img}", admit, resident, st.hbm_gib),
           plan_row(f"{label}: paged decode loop", desc + shapes.note, decode, resident, st.hbm_gib, extra)]
-
-
-def dense_state(st: Setting, sc: sampling.SamplingConfig, n_prompts: int, group: int, t_prompt: int) -> Any:
-  """The dense engine's decode state at these shapes as abstract arrays (not compiled: it need not fit),
-  its caches sharded as `rollout_chunk` shards them."""
-  shapes = jax.eval_shape(lambda: sampler.dense_start(st.mcfg, sc, n_prompts, group, t_prompt))
-  cache_spec = ("cache_batch", None, "cache_heads", None)
-  def place(x):
-    names = cache_spec if x.ndim == 4 else (("cache_batch",) + (None,) * (x.ndim - 1) if x.ndim else ())
-    spec = sharding.logical_to_spec(names, x.shape, st.mesh)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(st.mesh, spec))
-  return jax.tree.map(place, shapes)
 
 
 def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shapes, resident: int, most: int,

@@ -262,21 +262,6 @@ def one_step(config: ModelConfig, sc: SamplingConfig, branching: bool, weights: 
   return decode_one(decode_config(config, sc), sc, sc.n + n_branch, n_branch, weights, consts, state)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def dense_start(config: ModelConfig, sc: SamplingConfig, n_prompts: int, group: int, t_prompt: int) -> DecodeState:
-  """A dense cache's decode state of `n_prompts` x `group` slots at prompt width T, every slot active at
-  response length 0 (its shapes and shardings are those `rollout_chunk` decodes with)."""
-  s_slots, n_max = n_prompts * group, sc.max_new_tokens
-  tc = config.text
-  rows = lambda: nn.with_logical_constraint(
-      jnp.zeros((s_slots, t_prompt + n_max, tc.num_kv_heads, tc.head_dim), jnp.dtype(sc.cache_dtype or config.dtype)),
-      ("cache_batch", None, "cache_heads", None))
-  cache = DenseCache(k=tuple(rows() for _ in range(tc.num_layers)), v=tuple(rows() for _ in range(tc.num_layers)),
-                     prompt_valid=jnp.ones((s_slots, t_prompt + n_max), bool), t_prompt=t_prompt)
-  state = initial_slots(cache, n_prompts, group, n_max, sc.pad_id)
-  return state.replace(active=jnp.ones((s_slots,), bool), budget=jnp.full((s_slots,), n_max, jnp.int32))
-
-
 def results(state: DecodeState, pad_id: int) -> dict:
   """The rollout record's arrays of every slot of `state` (`Rollouts`' fields but `prompt_index`)."""
   n_max = state.tokens.shape[1]
