@@ -38,8 +38,8 @@ def tiny_plan():
 def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
   c, plans = tiny_plan
   names = [p.name for p in plans]
-  for expected in ("pass-rate rollout chunk", "SFT gradient micro-step", "SFT optimizer apply", "decode weights",
-                   "rollout chunk", "old log-probs", "reference log-probs (bfloat16)", "AEPO gradient micro-step",
+  for expected in ("pass-rate rollout: paged decode loop", "SFT gradient micro-step", "SFT optimizer apply",
+                   "decode weights", "rollout: prefill into free groups", "rollout: paged decode loop", "old log-probs", "reference log-probs (bfloat16)", "AEPO gradient micro-step",
                    "AEPO optimizer apply", "SFT restore", "AEPO restore"):
     assert any(n.startswith(expected) for n in names), (expected, names)
   st = mp.Setting.create(c, jax.devices(), 1.0)
@@ -115,12 +115,14 @@ def test_plan_cli_writes_json_and_fails_when_a_program_does_not_fit(tmp_path):
          "--config.stage=aepo", "--config.plan.hbm_gib=0.004", "--config.rollout.chunk_prompts=8", f"--json={out}"]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
   assert proc.returncode == 1, proc.stderr[-3000:]
-  assert "DOES NOT FIT" in proc.stdout and "| rollout chunk" in proc.stdout
+  assert "DOES NOT FIT" in proc.stdout and "| rollout: paged decode loop" in proc.stdout
   report = json.loads(out.read_text())
   assert report["topology"] == "cpu:8" and report["hbm_gib"] == 0.004
   row = report["programs"][0]
   assert set(row) == {"name", "shapes", "args_gib", "out_gib", "temp_gib", "resident_gib", "peak_gib", "fits",
-                      "flops", "bytes_accessed", "roofline_s"}
+                      "flops", "bytes_accessed", "roofline_s", "collective_bytes"}
+  decode = next(r for r in report["programs"] if r["name"] == "rollout: paged decode loop")
+  assert 0 < decode["kv_read_ratio"] < 1 and decode["decode_step_bytes"] == decode["bytes_accessed"]
   assert any(not r["fits"] for r in report["programs"])
   # XLA's per-device cost of every compiled program (not of the restore row); no roofline on CPU devices
   assert report["chip"] is None and all(r["roofline_s"] is None for r in report["programs"])
