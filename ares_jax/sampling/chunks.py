@@ -162,7 +162,8 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   report = None if on_done is None else lambda rows, part: on_done(rows, _renumbered(part, len(rows), group))
   with sharding.mesh_context_of(params):
     weights = decode_weights(config, params, sc.lora_merged)
-    weights = jax.device_put(weights, decode_weight_layout(weights, device_memory()))
+    # a compiled identity reshards by collectives, which also crosses processes (a device_put may not)
+    weights = jax.jit(lambda w: w, out_shardings=decode_weight_layout(weights, device_memory()))(weights)
   if sc.kv_cache == "paged":
     out = refill.run(config, params, weights, chunks, sc, key, tau, budgets=budgets, on_done=report)
   else:

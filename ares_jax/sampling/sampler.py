@@ -244,7 +244,7 @@ def decode_weight_layout(weights: tuple, hbm_bytes: int | None) -> tuple:
 
 def device_memory() -> int | None:
   """The first device's memory in bytes, if its backend says (TPU and GPU do, CPU does not)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}  # another process's devices have no stats here
   return stats.get("bytes_limit")
 
 
