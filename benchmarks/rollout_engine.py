@@ -196,7 +196,7 @@ def run_engine(config, params, batch, sc, key, tau, budgets, *, warmup_s, t_prom
     with paged_probe() as probe, Stopwatch() as t:
       r = sampling.generate(config, params, batch, sc, key, tau, budgets=budgets)
     row.update(prefill_s=probe["prefill_s"], prefill_cpu_s=probe["prefill_cpu_s"], iterations=probe["iterations"],
-               decode_calls=probe["decode_calls"], groups_in_flight=refill.in_flight(sc, n_prompts, chunk))
+               decode_calls=probe["decode_calls"], groups_in_flight=refill.layout(sc, n_prompts)[0])
   else:
     with Stopwatch() as t:
       r = sampling.generate(config, params, batch, sc, key, tau, budgets=budgets)
