@@ -170,6 +170,9 @@ def rollout_defaults() -> ml_collections.ConfigDict:
   # paged: groups decoding together; 0: the largest that fits the memory budget (the memory planner, at
   # startup; all of a call's prompts on CPU)
   r.prompts_in_flight = 0
+  # paged: once no prompt waits, the groups still decoding move into half as many slots whenever at most
+  # half are busy, up to this many times per call (each size compiles one more decode program; 0: never)
+  r.drain_halvings = 3
   # dense: prompts per compiled rollout call (bounds the KV cache); 0: the largest that fits, planned at
   # startup. paged: prompts prefilled per call (0: an eighth of the groups in flight)
   r.chunk_prompts = 0

@@ -113,7 +113,8 @@ def sampling(config: ml_collections.ConfigDict, mcfg: ModelConfig, pad_id: int, 
             top_k=max(int(r.top_k), 0), n=r.n, window=config.aepo.window, max_branches=r.max_branches,
             eos_ids=tuple(e for e in eos if e is not None), pad_id=int(pad_id),
             cache_dtype=r.get("cache_dtype", None), chunk_prompts=r.chunk_prompts, kv_cache=r.kv_cache,
-            page_size=r.page_size, prompts_in_flight=r.prompts_in_flight)
+            page_size=r.page_size, prompts_in_flight=r.prompts_in_flight,
+            drain_halvings=r.drain_halvings)
   kw.update(overrides)
   return SamplingConfig(**kw)
 

@@ -9,7 +9,7 @@ import pytest
 
 import hf_reference as R
 from ares_jax import models, sampling, sharding
-from ares_jax.sampling import paged
+from ares_jax.sampling import paged, refill
 
 EXACT = ("tokens", "length", "prompt_index", "parent", "fork_pos", "hwe", "window_valid")
 CLOSE = ("logprobs", "entropy", "window_entropy")
@@ -79,6 +79,22 @@ def test_greedy_budgets_and_reports(tiny):
     np.testing.assert_array_equal(got["length"], p.length[p.prompt_index == row])
   with pytest.raises(ValueError, match="budgets"):
     sampling.generate(config, params, batch, sc, jax.random.key(0), budgets=[3, 3])
+
+
+def test_draining_the_tail_keeps_the_rollouts(tiny, monkeypatch):
+  """Groups that end at different times: the busy ones are moved into half as many groups (4 -> 2 -> 1 in
+  flight), and the rollouts are the dense engine's, as with no draining."""
+  _, _, config, params = tiny
+  budgets = np.array([12, 2, 5, 1])
+  d = sampling.generate(config, params, _batch(), SC, jax.random.key(3), tau_high=4.0, budgets=budgets)
+  drained, drain = [], refill.drain
+  monkeypatch.setattr(refill, "drain", lambda state, keep: drained.append(len(keep)) or drain(state, keep))
+  for halvings, sizes in ((0, []), (3, [2, 1])):
+    drained.clear()
+    sc = dataclasses.replace(SC, kv_cache="paged", page_size=4, drain_halvings=halvings)
+    assert_same(sampling.generate(config, params, _batch(), sc, jax.random.key(3), tau_high=4.0, budgets=budgets), d)
+    assert drained == sizes
+  assert (d.parent >= 0).sum() >= 4
 
 
 def test_paged_on_eight_devices_equals_dense_on_one(tiny, dense):

@@ -43,6 +43,10 @@ class SamplingConfig:
   kv_cache: str = "paged"
   page_size: int = 64
   prompts_in_flight: int = 0
+  # Paged: once no prompt waits, whenever at most half the groups in flight still decode they are moved
+  # into half as many (the tail of a call costs what it decodes), at most this many times per call; each
+  # size is one more compiled decode program. 0: the call's last groups decode at full width.
+  drain_halvings: int = 3
 
   def __post_init__(self):
     checks = {
@@ -51,6 +55,7 @@ class SamplingConfig:
         "max_branches": self.max_branches is None or self.max_branches >= 0,
         "chunk_prompts": self.chunk_prompts >= 0, "kv_cache": self.kv_cache in ("paged", "dense"),
         "page_size": self.page_size >= 1, "prompts_in_flight": self.prompts_in_flight >= 0,
+        "drain_halvings": self.drain_halvings >= 0,
     }
     for field, ok in checks.items():
       if not ok:

@@ -6,7 +6,9 @@ soon as there are enough of them (`admit`), and the decode loop (`decode`) runs 
 ended to take the next chunk (the exit is decided on the device, so no step is spent polling), or, when
 a caller wants ended groups early (`on_done`, e.g. to grade them while the rest decode), until a
 chunk's worth more have ended. Ended groups are read back (`harvest`) and their slots and pages are
-free again.
+free again. Once no prompt waits, the loop also stops whenever at most half the groups still decode, and
+those are moved into a state of half as many groups (`drain`, up to `drain_halvings` times), so a call's
+tail of long trajectories does not pay for the slots of groups that have ended.
 
 Random streams are keyed by (prompt, slot, position), so what a prompt samples does not depend on the
 group it lands in, what decodes beside it, the chunking, the page size or the number of devices.
@@ -76,6 +78,32 @@ def harvest(state: DecodeState, groups, pad_id: int) -> dict:
   return out
 
 
+def drain(state: DecodeState, keep: np.ndarray) -> DecodeState:
+  """The groups `keep` [F'] of `state` as a state of F' groups, in that order (every array of a
+  `DecodeState` leads with its group or its slot axis). Consumes `state`: its arrays are freed one at a
+  time as their copies are made, so beside the old state this needs one array's copy, not a new state."""
+  n_groups = state.branches.shape[0]
+  group = state.length.shape[0] // n_groups
+  keep = jnp.asarray(keep, jnp.int32)
+
+  def take(x):
+    if x.ndim == 0:  # the step counter
+      return x
+    layout = x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
+    out = _take_groups(x, keep, 1 if x.shape[0] == n_groups else group, layout)
+    x.delete()  # freed once the copy has read it (donation cannot alias a smaller output)
+    return out
+
+  return jax.tree.map(take, state)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _take_groups(x, keep, group: int, layout):
+  """x [F * group, ...] -> [F' * group, ...]: the rows of groups `keep`, laid out as x was."""
+  out = jnp.take(x.reshape(-1, group, *x.shape[1:]), keep, axis=0).reshape(-1, *x.shape[1:])
+  return out if layout is None else jax.lax.with_sharding_constraint(out, layout)
+
+
 def layout(sc: SamplingConfig, n_prompts: int) -> tuple[int, int]:
   """(groups in flight F, prompts per prefill Q) for a call of `n_prompts`: F = `prompts_in_flight` (0: all
   of them); Q = `chunk_prompts`, else all when they all fit at once, else an eighth of F (ended groups are
@@ -99,6 +127,7 @@ def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingC
     state = start(config, sc, n_groups, group, t_prompt)
   out: dict[str, np.ndarray] = {}
   free, occupant, waiting = list(range(n_groups)), {}, collections.deque(chunks)
+  halvings = 0
   while waiting or occupant:
     while waiting and len(free) >= waiting[0].n_real:
       c = waiting.popleft()
@@ -109,12 +138,24 @@ def run(config: ModelConfig, params, weights: tuple, chunks: list, sc: SamplingC
       free = free[c.n_real:]
       with sharding.mesh_context_of(params):
         state = admit(config, sc, params, state, c.inputs, groups, c.rows.astype(np.int32), budgets[c.rows])
+    size = n_groups
+    while not waiting and halvings < sc.drain_halvings and len(occupant) <= -(-size // 2) < size:
+      size, halvings = -(-size // 2), halvings + 1
+    if size < n_groups:
+      keep = sorted(occupant) + free[:size - len(occupant)]  # ended or never-used groups fill the rest
+      with sharding.mesh_context_of(params):
+        state = drain(state, np.asarray(keep, np.int32))
+      occupant = {i: occupant[g] for i, g in enumerate(keep) if g in occupant}
+      n_groups, free = size, list(range(len(occupant), size))
+    half = -(-n_groups // 2)
     if waiting:
       target = waiting[0].n_real  # idle groups (free ones included) the next chunk needs
-    elif on_done is not None:  # hand ended groups out a chunk at a time, not one round trip per group
-      target = min(len(free) + len(chunks[0].rows), n_groups)
     else:
       target = n_groups
+      if on_done is not None:  # hand ended groups out a chunk at a time, not one round trip per group
+        target = min(len(free) + len(chunks[0].rows), n_groups)
+      if halvings < sc.drain_halvings and n_groups > 1:  # stop when the busy ones fit in half the groups
+        target = min(target, n_groups - half)
     with sharding.mesh_context_of(params):
       state, busy = decode(config, sc, weights, state, key, tau, np.int32(target))
     busy = np.asarray(sharding.to_host(busy))
