@@ -19,17 +19,15 @@ and gets a copy of the one partly filled page (none when t is a page boundary); 
 pages of its own. Shared pages are never written: every slot writes only at positions >= its length,
 and a page below a child's fork position is full.
 
-Decode attention (`paged_attention`) reads the prompt once per group for all of its G queries (a
-grouped einsum: G * H query rows per kv head), and each slot's own response pages: its table's pages,
-gathered a block of pages at a time up to the longest live response, merged with the prompt and the
-token's own key by a running log-sum-exp. So bytes read per step are the prompt once per group plus each
-slot's live response (a fork's shared prefix is read by parent and child), and the flops are exactly a
-per-slot read's. (An earlier version read each group's pool once for all G slots, so that shared fork
-prefixes were read once; scores then cost G times the flops, which made attention compute-bound: on the
-CPU it was ~80% of a decode step at 1k-token prompts, and at 7B on a v5p it sat at the roofline's ridge.)
-The Pallas `ragged_paged_attention` TPU kernel was not used: it reads each sequence's pages on its own
-(the shared prompt G times) and returns no log-sum-exp to merge blocks read apart, and it cannot mask a
-left-padded prompt.
+Decode attention (`paged_attention`) reads every group's KV once per step for all of its G queries:
+the prompt (a grouped einsum: G * H query rows per kv head) and the group's pages in use, in blocks
+of whole pages sliced from the pool (no gather), up to the most pages any group has taken; each slot
+keeps the keys of the pages its table maps, at their positions, and the blocks and the token's own key
+are merged with a running log-sum-exp. So a prefix that forks share is read once, not once per slot.
+Scores cost G times the flops of a per-slot read, which decode has to spare (it is bound by HBM
+bandwidth). The Pallas `ragged_paged_attention` TPU kernel was not used: it reads each sequence's pages
+on its own (the shared prompt G times) and returns no log-sum-exp to merge blocks read apart, and
+it cannot mask a left-padded prompt.
 """
 
 from __future__ import annotations
@@ -43,8 +41,9 @@ from flax import linen as nn
 from flax import struct
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)  # finite, as the dense path's mask value
+_UNMAPPED = np.iinfo(np.int32).max // 2  # a page position no length reaches
 _PREC = jax.lax.Precision.HIGHEST
-BLOCK_TOKENS = 256  # response keys of a slot read per attention block (a few pages); smaller wastes loop trips
+BLOCK_TOKENS = 256  # response keys read per attention block (a few pages); smaller wastes loop trips
 
 
 def pages_per_slot(n_max: int, page_size: int) -> int:
@@ -68,13 +67,23 @@ class PagedCache:
   table: jax.Array  # [F, G, P_s] int32 page of each slot's response page j; -1: none yet
   next_free: jax.Array  # [F] int32 first unused page of each group's pool
   block_pages: int = struct.field(pytree_node=False)
-  # > 0: attention reads exactly this many page blocks per slot, unrolled, whatever the live length: plans
+  # > 0: attention reads exactly this many page blocks, unrolled, whatever the live length: memory plans
   # compile one decode step so to read its cost at a live length (a loop's body is counted once)
   cost_blocks: int = struct.field(pytree_node=False, default=0)
 
   @property
   def page_size(self) -> int:
     return self.pool_k[0].shape[2]
+
+  def page_positions(self) -> jax.Array:
+    """[F, G, R] int32: the response position of page p's first token in slot g's sequence, or a number
+    past any length where g does not map p (made once per step, read by every layer)."""
+    n_groups, group, n_pages = self.table.shape
+    r_pages = self.pool_k[0].shape[1]
+    first = jnp.arange(n_pages, dtype=jnp.int32) * self.page_size
+    mapped = jnp.where(self.table >= 0, self.table, r_pages)  # out of range: dropped
+    unmapped = jnp.full((r_pages,), _UNMAPPED, jnp.int32)
+    return jax.vmap(jax.vmap(lambda t: unmapped.at[t].set(first, mode="drop")))(mapped)
 
   def attention(self, length, active):
     """(this cache with a fresh page for each active slot whose response position `length` [S] starts one,
@@ -92,6 +101,7 @@ class PagedCache:
     page = jnp.where(active, page, r_pages)  # out of range: an ended slot writes nothing
     offset = length % ps
     cache = self.replace(table=table, next_free=self.next_free + need.sum(axis=1, dtype=jnp.int32))
+    page_pos = cache.page_positions()
 
     def store(pool, new):  # pool [F, R, ps, K, D], new [S, 1, K, D]
       new = new.reshape(n_groups, group, *new.shape[2:]).astype(pool.dtype)
@@ -100,8 +110,8 @@ class PagedCache:
     def attend(i, q, k, v):
       pool_k, pool_v = store(self.pool_k[i], k), store(self.pool_v[i], v)
       out = paged_attention(q, k, v, self.prompt_k[i], self.prompt_v[i], self.prompt_valid, pool_k, pool_v,
-                            table=table, length=length.reshape(-1), block_pages=self.block_pages,
-                            blocks=self.cost_blocks)
+                            page_pos=page_pos, length=length.reshape(-1), pages_used=cache.next_free,
+                            block_pages=self.block_pages, blocks=self.cost_blocks)
       return out, (pool_k, pool_v)
     return cache, [functools.partial(attend, i) for i in range(len(self.pool_k))]
 
@@ -149,7 +159,7 @@ def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: 
   """A cache of F empty groups (sharded like the dense cache: groups over data x fsdp, heads over tensor)."""
   bp = block_pages_for(page_size)
   n_pages = pages_per_slot(n_max, page_size)
-  r_pages = group * n_pages
+  r_pages = -(-group * -(-n_max // page_size) // bp) * bp  # whole attention blocks
   prompt = lambda: nn.with_logical_constraint(jnp.zeros((n_groups, t_prompt - 1, kv_heads, head_dim), dtype),
                                               ("cache_batch", None, "cache_heads", None))
   pool = lambda: nn.with_logical_constraint(jnp.zeros((n_groups, r_pages, page_size, kv_heads, head_dim), dtype),
@@ -162,17 +172,18 @@ def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: 
                     block_pages=bp)
 
 
-def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, *, table, length,
-                    block_pages: int, blocks: int = 0):
+def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, *, page_pos, length,
+                    pages_used, block_pages: int, blocks: int = 0):
   """One decode step's attention of S = F * G slots.
 
   q [S, 1, H, D]; k_new, v_new [S, 1, K, D] (the token's own key); prompt_k/v [F, T', K, D] with
-  prompt_valid [F, T']; pool_k/v [F, R, ps, K, D]; table [F, G, P_s] (-1: unmapped); length [S]: response
-  keys 0..length-1 are live. `blocks` > 0: read that many page blocks, unrolled (`PagedCache.cost_blocks`).
-  Returns [S, 1, H, D] in q's dtype.
+  prompt_valid [F, T']; pool_k/v [F, R, ps, K, D]; page_pos [F, G, R] (`PagedCache.page_positions`);
+  length [S]: response keys 0..length-1 are live; pages_used [F]. `blocks` > 0: read that many page
+  blocks, unrolled (`PagedCache.cost_blocks`). Returns [S, 1, H, D] in q's dtype.
 
-  The prompt is read once per group for all G queries; block j is table columns [j * bp, (j + 1) * bp)
-  of every slot (response positions [j * bp * ps, (j + 1) * bp * ps)), gathered from its group's pool.
+  Both the prompt and the response pages are read once per group for all G queries: block j is pages
+  [j * bp, (j + 1) * bp) of every group's pool (a slice, not a gather), and each slot keeps the keys of
+  the pages its table maps, at their positions (softmax does not care in which order keys come).
   """
   s_slots, _, n_heads, d = q.shape
   n_groups, _, kv_heads, _ = prompt_k.shape
@@ -190,28 +201,25 @@ def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, p
   o = dot("fgkrt,ftkd->fgkrd", p_prompt.astype(prompt_v.dtype), prompt_v)
   o = o + p_self[..., None] * v_new.reshape(n_groups, group, kv_heads, 1, d).astype(jnp.float32)
   live = length.reshape(n_groups, group)
-  span = block_pages * ps
-  n_cols = -(-table.shape[2] // block_pages) * block_pages
-  table = jnp.pad(table, ((0, 0), (0, 0), (0, n_cols - table.shape[2])), constant_values=-1)
-  gather = jax.vmap(lambda pool, pages: pool[pages])  # [R, ps, K, D], [G, bp] -> [G, bp, ps, K, D]
 
   def block(j, carry):
     m, l, o = carry
-    pages = jnp.maximum(jax.lax.dynamic_slice_in_dim(table, j * block_pages, block_pages, axis=2), 0)
-    k_blk, v_blk = gather(pool_k, pages), gather(pool_v, pages)  # [F, G, bp, ps, K, D]
-    ok = (j * span + jnp.arange(span).reshape(block_pages, ps)) < live[..., None, None]  # [F, G, bp, ps]
-    s = dot("fgkrd,fgpskd->fgkrps", qg, k_blk) * scale
+    k_blk = jax.lax.dynamic_slice_in_dim(pool_k, j * block_pages, block_pages, axis=1)  # [F, bp, ps, K, D]
+    v_blk = jax.lax.dynamic_slice_in_dim(pool_v, j * block_pages, block_pages, axis=1)
+    first = jax.lax.dynamic_slice_in_dim(page_pos, j * block_pages, block_pages, axis=2)  # [F, G, bp]
+    ok = (first[..., None] + jnp.arange(ps)) < live[..., None, None]  # [F, G, bp, ps]
+    s = dot("fgkrd,fpskd->fgkrps", qg, k_blk) * scale
     s = jnp.where(ok[:, :, None, None], s, _NEG).reshape(*s.shape[:4], -1)
     m_new = jnp.maximum(m, s.max(-1))
     corr, p = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
     p = p.reshape(*p.shape[:4], block_pages, ps).astype(v_blk.dtype)
-    o = o * corr[..., None] + dot("fgkrps,fgpskd->fgkrd", p, v_blk)
+    o = o * corr[..., None] + dot("fgkrps,fpskd->fgkrd", p, v_blk)
     return m_new, l * corr + p.astype(jnp.float32).sum((-2, -1)), o
 
   if blocks:
-    for j in range(min(blocks, n_cols // block_pages)):
+    for j in range(blocks):
       m, l, o = block(j, (m, l, o))
   else:
-    n_blocks = (jnp.max(length) + span - 1) // span  # only blocks some slot has live keys in
+    n_blocks = (jnp.max(pages_used) + block_pages - 1) // block_pages  # only pages some group has taken
     m, l, o = jax.lax.fori_loop(0, n_blocks, block, (m, l, o))
   return (o / l[..., None]).reshape(s_slots, 1, n_heads, d).astype(q.dtype)
