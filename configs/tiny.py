@@ -77,6 +77,9 @@ def get_config():
   c.rollout.prompts_per_step = 8
   c.rollout.max_prompt_length = 256
   c.rollout.max_response_length = 112
+  # A tiny model's decode step costs about the same whatever the groups in flight (it is all overhead), so
+  # draining a call's tail saves nothing and each drained size is one more compile
+  c.rollout.drain_halvings = 0
   # The task's moments of uncertainty are single tokens (whether to check a step; a value that may slip), so
   # the window is one token (Hbar_t = H_t): a window of 4 averages a decision with three certain tokens and
   # never reaches tau_high, and nothing would be marked or branched. Real text spreads a hesitation over

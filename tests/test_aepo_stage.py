@@ -171,10 +171,11 @@ def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
 @pytest.mark.slow
 def test_paged_and_dense_engines_run_the_same_steps(tmp_path):
   """The tiny AEPO stage's first steps are the same on either rollout engine (the paged one refilling
-  three groups in flight two at a time, the dense one in chunks of two): every metric of every step."""
+  three groups in flight two at a time and draining its tail, the dense one in chunks of two): every
+  metric of every step."""
   runs = {}
   for kv, extra in (("dense", dict(chunk_prompts=2)), ("paged", dict(prompts_in_flight=3, chunk_prompts=2,
-                                                                      page_size=4))):
+                                                                      page_size=4, drain_halvings=2))):
     c = tiny_rl_config(str(tmp_path / kv), 2)
     c.warm_start.steps = 0
     c.rollout.max_response_length = 24
