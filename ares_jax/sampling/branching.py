@@ -66,10 +66,11 @@ def fork(state, marked: jax.Array, start: jax.Array, *, group: int, n_roots: int
         fork_pos=jnp.where(is_child, t_child, state.fork_pos),
         next_fork=jnp.where(is_child, t_child + window, state.next_fork))
 
+  forked_parent = allowed_flat
   any_fork = jnp.any(allowed_flat)
-  cache = state.cache.fork(any_fork, src_in_group, is_child.reshape(n_prompts, group),
-                           t_child.reshape(n_prompts, group), n_roots)
-  # the cache stays out of the conditional: passed through one, XLA may copy it whole at every step
-  state = state.replace(next_fork=jnp.where(allowed_flat, start + window, state.next_fork),
-                        branches=state.branches + allowed.sum(axis=1).astype(jnp.int32), cache=None)
-  return jax.lax.cond(any_fork, apply, lambda s: s, state).replace(cache=cache)
+  state = state.replace(
+      next_fork=jnp.where(forked_parent, start + window, state.next_fork),
+      branches=state.branches + allowed.sum(axis=1).astype(jnp.int32),
+      cache=state.cache.fork(any_fork, src_in_group, is_child.reshape(n_prompts, group),
+                             t_child.reshape(n_prompts, group), n_roots))
+  return jax.lax.cond(any_fork, apply, lambda s: s, state)

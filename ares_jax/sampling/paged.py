@@ -123,7 +123,7 @@ class PagedCache:
   def fork(self, any_fork, src_in_group, is_child, t_child, n_roots):
     """New children [F, G] (forked at `t_child` from slot `src_in_group` of their group) map their parent's
     full pages before t and a copy of the partly filled one."""
-    del any_fork, n_roots
+    del n_roots
     ps, n_pages = self.page_size, self.table.shape[2]
     parent_table = jnp.take_along_axis(self.table, src_in_group[..., None], axis=1)  # [F, G, P_s]
     full = t_child // ps
@@ -137,11 +137,11 @@ class PagedCache:
     src = jnp.take_along_axis(parent_table, jnp.minimum(full, n_pages - 1)[..., None], axis=2)[..., 0]
     dst = jnp.where(partial, new_page, r_pages)  # out of range: nothing copied
 
-    # G pages per group read and written in place, at every step: a conditional around it would return a
-    # buffer apart from its operand, i.e. copy the whole pool whenever the step forks nothing
-    copy_pages = lambda pool: jax.vmap(lambda p, s, d: p.at[d].set(jnp.take(p, s, axis=0, mode="clip"),
-                                                                   mode="drop"))(pool, src, dst)
-    return self.replace(pool_k=tuple(map(copy_pages, self.pool_k)), pool_v=tuple(map(copy_pages, self.pool_v)),
+    def copy_pages(pool):  # G pages per group read and written, not the cache
+      return jax.vmap(lambda p, s, d: p.at[d].set(jnp.take(p, s, axis=0, mode="clip"), mode="drop"))(pool, src, dst)
+
+    cond_copy = lambda c: jax.lax.cond(any_fork, copy_pages, lambda x: x, c)
+    return self.replace(pool_k=tuple(map(cond_copy, self.pool_k)), pool_v=tuple(map(cond_copy, self.pool_v)),
                         table=table, next_free=self.next_free + partial.sum(axis=1, dtype=jnp.int32))
 
   def admit(self, groups, k, v, mask):
