@@ -82,6 +82,7 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   in_range("rollout.page_size", r.page_size, lambda v: v >= 1, "an integer >= 1")
   in_range("rollout.prompts_in_flight", r.prompts_in_flight, lambda v: v >= 0, "an integer >= 0 (0 = planned)")
   in_range("rollout.drain_halvings", r.drain_halvings, lambda v: v >= 0, "an integer >= 0 (0 = never)")
+  one_of("rollout.decode_attention", r.decode_attention, ("auto", "per_group", "per_slot"))
 
   a = c.aepo
   in_range("aepo.window", a.window, lambda v: v >= 1, "an integer >= 1")

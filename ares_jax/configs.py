@@ -173,6 +173,9 @@ def rollout_defaults() -> ml_collections.ConfigDict:
   # paged: once no prompt waits, the groups still decoding move into half as many slots whenever at most
   # half are busy, up to this many times per call (each size compiles one more decode program; 0: never)
   r.drain_halvings = 3
+  # paged decode attention: "per_group" (each group's pages read once for all its slots: fewest bytes, G x
+  # the score flops), "per_slot" (each slot gathers its own pages: fewest flops), "auto" (CPU: per_slot)
+  r.decode_attention = "auto"
   # dense: prompts per compiled rollout call (bounds the KV cache); 0: the largest that fits, planned at
   # startup. paged: prompts prefilled per call (0: an eighth of the groups in flight)
   r.chunk_prompts = 0

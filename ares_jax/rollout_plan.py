@@ -54,6 +54,7 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
   budget live (`PagedCache.cost_blocks`) gives the decode row's flops and collectives per step; its bytes
   are the weights and live KV a step reads, with the dense engine's KV per prompt-step beside them."""
   group = sc.n + sc.branches(branching)
+  sc = sc.for_platform(st.mesh.devices.flat[0].platform)
   prefill = sc.chunk_prompts or max(1, n_groups // 8)  # `refill.layout` for a step of more prompts
   c = chunks_lib.make_chunks(st.mcfg, synthetic_batch(st.mcfg, shapes, prefill),
                              dataclasses.replace(sc, chunk_prompts=prefill))[0]
@@ -67,7 +68,8 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
   img = ""
   if shapes.images_per_prompt:
     img = f", {shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
-  desc = f"{n_groups} groups in flight x {group} slots, {t_prompt} + {sc.max_new_tokens}, pages of {sc.page_size}"
+  desc = (f"{n_groups} groups in flight x {group} slots, {t_prompt} + {sc.max_new_tokens}, pages of {sc.page_size}, "
+          f"{sc.decode_attention} attention")
   extra: tuple = ()
   if costs:
     live = max(sc.max_new_tokens // 2, 1)

@@ -114,7 +114,7 @@ def sampling(config: ml_collections.ConfigDict, mcfg: ModelConfig, pad_id: int, 
             eos_ids=tuple(e for e in eos if e is not None), pad_id=int(pad_id),
             cache_dtype=r.get("cache_dtype", None), chunk_prompts=r.chunk_prompts, kv_cache=r.kv_cache,
             page_size=r.page_size, prompts_in_flight=r.prompts_in_flight,
-            drain_halvings=r.drain_halvings)
+            drain_halvings=r.drain_halvings, decode_attention=r.get("decode_attention", "auto"))
   kw.update(overrides)
   return SamplingConfig(**kw)
 

@@ -162,6 +162,14 @@ def mesh_of(tree: Any) -> Mesh | None:
   return None
 
 
+def platform_of(tree: Any) -> str:
+  """The platform ("cpu", "gpu", "tpu") of the devices holding a tree of arrays (host arrays: the default)."""
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      return next(iter(leaf.devices())).platform
+  return jax.default_backend()
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh | None, rules=LOGICAL_RULES):
   """Activates `mesh` (if any) and the logical rules, so activation constraints take effect."""

@@ -15,8 +15,9 @@ deterministic: no EOS ids (nothing stops a trajectory early) and per-prompt `bud
   python benchmarks/rollout_engine.py --preset=gpu  # ~1.8B bf16, 64 prompts x 1024, budget 1024
   python benchmarks/rollout_engine.py --prompts_in_flight=0,4 --chunk_prompts=0,1  # two paged settings
 
-The three paged options take comma lists, one paged run per position (a single value applies to every run):
-`--prompts_in_flight=0,4 --chunk_prompts=0,1` runs all prompts in flight, then 4 with refills one at a time.
+The four paged options take comma lists, one paged run per position (a single value applies to every run):
+`--prompts_in_flight=0,4 --chunk_prompts=0,1` runs all prompts in flight, then 4 with refills one at a time;
+`--prompts_in_flight=0,0 --decode_attention=per_slot,per_group` both ways of reading pages.
 The GPU preset runs dense in chunks of 16 prompts (`--dense_chunk_prompts`): all 64 at once would hold 45 GB
 of cache.
 
@@ -40,7 +41,9 @@ The table's columns:
     prompts decoding together (dense: its chunk; paged: the groups in flight). Dense: P x G x (T + N) at
     every step (masked, but read). Paged, at its widest (the longest live response at N): P x (T - 1) of
     shared prompt plus P x G x ceil(N / B) x B response keys, B = max(1, 256 // page_size) x page_size (the
-    attention gathers whole blocks of B tokens, for every slot, up to the longest live response).
+    attention reads whole blocks of B tokens, for every slot, up to the longest live response; per_group
+    reads a group's pages once for all of its slots, up to the most pages a group has taken, which is at
+    most as much).
   - weights read per iteration (printed above the table): every weight but the input embedding table.
 """
 
@@ -191,6 +194,7 @@ def run_engine(config, params, batch, sc, key, tau, budgets, *, warmup_s, t_prom
   n_prompts = len(budgets)
   chunk = min(sc.chunk_prompts or n_prompts, n_prompts)
   row = dict(engine=sc.kv_cache, page_size=sc.page_size, prompts_in_flight=sc.prompts_in_flight,
+             decode_attention=sc.for_platform(jax.devices()[0].platform).decode_attention,
              chunk_prompts=sc.chunk_prompts, warmup_s=warmup_s)
   if sc.kv_cache == "paged":
     with paged_probe() as probe, Stopwatch() as t:
@@ -227,6 +231,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--page_size", default="64", help="paged: tokens per page (comma list: one per paged run)")
   ap.add_argument("--prompts_in_flight", default="0", help="paged: groups decoding together (0: all); a list")
   ap.add_argument("--chunk_prompts", default="0", help="paged: prompts prefilled per admit (0: all); a list")
+  ap.add_argument("--decode_attention", default="auto", help="paged: auto, per_group or per_slot; a list")
   ap.add_argument("--dense_chunk_prompts", type=int, help="dense: prompts per compiled rollout (0: all)")
   ap.add_argument("--quantile", type=float, default=0.95, help="tau_high's per-trajectory entropy quantile")
   ap.add_argument("--json", help="write the results here")
@@ -255,12 +260,15 @@ def main(argv=None) -> dict:
   tau = float(aepo.entropy_threshold(warm.entropy, warm.mask, args.quantile))
   ref, row = run_engine(config, params, batch, dense_sc, key, tau, budgets, warmup_s=warmup_s, t_prompt=t_prompt)
   results = [row]
-  settings = [ints(args.page_size), ints(args.prompts_in_flight), ints(args.chunk_prompts)]
+  settings = [ints(args.page_size), ints(args.prompts_in_flight), ints(args.chunk_prompts),
+              args.decode_attention.split(",")]
   runs = max(map(len, settings))
   if any(len(x) not in (1, runs) for x in settings):
-    raise SystemExit("--page_size, --prompts_in_flight and --chunk_prompts: lists of one length (or one value)")
-  for ps, pif, cp in zip(*(x * runs if len(x) == 1 else x for x in settings)):
-    sc = dataclasses.replace(base, kv_cache="paged", page_size=ps, prompts_in_flight=pif, chunk_prompts=cp)
+    raise SystemExit("--page_size, --prompts_in_flight, --chunk_prompts and --decode_attention: lists of one "
+                     "length (or one value)")
+  for ps, pif, cp, att in zip(*(x * runs if len(x) == 1 else x for x in settings)):
+    sc = dataclasses.replace(base, kv_cache="paged", page_size=ps, prompts_in_flight=pif, chunk_prompts=cp,
+                             decode_attention=att)
     _, warmup_s = warm_up(config, params, batch, sc, key, tau, warm_budgets)
     r, row = run_engine(config, params, batch, sc, key, tau, budgets, warmup_s=warmup_s, t_prompt=t_prompt)
     for f in ("tokens", "length", "parent", "fork_pos"):
@@ -280,13 +288,13 @@ def main(argv=None) -> dict:
   print(f"tau_high {tau:.4f} (quantile {args.quantile}): {int(forked.sum())} forks of {p['prompts'] * BRANCHES} "
         f"branch slots, at response positions {fork_at} (min, median, max); weights read per decode iteration "
         f"{weight_mb:.0f} MB")
-  print("| engine | page / in flight / chunk | warm-up s | wall s (CPU s) | prefill s | decode iterations "
+  print("| engine | page / in flight / chunk / attention | warm-up s | wall s (CPU s) | prefill s | decode iterations "
         "| ms / iteration (CPU ms) | generated tokens | tokens/s (per CPU s) | KV MB / iteration | vs dense (CPU) |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for row in results:
     chunk = row["chunk_prompts"] or p["prompts"]
-    setting = (f"- / {row['groups_in_flight']} / {chunk}" if row["engine"] == "dense" else
-               f"{row['page_size']} / {row['groups_in_flight']} / {chunk}")
+    setting = (f"- / {row['groups_in_flight']} / {chunk} / -" if row["engine"] == "dense" else
+               f"{row['page_size']} / {row['groups_in_flight']} / {chunk} / {row['decode_attention']}")
     print(f"| {row['engine']} | {setting} | {row['warmup_s']:.1f} | {row['wall_s']:.1f} ({row['cpu_s']:.1f}) | "
           f"{row['prefill_s']:.1f} | {row['iterations']} | {row['ms_per_iteration']:.1f} "
           f"({row['cpu_ms_per_iteration']:.1f}) | {row['tokens']} | {row['tokens_per_s']:.1f} "

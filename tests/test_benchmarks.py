@@ -16,13 +16,16 @@ def _script(name: str):
 
 
 def test_rollout_engine_tiny(tmp_path, capsys):
-  out = _script("rollout_engine").main(["--preset=tiny", f"--json={tmp_path / 'r.json'}"])  # asserts same tokens
+  out = _script("rollout_engine").main(["--preset=tiny", "--decode_attention=per_slot,per_group",
+                                        f"--json={tmp_path / 'r.json'}"])  # asserts same tokens
   table = capsys.readouterr().out
   assert "| dense |" in table and "| paged |" in table and "same tokens" in table
-  dense, paged = out["results"]
-  assert paged["forks"] > 0, "the tiny preset should fork, so the fork paths of both engines run"
-  # all prompts in flight: the paged engine loops exactly as long as the dense one, whose count is rebuilt
-  # from the fork tree; the engine's own counter checks that rebuild
-  assert dense["iterations"] == paged["iterations"] > 0
-  assert dense["tokens"] == paged["tokens"] > 0 and paged["max_logprob_diff"] < 1e-4
+  assert "/ per_slot |" in table and "/ per_group |" in table
+  dense, *paged_runs = out["results"]
+  for paged in paged_runs:
+    assert paged["forks"] > 0, "the tiny preset should fork, so the fork paths of both engines run"
+    # all prompts in flight: the paged engine loops exactly as long as the dense one, whose count is rebuilt
+    # from the fork tree; the engine's own counter checks that rebuild
+    assert dense["iterations"] == paged["iterations"] > 0
+    assert dense["tokens"] == paged["tokens"] > 0 and paged["max_logprob_diff"] < 1e-4
   assert json.loads((tmp_path / "r.json").read_text())["results"][1]["engine"] == "paged"

@@ -41,13 +41,15 @@ def assert_same(a: sampling.Rollouts, b: sampling.Rollouts):
     np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-5, err_msg=field)
 
 
-@pytest.mark.parametrize("page_size,in_flight,prefill", [(4, 0, 0), (5, 1, 1), (1, 3, 2)])
-def test_paged_equals_dense(tiny, dense, page_size, in_flight, prefill):
+@pytest.mark.parametrize("page_size,in_flight,prefill,attention",
+                         [(4, 0, 0, "per_group"), (5, 1, 1, "per_slot"), (1, 3, 2, "auto")])
+def test_paged_equals_dense(tiny, dense, page_size, in_flight, prefill, attention):
   """Any page size (a page boundary inside a window, at a fork, or one page for everything), prompts in
-  flight (refilled one by one, or all at once) and prefill size: the same tokens, forks and scores."""
+  flight (refilled one by one, or all at once), prefill size and decode attention: the same tokens, forks
+  and scores."""
   _, _, config, params = tiny
   sc = dataclasses.replace(SC, kv_cache="paged", page_size=page_size, prompts_in_flight=in_flight,
-                           chunk_prompts=prefill)
+                           chunk_prompts=prefill, decode_attention=attention)
   out = sampling.generate(config, params, _batch(), sc, jax.random.key(3), tau_high=4.0)
   assert (dense.parent >= 0).sum() >= 4, "tau chosen so that forks happen"
   assert_same(out, dense)
@@ -97,19 +99,21 @@ def test_draining_the_tail_keeps_the_rollouts(tiny, monkeypatch):
   assert (d.parent >= 0).sum() >= 4
 
 
-def test_paged_on_eight_devices_equals_dense_on_one(tiny, dense):
+@pytest.mark.parametrize("attention", ["per_group", "per_slot"])
+def test_paged_on_eight_devices_equals_dense_on_one(tiny, dense, attention):
   """Groups sharded over `data` (3 groups in flight over 2: uneven), heads over `tensor`."""
   _, path, config, _ = tiny
   mesh = sharding.make_mesh(data=2, fsdp=1, tensor=4)
   _, params8 = models.load_hf(path, mesh=mesh)
-  sc = dataclasses.replace(SC, kv_cache="paged", page_size=4, prompts_in_flight=3, chunk_prompts=1)
+  sc = dataclasses.replace(SC, kv_cache="paged", page_size=4, prompts_in_flight=3, chunk_prompts=1,
+                           decode_attention=attention)
   assert_same(sampling.generate(config, params8, _batch(), sc, jax.random.key(3), tau_high=4.0), dense)
 
 
-def _cache(rng, n_groups, group, t_prompt, n_max, page_size):
+def _cache(rng, n_groups, group, t_prompt, n_max, page_size, attention="per_group"):
   kv_heads, head_dim = 2, 8
   c = paged.empty_cache(1, n_groups, group, t_prompt, n_max, page_size=page_size, kv_heads=kv_heads,
-                        head_dim=head_dim, dtype=jnp.float32)
+                        head_dim=head_dim, dtype=jnp.float32, attention=attention)
   return c.replace(prompt_k=(jnp.asarray(rng.normal(size=c.prompt_k[0].shape), jnp.float32),),
                    prompt_v=(jnp.asarray(rng.normal(size=c.prompt_v[0].shape), jnp.float32),),
                    prompt_valid=jnp.asarray(rng.random(c.prompt_valid.shape) < 0.7))
@@ -123,12 +127,13 @@ def _step(c, k, v, length, active, q=None):
   return cache.absorb([update], length, active), out
 
 
-def test_writes_forks_and_attention_against_numpy():
+@pytest.mark.parametrize("attention", ["per_group", "per_slot"])
+def test_writes_forks_and_attention_against_numpy(attention):
   """Responses written token by token through `write` (pages taken as they start), a fork copying one
   partly filled page, then `paged_attention` against softmax over each slot's keys rebuilt in numpy."""
   rng = np.random.default_rng(0)
   n_groups, group, t_prompt, n_max, ps = 2, 3, 6, 11, 3
-  c = _cache(rng, n_groups, group, t_prompt, n_max, ps)
+  c = _cache(rng, n_groups, group, t_prompt, n_max, ps, attention)
   s_slots, kvh, d = n_groups * group, 2, 8
   keys = rng.normal(size=(n_max, s_slots, kvh, d)).astype(np.float32)
   vals = rng.normal(size=(n_max, s_slots, kvh, d)).astype(np.float32)

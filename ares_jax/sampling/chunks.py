@@ -145,7 +145,7 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   (every group exactly once; their slots numbered from 0 in that partial record), e.g. to grade them
   while the rest decode.
   """
-  sc = sampling_config
+  sc = sampling_config.for_platform(sharding.platform_of(params))
   if sc.suppress_ids is None:
     sc = dataclasses.replace(sc, suppress_ids=(config.image_token_id, config.video_token_id,
                                                config.vision_start_token_id, config.vision_end_token_id))

@@ -47,6 +47,11 @@ class SamplingConfig:
   # into half as many (the tail of a call costs what it decodes), at most this many times per call; each
   # size is one more compiled decode program. 0: the call's last groups decode at full width.
   drain_halvings: int = 3
+  # Paged decode attention (`paged.py`): "per_group" reads each group's response pages once for all of its
+  # slots (fewest bytes; scores cost G times a slot's flops: for accelerators, bound by memory bandwidth),
+  # "per_slot" gathers each slot's own pages (a slot's flops; for CPUs, bound by compute); "auto" picks by
+  # the platform the call runs on. Results are the same either way.
+  decode_attention: str = "auto"
 
   def __post_init__(self):
     checks = {
@@ -56,6 +61,7 @@ class SamplingConfig:
         "chunk_prompts": self.chunk_prompts >= 0, "kv_cache": self.kv_cache in ("paged", "dense"),
         "page_size": self.page_size >= 1, "prompts_in_flight": self.prompts_in_flight >= 0,
         "drain_halvings": self.drain_halvings >= 0,
+        "decode_attention": self.decode_attention in ("auto", "per_group", "per_slot"),
     }
     for field, ok in checks.items():
       if not ok:
@@ -63,6 +69,13 @@ class SamplingConfig:
     object.__setattr__(self, "eos_ids", tuple(int(e) for e in np.atleast_1d(self.eos_ids)))
     if self.suppress_ids is not None:
       object.__setattr__(self, "suppress_ids", tuple(int(e) for e in np.atleast_1d(self.suppress_ids)))
+
+  def for_platform(self, platform: str) -> SamplingConfig:
+    """This config with `decode_attention="auto"` made the choice for `platform` (a jax device platform):
+    per_slot on CPUs, per_group elsewhere."""
+    if self.decode_attention != "auto":
+      return self
+    return dataclasses.replace(self, decode_attention="per_slot" if platform == "cpu" else "per_group")
 
   def branches(self, branching: bool) -> int:
     if not branching:

@@ -19,15 +19,21 @@ and gets a copy of the one partly filled page (none when t is a page boundary); 
 pages of its own. Shared pages are never written: every slot writes only at positions >= its length,
 and a page below a child's fork position is full.
 
-Decode attention (`paged_attention`) reads every group's KV once per step for all of its G queries:
-the prompt (a grouped einsum: G * H query rows per kv head) and the group's pages in use, in blocks
-of whole pages sliced from the pool (no gather), up to the most pages any group has taken; each slot
-keeps the keys of the pages its table maps, at their positions, and the blocks and the token's own key
-are merged with a running log-sum-exp. So a prefix that forks share is read once, not once per slot.
-Scores cost G times the flops of a per-slot read, which decode has to spare (it is bound by HBM
-bandwidth). The Pallas `ragged_paged_attention` TPU kernel was not used: it reads each sequence's pages
-on its own (the shared prompt G times) and returns no log-sum-exp to merge blocks read apart, and
-it cannot mask a left-padded prompt.
+Decode attention (`paged_attention`) reads each group's prompt once per step for all of its G queries (a
+grouped einsum: G * H query rows per kv head) and the response pages in blocks merged with a running
+log-sum-exp, in one of two ways (`SamplingConfig.decode_attention`):
+  - "per_group" (accelerators): block j is pages [j * bp, (j + 1) * bp) of every group's pool, sliced (no
+    gather), up to the most pages any group has taken, read once for all G queries; each slot keeps the keys
+    of the pages its table maps, at their positions. A prefix that forks share is read once, not once per
+    slot; scores cost G times a slot's flops, which decode has to spare where it is bound by HBM bandwidth.
+  - "per_slot" (CPUs): block j is table columns [j * bp, (j + 1) * bp) of every slot, gathered from its
+    group's pool: a slot's flops exactly (on the CPU benchmark's shapes attention went 49 -> 29 ms per
+    layer), but compiled for TPU at 7B the gather made XLA copy every layer's pool around the decode loop
+    (its temporaries went 9.6 -> 108 GiB), and so did a layout with fixed places per (slot, page) read by a
+    slice and a gather over the slots of the block.
+The Pallas `ragged_paged_attention` TPU kernel was not used: it reads each sequence's pages on its own (the
+shared prompt G times) and returns no log-sum-exp to merge blocks read apart, and it cannot mask a
+left-padded prompt.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class PagedCache:
   table: jax.Array  # [F, G, P_s] int32 page of each slot's response page j; -1: none yet
   next_free: jax.Array  # [F] int32 first unused page of each group's pool
   block_pages: int = struct.field(pytree_node=False)
+  per_slot: bool = struct.field(pytree_node=False, default=False)  # `paged_attention`'s two ways
   # > 0: attention reads exactly this many page blocks, unrolled, whatever the live length: memory plans
   # compile one decode step so to read its cost at a live length (a loop's body is counted once)
   cost_blocks: int = struct.field(pytree_node=False, default=0)
@@ -101,7 +108,7 @@ class PagedCache:
     page = jnp.where(active, page, r_pages)  # out of range: an ended slot writes nothing
     offset = length % ps
     cache = self.replace(table=table, next_free=self.next_free + need.sum(axis=1, dtype=jnp.int32))
-    page_pos = cache.page_positions()
+    page_pos = None if self.per_slot else cache.page_positions()
 
     def store(pool, new):  # pool [F, R, ps, K, D], new [S, 1, K, D]
       new = new.reshape(n_groups, group, *new.shape[2:]).astype(pool.dtype)
@@ -110,8 +117,8 @@ class PagedCache:
     def attend(i, q, k, v):
       pool_k, pool_v = store(self.pool_k[i], k), store(self.pool_v[i], v)
       out = paged_attention(q, k, v, self.prompt_k[i], self.prompt_v[i], self.prompt_valid, pool_k, pool_v,
-                            page_pos=page_pos, length=length.reshape(-1), pages_used=cache.next_free,
-                            block_pages=self.block_pages, blocks=self.cost_blocks)
+                            page_pos=page_pos, table=table, length=length.reshape(-1),
+                            pages_used=cache.next_free, block_pages=self.block_pages, blocks=self.cost_blocks)
       return out, (pool_k, pool_v)
     return cache, [functools.partial(attend, i) for i in range(len(self.pool_k))]
 
@@ -155,8 +162,11 @@ class PagedCache:
 
 
 def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: int, *, page_size: int,
-                kv_heads: int, head_dim: int, dtype) -> PagedCache:
-  """A cache of F empty groups (sharded like the dense cache: groups over data x fsdp, heads over tensor)."""
+                kv_heads: int, head_dim: int, dtype, attention: str = "per_group") -> PagedCache:
+  """A cache of F empty groups (sharded like the dense cache: groups over data x fsdp, heads over tensor);
+  `attention`: "per_group" or "per_slot" (`paged_attention`)."""
+  if attention not in ("per_group", "per_slot"):
+    raise ValueError(f"paged attention {attention!r}: per_group or per_slot (resolve 'auto' by platform first)")
   bp = block_pages_for(page_size)
   n_pages = pages_per_slot(n_max, page_size)
   r_pages = -(-group * -(-n_max // page_size) // bp) * bp  # whole attention blocks
@@ -169,21 +179,23 @@ def empty_cache(n_layers: int, n_groups: int, group: int, t_prompt: int, n_max: 
                     prompt_valid=jnp.zeros((n_groups, t_prompt - 1), bool),
                     pool_k=layers(pool), pool_v=layers(pool), table=jnp.full((n_groups, group, n_pages), -1, jnp.int32),
                     next_free=jnp.zeros((n_groups,), jnp.int32),
-                    block_pages=bp)
+                    block_pages=bp, per_slot=attention == "per_slot")
 
 
-def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, *, page_pos, length,
-                    pages_used, block_pages: int, blocks: int = 0):
+def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, pool_v, *, page_pos, table,
+                    length, pages_used, block_pages: int, blocks: int = 0):
   """One decode step's attention of S = F * G slots.
 
   q [S, 1, H, D]; k_new, v_new [S, 1, K, D] (the token's own key); prompt_k/v [F, T', K, D] with
-  prompt_valid [F, T']; pool_k/v [F, R, ps, K, D]; page_pos [F, G, R] (`PagedCache.page_positions`);
-  length [S]: response keys 0..length-1 are live; pages_used [F]. `blocks` > 0: read that many page
-  blocks, unrolled (`PagedCache.cost_blocks`). Returns [S, 1, H, D] in q's dtype.
+  prompt_valid [F, T']; pool_k/v [F, R, ps, K, D]; table [F, G, P_s] (-1: unmapped); length [S]: response
+  keys 0..length-1 are live; pages_used [F]. `blocks` > 0: read that many page blocks, unrolled
+  (`PagedCache.cost_blocks`). Returns [S, 1, H, D] in q's dtype.
 
-  Both the prompt and the response pages are read once per group for all G queries: block j is pages
-  [j * bp, (j + 1) * bp) of every group's pool (a slice, not a gather), and each slot keeps the keys of
-  the pages its table maps, at their positions (softmax does not care in which order keys come).
+  The prompt is read once per group for all G queries. page_pos [F, G, R] (`PagedCache.page_positions`):
+  the response pages "per_group" (block j is pages [j * bp, (j + 1) * bp) of every group's pool, a slice,
+  and each slot keeps the keys of the pages its table maps, at their positions: softmax does not care in
+  which order keys come); None: "per_slot" (block j is table columns [j * bp, (j + 1) * bp) of every
+  slot, gathered from its group's pool).
   """
   s_slots, _, n_heads, d = q.shape
   n_groups, _, kv_heads, _ = prompt_k.shape
@@ -201,25 +213,43 @@ def paged_attention(q, k_new, v_new, prompt_k, prompt_v, prompt_valid, pool_k, p
   o = dot("fgkrt,ftkd->fgkrd", p_prompt.astype(prompt_v.dtype), prompt_v)
   o = o + p_self[..., None] * v_new.reshape(n_groups, group, kv_heads, 1, d).astype(jnp.float32)
   live = length.reshape(n_groups, group)
+  span = block_pages * ps
+  if page_pos is None:  # per_slot: table columns of every slot, gathered
+    n_cols = -(-table.shape[2] // block_pages)
+    table = jnp.pad(table, ((0, 0), (0, 0), (0, n_cols * block_pages - table.shape[2])), constant_values=-1)
+    gather = jax.vmap(lambda pool, pages: pool[pages])  # [R, ps, K, D], [G, bp] -> [G, bp, ps, K, D]
+    specs = ("fgkrd,fgpskd->fgkrps", "fgkrps,fgpskd->fgkrd")
+    n_blocks = (jnp.max(length) + span - 1) // span  # only blocks some slot has live keys in
+
+    def read(j):  # (k, v [F, G, bp, ps, K, D], which keys each slot keeps [F, G, bp, ps])
+      pages = jnp.maximum(jax.lax.dynamic_slice_in_dim(table, j * block_pages, block_pages, axis=2), 0)
+      ok = (j * span + jnp.arange(span).reshape(block_pages, ps)) < live[..., None, None]
+      return gather(pool_k, pages), gather(pool_v, pages), ok
+  else:  # per_group: pages of every group's pool, sliced
+    n_cols = pool_k.shape[1] // block_pages
+    specs = ("fgkrd,fpskd->fgkrps", "fgkrps,fpskd->fgkrd")
+    n_blocks = (jnp.max(pages_used) + block_pages - 1) // block_pages  # only pages some group has taken
+
+    def read(j):  # (k, v [F, bp, ps, K, D], which keys each slot keeps [F, G, bp, ps])
+      first = jax.lax.dynamic_slice_in_dim(page_pos, j * block_pages, block_pages, axis=2)  # [F, G, bp]
+      ok = (first[..., None] + jnp.arange(ps)) < live[..., None, None]
+      return (jax.lax.dynamic_slice_in_dim(pool_k, j * block_pages, block_pages, axis=1),
+              jax.lax.dynamic_slice_in_dim(pool_v, j * block_pages, block_pages, axis=1), ok)
 
   def block(j, carry):
     m, l, o = carry
-    k_blk = jax.lax.dynamic_slice_in_dim(pool_k, j * block_pages, block_pages, axis=1)  # [F, bp, ps, K, D]
-    v_blk = jax.lax.dynamic_slice_in_dim(pool_v, j * block_pages, block_pages, axis=1)
-    first = jax.lax.dynamic_slice_in_dim(page_pos, j * block_pages, block_pages, axis=2)  # [F, G, bp]
-    ok = (first[..., None] + jnp.arange(ps)) < live[..., None, None]  # [F, G, bp, ps]
-    s = dot("fgkrd,fpskd->fgkrps", qg, k_blk) * scale
+    k_blk, v_blk, ok = read(j)
+    s = dot(specs[0], qg, k_blk) * scale
     s = jnp.where(ok[:, :, None, None], s, _NEG).reshape(*s.shape[:4], -1)
     m_new = jnp.maximum(m, s.max(-1))
     corr, p = jnp.exp(m - m_new), jnp.exp(s - m_new[..., None])
     p = p.reshape(*p.shape[:4], block_pages, ps).astype(v_blk.dtype)
-    o = o * corr[..., None] + dot("fgkrps,fpskd->fgkrd", p, v_blk)
+    o = o * corr[..., None] + dot(specs[1], p, v_blk)
     return m_new, l * corr + p.astype(jnp.float32).sum((-2, -1)), o
 
   if blocks:
-    for j in range(blocks):
+    for j in range(min(blocks, n_cols)):
       m, l, o = block(j, (m, l, o))
   else:
-    n_blocks = (jnp.max(pages_used) + block_pages - 1) // block_pages  # only pages some group has taken
     m, l, o = jax.lax.fori_loop(0, n_blocks, block, (m, l, o))
   return (o / l[..., None]).reshape(s_slots, 1, n_heads, d).astype(q.dtype)

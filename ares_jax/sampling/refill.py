@@ -39,7 +39,7 @@ def start(config: ModelConfig, sc: SamplingConfig, n_groups: int, group: int, t_
   tc = config.text
   cache = paged.empty_cache(tc.num_layers, n_groups, group, t_prompt, sc.max_new_tokens, page_size=sc.page_size,
                             kv_heads=tc.num_kv_heads, head_dim=tc.head_dim,
-                            dtype=jnp.dtype(sc.cache_dtype or config.dtype))
+                            dtype=jnp.dtype(sc.cache_dtype or config.dtype), attention=sc.decode_attention)
   return initial_slots(cache, n_groups, group, sc.max_new_tokens, sc.pad_id)
 
 
