@@ -3,7 +3,7 @@
 XLA's cost analysis gives a program's flops and bytes accessed per device, but JAX does not expose a
 device's peak FLOP/s or HBM bandwidth, so they are a table here, from the vendors' public pages. A
 roofline time is max(flops / peak, bytes / bandwidth): a lower bound that ignores communication, kernel
-launch gaps and whatever XLA's cost model does not see (Pallas kernels, see design.md section 8).
+launch gaps and whatever XLA's cost model does not see (Pallas kernels, see docs/design.md §10.4).
 
 A chip is not always one JAX device. TPU v4 and v5p chips have two TensorCores; on real hardware JAX
 runs them as one "megacore" device, but `jax.experimental.topologies` describes a v4 slice with one
@@ -45,7 +45,7 @@ CHIPS = {
     "v5p": Chip("TPU v5p", 459e12, 2765e9, 95.0, 2, "https://cloud.google.com/tpu/docs/v5p"),
     # https://cloud.google.com/tpu/docs/v6e (system architecture, Trillium): one TensorCore per chip;
     # 918 TFLOPs bf16; HBM 32 GB, 1640 GBps (1638 GBps in the page's latest revision; 1640 kept, as in
-    # design.md section 7: the difference is 0.1%).
+    # docs/design.md §10.4: the difference is 0.1%).
     "v6e": Chip("TPU v6e", 918e12, 1640e9, 32.0, 1, "https://cloud.google.com/tpu/docs/v6e"),
     # NVIDIA H100 Tensor Core GPU datasheet, SXM column: BF16 Tensor Core 1,979 TFLOPS "with sparsity"
     # (989 dense, half); GPU memory 80 GB HBM3 (five 16 GiB stacks), bandwidth 3.35 TB/s.

@@ -172,7 +172,7 @@ def cost(compiled: Any) -> tuple[Optional[float], Optional[float]]:
   its rows sharded 8 ways; with the contracted dimension sharded, an eighth plus the all-reduce's adds
   (4.26M); compiled for `v5p:2x2x1` / `v4:2x2x1` (4 / 8 devices), a quarter / an eighth. A while loop's
   body is counted once whatever its trip count (a `fori_loop` of 10 matmuls reports one matmul's flops):
-  a rollout program's figure is its prefill plus one decode step, not the decode loop (design.md section 8)."""
+  a rollout program's figure is its prefill plus one decode step, not the decode loop (docs/design.md §10.4)."""
   try:
     analysis = compiled.cost_analysis()
   except (NotImplementedError, jax.errors.JaxRuntimeError):  # a backend without a cost model (UNIMPLEMENTED)

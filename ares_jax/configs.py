@@ -24,7 +24,7 @@ QWEN_TOKEN_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start
 
 
 def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
-  """Top-level fields every experiment has, with the paper's RL hyper-parameters (design.md 5)."""
+  """Top-level fields every experiment has, with the paper's RL hyper-parameters (docs/design.md §5)."""
   c = ml_collections.ConfigDict()
   c.stage = stage  # one of STAGES
   c.workdir = workdir  # checkpoints, metrics, reports
@@ -40,7 +40,7 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.compilation_cache_dir = "~/.cache/ares_jax/xla"
   c.log_compiles = True  # log every new compile with its shapes (a bounded set per run is expected)
 
-  # Device mesh (design.md 2): one size may be -1 to take the remaining devices.
+  # Device mesh (docs/design.md §8.1): one size may be -1 to take the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
   c.tokenizer = ml_collections.ConfigDict()
@@ -130,7 +130,7 @@ def data_defaults() -> ml_collections.ConfigDict:
 
 
 def adacs_defaults() -> ml_collections.ConfigDict:
-  """AdaCS (design.md 6): pool, pass rates, selection budget and the SFT step (paper: 2 epochs, lr 2e-5)."""
+  """AdaCS (docs/design.md §6): pool, pass rates, selection budget and the SFT step (paper: 2 epochs, lr 2e-5)."""
   a = ml_collections.ConfigDict()
   # JSONL / parquet files or folders in the ARES cold-start layout (question, image(s), answer, response,
   # source; optional id, pass_rate). Empty: the synthetic task with teacher traces of varied length.
@@ -138,7 +138,7 @@ def adacs_defaults() -> ml_collections.ConfigDict:
   a.synthetic_questions = 512
   a.max_checks = 3  # synthetic teacher traces re-check 0..max_checks of their last steps
   a.slip_rate = 0.15  # each synthetic teacher trace is wrong (one slipped step) with this probability
-  a.pass_rate_samples = 8  # n of design.md 6
+  a.pass_rate_samples = 8  # n of docs/design.md §6.2
   a.pass_rate_batch = 64  # questions per sampling call (and per line block of pass_rates.jsonl)
   a.max_response_length = 4096  # longer candidates cannot be trained on and are not eligible
   a.budget = 1 << 30  # questions to select; the tiers are filled evenly up to it
@@ -152,7 +152,7 @@ def adacs_defaults() -> ml_collections.ConfigDict:
 
 
 def rollout_defaults() -> ml_collections.ConfigDict:
-  """Sampling settings of an AEPO step (design.md 5.4, 5.10)."""
+  """Sampling settings of an AEPO step (docs/design.md §5.4, §5.10)."""
   r = ml_collections.ConfigDict()
   r.n = 8  # trajectories per prompt
   r.temperature = 1.0
@@ -183,26 +183,26 @@ def rollout_defaults() -> ml_collections.ConfigDict:
 
 
 def aepo_defaults() -> ml_collections.ConfigDict:
-  """AEPO's algorithm settings with the paper's / design.md's defaults (sections 5.1-5.10)."""
+  """AEPO's algorithm settings with the paper's / docs/design.md's defaults (§5.1-5.10)."""
   a = ml_collections.ConfigDict()
-  a.window = 4  # w of the window entropy (5.1); the sampler uses it too
-  a.entropy_quantile = 0.95  # per-trajectory quantile averaged into tau_high (5.2)
+  a.window = 4  # w of the window entropy (§5.1); the sampler uses it too
+  a.entropy_quantile = 0.95  # per-trajectory quantile averaged into tau_high (§5.2)
   a.tau_ema = 0.0  # 0: off; else EMA decay of tau_high
-  a.trigger_words = ()  # empty: count every marked window (5.3)
-  a.easy_threshold = 2 / 3  # pass rate >= this: easy (5.5)
+  a.trigger_words = ()  # empty: count every marked window (§5.3)
+  a.easy_threshold = 2 / 3  # pass rate >= this: easy (§5.5)
   a.hard_threshold = 1 / 3  # pass rate < this: hard
-  a.target_mode = "correct_mean"  # correct_mean | batch_mean | ema | ares_release (5.6)
+  a.target_mode = "correct_mean"  # correct_mean | batch_mean | ema | ares_release (§5.6)
   a.max_penalty = 1.0
   a.eps = 1e-6
-  a.format_weight = 0.0  # (5.7)
+  a.format_weight = 0.0  # (§5.7)
   a.grading_timeout_s = 5.0
-  a.filter_low = 0.01  # DAPO online filter bounds on group mean accuracy (5.8)
+  a.filter_low = 0.01  # DAPO online filter bounds on group mean accuracy (§5.8)
   a.filter_high = 0.99
-  a.kl_coef = 1e-2  # (5.9)
+  a.kl_coef = 1e-2  # (§5.9)
   a.kl_bin_scale = (2.0, 1.0, 0.5)  # beta_d = kl_coef * scale for (easy, medium, hard)
   a.rho = 0.5  # KL relaxation inside validated HWE windows
-  a.ref_dtype = "bfloat16"  # the reference policy's parameters (design.md 7: half the memory of fp32)
-  a.clip_low = 0.2  # (5.10)
+  a.ref_dtype = "bfloat16"  # the reference policy's parameters (docs/design.md §5.9: half the memory of fp32)
+  a.clip_low = 0.2  # (§5.10)
   a.clip_high = 0.28
   a.dual_clip = 0.0  # 0: off; else the dual-clip constant c (> 1)
   a.loss_agg = "token_mean"  # token_mean | seq_mean_token_mean
@@ -213,7 +213,7 @@ def aepo_defaults() -> ml_collections.ConfigDict:
 
 
 def optim_defaults() -> ml_collections.ConfigDict:
-  """AdamW as in the paper's RL stage (5.10)."""
+  """AdamW as in the paper's RL stage (docs/design.md §5.10)."""
   o = ml_collections.ConfigDict()
   o.lr = 1e-6
   o.weight_decay = 1e-2

@@ -1,4 +1,4 @@
-"""AdaCS (stage 1) on Qwen2.5-VL-7B-Instruct with the paper's SFT values (design.md 6): 2 epochs, lr 2e-5,
+"""AdaCS (stage 1) on Qwen2.5-VL-7B-Instruct with the paper's SFT values (docs/design.md §6.4): 2 epochs, lr 2e-5,
 batch 256; the vision tower frozen.
 
   python -m ares_jax.main --config=configs/adacs_7b.py --config.model.hf_path=/data/Qwen2.5-VL-7B-Instruct \

@@ -1,4 +1,4 @@
-"""AEPO (stage 2) on Qwen2.5-VL-7B-Instruct: the paper's 7B run (design.md 5, 7).
+"""AEPO (stage 2) on Qwen2.5-VL-7B-Instruct: the paper's 7B run (docs/design.md §5, §10.1).
 
   python -m ares_jax.main --config=configs/aepo_7b.py --config.model.hf_path=workdirs/adacs_7b/policy \
       --config.data.paths="('/data/ViRL39K',)"

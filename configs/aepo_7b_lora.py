@@ -1,5 +1,5 @@
 """AEPO on Qwen2.5-VL-7B-Instruct with a LoRA policy, for small slices such as a TPU v5e-8 (8 chips x 16 GiB;
-design.md 7). configs/aepo_7b.py otherwise.
+docs/design.md §10.1). configs/aepo_7b.py otherwise.
 
   python -m ares_jax.main --config=configs/aepo_7b_lora.py --config.model.hf_path=workdirs/adacs_7b/policy \
       --config.data.paths="('/data/ViRL39K',)"

@@ -1,4 +1,4 @@
-"""AdaCS selection (design.md 6) on hand-worked cases and properties."""
+"""AdaCS selection (docs/design.md §6.3) on hand-worked cases and properties."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""aepo KL weights, k3 KL (design.md 5.9) and the AEPO loss (5.10) against loop-based numpy
+"""aepo KL weights, k3 KL (docs/design.md §5.9) and the AEPO loss (§5.10) against loop-based numpy
 re-derivations from the spec text; the loss gradient against numpy finite differences and an
 analytic derivative."""
 
@@ -12,7 +12,7 @@ import pytest
 from ares_jax import aepo
 
 SEEDS = (0, 1, 2)
-BETA_SCALE = np.array([2.0, 1.0, 0.5], np.float32)  # design.md 5.9: beta_d / kl_coef for easy, medium, hard
+BETA_SCALE = np.array([2.0, 1.0, 0.5], np.float32)  # docs/design.md §5.9: beta_d / kl_coef for easy, medium, hard
 
 
 # ---------------------------------------------------------------- numpy references (from the spec)

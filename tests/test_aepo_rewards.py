@@ -1,5 +1,5 @@
-"""aepo hierarchical reward (design.md 5.6), ares_release shaping, GRPO advantages and the DAPO
-filter (5.8) against loop-based numpy re-derivations written from the spec text, plus
+"""aepo hierarchical reward (docs/design.md §5.6), ares_release shaping, GRPO advantages and the DAPO
+filter (§5.8) against loop-based numpy re-derivations written from the spec text, plus
 hand-worked cases."""
 
 import math

@@ -1,4 +1,4 @@
-"""aepo entropy statistics (design.md 5.2, 5.3) and difficulty bins (5.5) against loop-based numpy
+"""aepo entropy statistics (docs/design.md §5.2, §5.3) and difficulty bins (§5.5) against loop-based numpy
 re-derivations written from the spec text, plus hand-worked cases."""
 
 import jax
@@ -205,7 +205,7 @@ def test_bins_traj_mask_leaves_slots_out():
 
 
 def test_trigger_words_count_only_marked_windows_that_start_on_a_trigger_word():
-  """design.md 5.3's trigger_words mode: N_HE counts marked windows whose first token is a trigger word."""
+  """docs/design.md §5.3's trigger_words mode: N_HE counts marked windows whose first token is a trigger word."""
   import types
 
   from ares_jax.data.tokenizer import tiny_tokenizer, word_token_table

@@ -1,6 +1,6 @@
 """Two JAX processes on one machine (gloo collectives, 2 simulated CPU devices each) run the whole `ares`
 pipeline in a shared `gs://` workdir (a GCS API on loopback, conftest's `bucket`), as a pod's hosts do, and
-write what one process with the same 4-device mesh writes locally (design.md 7: the multi-host test)."""
+write what one process with the same 4-device mesh writes locally (docs/design.md §8.3: the multi-host test)."""
 
 from __future__ import annotations
 

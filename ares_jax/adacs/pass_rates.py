@@ -1,4 +1,4 @@
-"""Pass rates p_q of the policy (design.md 6): n samples per question, graded with the accuracy reward.
+"""Pass rates p_q of the policy (docs/design.md §6.2): n samples per question, graded with the accuracy reward.
 
 Large pools take hours, so the estimate is resumable: questions go in fixed batches (batch b holds
 questions b*B..(b+1)*B-1 of the pool order, sampled with key fold_in(key, b)), and each finished batch is

@@ -1,4 +1,4 @@
-"""AdaCS data curation (design.md 6): difficulty-aware target lengths and tiered selection.
+"""AdaCS data curation (docs/design.md §6.3): difficulty-aware target lengths and tiered selection.
 
 Input questions: `{"id", "source", "pass_rate", "candidates": [{"length": int, "correct": bool}, ...]}`.
 Per source, L(0) and L(1) are the medians of the lengths of correct candidates of questions with pass rate 0

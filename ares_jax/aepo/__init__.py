@@ -1,11 +1,11 @@
-"""AEPO (design.md section 5) as pure, jittable JAX functions; they accept numpy or jax arrays.
+"""AEPO (docs/design.md §5) as pure, jittable JAX functions; they accept numpy or jax arrays.
 
-Modules follow the paper's sections:
-  entropy_stats  5.2-5.3  tau_high, N_HE, W_valid
-  difficulty     5.5      online difficulty bins (and the per-group reductions)
-  rewards        5.6      hierarchical entropy reward, ares_release shaping
-  advantages     5.8      GRPO advantages, DAPO online filter
-  loss           5.9-5.10 KL weights, k3 KL, the AEPO loss
+Modules follow the sections of docs/design.md:
+  entropy_stats  §5.2-5.3   tau_high, N_HE, W_valid
+  difficulty     §5.5       online difficulty bins (and the per-group reductions)
+  rewards        §5.6       hierarchical entropy reward, ares_release shaping
+  advantages     §5.8       GRPO advantages, DAPO online filter
+  loss           §5.9-5.10  KL weights, k3 KL, the AEPO loss
 
 Every public function is wrapped in `jax.jit` (string options such as `target_mode`, `loss_agg`
 and `dual_clip` are static arguments), so eager calls on host arrays compile once per shape, and

@@ -1,4 +1,4 @@
-"""GRPO advantages and DAPO online filtering (design.md 5.8). Pure and jittable.
+"""GRPO advantages and DAPO online filtering (docs/design.md §5.8). Pure and jittable.
 
 Group handling (arbitrary integer `group_ids`, optional `traj_mask`) is that of `difficulty.py`.
 """
@@ -15,7 +15,7 @@ from ares_jax.aepo.difficulty import _valid, group_mean, group_sum
 @jax.jit
 def grpo_advantages(reward: ArrayLike, group_ids: ArrayLike, eps: float = 1e-6,
                     traj_mask: ArrayLike | None = None) -> jax.Array:
-  """A_i = (R_i - mean_g R) / (std_g R + eps), std unbiased (ddof = 1) over the group (design.md 5.8).
+  """A_i = (R_i - mean_g R) / (std_g R + eps), std unbiased (ddof = 1) over the group (docs/design.md §5.8).
 
   Every token of y_i gets A_i (broadcast in `aepo_loss`). A group with a single (valid) trajectory
   gets A = 0; masked-out trajectories get 0 and do not count in their group.
@@ -42,10 +42,10 @@ def grpo_advantages(reward: ArrayLike, group_ids: ArrayLike, eps: float = 1e-6,
 @jax.jit
 def group_filter_mask(accuracy: ArrayLike, group_ids: ArrayLike, low: float = 0.01, high: float = 0.99,
                       traj_mask: ArrayLike | None = None) -> jax.Array:
-  """DAPO online filtering (design.md 5.8): True for trajectories whose group's mean accuracy lies in
+  """DAPO online filtering (docs/design.md §5.8): True for trajectories whose group's mean accuracy lies in
   [low, high] (inclusive), i.e. groups that are neither all wrong nor all right; [S] bool.
 
-  Filtered groups are left out of the update only; the statistics of 5.2-5.6 use the whole batch.
+  Filtered groups are left out of the update only; the statistics of §5.2-5.6 use the whole batch.
   Masked-out trajectories are False.
   """
   ok = _valid(traj_mask, jnp.asarray(accuracy).shape[0])

@@ -1,4 +1,4 @@
-"""Online difficulty bins (design.md 5.5) and the per-group reductions they and GRPO share.
+"""Online difficulty bins (docs/design.md §5.5) and the per-group reductions they and GRPO share.
 
 Groups: `group_ids` are arbitrary integers per trajectory (e.g. `rollouts.prompt_index`; any
 values, not necessarily 0..G-1, in any order). **[decision]** They are relabelled inside jit with
@@ -60,14 +60,14 @@ def group_mean(values: ArrayLike, group_ids: ArrayLike, traj_mask: ArrayLike | N
 
 @jax.jit
 def pass_rates(accuracy: ArrayLike, group_ids: ArrayLike, traj_mask: ArrayLike | None = None) -> jax.Array:
-  """p_g = mean accuracy of prompt g's group, per trajectory (design.md 5.5); [S] float32."""
+  """p_g = mean accuracy of prompt g's group, per trajectory (docs/design.md §5.5); [S] float32."""
   return group_mean(accuracy, group_ids, traj_mask)
 
 
 @jax.jit
 def difficulty_bins(accuracy: ArrayLike, group_ids: ArrayLike, easy: float = 2 / 3, hard: float = 1 / 3,
                     traj_mask: ArrayLike | None = None) -> jax.Array:
-  """Difficulty bin d of every trajectory from its group's pass rate p (design.md 5.5).
+  """Difficulty bin d of every trajectory from its group's pass rate p (docs/design.md §5.5).
 
   easy (0): p >= `easy`; medium (1): `hard` <= p < `easy`; hard (2): p < `hard`. With n = 8:
   >= 6 correct easy, 3-5 medium, <= 2 hard.

@@ -1,5 +1,5 @@
-"""Entropy statistics of a rollout batch: the threshold tau_high (design.md 5.2), HWE counts
-N_HE (5.3) and the validated HWE window set W_valid (5.3).
+"""Entropy statistics of a rollout batch: the threshold tau_high (docs/design.md §5.2), HWE counts
+N_HE (§5.3) and the validated HWE window set W_valid (§5.3).
 
 All functions are pure and jittable and accept numpy or jax arrays. Shapes: S trajectory slots,
 N response positions. Float work is done in float32.
@@ -15,7 +15,7 @@ from jax.typing import ArrayLike
 @jax.jit
 def trajectory_quantiles(entropy: ArrayLike, mask: ArrayLike, quantile: float = 0.95
                          ) -> tuple[jax.Array, jax.Array]:
-  """Quantile_q({H_t(y)}) of every trajectory y (the summand of tau_high, design.md 5.2).
+  """Quantile_q({H_t(y)}) of every trajectory y (the summand of tau_high, docs/design.md §5.2).
 
   Matches `np.quantile(h[mask], q)` with numpy's default 'linear' method: with the k valid values
   sorted ascending, the virtual index is q * (k - 1) and the result interpolates linearly between
@@ -51,7 +51,7 @@ def trajectory_quantiles(entropy: ArrayLike, mask: ArrayLike, quantile: float = 
 
 @jax.jit
 def entropy_threshold(entropy: ArrayLike, mask: ArrayLike, quantile: float = 0.95) -> jax.Array:
-  """tau_high = mean over trajectories y of Quantile_q({H_t(y)}) (design.md 5.2).
+  """tau_high = mean over trajectories y of Quantile_q({H_t(y)}) (docs/design.md §5.2).
 
   Trajectories with no valid token (e.g. unused branch slots, length 0) are left out of the mean.
 
@@ -71,7 +71,7 @@ def entropy_threshold(entropy: ArrayLike, mask: ArrayLike, quantile: float = 0.9
 
 @jax.jit
 def ema_threshold(prev: ArrayLike, new: ArrayLike, decay: float) -> jax.Array:
-  """Optional EMA of tau_high (`tau_ema`, design.md 5.2): decay * prev + (1 - decay) * new.
+  """Optional EMA of tau_high (`tau_ema`, docs/design.md §5.2): decay * prev + (1 - decay) * new.
 
   A non-finite `prev` (nan or inf: no threshold yet) returns `new`; a non-finite `new` (an empty
   batch) returns `prev`. float32 scalar.
@@ -85,10 +85,10 @@ def ema_threshold(prev: ArrayLike, new: ArrayLike, decay: float) -> jax.Array:
 @jax.jit
 def hwe_marks(window_entropy: ArrayLike, window_valid_mask: ArrayLike, tau: ArrayLike,
               position_mask: ArrayLike | None = None) -> jax.Array:
-  """m_t = 1[Hbar_t >= tau_high] on valid (complete) windows (design.md 5.3), [S, N] bool.
+  """m_t = 1[Hbar_t >= tau_high] on valid (complete) windows (docs/design.md §5.3), [S, N] bool.
 
   `position_mask` ([S, N] bool, optional) further restricts the marks, e.g. to window starts whose
-  token decodes to a trigger word (the `trigger_words` mode of 5.3, resolved on the host).
+  token decodes to a trigger word (the `trigger_words` mode of §5.3, resolved on the host).
   """
   wv = jnp.asarray(window_valid_mask).astype(bool)
   marks = wv & (jnp.asarray(window_entropy, jnp.float32) >= jnp.asarray(tau, jnp.float32))
@@ -100,7 +100,7 @@ def hwe_marks(window_entropy: ArrayLike, window_valid_mask: ArrayLike, tau: Arra
 @jax.jit
 def hwe_counts(window_entropy: ArrayLike, window_valid_mask: ArrayLike, tau: ArrayLike,
                position_mask: ArrayLike | None = None) -> jax.Array:
-  """N_HE(y) = sum_t m_t, the number of high-window-entropy positions (design.md 5.3).
+  """N_HE(y) = sum_t m_t, the number of high-window-entropy positions (docs/design.md §5.3).
 
   Args:
     window_entropy: Hbar_t, [S, N] float (the window starting at t).
@@ -116,7 +116,7 @@ def hwe_counts(window_entropy: ArrayLike, window_valid_mask: ArrayLike, tau: Arr
 
 @jax.jit
 def hwe_window_mask(hwe: ArrayLike, window: int | ArrayLike) -> jax.Array:
-  """W_valid(y) = union over marked t of [t, t + w - 1] (design.md 5.3), [S, N] bool.
+  """W_valid(y) = union over marked t of [t, t + w - 1] (docs/design.md §5.3), [S, N] bool.
 
   Position j is covered iff some mark lies in [j - w + 1, j]; computed with a running count so
   `window` may be a Python int or a traced scalar. Windows reaching past N are cut at N.

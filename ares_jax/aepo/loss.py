@@ -1,4 +1,4 @@
-"""Dynamic KL budget (design.md 5.9) and the AEPO policy loss (5.10). Pure and jittable.
+"""Dynamic KL budget (docs/design.md §5.9) and the AEPO policy loss (§5.10). Pure and jittable.
 
 Shapes: S trajectories, N response positions. `loss_agg` and `dual_clip` are Python values (static
 under jit).
@@ -19,7 +19,7 @@ _LOG_RATIO_CLAMP = 20.0
 @jax.jit
 def kl_weights(bins: ArrayLike, window_mask: ArrayLike, beta_by_bin: ArrayLike, rho: float | ArrayLike = 0.5
                ) -> jax.Array:
-  """beta_it = beta_{d_i} * rho_t, rho_t = rho inside W_valid(y_i), else 1 (design.md 5.9).
+  """beta_it = beta_{d_i} * rho_t, rho_t = rho inside W_valid(y_i), else 1 (docs/design.md §5.9).
 
   Args:
     bins: d_i, [S] int in {0, 1, 2}.
@@ -37,7 +37,7 @@ def kl_weights(bins: ArrayLike, window_mask: ArrayLike, beta_by_bin: ArrayLike, 
 
 @jax.jit
 def k3_kl(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
-  """The k3 ("low_var_kl") estimator of KL(pi || pi_ref) per token (design.md 5.9).
+  """The k3 ("low_var_kl") estimator of KL(pi || pi_ref) per token (docs/design.md §5.9).
 
   kl = exp(r) - r - 1 with r = ref_logp - logp, clamped to [-10, 10] (as verl's low_var_kl; r is
   also clamped to [-20, 20] before exp, which cannot change a value: |r| > 20 gives kl > 10).
@@ -72,7 +72,7 @@ def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_me
 def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayLike | None, adv: ArrayLike,
               loss_mask: ArrayLike, weights: ArrayLike | None, *, clip_low: float = 0.2, clip_high: float = 0.28,
               dual_clip: float | None = None, loss_agg: str = "token_mean") -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The AEPO objective (design.md 5.10), to be minimised.
+  """The AEPO objective (docs/design.md §5.10), to be minimised.
 
   ratio = exp(logp - old_logp) (log-ratio clamped to [-20, 20] as in verl);
   pg_t = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A); with `dual_clip` = c > 1,

@@ -1,4 +1,4 @@
-"""Hierarchical entropy reward (design.md 5.6): per-bin N_HE statistics, targets, closed-form
+"""Hierarchical entropy reward (docs/design.md §5.6): per-bin N_HE statistics, targets, closed-form
 multipliers lambda_d and the direction-aware shaping of the reward, plus the public release's
 `ares_release` shaping.
 
@@ -16,10 +16,10 @@ from jax.typing import ArrayLike
 from ares_jax.aepo.difficulty import EASY, HARD, MEDIUM, NUM_BINS, _valid
 
 TARGET_MODES = ("correct_mean", "batch_mean", "ema", "ares_release")
-# The `ema` mode's decay (design.md leaves it open): a horizon of about ten steps.
+# The `ema` mode's decay (the paper leaves it open; docs/design.md §5.6): a horizon of about ten steps.
 TARGET_EMA_DECAY = 0.9
 
-# ares_release constants per bin (easy, medium, hard), design.md 5.6.
+# ares_release constants per bin (easy, medium, hard), docs/design.md §5.6.
 _REL_MARGIN_FRAC = (0.15, 0.25, 0.35)
 _REL_KAPPA = (2.0, 3.0, 4.0)
 _REL_TEMP = (2.0, 2.5, 3.0)
@@ -58,10 +58,10 @@ def _huber(x: jax.Array, kappa: jax.Array) -> jax.Array:
 @jax.jit
 def ares_release_shaping(accuracy: ArrayLike, n_he: ArrayLike, bins: ArrayLike, target_by_bin: ArrayLike,
                          alpha: float = 0.5) -> jax.Array:
-  """The public release's entropy reward per trajectory (design.md 5.6, `ares_release`); [S] float32.
+  """The public release's entropy reward per trajectory (docs/design.md §5.6, `ares_release`); [S] float32.
 
   With Delta = N_HE - target_d, margin = max(1, f_d * max(target_d, 1)), huber / sig / cap as in
-  5.6: correct easy and medium answers are penalised for exceeding the target band (easy: above,
+  §5.6: correct easy and medium answers are penalised for exceeding the target band (easy: above,
   medium: either side); wrong answers get + sig(max(Delta - margin, 0)) * cap * {0.6, 0.8, 1};
   correct hard answers get + sig(Delta + margin) * cap when Delta >= -margin, else a half-weight
   huber penalty. The total reward is accuracy + this.
@@ -98,7 +98,7 @@ def hierarchical_reward(accuracy: ArrayLike, n_he: ArrayLike, bins: ArrayLike,
                         target_mode: str = "correct_mean", *, eps: float = 1e-6, max_penalty: float = 1.0,
                         ema_state: ArrayLike | None = None,
                         traj_mask: ArrayLike | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """R(x, y; d), the hierarchical entropy reward of design.md 5.6.
+  """R(x, y; d), the hierarchical entropy reward of docs/design.md §5.6.
 
   Per bin d over its trajectories S_d: mu_d = mean N_HE, var_d = population variance of N_HE.
   target_d by `target_mode`:

@@ -1,9 +1,9 @@
-"""One AEPO step after the rollouts are graded (design.md 5.2-5.10): from trajectories and their accuracy to
+"""One AEPO step after the rollouts are graded (docs/design.md §5.2-5.10): from trajectories and their accuracy to
 an optimizer update, on top of the pure math of this package.
 
-    shaped = shape_batch(rollouts, accuracy, fmt, shaping, prev_tau, prev_ema, triggers)   # 5.2-5.9, host
+    shaped = shape_batch(rollouts, accuracy, fmt, shaping, prev_tau, prev_ema, triggers)   # §5.2-5.9, host
     rows = UpdateRows.from_rollouts(mcfg, rollouts, shaped, prompts, micro_batch_size, width, pad_id)
-    state, metrics = ppo_update(state, ref_params, updater, rows, loss, ppo, step, guard)   # 5.10
+    state, metrics = ppo_update(state, ref_params, updater, rows, loss, ppo, step, guard)   # §5.10
 
 `shape_batch`: tau_high, N_HE, difficulty bins, hierarchical rewards (+ format), GRPO advantages, the online
 filter, KL weights and the loss masks (a branch trains from its fork on). `ppo_update`: old and reference
@@ -42,7 +42,7 @@ BIN_NAMES = ("easy", "medium", "hard")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ShapingSettings:
-  """`config.aepo`'s statistics, rewards, filter and KL budget (design.md 5.2-5.9; configs.aepo_defaults)."""
+  """`config.aepo`'s statistics, rewards, filter and KL budget (docs/design.md §5.2-5.9; configs.aepo_defaults)."""
 
   entropy_quantile: float = 0.95
   tau_ema: float = 0.0  # 0: off
@@ -101,7 +101,7 @@ class Shaped:
 
 
 def trigger_positions(r: Rollouts, trigger_tokens: np.ndarray | None) -> np.ndarray | None:
-  """[S, N] bool: window starts whose token is a trigger word (`aepo.trigger_words`, design.md 5.3), given
+  """[S, N] bool: window starts whose token is a trigger word (`aepo.trigger_words`, docs/design.md §5.3), given
   the vocabulary table of `data.tokenizer.word_token_table`; None (every window counts) without one."""
   if trigger_tokens is None:
     return None
@@ -110,7 +110,7 @@ def trigger_positions(r: Rollouts, trigger_tokens: np.ndarray | None) -> np.ndar
 
 def shape_batch(r: Rollouts, accuracy: np.ndarray, fmt: np.ndarray, s: ShapingSettings, prev_tau: float,
                 prev_ema: np.ndarray, trigger_tokens: np.ndarray | None = None) -> Shaped:
-  """tau_high (5.2), N_HE (5.3), bins (5.5), R (5.6-5.7), A (5.8), the online filter and beta_it (5.9)."""
+  """tau_high (§5.2), N_HE (§5.3), bins (§5.5), R (§5.6-5.7), A (§5.8), the online filter and beta_it (§5.9)."""
   used = r.used
   at = trigger_positions(r, trigger_tokens)
   groups = r.prompt_index

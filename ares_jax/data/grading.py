@@ -1,4 +1,4 @@
-"""Verifiable rewards on the host (design.md 5.7): accuracy by math-verify, a format check.
+"""Verifiable rewards on the host (docs/design.md §5.7): accuracy by math-verify, a format check.
 
 Grading runs in a persistent pool of worker processes (data/grading_pool.py), each item with a timeout: a
 parse that hangs or crashes scores 0 and is counted, and a hung worker is replaced, so grading never stalls

@@ -2,7 +2,7 @@
 
 Files: JSONL, parquet (read in row batches) and VLMEvalKit TSV (base64 `image` column, option columns
 `A`..`H`); a folder stands for the data files below it (sorted; `images/` folders are not searched).
-Recognised as they ship (design.md 9): ViRL39K (`39Krelease.parquet` + `images/`, `<image>`
+Recognised as they ship (docs/design.md §11.1): ViRL39K (`39Krelease.parquet` + `images/`, `<image>`
 placeholders, `\\boxed{}` answers, pass rates with -1 for "not annotated"), EasyR1-style parquet
 (`problem` / `answer` / `images` with embedded bytes), the ARES cold-start layout (one teacher `response`
 a row) and VLMEvalKit benchmarks.

@@ -7,7 +7,7 @@ Two tasks share the problems:
 
 - `steps`: the difficulty is the number of steps k; the response length grows with it by construction.
   The warm start slips (one step one too high) at a fixed rate, so sampled pass rates fall with k.
-- `checks` (design.md 10): how much to think is the policy's choice. Every problem has k steps; the
+- `checks` (docs/design.md §12): how much to think is the policy's choice. Every problem has k steps; the
   difficulty is the operand's level L (1: +1..+3, 2: +4..+6, 3: +7..+9). The stand-in solvers (warm
   start, AdaCS teachers) have blind spots (`Slips`): (value, operand) pairs whose step they compute one
   too high every time, a fraction p_L of each level's pairs. A solver works quick (one line per step) or

@@ -3,7 +3,7 @@ images at its `<image>` placeholders (images first without placeholders) and an 
 
 The same `PromptTemplate` renders RL prompts, AdaCS SFT prompts and evaluation prompts, so a policy is
 trained and measured on the prompts it will be asked. The default instruction is the release's math
-instruction (design.md 9): reason step by step, final answer in `\\boxed{}`.
+instruction (docs/design.md §11.1): reason step by step, final answer in `\\boxed{}`.
 """
 
 from __future__ import annotations

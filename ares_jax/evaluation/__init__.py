@@ -3,6 +3,6 @@ WeMath's four dimensions), report files (reports.py), benchmark runs (benchmarks
 evaluation on the run's own data (held_out.py).
 
 Nothing is imported here: the grading pool's spawned workers import `ares_jax.evaluation.judge` by name
-and must not pull in JAX. Layering (design.md 2): this package imports data, sampling, models and
+and must not pull in JAX. Layering (docs/design.md §2.2): this package imports data, sampling, models and
 sharding; stages import it, never the reverse.
 """

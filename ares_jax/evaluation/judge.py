@@ -1,6 +1,6 @@
 """The benchmark judge: is a model's response right? Pure functions over strings.
 
-Two kinds of item (design.md 9):
+Two kinds of item (docs/design.md §11.3):
 - multiple choice (the item has options, letter -> text): the choice is the letter in the last `\\boxed{}`,
   else an "answer is (X)" / "Answer: X" statement, else a lone letter on the last line; a boxed option
   *text* instead of a letter names the option whose text it is. It is right when it is the gold option,

@@ -4,7 +4,7 @@
 iff `q_segment[t] == kv_segment[s]` (and `s <= t` when causal). Segment ids replace dense [T, S] masks
 so that no implementation but `xla` ever holds a [T, S] array: at one max_pixels image the vision
 tower's full attention spans ~24k slots, and its fp32 scores over 16 heads alone are 37 GiB (four
-images in one sequence: 587 GiB; measured for TPU v5p, design.md 7).
+images in one sequence: 587 GiB; measured for TPU v5p, docs/design.md §10.2).
 
 Implementations (`ModelConfig.attention`):
   xla        einsum + softmax over a dense mask (the reference; fine for short keys).

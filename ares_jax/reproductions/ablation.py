@@ -6,9 +6,9 @@ switched on one at a time, each over seeds; held-out accuracy and tokens per dif
 Variants (each adds one part to the one before; the last is the config as given):
   GRPO            no entropy shaping (aepo.target_mode=batch_mean: lambda = 0), no dynamic KL (one beta for
                   every bin, rho = 1), no branching (rollout.max_branches=0)
-  + dynamic KL    the config's aepo.kl_bin_scale and aepo.rho (design.md 5.9)
-  + entropy reward the config's aepo.target_mode (the hierarchical entropy reward, 5.6)
-  + branching     the config's rollout.max_branches (window-entropy branching, 5.4): full AEPO
+  + dynamic KL    the config's aepo.kl_bin_scale and aepo.rho (docs/design.md §5.9)
+  + entropy reward the config's aepo.target_mode (the hierarchical entropy reward, §5.6)
+  + branching     the config's rollout.max_branches (window-entropy branching, §5.4): full AEPO
 The switches are ordinary config fields, so the same command ablates the 3B/7B configs
 (`--config=configs/aepo_7b.py --adacs_policy=/path/to/adacs/policy`). Without `--adacs_policy`, AdaCS runs
 once first (`{workdir}/adacs/`, seed `--adacs_seed`). Each run is in `{workdir}/<variant>/seed_<s>/`

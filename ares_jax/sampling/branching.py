@@ -1,4 +1,4 @@
-"""HWE branching inside the decode loop (design.md 5.4).
+"""HWE branching inside the decode loop (docs/design.md §5.4; the caches: §7).
 
 When the newest complete window of a trajectory is marked (window entropy >= tau_high), the
 trajectory forks: the next free branch slot of the same prompt gets its cache prefix (a copy of the

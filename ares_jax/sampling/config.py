@@ -12,7 +12,7 @@ class SamplingConfig:
   """How to decode. Hashable: it is a static argument of the compiled sampler.
 
   temperature 0.0 is greedy; `n` samples per prompt; `window` is w of the window entropy
-  (design.md 5.1); `max_branches` forks per prompt when a threshold is given (None: n // 2);
+  (docs/design.md §5.1); `max_branches` forks per prompt when a threshold is given (None: n // 2);
   `eos_ids` end a trajectory (the EOS token is kept and counted in `length`). `suppress_ids` are
   never sampled (None: the model's vision placeholder tokens, which would otherwise be taken for
   image slots when the rollout is scored again with `models.forward`); their probability still

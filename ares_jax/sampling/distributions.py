@@ -1,6 +1,6 @@
 """Per-step quantities of the next-token distribution, computed from logits already in hand.
 
-H_t (design.md 5.1) is the exact full-vocabulary entropy of the temperature-scaled distribution;
+H_t (docs/design.md §5.1) is the exact full-vocabulary entropy of the temperature-scaled distribution;
 the log-prob of the sampled token is taken under the same (unfiltered) distribution, which is
 what a teacher-forced recomputation with `models.forward` gives. top-k / top-p only restrict
 where the sample is drawn from.

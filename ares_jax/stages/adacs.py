@@ -1,4 +1,4 @@
-"""Stage `adacs`: difficulty-aware cold start (design.md 6), top to bottom, one named step after another.
+"""Stage `adacs`: difficulty-aware cold start (docs/design.md §6), top to bottom, one named step after another.
 
 load_pool (teacher responses per question) -> measure_candidates (graded and measured) -> pass_rates of the
 policy (n samples each, resumable) -> select (per-source target lengths, water-filled pass-rate tiers) ->

@@ -1,4 +1,4 @@
-"""Stage `aepo`: the RL loop of ARES (design.md 5), top to bottom.
+"""Stage `aepo`: the RL loop of ARES (docs/design.md §5; the step: §2.3), top to bottom.
 
 A step reads through these files, in this order, each once:
 
@@ -71,7 +71,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   # rollout.chunk_prompts=0: the largest chunk whose rollout fits beside the optimizer state and reference
   sc = setup.chunked(config, b, settings_lib.sampling(config, mcfg, pad_id), prompts_per_step,
                      (state.opt_state, ref_params))
-  triggers = word_token_table(tok, a.trigger_words) if a.trigger_words else None  # design.md 5.3
+  triggers = word_token_table(tok, a.trigger_words) if a.trigger_words else None  # docs/design.md §5.3
   writer = MetricsWriter(config.workdir, resume_step=start if start > 0 else None)
   bench = (eval_stage.BenchmarkRunner(config, b, eval_stage.decode_config(config, sc))
            if config.eval.benchmarks else None)

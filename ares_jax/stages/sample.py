@@ -1,7 +1,7 @@
 """Stage `sample`: roll out the policy on a few prompts and show where it is uncertain.
 
 Prompts come from `config.sample.prompts` or, when empty, from the synthetic task. A warm-up batch
-without branching sets tau_high (design.md 5.2) unless `config.sample.tau_high` is given; the
+without branching sets tau_high (docs/design.md §5.2) unless `config.sample.tau_high` is given; the
 second batch marks high-window-entropy (HWE) windows and forks there. Each answer is printed with
 the HWE window starts marked as `⟦token⟧` and its entropy statistics.
 """

@@ -1,4 +1,4 @@
-"""AdamW with global-norm clipping and a warm-up schedule (design.md 5.10; paper: lr 1e-6, wd 1e-2)."""
+"""AdamW with global-norm clipping and a warm-up schedule (docs/design.md §5.10; paper: lr 1e-6, wd 1e-2)."""
 
 from __future__ import annotations
 
