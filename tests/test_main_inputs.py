@@ -195,3 +195,26 @@ def test_head_reads_only_the_first_rows(tmp_path):
   h = reader.head(str(tmp_path / "big.parquet"), rows=5)
   assert (h.rows, h.usable, h.columns) == (5, 5, ("problem", "answer", "images"))
   assert h.fields == {"question": "problem", "answer": "answer", "image": "images"}
+
+
+def test_a_tfds_dataset_needs_its_training_split(tmp_path):
+  version = tmp_path / "ares_prompts" / "1.0.0"
+  version.mkdir(parents=True)
+  (version / "dataset_info.json").write_text(json.dumps({"splits": [{"name": "eval"}]}))
+  c = load_config("tiny.py")
+  c.stage = "aepo"
+  c.data.kind = "tfds"
+  c.data.tfds_dir = str(tmp_path)
+  fine, [msg] = inputs.check(c)
+  assert fine == [] and msg.startswith(f"config.data.tfds_dir={str(tmp_path)!r}: the dataset at {version} has no "
+                                       "'train' split")
+  (version / "dataset_info.json").write_text(json.dumps({"splits": [{"name": "train"}, {"name": "eval"}]}))
+  assert inputs.check(c) == ([f"data: {version}, TFDS dataset, splits: train, eval"], [])
+  c.data.tfds_dir = str(tmp_path / "elsewhere")
+  assert inputs.check(c)[1][0].startswith(f"config.data.tfds_dir={tmp_path / 'elsewhere'}: no dataset here")
+
+
+def test_an_empty_file_is_named(tmp_path):
+  (tmp_path / "empty.jsonl").write_text("")
+  _, [msg] = inputs.check(_eval_config(f"e={tmp_path / 'empty.jsonl'}"))
+  assert msg == f"config.eval.benchmarks: benchmark e ({tmp_path / 'empty.jsonl'}): JSONL without rows"

@@ -88,14 +88,14 @@ def check_input(item: Input, columns: reader.Columns) -> str:
   heads = [reader.head(f, columns, HEAD_ROWS, need_response="response" in item.needs) for f in files]
   for h in heads:
     where = "" if h.path == os.path.expanduser(item.path) else f"{h.path}: "
+    if not h.rows:
+      raise ValueError(f"{where}{h.layout} without rows")
     missing = [f for f in item.needs if f not in h.fields]
     if missing:
       tried = ", ".join(getattr(columns, missing[0]))
       raise ValueError(f"{where}{h.layout} without {'an' if missing[0][0] in 'aeiou' else 'a'} {missing[0]} column "
                        f"(looked for: {tried}; --config.data.columns.{missing[0]}=NAME names another); "
                        f"its columns: {_listed(h.columns)}")
-    if not h.rows:
-      raise ValueError(f"{where}{h.layout} without rows")
     if not h.usable:
       reasons = ", ".join(f"{k} {v}" for k, v in sorted(h.skipped.items()))
       raise ValueError(f"{where}none of its first {h.rows} rows is usable (skipped: {reasons})")
