@@ -3,29 +3,37 @@
   python -m ares_jax.main --config=configs/tiny.py
   python -m ares_jax.main --config=configs/aepo_7b.py --config.model.hf_path=/data/Qwen2.5-VL-7B-Instruct
 
-Any field can be overridden with `--config.some.field=value`; a field the config does not have is a
-flag error that names it. Stage modules are imported only when dispatched, so flag parsing stays fast
-and no JAX backend starts before `jax.distributed.initialize()` (config.distributed=True).
+Any field can be overridden with `--config.some.field=value`. Before any model, tokenizer or checkpoint
+is loaded and before the workdir is created, the config is checked and every data, pool and benchmark
+file it names is opened and its columns looked at, one line each. A config or input error exits 2 with
+one line naming the field or file (`--verbose` adds the traceback). Stage modules are imported only when
+dispatched, so flag parsing stays fast and no JAX backend starts before `jax.distributed.initialize()`
+(config.distributed=True).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import logging as logging_std
 import os
 import re
 import sys
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ares_jax import config_checks  # no JAX: the config is checked before any device starts
+from ares_jax.stages import inputs  # no JAX either: the files are checked before any device starts
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the traceback of configuration and input errors too.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (configs/*.py); override fields with --config.field=value.",
     lock_config=True)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the whole config at startup, and the traceback of configuration "
+                             "and input errors.")
 
 # stage name -> "module:function" taking the config. Only stages that exist are listed.
 STAGES: dict[str, str] = {
@@ -66,16 +74,72 @@ def _bad_override_message(argv: list[str], error: Exception) -> str:
   return f"a --config override names a field the config does not have: {key or text}{suffix}"
 
 
+HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the experiment files of a checkout
+
+
+def fatal(lines: Sequence[str]) -> NoReturn:
+  """Exit 2 with one `FATAL:` line per problem: the way every config and input error ends."""
+  sys.stderr.write("".join(f"FATAL: {line}\n" for line in lines))
+  sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with a bad `--config.a.b` override reported as a one-line error naming the field.
+  """absl's parser, with every flag error one line and exit code 2, and `--help` (or `-h`) exiting 0 with the
+  stages and configs (absl's own help exits 1 and names neither).
 
   ml_collections raises a bare KeyError/AttributeError (with a traceback) for an unknown field.
   """
+  asked = [a for a in argv[1:] if a.split("=", 1)[0] in HELP_FLAGS]
+  if asked:
+    print(help_text(full="--helpfull" in asked))
+    sys.exit(0)
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # an unknown flag, a value of the wrong type, a config file that raised
+    text = str(e).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # A config file that raised: the flag, then the exception's last line (--verbose: all of it).
+    fatal([text if "--verbose" in argv or len(lines) < 2 else f"{lines[0].rstrip(':')}: {lines[-1]}"])
   except (KeyError, AttributeError) as e:
-    sys.stderr.write(f"FATAL Flags parsing error: {_bad_override_message(argv, e)}\n")
-    sys.exit(1)
+    fatal([_bad_override_message(argv, e)])
+
+
+def summary_line(path: str | Path) -> str:
+  """The first sentence of a Python file's module docstring, without a leading "Stage `name`:". The file is
+  parsed, not imported: `--help` starts no JAX."""
+  doc = ast.get_docstring(ast.parse(Path(path).read_text(encoding="utf-8"))) or ""
+  first = []
+  for line in doc.splitlines():  # the first paragraph, up to a blank or an indented (example) line
+    if not line.strip() or line.startswith(" "):
+      break
+    first.append(line.strip())
+  text = re.sub(r"^Stage `[^`]+`:\s*", "", " ".join(first))
+  end = re.search(r"(?<=[.!?])\s", text)
+  return text[:end.start()] if end else text
+
+
+def help_text(full: bool = False) -> str:
+  """The program's docstring (this module's, or `ares_jax.plan`'s, which parses flags here too), the stages
+  and the configs of `configs/` (their docstrings' first sentence), and ares_jax's flags (`full`: every
+  flag of every module)."""
+  doc = getattr(sys.modules.get("__main__"), "__doc__", None) or __doc__
+  lines = [doc.strip(), "", "stages (--config.stage=NAME; every config sets one):"]
+  width = max(map(len, STAGES))
+  for name, target in STAGES.items():
+    lines.append(f"  {name:<{width}}  {summary_line(importlib.util.find_spec(target.split(':')[0]).origin)}")
+  files = sorted(CONFIGS.glob("*.py")) if CONFIGS.is_dir() else []
+  shown = [p if os.path.relpath(p).startswith("..") else os.path.relpath(p) for p in map(str, files)]
+  lines += ["", f"configs (--config=PATH): {'' if files else f'none found in {CONFIGS}'}".rstrip()]
+  width = max(map(len, shown), default=0)
+  lines += [f"  {name:<{width}}  {summary_line(p)}" for name, p in zip(shown, files)]
+  lines += ["", "flags:"]
+  ours = {f.name: f for module, defined in flags.FLAGS.flags_by_module_dict().items() if "ares_jax" in module
+          for f in defined}  # main's and, under ares_jax.plan, the planner's
+  lines += [f"  --{f.name}: {f.help}" for f in ours.values()]
+  lines.append("  --config.FIELD=VALUE: any field of the config (every field: docs/configs.md)")
+  lines.append("  --helpfull: every flag of every module" if not full else "\n" + flags.FLAGS.get_help())
+  return "\n".join(lines)
 
 
 def init_distributed() -> None:
@@ -123,38 +187,61 @@ def setup_compilation(config) -> None:
 
 
 def config_from_flags(argv: list[str]):
-  """The experiment config of `--config` (and its overrides); a usage error when absent or when
-  positional arguments were given. Shared by the stage entry point and `ares_jax.plan`."""
+  """The experiment config of `--config` (and its overrides); a usage error (exit code 2) when absent, when
+  its file could not be loaded or when positional arguments were given. Shared by the stage entry point and
+  `ares_jax.plan`."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}", exitcode=2)
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config=configs/<experiment>.py is required")
+    raise app.UsageError("--config=configs/<experiment>.py is required (--help lists the configs)", exitcode=2)
+  try:
+    config.get("stage")
+  except OSError as e:  # ml_collections defers a config file it could not load to the config's first use
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    why = "no such file" if not os.path.exists(path) else str(e).strip().splitlines()[-1].strip()
+    raise app.UsageError(f"--config={path}: {why} (--help lists the configs)", exitcode=2) from None
   return config
 
 
+def describe_config() -> str:
+  """'configs/tiny.py with --config.mesh.fsdp=2 ...': what a log needs to rerun it (the whole config with
+  --verbose; logged in full it buried the one line that mattered)."""
+  holder = flags.FLAGS["config"]
+  overrides = " ".join(f"--config.{k}={v!r}" for k, v in config_flags.get_override_values(holder).items())
+  return config_flags.get_config_filename(holder) + (f" with {overrides}" if overrides else "")
+
+
 def main(argv: list[str]) -> None:
-  config = config_from_flags(argv)
+  try:
+    config = config_from_flags(argv)
+  except app.UsageError as e:
+    fatal([str(e)])
+  # All problems, one line each, before any device, model or file is touched and before the workdir exists.
+  problems = config_checks.problems(config)
+  if problems:
+    fatal(problems)
+  fine, problems = inputs.check(config)
+  for line in fine:
+    logging.info("%s", line)
+  if problems:
+    fatal(problems)
   try:
     run = resolve_stage(config.stage)
   except StageNotAvailable as e:
-    sys.stderr.write(f"FATAL: {e}\n")
-    sys.exit(2)
-  problems = config_checks.problems(config)
-  if problems:  # all of them, one line each, before any device or file is touched
-    sys.stderr.write("".join(f"FATAL: {p}\n" for p in problems))
-    sys.exit(2)
+    fatal([str(e)])
   if config.get("distributed", False):
     init_distributed()
   setup_compilation(config)
-  logging.info("stage %s with config:\n%s", config.stage, config)
+  logging.info("stage %s: %s", config.stage, describe_config())
+  if _VERBOSE.value:
+    logging.info("config:\n%s", config)
   try:
     run(config)
   except Exception as e:  # pylint: disable=broad-except
     if _VERBOSE.value or not is_user_error(e):
       raise
-    sys.stderr.write(f"FATAL: {e}\n(run with --verbose for the traceback)\n")
-    sys.exit(2)
+    fatal([f"{e} (--verbose shows the traceback)"])
 
 
 def is_user_error(e: BaseException) -> bool:

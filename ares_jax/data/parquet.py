@@ -25,8 +25,10 @@ class ParquetImage:
   k: int
 
 
-def records(path: str, image_columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
-  """Rows of the text columns, a batch at a time; image columns holding bytes become `ParquetImage`s."""
+def records(path: str, image_columns: Sequence[str], limit: int | None = None) -> Iterator[tuple[int, dict]]:
+  """Rows of the text columns, a batch at a time; image columns holding bytes become `ParquetImage`s.
+  With `limit`, the first `limit` rows only, and their embedded images are not even counted (None stands
+  for them): a check of the first rows reads no row group of pictures."""
   import pyarrow as pa  # pyarrow is slow to import: only parquet files need it
   import pyarrow.parquet as pq  # pyarrow is slow to import: only parquet files need it
 
@@ -35,11 +37,14 @@ def records(path: str, image_columns: Sequence[str]) -> Iterator[tuple[int, dict
     lazy = {n for n in schema.names if n in image_columns and _holds_bytes(schema.field(n).type, pa)}
     names = [n for n in schema.names if n not in lazy]
     row_no = 0
-    for batch in f.iter_batches(batch_size=BATCH_ROWS, columns=names):
-      counts = {n: _image_counts(f, n, row_no, batch.num_rows) for n in lazy}
+    for batch in f.iter_batches(batch_size=BATCH_ROWS if limit is None else max(1, min(limit, BATCH_ROWS)),
+                                columns=names):
+      counts = {n: _image_counts(f, n, row_no, batch.num_rows) for n in lazy} if limit is None else {}
       for i, rec in enumerate(batch.to_pylist()):
+        if limit is not None and row_no + i >= limit:
+          return
         for n in lazy:
-          rec[n] = [ParquetImage(path, n, row_no + i, k) for k in range(counts[n][i])]
+          rec[n] = None if limit is not None else [ParquetImage(path, n, row_no + i, k) for k in range(counts[n][i])]
         yield row_no + i, rec
       row_no += batch.num_rows
 

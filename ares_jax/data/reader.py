@@ -21,6 +21,7 @@ import collections
 import csv
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -158,16 +159,52 @@ def _shared_tsv_images(rows: list[Row]) -> list[Row]:
   return out
 
 
-def _records(path: str, columns: Columns) -> Iterator[tuple[int, Any]]:
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """The first rows of a data file as `read_rows` parses them (`head`): what a startup check looks at."""
+
+  path: str
+  layout: str  # how the file is read: "JSONL", "parquet" or "VLMEvalKit TSV" (its extension says which)
+  columns: tuple[str, ...]  # the columns of the rows read (a TSV's header, a parquet file's schema)
+  fields: dict  # `Columns` field -> the column it is read from; "options" -> "A..D" for option columns
+  rows: int  # rows read
+  usable: int  # rows among them that `read_rows` keeps
+  skipped: dict  # the others, by reason
+
+
+def head(path: str, columns: Columns = Columns(), rows: int = 16, need_response: bool = False) -> Head:
+  """The first `rows` rows of the data file `path` (not a folder) parsed as `read_rows` parses them; nothing
+  past them is read (embedded parquet images are not even counted), so a startup check costs the same on
+  a 223k-row pool as on a test file. Raises OSError or ValueError when the file cannot be read as its
+  extension says; bad rows are counted, not logged."""
+  seen, skipped, read, usable = {}, collections.Counter(), 0, 0  # seen: the columns, in order of appearance
+  base = os.path.dirname(os.path.abspath(path))
+  for where, raw in _records(path, columns, limit=rows):
+    read += 1
+    try:
+      rec = _decoded(raw)
+      seen.update(dict.fromkeys(rec))
+      _parse(rec, path, f"{path}:{where}", columns, base, need_response)
+      usable += 1
+    except BadRow as e:
+      skipped[e.reason] += 1
+  fields = {f.name: next(c for c in getattr(columns, f.name) if c in seen) for f in dataclasses.fields(columns)
+            if any(c in seen for c in getattr(columns, f.name))}
+  letters = [k for k in OPTION_LETTERS if k in seen]
+  if letters:
+    fields["options"] = f"{letters[0]}..{letters[-1]}"
+  layout = {".jsonl": "JSONL", ".parquet": "parquet", ".tsv": "VLMEvalKit TSV"}[os.path.splitext(path)[1]]
+  return Head(path, layout, tuple(seen), fields, read, usable, dict(skipped))
+
+
+def _records(path: str, columns: Columns, limit: int | None = None) -> Iterator[tuple[int, Any]]:
   if path.endswith(".parquet"):
-    yield from parquet.records(path, columns.image)
+    yield from parquet.records(path, columns.image, limit)
   elif path.endswith(".tsv"):
-    yield from _tsv_records(path)
+    yield from itertools.islice(_tsv_records(path), limit)
   else:
     with open(path, "rb") as f:
-      for line_no, line in enumerate(f, 1):
-        if line.strip():
-          yield line_no, line
+      yield from itertools.islice(((n, line) for n, line in enumerate(f, 1) if line.strip()), limit)
 
 
 def _tsv_records(path: str) -> Iterator[tuple[int, dict]]:
@@ -190,7 +227,8 @@ def _first(rec: dict, names: tuple[str, ...]) -> tuple[str | None, Any]:
   return None, None
 
 
-def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need_response: bool) -> Row:
+def _decoded(raw: Any) -> dict:
+  """A raw record as a dict: a JSONL line decoded; BadRow('malformed') when it is no JSON object."""
   rec = raw
   if isinstance(raw, bytes):
     try:
@@ -199,6 +237,11 @@ def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need
       raise BadRow("malformed", f"not JSON: {e}") from None
   if not isinstance(rec, dict):
     raise BadRow("malformed", f"a row is an object, not {type(rec).__name__}")
+  return rec
+
+
+def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need_response: bool) -> Row:
+  rec = _decoded(raw)
   _, question = _first(rec, columns.question)
   if question is None:
     raise BadRow("missing_question")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -38,8 +37,7 @@ from ares_jax.data.prompts import PromptStream, RowSource
 from ares_jax.data.reader import Row
 from ares_jax.evaluation import judge as judge_lib
 from ares_jax.evaluation import reports, scores
-
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+from ares_jax.evaluation.specs import group_column, parse_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,35 +62,6 @@ class Settings:
   batch_prompts: int = 64
   group_by: str = ""
   max_image_pixels: int = 89_478_485
-
-
-def parse_specs(specs: Sequence[str]) -> list[tuple[str, str]]:
-  """`("mathverse=/data/MathVerse.tsv", ...)` -> [(name, path)]; names are file names of the reports."""
-  out, seen = [], set()
-  for spec in specs:
-    name, sep, path = str(spec).partition("=")
-    name, path = name.strip(), path.strip()
-    if not sep or not path or not _NAME.fullmatch(name):
-      raise ValueError(f"config.eval.benchmarks entry {spec!r}: expected NAME=PATH with NAME of letters, digits, "
-                       "'_', '.', '+', '-'")
-    if name in seen:
-      raise ValueError(f"config.eval.benchmarks names {name!r} twice")
-    seen.add(name)
-    out.append((name, os.path.expanduser(path)))
-  return out
-
-
-def group_column(group_by: str, name: str) -> tuple[str | None, bool]:
-  """(column, explicit) for benchmark `name` under `group_by` (see the module docstring); explicit when a
-  `name=column` entry names this benchmark."""
-  generic = None
-  for entry in filter(None, (e.strip() for e in group_by.split(","))):
-    bench, sep, column = entry.partition("=")
-    if not sep:
-      generic = bench
-    elif bench.strip() == name:
-      return column.strip(), True
-  return generic, False
 
 
 def lookup(extra: Mapping[str, Any], fields: Mapping[str, Any], column: str) -> Any:

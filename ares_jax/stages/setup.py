@@ -44,14 +44,15 @@ class Built:
 
 
 def build(config: ml_collections.ConfigDict) -> Built:
-  """The workdir, mesh, checked tokenizer, processor and parameters of `config`."""
-  storage.makedirs(config.workdir)  # local or gs://
+  """The mesh, checked tokenizer, processor and parameters of `config`, then its workdir."""
   mesh = build_mesh(config)
   mcfg = settings_lib.model(config.model)
   tok = build_tokenizer(config)
   check_tokenizer(tok, mcfg)
   proc = build_processor(config, tok, mcfg)
   mcfg, params = build_params(config, mcfg, models.abstract_params(mcfg), mesh)
+  # Last: a run stopped by its mesh, tokenizer or checkpoint leaves no empty workdir behind.
+  storage.makedirs(config.workdir)  # local or gs://
   return Built(mesh, mcfg, tok, proc, params)
 
 
