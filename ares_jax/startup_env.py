@@ -14,9 +14,10 @@ where no TPU is attached (no /dev/accel*, no /dev/vfio/<group>, no TPU variable 
   compiles for any TPU topology (the topology's own shape comes from its name), quietly;
 - several processes may load libtpu (there is no TPU for its lockfile to guard).
 
-Each variable is only set when unset. On a TPU VM nothing is set. `apply` runs when `ares_jax` is imported
-(its `__init__`), so before JAX is imported by any entry point (`main`, `plan`, the notebooks, the
-reproductions); JAX reads `JAX_PLATFORMS` when it is imported, libtpu its variables when it loads.
+Each variable is only set when unset (`JAX_PLATFORMS`: or empty). On a TPU VM nothing is set. `apply` runs
+when `ares_jax` is imported (its `__init__`), so before JAX is imported by any entry point (`main`, `plan`,
+the notebooks, the reproductions); JAX reads `JAX_PLATFORMS` when it is imported, libtpu its variables
+when it loads.
 
 Two log lines are changed wherever they are logged: transformers' "PyTorch was not found" is dropped (this
 project uses transformers only for tokenizers and image processors, which need no PyTorch), and libtpu's
