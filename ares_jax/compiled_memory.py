@@ -208,6 +208,8 @@ def collectives(hlo_text: str) -> int:
 
 
 def _size(n: int) -> str:
+  if not n:
+    return "0"
   for unit, scale in (("GiB", GIB), ("MiB", 1 << 20)):
     if n >= scale // 10:
       return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
