@@ -211,5 +211,6 @@ def test_each_compile_says_what_it_compiles_and_how_long_it_took(caplog):
   cm.compile_program(scaled_sum, x, tree, 3, mesh=mesh, bias=bias)
   lines = [r.getMessage() for r in caplog.records if "scaled_sum" in r.getMessage()]
   assert lines[0] == "compiling " + cm.describe_call(scaled_sum, (x, tree, 3), {"bias": bias}), lines
-  assert re.fullmatch(r"compiled scaled_sum in \d+\.\d s: arguments \S+ \S+, outputs \S+ \S+, temporaries \S+ \S+ "
+  size = r"(0|[0-9.]+ [KMG]iB)"
+  assert re.fullmatch(rf"compiled scaled_sum in \d+\.\d s: arguments {size}, outputs {size}, temporaries {size} "
                       r"per device", lines[1]), lines
