@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import re
 import tempfile
+import time
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import linen as nn
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
@@ -204,9 +207,47 @@ def collectives(hlo_text: str) -> int:
   return total
 
 
+def _size(n: int) -> str:
+  if not n:
+    return "0"
+  for unit, scale in (("GiB", GIB), ("MiB", 1 << 20)):
+    if n >= scale // 10:
+      return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+  return f"{n / 1024:.1f} KiB"
+
+
+def _array(x: Any) -> str:
+  return f"{x.dtype}[{','.join(str(d) for d in x.shape)}]"
+
+
+def describe_call(fn: Callable, args: tuple, kwargs: dict) -> str:
+  """What a program is compiled for, in one line: its name, each array argument's dtype[shape] (a tree of
+  more than three arrays: its first, how many more and the bytes one device holds), each number's value;
+  configs and other static objects left out. 'score(params: float32[64,32] +45 arrays (1.2 MiB/device);
+  inputs: ...; prompt_width=96)'."""
+  name = getattr(fn, "__name__", type(fn).__name__).lstrip("_")
+  try:
+    bound = list(inspect.signature(fn).bind(*args, **kwargs).arguments.items())
+  except (TypeError, ValueError):  # no signature to bind to: positions
+    bound = [*((f"arg{i}", a) for i, a in enumerate(args)), *kwargs.items()]
+  parts = []
+  for key, value in bound:
+    if isinstance(value, (bool, int, float)):
+      parts.append(f"{key}={value}")
+      continue
+    leaves = [x for x in jax.tree.leaves(value) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    if len(leaves) > 3:
+      parts.append(f"{key}: {_array(leaves[0])} +{len(leaves) - 1} arrays ({_size(device_bytes(leaves))}/device)")
+    elif leaves:
+      parts.append(f"{key}: " + ", ".join(_array(x) for x in leaves))
+  return f"{name}({'; '.join(parts)})"
+
+
 def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, count_collectives: bool = False,
                     **kwargs) -> Compiled:
-  """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it.
+  """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it, with a log line
+  as it starts (`describe_call`) and one when it is done (its seconds and memory), flushed: a large
+  program takes minutes to compile for a TPU.
 
   XLA refuses to compile a TPU program whose temporaries exceed HBM, naming what it wanted: that
   figure is the program's temporaries (its outputs are then unknown: counted as 0, and its cost is
@@ -214,6 +255,9 @@ def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, count_collecti
   collectives produce (`collectives`), read from the optimized HLO that XLA dumps (a TPU module read
   back through `Compiled.as_text` can fail on its async wrappers: "async-update instruction should have
   1 operands")."""
+  what = describe_call(fn, args, kwargs)
+  logging.info("compiling %s", what)
+  start = time.perf_counter()
   dump = tempfile.TemporaryDirectory() if count_collectives else contextlib.nullcontext()
   with sharding.mesh_context(mesh), dump as where:
     lowered = fn.lower(*args, **kwargs)
@@ -225,12 +269,17 @@ def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, count_collecti
       if not found:
         raise
       temp = float(found.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": GIB, "T": GIB << 10}[found.group(2)]
+      logging.info("compiled %s in %.1f s: temporaries %s per device, more than the device's memory (XLA)",
+                   what.split("(", 1)[0], time.perf_counter() - start, _size(int(temp)))
       return Compiled(None, device_bytes((args, kwargs)), 0, 0, int(temp))
     n_collective = None
     if where:
       texts = [p for p in os.listdir(where) if p.endswith(".after_optimizations.txt")]
       n_collective = sum(collectives(open(os.path.join(where, p)).read()) for p in texts) if texts else None
   m = compiled.memory_analysis()
+  logging.info("compiled %s in %.1f s: arguments %s, outputs %s, temporaries %s per device", what.split("(", 1)[0],
+               time.perf_counter() - start, _size(m.argument_size_in_bytes), _size(m.output_size_in_bytes),
+               _size(m.temp_size_in_bytes))
   flops, bytes_accessed = cost(compiled)
   return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                   int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), flops, bytes_accessed,

@@ -38,7 +38,9 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.distributed = False  # call jax.distributed.initialize() first (multi-host TPU pods / GPU clusters)
   # Persistent XLA compilation cache (local or gs://; "" = off): a relaunch reuses every compiled program.
   c.compilation_cache_dir = "~/.cache/ares_jax/xla"
-  c.log_compiles = True  # log every new compile with its shapes (a bounded set per run is expected)
+  # Every new compile is logged in one line (name, seconds, persistent-cache hit); True adds JAX's own line
+  # with the program's global shapes and types (to chase shape churn: a bounded set per run is expected).
+  c.log_compiles = False
 
   # Device mesh (docs/design.md §8.1): one size may be -1 to take the remaining devices.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

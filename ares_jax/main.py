@@ -163,7 +163,8 @@ def init_distributed() -> None:
 
 
 class _CompilesOnly(logging_std.Filter):
-  """Of JAX's compile log (`jax_log_compiles`), keeps the line naming each new program and its shapes."""
+  """Of JAX's compile log (`jax_log_compiles`), keeps the line naming each new program and its shapes (its
+  seconds are in `compile_log`'s line)."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     return not record.getMessage().startswith("Finished")
@@ -171,9 +172,12 @@ class _CompilesOnly(logging_std.Filter):
 
 def setup_compilation(config) -> None:
   """The persistent compilation cache (a relaunch, or every process of a pod, reuses compiled
-  programs) and a log line for every new compile with its shapes, so shape churn is visible."""
+  programs) and a log line for every new compile (`compile_log`: name, seconds, cache hit); with
+  `log_compiles`, JAX's own line with its shapes too, so shape churn is visible."""
   import jax  # after flag parsing: JAX reads its environment when imported (ares_jax.plan sets it after importing us)
+  from ares_jax import compile_log  # imports JAX: after flag parsing, as above
 
+  compile_log.install()
   if config.get("compilation_cache_dir"):
     path = config.compilation_cache_dir
     path = path if "://" in path else os.path.expanduser(path)

@@ -9,7 +9,9 @@ lowered with abstract arrays (`jax.ShapeDtypeStruct` with shardings) made by the
 code from synthetic prompts of the config's shapes. XLA's `memory_analysis()` gives each program's
 per-device arguments, outputs and temporaries; the state that lives beside a program (optimizer
 moments, the reference policy, ...) is measured from the programs that create it. A program fits
-when resident + peak <= `plan.usable` x HBM. Exits 1 when anything does not fit.
+when resident + peak <= `plan.usable` x HBM. Exits 1 when anything does not fit. The table goes to
+stdout at the end; progress to stderr as it happens: each program as it starts compiling (its
+arguments' shapes) and when done (seconds, memory), each size the chunk search tries (peak, fits or not).
 
 Each program's per-device flops and bytes accessed come from XLA's `cost_analysis()`, and its roofline
 time, max(flops / peak, bytes / bandwidth), from the chip's public figures (`chips`; none for cpu:N).
@@ -53,6 +55,8 @@ def main(argv: list[str]) -> None:
   from ares_jax import compiled_memory, memory_plan
   try:
     devices, hbm = compiled_memory.topology_devices(_TOPOLOGY.value, config.plan.hbm_gib)
+    logging.info("planning stage %s for %s: %d devices of %.1f GiB; compiling each program (a 7B rollout: minutes)",
+                 config.stage, _TOPOLOGY.value, len(devices), hbm)
     plans = memory_plan.plan_step(config, devices, hbm)
   except ValueError as e:
     sys.stderr.write(f"FATAL: {e}\n")
@@ -107,7 +111,7 @@ def _figure(value: Optional[float], scale: float) -> str:
 
 
 def cli() -> None:
-  logging.set_verbosity(logging.INFO)  # progress of the chunk search
+  logging.set_verbosity(logging.INFO)  # progress: each program as it compiles, each probe of the chunk search
   app.run(main, flags_parser=entry.parse_flags)
 
 

@@ -113,10 +113,13 @@ def largest_rollout_chunk(st: Setting, sc: sampling.SamplingConfig, shapes: Shap
     base = batch_devices
   budget = st.config.plan.usable * st.hbm_gib * GIB
   top = sequences.round_up(most, base)
+  unit = "groups in flight" if sc.kv_cache == "paged" else "prompts per call"
+  logging.info("chunk search: the most %s (a multiple of %d, at most %d) whose rollout fits %.3g GiB per device",
+               unit, base, top, budget / GIB)
   def plan(n):
     plans = rollout_programs(st, sc, n, shapes, resident, branching, costs=False)
-    logging.info("rollout chunk (paged: groups in flight) of %d prompts: peak %.2f GiB (budget %.2f GiB)", n,
-                 peak(plans) / GIB, budget / GIB)
+    logging.info("chunk search: %d %s: peak %.3g GiB of %.3g GiB: %s", n, unit, peak(plans) / GIB, budget / GIB,
+                 "fits" if peak(plans) <= budget else "does not fit")
     return plans
   peak = lambda plans: max(p.peak for p in plans)
   small = plan(base)

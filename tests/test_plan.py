@@ -3,16 +3,22 @@ installed); the figures add up to what the programs and the resident state hold.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ares_jax import settings as settings_lib
+from ares_jax import sharding
 from ares_jax import compiled_memory as cm
 from ares_jax import memory_plan as mp
 from ares_jax import sampling
@@ -116,6 +122,9 @@ def test_plan_cli_writes_json_and_fails_when_a_program_does_not_fit(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "DOES NOT FIT" in proc.stdout and "| rollout: paged decode loop" in proc.stdout
+  # progress on stderr as it goes: each program as it compiles and when it is done, each probe of the chunk search
+  assert "compiling decode_weights(" in proc.stderr and re.search(r"compiled admit in [0-9.]+ s", proc.stderr)
+  assert re.search(r"chunk search: 8 groups in flight: peak \S+ GiB of \S+ GiB: does not fit", proc.stderr)
   report = json.loads(out.read_text())
   assert report["topology"] == "cpu:8" and report["hbm_gib"] == 0.004
   row = report["programs"][0]
@@ -180,3 +189,28 @@ def test_plan_table_and_environment_without_compiling(monkeypatch):
   assert lines[4] == "| rollout chunk | 8 prompts | 1.00 | 0.25 | 2.00 | 3.00 | 6.25 | fits | - | - | - |"
   assert lines[5] == ("| AEPO gradient micro-step | 8 rows | 8.00 | 1.00 | 4.00 | 4.00 | 17.00 | DOES NOT FIT "
                       "| - | - | - |")
+
+
+def test_each_compile_says_what_it_compiles_and_how_long_it_took(caplog):
+  """The planner's progress (`compile_program`): a line as a program starts compiling (its arrays' shapes, its
+  numbers) and one when it is done (seconds, per-device memory)."""
+  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger="absl")
+  mesh = sharding.make_mesh(fsdp=8, devices=jax.devices()[:8])
+  rep = NamedSharding(mesh, PartitionSpec())
+  tree = {f"w{i}": jax.ShapeDtypeStruct((4, 2), jnp.float32, sharding=rep) for i in range(5)}
+
+  @functools.partial(jax.jit, static_argnums=(2,))
+  def scaled_sum(x, weights, times: int, *, bias=None):
+    return x.sum() * times + sum(w.sum() for w in weights.values()) + bias
+
+  x = jax.ShapeDtypeStruct((8, 16), jnp.bfloat16, sharding=rep)
+  bias = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
+  assert cm.describe_call(scaled_sum, (x, tree, 3), {"bias": bias}) == (
+      "scaled_sum(x: bfloat16[8,16]; weights: float32[4,2] +4 arrays (0.2 KiB/device); times=3; bias: float32[])")
+  cm.compile_program(scaled_sum, x, tree, 3, mesh=mesh, bias=bias)
+  lines = [r.getMessage() for r in caplog.records if "scaled_sum" in r.getMessage()]
+  assert lines[0] == "compiling " + cm.describe_call(scaled_sum, (x, tree, 3), {"bias": bias}), lines
+  size = r"(0|[0-9.]+ [KMG]iB)"
+  assert re.fullmatch(rf"compiled scaled_sum in \d+\.\d s: arguments {size}, outputs {size}, temporaries {size} "
+                      r"per device", lines[1]), lines
