@@ -199,8 +199,8 @@ def test_ares_pipeline_hands_the_adacs_policy_to_aepo_and_skips_a_finished_adacs
     (Path(c.workdir) / "adacs_report.json").write_text("{}")
     return {"selected": 1}
 
-  def fake_aepo(c):
-    calls.append(("aepo", c.workdir, c.warm_start.steps, c.model.hf_path, c.tokenizer.path))
+  def fake_aepo(c, print_result=True):
+    calls.append(("aepo", c.workdir, c.warm_start.steps, c.model.hf_path, c.tokenizer.path, print_result))
     return {"history": []}
 
   monkeypatch.setattr(adacs_stage, "run", fake_adacs)
@@ -210,7 +210,9 @@ def test_ares_pipeline_hands_the_adacs_policy_to_aepo_and_skips_a_finished_adacs
   c.warm_start.steps = 5
   policy = str(tmp_path / "adacs" / "policy")
   assert pipeline.run(c) == {"adacs": {"selected": 1}, "aepo": {"history": []}}
-  assert calls == [("adacs", str(tmp_path / "adacs"), 5), ("aepo", str(tmp_path / "aepo"), 0, policy, policy)]
+  # AEPO prints no table of its own: the pipeline prints one for both halves
+  assert calls == [("adacs", str(tmp_path / "adacs"), 5),
+                   ("aepo", str(tmp_path / "aepo"), 0, policy, policy, False)]
   assert c.workdir == str(tmp_path) and c.warm_start.steps == 5 and not c.model.hf_path  # the caller's config
   calls.clear()
   assert pipeline.run(c) == {"adacs": None, "aepo": {"history": []}}
