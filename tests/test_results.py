@@ -77,7 +77,7 @@ def test_aepo_and_ares_tables_read_the_evaluations_the_run_wrote(tmp_path):
   assert lines[0].startswith("AEPO: held-out accuracy")
   assert lines[1].split() == ["step", "0", "step", "4"]  # the first and the last evaluation, not step 2
   assert lines[3].split() == ["level", "1", "0.750", "80.2", "0.875", "60.0"]
-  assert "level: operand's level (operands 1-3, 4-6, 7-9)" in lines
+  assert "level = the operand's level (operands 1-3, 4-6, 7-9)" in lines
   assert f"plots:   {tmp_path}/aepo/curves.png" in lines and f"policy:  {tmp_path}/aepo/policy" in lines
 
   adacs_dir = tmp_path / "adacs"
@@ -131,7 +131,7 @@ def test_curves_plot_held_out_levels_and_keep_kl_and_tau_high_off_the_reward_axi
     assert _lines(tokens) == {"level 1": ([0, 2], [51.0, 41.0]), "level 2": ([0, 2], [52.0, 62.0]),
                               "level 3": ([0, 2], [53.0, 87.0]), "all levels": ([0, 2], [52.0, 63.0])}
     for ax in (acc, tokens):
-      assert ax.get_legend().get_title().get_text() == "difficulty level: operand's level (operands 1-3, 4-6, 7-9)"
+      assert ax.get_legend().get_title().get_text() == "difficulty: the operand's level (operands 1-3, 4-6, 7-9)"
     assert set(_lines(n_he)) == {"easy", "medium", "hard"} and "training-batch" in n_he.get_title()
     # reward, KL and tau_high each on an axis of its own
     assert _lines(reward) == {"batch mean": ([1, 2], [1.5, 2.5])}
@@ -154,8 +154,8 @@ def test_sft_curves_label_the_loss_axis():
     plt.close(fig)
 
 
-@pytest.mark.parametrize("task, meaning", [("checks", "operand's level (operands 1-3, 4-6, 7-9)"),
-                                           ("steps", "number of steps k")])
+@pytest.mark.parametrize("task, meaning", [("checks", "the operand's level (operands 1-3, 4-6, 7-9)"),
+                                           ("steps", "the number of steps k")])
 def test_adacs_report_names_the_tasks_difficulty_and_its_sources(task, meaning):
   import matplotlib.pyplot as plt
   c = load_config("tiny.py")
@@ -166,7 +166,7 @@ def test_adacs_report_names_the_tasks_difficulty_and_its_sources(task, meaning):
             "anchors": {"synthetic_+": [100.0, 50.0]},
             "policy_length_by_difficulty": {"before SFT": {"1": 80.0, "2": 81.0, "3": 79.0},
                                             "after SFT": {"1": 60.0, "2": 80.0, "3": 100.0}},
-            "difficulty": f"difficulty level: {results.difficulty_meaning(c)}",
+            "difficulty": results.difficulty_axis(c),
             "source_titles": results.source_titles(c, ["synthetic_+"])}
   fig = report_figure(report)
   try:
@@ -174,7 +174,7 @@ def test_adacs_report_names_the_tasks_difficulty_and_its_sources(task, meaning):
     assert source.get_title() == "teacher traces: synthetic task (mod 10, op +)"
     assert source.get_xlabel() == "pass rate p (fraction of samples correct)"
     assert source.get_ylabel() == "response length (tokens, median)"
-    assert policy.get_xlabel() == f"difficulty level: {meaning}"
+    assert policy.get_xlabel() == f"difficulty: {meaning}"
     np.testing.assert_array_equal(policy.get_xticks(), [1, 2, 3])  # the levels present, not 1.5 and 2.5
     assert [t.get_text() for t in policy.get_xticklabels()] == ["1", "2", "3"]
     assert _lines(policy)["after SFT"] == ([1.0, 2.0, 3.0], [60.0, 80.0, 100.0])

@@ -55,10 +55,10 @@ def difficulty_meaning(task: str) -> str:
   if task not in TASKS:
     raise ValueError(f"task={task!r}: expected one of {TASKS}")
   if task == "steps":
-    return "number of steps k"
+    return "the number of steps k"
   k = OPERANDS_PER_LEVEL
   ranges = ", ".join(f"{1 + i * k}-{(i + 1) * k}" for i in range(9 // k))  # operands are 1..9
-  return f"operand's level (operands {ranges})"
+  return f"the operand's level (operands {ranges})"
 
 
 @dataclasses.dataclass(frozen=True)

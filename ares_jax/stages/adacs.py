@@ -220,7 +220,7 @@ def report(config: ml_collections.ConfigDict, pool, skipped, stream: PromptStrea
       "spearman_length_vs_difficulty": after.get("eval/spearman_length_vs_difficulty"),
       "spearman_length_vs_difficulty_before_sft": before.get("eval/spearman_length_vs_difficulty"),
       "policy_length_by_difficulty": {"before SFT": by_d(before), "after SFT": by_d(after)},
-      "difficulty": f"difficulty level: {results.difficulty_meaning(config)}",
+      "difficulty": results.difficulty_axis(config),
       "source_titles": results.source_titles(config, sorted({q["source"] for q in scored})),
       "policy": policy,
   }

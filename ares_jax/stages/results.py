@@ -29,6 +29,11 @@ def difficulty_meaning(config: ml_collections.ConfigDict) -> str:
   return "the data's difficulty column"
 
 
+def difficulty_axis(config: ml_collections.ConfigDict) -> str:
+  """The label of an axis or legend of difficulty levels."""
+  return f"difficulty: {difficulty_meaning(config)}"
+
+
 def source_titles(config: ml_collections.ConfigDict, sources) -> dict[str, str]:
   """Readable names of AdaCS pool sources: the synthetic pool's `synthetic_<ops>` as the task it is; a
   dataset's own source names as they are."""
@@ -40,7 +45,7 @@ def source_titles(config: ml_collections.ConfigDict, sources) -> dict[str, str]:
 def aepo_panels(config: ml_collections.ConfigDict) -> tuple[Panel, ...]:
   """`curves.png`: held-out accuracy and response length per difficulty level (and benchmark) over steps,
   N_HE per training-batch bin, then the reward, KL and tau_high each on its own axes."""
-  levels = f"difficulty level: {difficulty_meaning(config)}"
+  levels = difficulty_axis(config)
   return (
       Panel("held-out accuracy per difficulty level", "accuracy (fraction correct)",
             (Series(r"eval/accuracy_d(.+)", "level {}"), Series("eval/accuracy", "all levels", dashed=True),
@@ -49,7 +54,7 @@ def aepo_panels(config: ml_collections.ConfigDict) -> tuple[Panel, ...]:
             (Series(r"eval/length_d(.+)", "level {}"), Series("eval/length", "all levels", dashed=True),
              Series(r"eval/(.+)/tokens", "{}")), legend_title=levels),
       Panel("N_HE per training-batch difficulty bin", "N_HE (high-entropy windows per response)",
-            (Series(r"n_he/(easy|medium|hard)", "{}"),), legend_title="bin (batch accuracy)"),
+            (Series(r"n_he/(easy|medium|hard)", "{}"),), legend_title="bin (by its rollouts' accuracy)"),
       Panel("training reward", "reward (mean per trajectory)", (Series("reward/mean", "batch mean"),)),
       Panel("KL to the reference policy", "KL (k3 estimate, nats per token)", (Series("kl", "batch mean"),)),
       Panel("tau_high", "window-entropy threshold (nats)", (Series("tau_high", "tau_high"),)),
@@ -61,8 +66,9 @@ SFT_PANELS = (Panel("AdaCS SFT loss", "loss (mean NLL per assistant token, nats)
 SFT_STEP = "SFT step (one batch of examples)"
 
 
-def _level_note(config: ml_collections.ConfigDict) -> str:
-  return f"level: {difficulty_meaning(config)}"
+def _level_note(config: ml_collections.ConfigDict, columns: list[summary.Column]) -> list[str]:
+  """What a level of the table counts, when it has levels."""
+  return [f"level = {difficulty_meaning(config)}"] if summary.levels([c.record for c in columns]) else []
 
 
 def aepo_evaluations(workdir: str) -> list[dict[str, Any]]:
@@ -76,7 +82,8 @@ def aepo_table(config: ml_collections.ConfigDict, curves: str) -> str:
   """AEPO's first and last evaluation (step 0 and its last evaluated step)."""
   evals = aepo_evaluations(config.workdir)
   columns = [summary.Column(f"step {r['step']}", r) for r in evals[:1] + evals[1:][-1:]]
-  notes = [_level_note(config)] if evals else [f"(config.eval.every = {config.eval.every}: nothing evaluated)"]
+  notes = (_level_note(config, columns) if evals
+           else [f"(config.eval.every = {config.eval.every}: nothing evaluated)"])
   where = (("plots", curves), ("metrics", os.path.join(config.workdir, "metrics.jsonl")),
            ("policy", os.path.join(config.workdir, "policy")))
   return summary.result_table(f"AEPO: {HELD_OUT_TITLE}", columns, where, notes)
@@ -91,7 +98,7 @@ def adacs_columns(report: Mapping[str, Any], labels=("before SFT", "after SFT"))
 def adacs_table(config: ml_collections.ConfigDict, report: Mapping[str, Any]) -> str:
   wd = config.workdir
   columns = adacs_columns(report)
-  notes = [_level_note(config)] if columns else ["(no held-out prompts: AdaCS was not evaluated)"]
+  notes = _level_note(config, columns) if columns else ["(no held-out prompts: AdaCS was not evaluated)"]
   where = (("report", os.path.join(wd, "adacs_report.json")), ("plots", os.path.join(wd, "adacs_report.png")),
            ("", os.path.join(wd, "sft_curves.png")), ("metrics", os.path.join(wd, "metrics.jsonl")),
            ("policy", os.path.join(wd, "policy")))
@@ -108,4 +115,4 @@ def ares_table(config: ml_collections.ConfigDict, adacs_workdir: str, aepo_workd
     columns.append(summary.Column(f"after AEPO step {evals[-1]['step']}", evals[-1]))
   where = (("plots", os.path.join(adacs_workdir, "adacs_report.png")), ("", os.path.join(aepo_workdir, "curves.png")),
            ("metrics", os.path.join(aepo_workdir, "metrics.jsonl")), ("policy", os.path.join(aepo_workdir, "policy")))
-  return summary.result_table(f"ARES: {HELD_OUT_TITLE}", columns, where, [_level_note(config)] if columns else [])
+  return summary.result_table(f"ARES: {HELD_OUT_TITLE}", columns, where, _level_note(config, columns))
