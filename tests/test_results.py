@@ -29,15 +29,17 @@ def test_result_table_has_accuracy_and_tokens_per_level_spearman_and_paths():
   text = summary.result_table("T", [summary.Column("before", BEFORE), summary.Column("after", AFTER)],
                               where=(("plots", "w/a.png"), ("", "w/b.png"), ("policy", "w/policy")),
                               notes=("level: what a level counts",))
+  # 28 columns of row labels (the Spearman one's width), then per column a 9-wide accuracy and a 9-wide tokens
+  # cell, one space before each; a heading right-aligned over its two cells
   assert text.splitlines() == [
       "T",
-      "                                           before               after",
-      "                              accuracy    tokens  accuracy    tokens",
-      "level 1                         0.750      80.2     0.875      60.0",
-      "level 2                         0.500      79.0     0.500      82.5",
-      "level 3                         0.250      80.8     0.500     102.0",
-      "all levels                      0.500      80.0     0.625      81.5",
-      "Spearman(tokens, difficulty)                0.012               0.600",
+      " " * 42 + "before" + " " * 15 + "after",
+      " " * 30 + "accuracy    tokens  accuracy    tokens",
+      "level 1" + " " * 26 + "0.750      80.2     0.875      60.0",
+      "level 2" + " " * 26 + "0.500      79.0     0.500      82.5",
+      "level 3" + " " * 26 + "0.250      80.8     0.500     102.0",  # 80.75 rounds half to even
+      "all levels" + " " * 23 + "0.500      80.0     0.625      81.5",
+      "Spearman(tokens, difficulty)" + " " * 15 + "0.012" + " " * 15 + "0.600",
       "level: what a level counts",
       "plots:  w/a.png",
       "        w/b.png",
@@ -132,7 +134,7 @@ def test_curves_plot_held_out_levels_and_keep_kl_and_tau_high_off_the_reward_axi
                               "level 3": ([0, 2], [53.0, 87.0]), "all levels": ([0, 2], [52.0, 63.0])}
     for ax in (acc, tokens):
       assert ax.get_legend().get_title().get_text() == "difficulty: the operand's level (operands 1-3, 4-6, 7-9)"
-    assert set(_lines(n_he)) == {"easy", "medium", "hard"} and "training-batch" in n_he.get_title()
+    assert list(_lines(n_he)) == ["easy", "medium", "hard"] and "training-batch" in n_he.get_title()
     # reward, KL and tau_high each on an axis of its own
     assert _lines(reward) == {"batch mean": ([1, 2], [1.5, 2.5])}
     assert _lines(kl) == {"batch mean": ([1, 2], [0.25, 0.5])} and "KL" in kl.get_ylabel()

@@ -56,6 +56,7 @@ def curves_figure(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], xlabe
   import matplotlib  # matplotlib is slow to import: only where a plot is drawn
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # matplotlib is slow to import: only where a plot is drawn
+  from matplotlib.ticker import MaxNLocator  # matplotlib is slow to import: only where a plot is drawn
 
   columns = max(1, min(columns, len(panels)))
   nrows = -(-len(panels) // columns)
@@ -77,6 +78,7 @@ def curves_figure(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], xlabe
     if panel.ylim is not None:
       ax.set_ylim(*panel.ylim)
     ax.set_title(panel.title, fontsize=10)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     ax.set_xlabel(xlabel)
     ax.set_ylabel(panel.ylabel)
     ax.grid(alpha=0.3)
