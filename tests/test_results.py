@@ -138,6 +138,7 @@ def test_curves_plot_held_out_levels_and_keep_kl_and_tau_high_off_the_reward_axi
     # reward, KL and tau_high each on an axis of its own
     assert _lines(reward) == {"batch mean": ([1, 2], [1.5, 2.5])}
     assert _lines(kl) == {"batch mean": ([1, 2], [0.25, 0.5])} and "KL" in kl.get_ylabel()
+    assert acc.get_lines()[0].get_marker() == "o" and reward.get_lines()[0].get_marker() == "None"  # sparse: dots
     assert _lines(tau) == {"tau_high": ([1, 2], [2.5, 3.5])} and "nats" in tau.get_ylabel()
   finally:
     plt.close(fig)

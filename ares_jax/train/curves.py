@@ -15,7 +15,9 @@ from ares_jax.train.metrics import read_metrics
 @dataclasses.dataclass(frozen=True)
 class Series:
   """Lines of a panel: one per metric whose name matches `key` (a regular expression; with a group, what it
-  captures fills the `{}` of `label`). Metrics logged every few steps only (`eval/*`) are drawn with markers."""
+  captures fills the `{}` of `label`). A metric missing at steps between its first and last (`eval/*`, logged
+  every few steps; `kl`, absent where a step had nothing to update) is drawn with markers, as is a single
+  point, so that every value shows."""
 
   key: str
   label: str
@@ -68,11 +70,12 @@ def curves_figure(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], xlabe
     drawn = 0
     for s in panel.series:
       for label, steps, values in lines(rows, s):
-        ax.plot(steps, values, "--" if s.dashed else "-", marker="o" if s.key.startswith("eval/") else None,
-                markersize=3, label=label)
+        between = sum(steps[0] <= r["step"] <= steps[-1] for r in rows)
+        sparse = len(steps) == 1 or len(steps) < between  # gaps between its first and last step
+        ax.plot(steps, values, "--" if s.dashed else "-", marker="o" if sparse else None, markersize=3, label=label)
         drawn += 1
     if drawn:
-      ax.legend(fontsize=7, title=panel.legend_title or None, title_fontsize=7)
+      ax.legend(fontsize=7, title=panel.legend_title or None, title_fontsize=7, framealpha=0.6)
     else:
       ax.text(0.5, 0.5, "not in metrics.jsonl", ha="center", va="center", transform=ax.transAxes, color="gray")
     if panel.ylim is not None:
