@@ -66,6 +66,7 @@ def curves_figure(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], xlabe
   axes = axes.reshape(-1)
   for ax in axes[len(panels):]:
     fig.delaxes(ax)
+  steps_seen = sorted({r["step"] for r in rows})
   for ax, panel in zip(axes, panels):
     drawn = 0
     for s in panel.series:
@@ -81,6 +82,9 @@ def curves_figure(rows: Sequence[dict[str, Any]], panels: Sequence[Panel], xlabe
     if panel.ylim is not None:
       ax.set_ylim(*panel.ylim)
     ax.set_title(panel.title, fontsize=10)
+    if len(steps_seen) > 1:  # every panel over the same steps, side by side comparable
+      pad = 0.03 * (steps_seen[-1] - steps_seen[0])
+      ax.set_xlim(steps_seen[0] - pad, steps_seen[-1] + pad)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     ax.set_xlabel(xlabel)
     ax.set_ylabel(panel.ylabel)
