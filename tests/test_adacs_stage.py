@@ -139,11 +139,14 @@ def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_parts):
 
 
 @pytest.mark.slow
-def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path):
+def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path, capsys):
   c = tiny_adacs_config(str(tmp_path / "run"))
   c.data.images = True  # half the pool shows its problem as an image: the frozen tower is exercised
   report = adacs_stage.run(c)
   work = Path(c.workdir)
+  table = capsys.readouterr().out.split("AdaCS: held-out accuracy", 1)[1].splitlines()
+  assert table[1].split() == ["before", "SFT", "after", "SFT"] and table[3].startswith("level ")
+  assert table[-1] == f"policy:  {work}/policy"
   for name in ("adacs_report.json", "adacs_report.png", "sft_curves.png", "selection.jsonl", "pass_rates.jsonl",
                "policy/config.json", "policy/model.safetensors"):
     assert (work / name).exists(), name
@@ -174,7 +177,7 @@ def test_adacs_stage_end_to_end_freezes_vision_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path):
+def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path, capsys):
   c = tiny_adacs_config(str(tmp_path / "ares"))
   c = small_rl(c)
   c.stage = "ares"
@@ -184,6 +187,11 @@ def test_ares_pipeline_runs_adacs_then_aepo_from_its_policy(tmp_path):
   assert [h["step"] for h in out["aepo"]["history"]] == [1, 2]
   assert (tmp_path / "ares" / "adacs" / "adacs_report.json").exists()
   assert (tmp_path / "ares" / "aepo" / "metrics.jsonl").exists()
+  printed = capsys.readouterr().out
+  assert "AEPO: held-out" not in printed  # the pipeline's table covers AEPO: AdaCS's, then the pipeline's
+  table = printed.split("ARES: held-out accuracy", 1)[1].splitlines()
+  assert table[1].split() == ["before", "AdaCS", "after", "AdaCS"]  # small_rl evaluates nothing during AEPO
+  assert table[-1] == f"policy:  {tmp_path}/ares/aepo/policy"
 
 
 def test_ares_pipeline_hands_the_adacs_policy_to_aepo_and_skips_a_finished_adacs(tmp_path, monkeypatch):
@@ -199,8 +207,8 @@ def test_ares_pipeline_hands_the_adacs_policy_to_aepo_and_skips_a_finished_adacs
     (Path(c.workdir) / "adacs_report.json").write_text("{}")
     return {"selected": 1}
 
-  def fake_aepo(c):
-    calls.append(("aepo", c.workdir, c.warm_start.steps, c.model.hf_path, c.tokenizer.path))
+  def fake_aepo(c, print_result=True):
+    calls.append(("aepo", c.workdir, c.warm_start.steps, c.model.hf_path, c.tokenizer.path, print_result))
     return {"history": []}
 
   monkeypatch.setattr(adacs_stage, "run", fake_adacs)
@@ -210,7 +218,9 @@ def test_ares_pipeline_hands_the_adacs_policy_to_aepo_and_skips_a_finished_adacs
   c.warm_start.steps = 5
   policy = str(tmp_path / "adacs" / "policy")
   assert pipeline.run(c) == {"adacs": {"selected": 1}, "aepo": {"history": []}}
-  assert calls == [("adacs", str(tmp_path / "adacs"), 5), ("aepo", str(tmp_path / "aepo"), 0, policy, policy)]
+  # AEPO prints no table of its own: the pipeline prints one for both halves
+  assert calls == [("adacs", str(tmp_path / "adacs"), 5),
+                   ("aepo", str(tmp_path / "aepo"), 0, policy, policy, False)]
   assert c.workdir == str(tmp_path) and c.warm_start.steps == 5 and not c.model.hf_path  # the caller's config
   calls.clear()
   assert pipeline.run(c) == {"adacs": None, "aepo": {"history": []}}

@@ -52,12 +52,12 @@ STEP_METRICS = ("loss", "reward/mean", "accuracy/mean", "tau_high", "kl", "clip_
                                      for b in ("easy", "medium", "hard")))
 
 
-def test_one_short_aepo_step(tmp_path, monkeypatch):
+def test_one_short_aepo_step(tmp_path, monkeypatch, capsys):
   """The quick tier's AEPO step: the stage runs one step (rollout, grading, statistics, update, metrics,
   checkpoint, export) on the tiny config, text only and without its warm start (compiling is most of it);
-  every step metric is written. The groups put to the grader as they ended are exactly the used slots'
-  texts and answers, and their grades are what grading every slot after decoding gives (so the overlap
-  leaves the metrics as they were)."""
+  every step metric is written, and the stage ends by printing its result table. The groups put to the grader
+  as they ended are exactly the used slots' texts and answers, and their grades are what grading every slot
+  after decoding gives (so the overlap leaves the metrics as they were)."""
   c = tiny_rl_config(str(tmp_path), 1)
   c.warm_start.steps = 0
   c.rollout.max_response_length = 16
@@ -98,6 +98,9 @@ def test_one_short_aepo_step(tmp_path, monkeypatch):
     assert key in rows[0], key
   assert np.isfinite(rows[0]["loss"]) and out["skipped_rows"] == {}
   assert (Path(c.workdir) / "policy" / "config.json").exists()
+  table = capsys.readouterr().out.split("AEPO: held-out accuracy", 1)[1].splitlines()
+  assert table[1:3] == ["  no held-out evaluation was recorded", "(config.eval.every = 0: nothing evaluated)"]
+  assert table[-1] == f"policy:  {c.workdir}/policy" and (Path(c.workdir) / "curves.png").exists()
 
 
 def assert_same_grades(a, b) -> None:

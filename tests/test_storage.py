@@ -19,6 +19,7 @@ import pytest
 from ares_jax import settings as settings_lib
 from ares_jax import models, storage
 from ares_jax.models import hf_io
+from ares_jax.train import curves as curves_lib
 from ares_jax.train import metrics as metrics_lib
 from tiny_configs import load_config
 
@@ -74,7 +75,8 @@ def test_metrics_resume_drops_a_torn_last_line_and_continues(base):
   w.close()
   assert [r["step"] for r in metrics_lib.read_metrics(base)] == [1, 2, 3, 4]
   assert metrics_lib.read_metrics(base)[-1]["loss"] == 0.25
-  assert storage.exists(metrics_lib.plot_curves(base, panels=(("loss", ("loss",)),)))
+  loss = curves_lib.Panel("loss", "loss", (curves_lib.Series("loss", "loss"),))
+  assert storage.exists(curves_lib.plot_curves(base, (loss,), "step"))
 
 
 def _records(data: bytes) -> list[bytes]:

@@ -50,6 +50,17 @@ TASKS = ("steps", "checks")
 OPERANDS_PER_LEVEL = 3  # checks task: operands 1-3, 4-6, 7-9 are difficulty levels 1, 2, 3
 
 
+def difficulty_meaning(task: str) -> str:
+  """What a difficulty level of `task` counts, for tables and plot axes."""
+  if task not in TASKS:
+    raise ValueError(f"task={task!r}: expected one of {TASKS}")
+  if task == "steps":
+    return "the number of steps k"
+  k = OPERANDS_PER_LEVEL
+  ranges = ", ".join(f"{1 + i * k}-{(i + 1) * k}" for i in range(9 // k))  # operands are 1..9
+  return f"the operand's level (operands {ranges})"
+
+
 @dataclasses.dataclass(frozen=True)
 class Slips:
   """Where the stand-in solvers (warm-start traces, AdaCS teachers) of the checks task go wrong: blind spots,

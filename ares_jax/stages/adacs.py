@@ -4,7 +4,7 @@ load_pool (teacher responses per question) -> measure_candidates (graded and mea
 policy (n samples each, resumable) -> select (per-source target lengths, water-filled pass-rate tiers) ->
 train_sft on sft_examples (assistant tokens only, vision tower frozen, checkpointed, resumable), the policy
 evaluated before and after -> the policy saved as a Hugging Face folder for AEPO -> report
-(`adacs_report.json` + `adacs_report.png`).
+(`adacs_report.json` + `adacs_report.png`) and the result table, printed (stages/results.py).
 The synthetic task supplies the pool when `config.adacs.pool_paths` is empty: each problem gets
 teacher traces of several lengths, some with a slip; its warm-started tiny policy gives the pass rates.
 """
@@ -32,12 +32,13 @@ from ares_jax.data.grading import Grader
 from ares_jax.data.prompts import PromptStream, RowSource
 from ares_jax.data.reader import Row
 from ares_jax.stages import policy as policy_lib
-from ares_jax.stages import setup
+from ares_jax.stages import results, setup
 from ares_jax.evaluation.held_out import evaluate
 from ares_jax.train import sft
 from ares_jax.train import run_control
 from ares_jax.train.checkpoint import Checkpointer, restore_template
-from ares_jax.train.metrics import MetricsWriter, plot_curves
+from ares_jax.train.curves import plot_curves
+from ares_jax.train.metrics import MetricsWriter
 from ares_jax.train.state import TrainState
 
 
@@ -130,8 +131,11 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   ckpt.close()
   # 5. The policy for AEPO, and the report.
   policy = policy_lib.export(config, mcfg, state.params, tok)  # every process gathers; process 0 writes
-  return report(config, pool, skipped, stream, cand_stats=cand_stats, scored=scored, plan=plan, before=before,
-                after=after, policy=policy)
+  out = report(config, pool, skipped, stream, cand_stats=cand_stats, scored=scored, plan=plan, before=before,
+               after=after, policy=policy)
+  if sharding.is_primary():
+    print(results.adacs_table(config, out), flush=True)
+  return out
 
 
 def held_out_stream(config: ml_collections.ConfigDict, processor) -> PromptStream | None:
@@ -216,6 +220,8 @@ def report(config: ml_collections.ConfigDict, pool, skipped, stream: PromptStrea
       "spearman_length_vs_difficulty": after.get("eval/spearman_length_vs_difficulty"),
       "spearman_length_vs_difficulty_before_sft": before.get("eval/spearman_length_vs_difficulty"),
       "policy_length_by_difficulty": {"before SFT": by_d(before), "after SFT": by_d(after)},
+      "difficulty": results.difficulty_axis(config),
+      "source_titles": results.source_titles(config, sorted({q["source"] for q in scored})),
       "policy": policy,
   }
   paths = write_report(config.workdir, out) if sharding.is_primary() else ("", "")
@@ -264,5 +270,5 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
   stop.close()
   writer.close()
   if total:
-    plot_curves(config.workdir, panels=(("SFT loss", ("sft/loss",)),), filename="sft_curves.png")
+    plot_curves(config.workdir, results.SFT_PANELS, results.SFT_STEP, filename="sft_curves.png")
   return state

@@ -12,7 +12,8 @@ A step reads through these files, in this order, each once:
                                            weights) -> UpdateRows -> ppo_update, on aepo/'s pure math
   5. update    ares_jax/train/update.py    Updater.update: accumulated micro-batch gradients, one AdamW step
 
-then metrics (train/metrics.py) and a checkpoint (train/checkpoint.py). The tiny config first runs a short
+then metrics (train/metrics.py) and a checkpoint (train/checkpoint.py); at the end `curves.png` (train/curves.py)
+and the result table, printed (stages/results.py). The tiny config first runs a short
 supervised warm start on programmatic traces so that pass rates span easy, medium and hard; its result is
 also the reference policy (kept in `aepo.ref_dtype`; a LoRA policy's reference is its base with the
 adapters off, so nothing is kept).
@@ -41,16 +42,19 @@ from ares_jax.evaluation.held_out import evaluate
 from ares_jax.models import lora
 from ares_jax.stages import evaluate as eval_stage
 from ares_jax.stages import policy as policy_lib
-from ares_jax.stages import setup
+from ares_jax.stages import results, setup
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import run_control
 from ares_jax.train.checkpoint import Checkpointer, restore_template
-from ares_jax.train.metrics import MetricsWriter, plot_curves
+from ares_jax.train.curves import plot_curves
+from ares_jax.train.metrics import MetricsWriter
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import Updater
 
 
-def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, print_result: bool = True) -> dict[str, Any]:
+  """The AEPO loop; ends by printing its held-out result table (stages/results.py) unless `print_result` is
+  False (the `ares` stage prints one table for both halves)."""
   b = setup.build(config)
   mesh, mcfg, tok, pad_id = b.mesh, b.mcfg, b.tokenizer, b.pad_id
   train_stream = setup.prompt_stream(config, b.processor, 0)
@@ -139,7 +143,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
       policy_lib.export(config, mcfg, state.params, tok)
   policy_lib.export(config, mcfg, state.params, tok)
   close()
-  logging.info("curves: %s", plot_curves(config.workdir))
+  curves = plot_curves(config.workdir, results.aepo_panels(config), results.AEPO_STEP)
+  if print_result and sharding.is_primary():
+    print(results.aepo_table(config, curves), flush=True)
   return {"history": history, "skipped_rows": dict(train_stream.skipped)}
 
 

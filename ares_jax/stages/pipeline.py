@@ -2,7 +2,8 @@
 
 Each half runs in its own sub-workdir ({workdir}/adacs, {workdir}/aepo) with its own checkpoints, so
 a killed pipeline resumes inside whichever half it was in; a finished AdaCS (its report written) is
-not run again.
+not run again. AdaCS prints its result table when it ends; at the end one table compares the held-out
+evaluations before AdaCS, after AdaCS and after AEPO (stages/results.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from ares_jax import storage
-from ares_jax.stages import adacs, aepo
+from ares_jax import sharding, storage
+from ares_jax.stages import adacs, aepo, results
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -35,5 +36,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     second.model.hf_path = policy  # AdaCS's policy; also AEPO's reference policy
     second.tokenizer.path = policy  # saved beside the weights (tiny runs build theirs in code)
     second.warm_start.steps = 0
-  out = aepo.run(second)
+  out = aepo.run(second, print_result=False)
+  if sharding.is_primary():
+    print(results.ares_table(config, first.workdir, second.workdir), flush=True)
   return {"adacs": report, "aepo": out}

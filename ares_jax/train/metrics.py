@@ -114,34 +114,3 @@ def _register_remote_event_files() -> None:
   from tensorboardX import record_writer
   record_writer.register_writer_factory("gs", _EventObjectFactory())
 
-
-CURVES = (("accuracy", ("accuracy/easy", "accuracy/medium", "accuracy/hard", "accuracy/mean", "eval/accuracy")),
-          ("response length", ("length/easy", "length/medium", "length/hard")),
-          ("N_HE", ("n_he/easy", "n_he/medium", "n_he/hard")),
-          ("reward / KL", ("reward/mean", "kl", "tau_high")))
-
-
-def plot_curves(workdir: str, panels=CURVES, filename: str = "curves.png") -> str:
-  """Draws the metrics of `metrics.jsonl` against the step, one panel per group; returns the PNG path
-  (drawn by process 0 only)."""
-  path = os.path.join(workdir, filename)
-  if not sharding.is_primary():
-    return path
-  import matplotlib  # matplotlib is slow to import: only where a plot is drawn
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # matplotlib is slow to import: only where a plot is drawn
-
-  rows = read_metrics(workdir)
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
-  for ax, (title, keys) in zip(np.atleast_1d(axes), panels):
-    for key in keys:
-      pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-      if pts:
-        ax.plot(*zip(*pts), marker="o" if key.startswith("eval/") else None, markersize=3, label=key)
-    ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  storage.save_figure(fig, path, dpi=100)
-  plt.close(fig)
-  return path
