@@ -14,22 +14,52 @@
 # with the same WORKDIR resumes from the newest checkpoint; a preempted spot slice checkpoints on SIGTERM
 # and exits 0, so relaunching after preemption continues where it stopped.
 #
-# Environment: TPU_NAME, ZONE (required); ACCELERATOR (default v5p-8), RUNTIME_VERSION (default
-# v2-alpha-tpuv5), PROJECT (default: gcloud's), WORKDIR (see above), SPOT=1 for spot capacity,
-# QUEUED=1 to request the slice as a queued resource and wait until it is ACTIVE (what spot and large
-# slices usually need), SKIP_INSTALL=1 to reuse an installed VM, DELETE_AFTER=1 to delete the slice when
-# done, DRY_RUN=1 to print the gcloud commands instead of running them (nothing is created or copied).
+# Environment: TPU_NAME, ZONE (required); ACCELERATOR (default v5p-8), RUNTIME_VERSION (default: the TPU
+# software version of ACCELERATOR's family, below), PROJECT (default: gcloud's), WORKDIR (see above), SPOT=1
+# for spot capacity, QUEUED=1 to request the slice as a queued resource and wait until it is ACTIVE (what spot
+# and large slices usually need), SKIP_INSTALL=1 to reuse an installed VM, DELETE_AFTER=1 to delete the slice
+# when done, DRY_RUN=1 to print the gcloud commands instead of running them (nothing is created or copied).
+#
+#   ACCELERATOR=v6e-8 launch/gcloud_tpu.sh --print-runtime   # the TPU software version it would create with
+#
+# Each worker installs jax[tpu] at the version in launch/jax_version.txt, the one the tests run with
+# (tests/test_launch.py checks it against the installed jax), so the slice runs what was tested.
 set -euo pipefail
+
+cd "$(dirname "$0")/.."
+JAX_VERSION="$(cat launch/jax_version.txt)"
+
+# The TPU VM software version for JAX of each accelerator family, from Cloud TPU's "TPU software versions"
+# page (https://cloud.google.com/tpu/docs/runtimes, "PyTorch and JAX"): Trillium (v6e) v2-alpha-tpuv6e,
+# v5p v2-alpha-tpuv5, v5e (accelerator type v5litepod-N) v2-alpha-tpuv5-lite, v4 and older
+# tpu-ubuntu2204-base. A family missing here is an error rather than a guess: an image of another
+# generation creates a slice whose TPU runtime does not match its chips.
+runtime_for() {
+  case "$1" in
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v5litepod-*) echo v2-alpha-tpuv5-lite ;;
+    v2-* | v3-* | v4-*) echo tpu-ubuntu2204-base ;;
+    *) return 1 ;;
+  esac
+}
+
+ACCELERATOR="${ACCELERATOR:-v5p-8}"
+if [ -z "${RUNTIME_VERSION:-}" ] && ! RUNTIME_VERSION="$(runtime_for "$ACCELERATOR")"; then
+  echo "ACCELERATOR=$ACCELERATOR: no TPU software version known for this accelerator family (known: v2-N to v4-N," \
+    "v5litepod-N (v5e), v5p-N, v6e-N; see https://cloud.google.com/tpu/docs/runtimes); set RUNTIME_VERSION" >&2
+  exit 2
+fi
+if [ "${1:-}" = "--print-runtime" ]; then
+  echo "$RUNTIME_VERSION"
+  exit 0
+fi
 
 : "${TPU_NAME:?set TPU_NAME}"
 : "${ZONE:?set ZONE}"
-ACCELERATOR="${ACCELERATOR:-v5p-8}"
-RUNTIME_VERSION="${RUNTIME_VERSION:-v2-alpha-tpuv5}"
 if [ "$#" -eq 0 ]; then
   set -- --config=configs/tiny.py
 fi
-
-cd "$(dirname "$0")/.."
 
 run() {  # a gcloud command, or with DRY_RUN=1 its printed form
   if [ "${DRY_RUN:-0}" = "1" ]; then
@@ -79,7 +109,8 @@ run "${gc[@]}" scp "$tarball" "$TPU_NAME":/tmp/ares_jax.tar.gz --worker=all "${w
 
 setup="mkdir -p ~/$code_dir && tar -xzf /tmp/ares_jax.tar.gz -C ~/$code_dir"
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-  setup="$setup && cd ~/$code_dir && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e '.[gcs]'"
+  setup="$setup && cd ~/$code_dir && python3 -m pip install -q 'jax[tpu]==$JAX_VERSION'"
+  setup="$setup && python3 -m pip install -q -e '.[gcs]'"
 fi
 run "${gc[@]}" ssh "$TPU_NAME" --worker=all "${where[@]}" --command="$setup"
 
