@@ -127,8 +127,8 @@ def test_summary_line_is_the_first_sentence_of_the_docstring(tmp_path):
   from ares_jax import main
 
   f = tmp_path / "c.py"
-  f.write_text('"""Stage `x`: does one thing (design.md 5), for\nsmall slices. More text.\n  python -m it\n"""\n')
-  assert main.summary_line(f) == "does one thing (design.md 5), for small slices."
+  f.write_text('"""Stage `x`: does one thing (docs/design.md §5), for\nsmall slices. More text.\n  python -m it\n"""\n')
+  assert main.summary_line(f) == "does one thing (docs/design.md §5), for small slices."
 
 
 # --- the checks themselves (in-process) ------------------------------------------------------------
