@@ -360,7 +360,7 @@ def test_updates_skipped_max_skipped_updates_times_in_a_row_stop_the_run(tmp_pat
   # One line (no traceback): the updates skipped in a row are counted at the end of a step, so 3 or more.
   assert re.search(r"\nFATAL: step \d+: the last [3-9] optimizer updates were all skipped because the loss or "
                    r"gradient norm was not finite .* config\.aepo\.max_skipped_updates \(0 = never stop\)\. Last "
-                   r"checkpoint: step 0\n", log), log[-3000:]
+                   r"checkpoint: step 0 \(--verbose shows the traceback\)\n", log), log[-3000:]
   assert "Traceback" not in log
   rows = _rows(tmp_path / "run")
   assert 1 <= len(rows) < 20 and all(r["update_skipped"] == 1.0 for r in rows)
