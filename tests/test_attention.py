@@ -33,13 +33,22 @@ def _inputs(dtype=jnp.float32, t=T, seed=0):
   return q, k, v, jnp.asarray(seg)
 
 
-def _numpy_reference(q, k, v, seg, causal):
-  q, k, v, seg = (np.asarray(a, np.float64) for a in (q, k, v, seg))
+def _numpy_mask(seg, causal, prefix=None):
+  """[B, T, S]: equal segments, or the query's prefix segment; s <= t when causal."""
+  seg = np.asarray(seg)
+  mask = seg[:, :, None] == seg[:, None, :]
+  if prefix is not None:
+    mask |= np.asarray(prefix)[:, :, None] == seg[:, None, :]
+  if causal:
+    mask &= np.tril(np.ones((seg.shape[1],) * 2, bool))
+  return mask
+
+
+def _numpy_reference(q, k, v, seg, causal, prefix=None):
+  mask = _numpy_mask(seg, causal, prefix)
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)  # transformers' repeat_kv
   s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D)
-  mask = seg[:, :, None] == seg[:, None, :]
-  if causal:
-    mask &= np.tril(np.ones((q.shape[1],) * 2, bool))
   s = np.where(mask[:, None], s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
   return np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
@@ -68,6 +77,72 @@ def test_blockwise_matches_xla_values_and_gradients(causal, blocks):
   np.testing.assert_allclose(jax.jit(got)(q, k, v), ref(q, k, v), atol=1e-5)
   for g_got, g_ref in zip(_grads(got, q, k, v), _grads(ref, q, k, v)):
     np.testing.assert_allclose(g_got, g_ref, atol=1e-5)
+
+
+def _shared_prefix_rows(t=T):
+  """Three rows of [prompt A (1) | response (2) | response (3) | prompt B (4) | response (5) | padding];
+  responses 2, 3 have prefix 1 and 5 has prefix 4, others -2 (none). Row 1 also has left padding, row 2
+  no right padding. Returns (segments, prefixes) [3, t] int32."""
+  layouts = [[(1, 8), (2, 6), (3, 7), (4, 9), (5, 8), (-1, 7)],
+             [(0, 4), (1, 10), (2, 5), (3, 9), (4, 6), (5, 8), (-1, 3)],
+             [(1, 3), (2, 12), (3, 2), (4, 5), (5, 23)]]
+  prefix_of = {2: 1, 3: 1, 5: 4}
+  seg = np.array([np.repeat(*zip(*rows)) for rows in layouts], np.int32)
+  assert seg.shape == (3, t)
+  pre = np.vectorize(lambda s: prefix_of.get(s, -2))(seg).astype(np.int32)
+  return jnp.asarray(seg), jnp.asarray(pre)
+
+
+def test_prefix_mask_matches_numpy_and_reads_the_prompt_only():
+  seg, pre = _shared_prefix_rows()
+  mask = np.asarray(A.segment_mask(seg, seg, True, pre))
+  np.testing.assert_array_equal(mask, _numpy_mask(seg, True, pre))
+  np.testing.assert_array_equal(np.asarray(A.segment_mask(seg, seg, True)), _numpy_mask(seg, True))
+  row = mask[0]  # row 0: prompt A 0..7, responses 8..13 and 14..20, prompt B 21..29, response 30..37
+  assert row[15, :8].all() and not row[15, 8:14].any() and row[15, 14:16].all() and not row[15, 16:].any()
+  assert row[30, 21:31].all() and not row[30, :21].any()
+  assert not row[5, 6:].any() and row[5, :6].all()  # prompts stay causal and alone
+
+
+def _dense_reference(seg, pre, causal=True):
+  """A plain jnp masked softmax under the numpy mask (independent of segment_mask), for gradients."""
+  mask = jnp.asarray(_numpy_mask(seg, causal, pre))
+  return lambda q, k, v: A.masked_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("impl,blocks", [("xla", None), ("blockwise", (8, 8)), ("blockwise", (16, 8)),
+                                         ("blockwise", (8, 16)), ("blockwise", (64, 64))])
+def test_shared_prefix_values_and_gradients(impl, blocks):
+  """Blocks of 8 leave tiles that no query sees (skipped), fully and partly masked ones."""
+  q, k, v, _ = _inputs()
+  seg, pre = _shared_prefix_rows()
+  if impl == "xla":
+    got = lambda q, k, v: A.dot_product_attention(q, k, v, q_segment=seg, kv_segment=seg, causal=True,
+                                                  implementation="xla", q_prefix=pre)
+  else:
+    got = lambda q, k, v: BW.blockwise_attention(q, k, v, seg, seg, causal=True, block_q=blocks[0],
+                                                 block_k=blocks[1], q_prefix=pre)
+  np.testing.assert_allclose(jax.jit(got)(q, k, v), _numpy_reference(q, k, v, seg, True, pre), atol=1e-5)
+  ref = _dense_reference(seg, pre)
+  for g_got, g_ref in zip(_grads(got, q, k, v), _grads(ref, q, k, v)):
+    np.testing.assert_allclose(g_got, g_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["splash", "cudnn"])
+def test_shared_prefix_falls_back_to_blockwise(impl, monkeypatch, caplog):
+  """splash and cudnn have no prefix support (attention.py's docstring): past SHORT_KV they run blockwise,
+  logged once; below it xla, which has it. The platform is faked so that splash passes its TPU check."""
+  monkeypatch.setattr(A, "current_platform", lambda: "tpu" if impl == "splash" else "gpu")
+  monkeypatch.setattr(A, "_logged", set())
+  q, k, v, _ = _inputs(t=3 * T)
+  seg, pre = _shared_prefix_rows()
+  shift = lambda a, j: jnp.where(a > 0, a + 10 * j, a)  # three packs of prompts and responses per row
+  seg, pre = (jnp.concatenate([shift(a, j) for j in range(3)], axis=1) for a in (seg, pre))
+  fn = lambda q, k, v: A.dot_product_attention(q, k, v, q_segment=seg, kv_segment=seg, causal=True,
+                                               implementation=impl, q_prefix=pre)
+  with caplog.at_level("WARNING", logger=A.__name__):
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v), _numpy_reference(q, k, v, seg, True, pre), atol=1e-5)
+  assert f"attention={impl}: shared prefixes" in caplog.text
 
 
 def test_blockwise_bfloat16_stays_close():

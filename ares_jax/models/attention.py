@@ -1,7 +1,10 @@
 """Self-attention over segment ids: one entry point, several implementations.
 
-`dot_product_attention(q, k, v, q_segment=, kv_segment=, causal=, implementation=)`: query t sees key s
-iff `q_segment[t] == kv_segment[s]` (and `s <= t` when causal). Segment ids replace dense [T, S] masks
+`dot_product_attention(q, k, v, q_segment=, kv_segment=, causal=, implementation=, q_prefix=)`: query t
+sees key s iff `q_segment[t] == kv_segment[s]`, or `q_prefix[t] == kv_segment[s]` when `q_prefix` is
+given (and `s <= t` when causal). The prefix is a shared prompt: one packed row holds a prompt once and
+then several responses, each in its own segment with the prompt's segment as its prefix, so each reads
+the whole prompt and causally itself only. Segment ids replace dense [T, S] masks
 so that no implementation but `xla` ever holds a [T, S] array: at one max_pixels image the vision
 tower's full attention spans ~24k slots, and its fp32 scores over 16 heads alone are 37 GiB (four
 images in one sequence: 587 GiB; measured for TPU v5p, docs/design.md §10.2).
@@ -13,6 +16,13 @@ Implementations (`ModelConfig.attention`):
   splash     the Pallas TPU kernel (`splash_attention.py`), run per device under `shard_map`.
   cudnn      cuDNN flash attention (GPU) where segments are contiguous runs, else blockwise.
   auto       splash on TPU, cudnn on GPU, blockwise on CPU; `xla` whenever the keys are short.
+
+Shared prefixes (`q_prefix`): xla and blockwise build the extended mask exactly (blockwise skips tiles by
+it). splash and cudnn fall back to blockwise, logged once: splash could run twice (own segment, then
+q_segment := q_prefix) and merge the two by log-sum-exp, but the kernel's log-sum-exp output
+(`save_residuals=True`) has no backward in jax 0.10 ("Higher-order AD not supported"), so the merge
+would not be differentiable; cudnn knows only per-row lengths, and a response's keys (prompt, then itself
+after other responses) are not one contiguous run.
 
 Padding belongs in its own segment (text: 0 / -1, vision: -1), so that no query row is ever fully
 masked (a fully masked row has an undefined softmax; kernels turn it into NaN).
@@ -80,12 +90,15 @@ def current_platform() -> str:
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment: jax.Array,
-                          kv_segment: jax.Array, causal: bool, implementation: str = "auto") -> jax.Array:
+                          kv_segment: jax.Array, causal: bool, implementation: str = "auto",
+                          q_prefix: jax.Array | None = None) -> jax.Array:
   """Grouped-query softmax attention restricted to equal segment ids (and to s <= t when causal).
 
   q [B, T, H, D]; k, v [B, S, K, D], H a multiple of K (query head h reads kv head h // (H/K), the
   layout of transformers' repeat_kv); q_segment [B, T], kv_segment [B, S] integer ids. Causality
-  compares absolute indices (self-attention, T == S). Returns [B, T, H, D] in q's dtype.
+  compares absolute indices (self-attention, T == S). q_prefix [B, T] (optional): query t also sees
+  the keys whose segment is q_prefix[t] (a shared prompt); a value no key has (callers: -2) for none.
+  None compiles to the plain segment program. Returns [B, T, H, D] in q's dtype.
   """
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3] \
       or q.shape[2] % k.shape[2]:
@@ -94,6 +107,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment
   if q_segment.shape != q.shape[:2] or kv_segment.shape != k.shape[:2]:
     raise ValueError(f"attention: segments {q_segment.shape}, {kv_segment.shape} must be {q.shape[:2]}, "
                      f"{k.shape[:2]}")
+  if q_prefix is not None and q_prefix.shape != q_segment.shape:
+    raise ValueError(f"attention: q_prefix {q_prefix.shape} must be {q_segment.shape}")
   kv_len = k.shape[1]
   platform = current_platform()
   impl = resolve_attention(implementation, platform, kv_len)
@@ -101,18 +116,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, q_segment
     raise ValueError(f"attention=splash is a TPU (Mosaic) kernel; the devices here are {platform!r}: set "
                      "config.model.attention to auto, blockwise or xla")
   args = (q, k, v, q_segment.astype(jnp.int32), kv_segment.astype(jnp.int32))
+  kw = {} if q_prefix is None else {"q_prefix": q_prefix.astype(jnp.int32)}
   if impl == "xla" or (impl in ("splash", "cudnn") and kv_len <= SHORT_KV):
-    return xla_attention(*args, causal=causal)
+    return xla_attention(*args, causal=causal, **kw)
+  if impl in ("splash", "cudnn") and q_prefix is not None:
+    log_once(f"attention={impl}: shared prefixes (q_prefix) are not supported; using blockwise attention "
+             "(attention.py's docstring says why)")
+    impl = "blockwise"
   if impl == "blockwise":
-    return blockwise_attention.blockwise_attention(*args, causal=causal)
+    return blockwise_attention.blockwise_attention(*args, causal=causal, **kw)
   if impl == "splash":
     return splash_attention.splash_attention(*args, causal=causal)
   return cudnn_attention(*args, causal=causal)
 
 
-def segment_mask(q_segment: jax.Array, kv_segment: jax.Array, causal: bool) -> jax.Array:
-  """[B, T, S] bool: equal segments (and s <= t when causal). Only the xla path builds it."""
+def segment_mask(q_segment: jax.Array, kv_segment: jax.Array, causal: bool,
+                 q_prefix: jax.Array | None = None) -> jax.Array:
+  """[B, T, S] bool: equal segments or the query's prefix segment (and s <= t when causal). Only the
+  xla path builds it."""
   mask = q_segment[:, :, None] == kv_segment[:, None, :]
+  if q_prefix is not None:
+    mask |= q_prefix[:, :, None] == kv_segment[:, None, :]
   if causal:
     t, s = q_segment.shape[1], kv_segment.shape[1]
     mask &= jax.lax.broadcasted_iota(jnp.int32, (t, s), 0) >= jax.lax.broadcasted_iota(jnp.int32, (t, s), 1)
@@ -135,8 +159,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
   return out.reshape(b, t, h, d)
 
 
-def xla_attention(q, k, v, q_segment, kv_segment, *, causal: bool) -> jax.Array:
-  return masked_attention(q, k, v, segment_mask(q_segment, kv_segment, causal))
+def xla_attention(q, k, v, q_segment, kv_segment, *, causal: bool, q_prefix: jax.Array | None = None) -> jax.Array:
+  return masked_attention(q, k, v, segment_mask(q_segment, kv_segment, causal, q_prefix))
 
 
 # ----------------------------------------------------------------------------------------------- cuDNN

@@ -9,7 +9,8 @@ row log-sum-exp and recomputes the tiles, as FlashAttention-2 does.
 
 Tiles where no query sees any key (causal upper triangle, different images of the vision tower)
 are skipped with `lax.cond`, so block-diagonal segments cost compute linear in the number of
-segments, not quadratic in the sequence.
+segments, not quadratic in the sequence. With `q_prefix` (shared prompts) the skip test reads the
+extended mask, so a response's tiles over its own prompt are computed and those over other rows' are not.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 DEFAULT_BLOCK = 512
 _MASKED = -0.7 * float(np.finfo(np.float32).max)  # finite, so exp(masked - max) never sees inf - inf
 _PAD_SEGMENT = np.iinfo(np.int32).min  # internal padding: a segment no caller uses
+_PAD_PREFIX = _PAD_SEGMENT + 1  # padded queries' prefix: matches no key, padded ones included
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -31,8 +33,9 @@ def _round_up(n: int, m: int) -> int:
 
 
 def blockwise_attention(q, k, v, q_segment, kv_segment, *, causal: bool, block_q: int | None = None,
-                        block_k: int | None = None) -> jax.Array:
-  """Same contract as `attention.dot_product_attention`; T and S are padded to block multiples.
+                        block_k: int | None = None, q_prefix: jax.Array | None = None) -> jax.Array:
+  """Same contract as `attention.dot_product_attention` (`q_prefix` included); T and S are padded to
+  block multiples. Without `q_prefix` the program is the plain segment one (no prefix compares).
 
   Blocks default to DEFAULT_BLOCK, read at trace time (tests lower it to run many tiles).
 
@@ -45,14 +48,17 @@ def blockwise_attention(q, k, v, q_segment, kv_segment, *, causal: bool, block_q
   tp, sp = _round_up(t, bq), _round_up(s, bk)
   pad = lambda a, n, value=0: jnp.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2),
                                       constant_values=value)
+  q_pre = None if q_prefix is None else pad(q_prefix, tp, _PAD_PREFIX)
   out = _flash(pad(q, tp), pad(k, sp), pad(v, sp), pad(q_segment, tp, _PAD_SEGMENT),
-               pad(kv_segment, sp, _PAD_SEGMENT), causal, bq, bk)
+               pad(kv_segment, sp, _PAD_SEGMENT), q_pre, causal, bq, bk)
   return out[:, :t]
 
 
-def _tile_mask(q_seg, kv_seg, qi, ki, bq, bk, causal):
-  """[B, bq, bk] bool for query block qi and key block ki."""
+def _tile_mask(q_seg, kv_seg, q_pre, qi, ki, bq, bk, causal):
+  """[B, bq, bk] bool for query block qi and key block ki; q_pre [B, bq] or None (no prefixes)."""
   mask = q_seg[:, :, None] == kv_seg[:, None, :]
+  if q_pre is not None:
+    mask |= q_pre[:, :, None] == kv_seg[:, None, :]
   if causal:
     rows = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     cols = ki * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -60,15 +66,15 @@ def _tile_mask(q_seg, kv_seg, qi, ki, bq, bk, causal):
   return mask
 
 
-def _blocks(q, k, v, q_seg, kv_seg, bq, bk):
-  """Block-major views: q [nq, B, bq, K, G, D]; k, v [nk, B, bk, K, D]; segments [n, B, blk]."""
+def _blocks(q, k, v, q_seg, kv_seg, q_pre, bq, bk):
+  """Block-major views: q [nq, B, bq, K, G, D]; k, v [nk, B, bk, K, D]; segments, prefixes [n, B, blk]."""
   b, t, h, d = q.shape
   s, kh = k.shape[1], k.shape[2]
   qb = _query_blocks(q, bq, kh)
   kb = k.reshape(b, s // bk, bk, kh, d).transpose(1, 0, 2, 3, 4)
   vb = v.reshape(b, s // bk, bk, kh, d).transpose(1, 0, 2, 3, 4)
-  return (qb, kb, vb, q_seg.reshape(b, t // bq, bq).transpose(1, 0, 2),
-          kv_seg.reshape(b, s // bk, bk).transpose(1, 0, 2))
+  q_rows = lambda a: None if a is None else a.reshape(b, t // bq, bq).transpose(1, 0, 2)
+  return qb, kb, vb, q_rows(q_seg), kv_seg.reshape(b, s // bk, bk).transpose(1, 0, 2), q_rows(q_pre)
 
 
 def _query_blocks(x, bq, kh):
@@ -82,20 +88,20 @@ def _scores(q_blk, k_blk, scale):
   return jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32, precision=_HI) * scale
 
 
-def _forward(q, k, v, q_seg, kv_seg, causal, bq, bk):
+def _forward(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk):
   """Returns (out [B, T, H, D], lse [nq, B, K, G, bq] float32 row log-sum-exp)."""
   b, t, h, d = q.shape
   kh = k.shape[2]
   g, scale = h // kh, d**-0.5
-  qb, kb, vb, qsb, ksb = _blocks(q, k, v, q_seg, kv_seg, bq, bk)
+  qb, kb, vb, qsb, ksb, qpb = _blocks(q, k, v, q_seg, kv_seg, q_pre, bq, bk)
   nq, nk = qb.shape[0], kb.shape[0]
 
   def q_step(_, xs):
-    qi, q_blk, qs = xs
+    qi, q_blk, qs, qp = xs
 
     def kv_step(carry, ys):
       ki, k_blk, v_blk, ks = ys
-      mask = _tile_mask(qs, ks, qi, ki, bq, bk, causal)[:, None, None]  # [B, 1, 1, bq, bk]
+      mask = _tile_mask(qs, ks, qp, qi, ki, bq, bk, causal)[:, None, None]  # [B, 1, 1, bq, bk]
 
       def tile(carry):
         m, l, acc = carry  # m, l [B, K, G, bq]; acc [B, K, G, bq, D] float32
@@ -117,39 +123,39 @@ def _forward(q, k, v, q_seg, kv_seg, causal, bq, bk):
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
     return None, (out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse)  # [B, bq, K, G, D]
 
-  _, (out, lse) = jax.lax.scan(q_step, None, (jnp.arange(nq), qb, qsb))
+  _, (out, lse) = jax.lax.scan(q_step, None, (jnp.arange(nq), qb, qsb, qpb))
   return out.transpose(1, 0, 2, 3, 4, 5).reshape(b, t, h, d), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, q_seg, kv_seg, causal, bq, bk):
-  return _forward(q, k, v, q_seg, kv_seg, causal, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk):
+  return _forward(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, causal, bq, bk):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, causal, bq, bk)
-  return out, (q, k, v, q_seg, kv_seg, out, lse)
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk)
+  return out, (q, k, v, q_seg, kv_seg, q_pre, out, lse)
 
 
 def _flash_bwd(causal, bq, bk, residuals, d_out):
   """FlashAttention-2 backward: dS = P * (dP - rowsum(dO * O)); one pass over query blocks, each
   scanning the key blocks, with dK, dV accumulated in float32 across the outer loop."""
-  q, k, v, q_seg, kv_seg, out, lse = residuals
+  q, k, v, q_seg, kv_seg, q_pre, out, lse = residuals
   b, t, h, d = q.shape
   kh = k.shape[2]
   g, scale = h // kh, d**-0.5
-  qb, kb, vb, qsb, ksb = _blocks(q, k, v, q_seg, kv_seg, bq, bk)
+  qb, kb, vb, qsb, ksb, qpb = _blocks(q, k, v, q_seg, kv_seg, q_pre, bq, bk)
   dob = _query_blocks(d_out, bq, kh)
   delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1)  # [B, T, H]
   delta = delta.reshape(b, t // bq, bq, kh, g).transpose(1, 0, 3, 4, 2)  # [nq, B, K, G, bq]
   nq, nk = qb.shape[0], kb.shape[0]
 
   def q_step(dkv, xs):
-    qi, q_blk, do_blk, lse_blk, delta_blk, qs = xs
+    qi, q_blk, do_blk, lse_blk, delta_blk, qs, qp = xs
 
     def kv_step(dq, ys):
       ki, k_blk, v_blk, ks = ys
-      mask = _tile_mask(qs, ks, qi, ki, bq, bk, causal)[:, None, None]
+      mask = _tile_mask(qs, ks, qp, qi, ki, bq, bk, causal)[:, None, None]
 
       def tile(dq):
         p = jnp.where(mask, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk[..., None]), 0.0)
@@ -173,10 +179,10 @@ def _flash_bwd(causal, bq, bk, residuals, d_out):
     return (dkv[0] + dk, dkv[1] + dv), dq.astype(q.dtype)
 
   zeros = jnp.zeros(kb.shape, jnp.float32)
-  (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), (jnp.arange(nq), qb, dob, lse, delta, qsb))
+  (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), (jnp.arange(nq), qb, dob, lse, delta, qsb, qpb))
   dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(q.shape)
   unblock = lambda a, like: a.transpose(1, 0, 2, 3, 4).reshape(like.shape).astype(like.dtype)
-  return dq, unblock(dk, k), unblock(dv, v), None, None
+  return dq, unblock(dk, k), unblock(dv, v), None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
