@@ -30,13 +30,18 @@ Params = Any
 class ModelInputs:
   """What one forward reads, in this order everywhere: token ids [B, T] int32, M-RoPE positions
   [3, B, T] int32 (`positions.mrope_positions`), the attention mask [B, T] (1 = token, 0 = padding) and
-  the prepared vision inputs (`prepare_vision`; None: text only). A pytree: it crosses `jit` as one
-  argument, and memory plans turn it into abstract arrays as a whole."""
+  the prepared vision inputs (`prepare_vision`; None: text only), and optionally shared prompts: `prefix`
+  [B, T] int32 holds, for each token, the `mask` value (segment) of a prompt earlier in its row that it
+  also attends to, besides its own segment, causally in both (-2, or any value <= 0: none). One row can thus hold a prompt once followed by
+  several responses, each with its own packing id and the prompt's as prefix, positions continuing from
+  the prompt's end in each. A pytree: it crosses `jit` as one argument, and memory plans turn it into
+  abstract arrays as a whole."""
 
   ids: jax.Array
   positions: jax.Array
   mask: jax.Array
   vision: VisionInputs | None = None
+  prefix: jax.Array | None = None
 
 
 class Qwen25VL(nn.Module):
@@ -81,15 +86,24 @@ class Qwen25VL(nn.Module):
     x = self.embed(inputs.ids, inputs.vision)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = mrope_cos_sin(self.config.text, inputs.positions)
-    x, _ = self.decoder(x, cos, sin, segment_ids(inputs.mask))
+    x, _ = self.decoder(x, cos, sin, segment_ids(inputs.mask), _prefix(inputs))
     return self.logits(x)
 
   def prefill(self, inputs: ModelInputs):
     """Runs the prompt and returns its KV cache entries (k, v) [L, B, T, K, D]; no LM head."""
     x = self.embed(inputs.ids, inputs.vision)
     cos, sin = mrope_cos_sin(self.config.text, inputs.positions)
-    _, kv = self.decoder(x, cos, sin, segment_ids(inputs.mask))
+    _, kv = self.decoder(x, cos, sin, segment_ids(inputs.mask), _prefix(inputs))
     return kv
+
+
+def _prefix(inputs: ModelInputs) -> jax.Array | None:
+  """The attention prefixes of `inputs.prefix`; -2 (matches no segment) for padding and values <= 0, which
+  would otherwise make a token read the padding segments 0 / -1 (`segment_ids`)."""
+  if inputs.prefix is None:
+    return None
+  prefix = inputs.prefix.astype(jnp.int32)
+  return jnp.where((inputs.mask > 0) & (prefix > 0), prefix, -2)
 
 
 @jax.jit

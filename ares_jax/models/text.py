@@ -32,7 +32,8 @@ class Attention(nn.Module):
   """GQA self-attention.
 
   Without a cache (training, prefill) `mask` holds segment ids [B, T] (`segment_ids`): causal
-  attention within equal ids, through `attention.dot_product_attention` (`config.attention`), and the
+  attention within equal ids, through `attention.dot_product_attention` (`config.attention`); `prefix`
+  [B, T] (optional) is each token's shared prompt segment, which it also attends to (-2: none). The
   second output is (k, v) [B, T, K, D] of this call's tokens (a prefill's cache entries). One decode step
   (T = 1) passes `attend(q, k, v) -> (out, update)` instead, which reads the cache it is bound to (a
   dense one, `layers.cache_reader`, or the sampler's pages) beside the token's own key; its `update`
@@ -43,7 +44,7 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, attend=None):
+  def __call__(self, x, cos, sin, mask, attend=None, prefix=None):
     cfg, tc = self.config, self.config.text
     kw = dict(dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype))
     proj = lambda heads, axes, t: dense((heads, tc.head_dim), ("embed", axes, "head_dim"), use_bias=True,
@@ -55,7 +56,7 @@ class Attention(nn.Module):
     k = apply_rotary(k, cos, sin)
     if attend is None:
       out = dot_product_attention(q, k, v, q_segment=mask, kv_segment=mask, causal=True,
-                                  implementation=cfg.attention)
+                                  implementation=cfg.attention, q_prefix=prefix)
       kv = (k, v)
     else:
       out, kv = attend(q, k, v)
@@ -69,14 +70,19 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, cos, sin, mask, cache_k=None, cache_v=None, attend=None):
-    """A decode step passes `attend` (see `Attention`), or a dense cache `cache_k`/`cache_v` [B, S, K, D]
+    """Without a cache `mask` is segment ids [B, T], or the pair (segment ids, prefix) of shared-prefix
+    rows (see `Attention`; a pair because nn.scan passes positional arguments only, see `Decoder`).
+    A decode step passes `attend` (see `Attention`), or a dense cache `cache_k`/`cache_v` [B, S, K, D]
     with `mask` bool [B, 1, S] (what a scan over layers can carry)."""
     cfg, tc = self.config, self.config.text
     pd = jnp.dtype(cfg.param_dtype)
     h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="input_layernorm")(x)
+    prefix = None
+    if isinstance(mask, tuple):
+      mask, prefix = mask
     if cache_k is not None:
       attend = cache_reader(cache_k, cache_v, mask)
-    a, kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, attend)
+    a, kv = Attention(cfg, name="self_attn")(h, cos, sin, mask, attend, prefix)
     x = x + a
     h = RMSNorm(tc.rms_norm_eps, "embed", pd, name="post_attention_layernorm")(x)
     x = x + GatedMLP(tc.intermediate_size, ("embed", "mlp"), False, cfg.compute_dtype, pd, cfg.lora,
@@ -88,15 +94,16 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
   """All decoder layers as one `nn.scan` (parameters stacked on a leading 'layers' axis).
 
-  `segment_ids` [B, T] (see `segment_ids`). Returns (hidden [B, T, E], (k, v) [L, B, T, K, D] of the
-  input tokens, for a KV cache).
+  `segment_ids` [B, T] (see `segment_ids`); `prefix` [B, T] (optional): the segment of each token's shared
+  prompt, which it attends to as well as to its own segment (-2: none; see `Attention`). Returns (hidden
+  [B, T, E], (k, v) [L, B, T, K, D] of the input tokens, for a KV cache).
   Cached decoding runs the layers unrolled instead (`qwen25vl.decode_step`).
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cos, sin, segment_ids):
+  def __call__(self, x, cos, sin, segment_ids, prefix=None):
     cfg = self.config
     layer = DecoderLayer
     if cfg.remat_policy != "none":
@@ -104,7 +111,8 @@ class Decoder(nn.Module):
     stack = nn.scan(layer, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.text.num_layers,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-    return stack(cfg, name="layers")(x, cos, sin, segment_ids)
+    mask = segment_ids if prefix is None else (segment_ids, prefix)  # nn.scan ignores keyword arguments
+    return stack(cfg, name="layers")(x, cos, sin, mask)
 
 
 def segment_ids(attention_mask: jax.Array) -> jax.Array:
