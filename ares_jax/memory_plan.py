@@ -26,24 +26,37 @@ from ares_jax.compiled_memory import (GIB, ProgramPlan, abstract_like, abstract_
                                       device_hbm_gib, plan_row)
 from ares_jax.models import lora
 from ares_jax.train import sequences, sft
+from ares_jax.train.packing import PackingSettings
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import update as update_lib
 from ares_jax.plan_inputs import Setting, Shapes, step_shapes, synthetic_prompts
 from ares_jax.rollout_plan import largest_rollout_chunk, rollout_programs
 
 
-def _training_rows(st: Setting, shapes: Shapes, micro_batch_size: int):
-  """`micro_batch_size` synthetic prompt + full-width response rows, as the AEPO step holds them."""
-  mb, width = micro_batch_size, shapes.response_width
-  prompts = synthetic_prompts(st.mcfg, shapes, mb)
-  responses = [np.ones((width,), np.int32)] * mb
-  mask = np.ones((mb, width), bool)
-  return aepo_step.UpdateRows(st.mcfg, prompts, responses, np.zeros((mb,), np.float32), mask,
-                              np.ones((mb, width), np.float32), mb, width, 0)
+def _training_rows(st: Setting, shapes: Shapes, packing: PackingSettings, n: int) -> aepo_step.UpdateRows:
+  """Synthetic groups of n full-width responses after a full-width prompt (with the plan's images), enough to
+  fill the first micro-batch of `packing`'s layout: the most tokens and images one micro-step holds at the
+  configured lengths."""
+  width = shapes.response_width
+  per_row = max(1, packing.row_tokens // width) if packing.packing != "none" else 1
+  count = packing.rows_per_micro_batch * per_row + n
+  groups = -(-count // n)
+  prompts = synthetic_prompts(st.mcfg, shapes, groups)
+  return aepo_step.UpdateRows(st.mcfg, prompts, np.arange(count) // n, [np.ones((width,), np.int32)] * count,
+                              np.zeros((count,), np.float32), np.ones((count, width), bool),
+                              np.ones((count, width), np.float32), packing, width, 0)
+
+
+def _rows_desc(ids: np.ndarray, scored: int, packing: PackingSettings, image_token_id: int) -> str:
+  """The micro-step's shapes: rows x tokens, the layout, the response tokens among them, the image tokens."""
+  b, t = ids.shape
+  images = int((ids == image_token_id).sum())
+  return (f"{b} x {t} tokens ({packing.packing}): {scored:,} response tokens"
+          + (f", {images:,} image tokens" if images else ""))
 
 
 def _update_plans(st: Setting, updater: update_lib.Updater, batch: Any, settings: Any, ref_bytes: int,
-                  label: str) -> tuple[list[ProgramPlan], int]:
+                  label: str, desc: str) -> tuple[list[ProgramPlan], int]:
   """The train state's creation (for its size), the gradient micro-step and the optimizer apply."""
   state = updater.abstract_state(st.params, st.mesh)
   opt_bytes = device_bytes(state.opt_state)
@@ -51,9 +64,8 @@ def _update_plans(st: Setting, updater: update_lib.Updater, batch: Any, settings
   weight = abstract_like(np.float32(1.0), st.mesh)
   micro = st.compile(updater.micro_step, st.params, accum, abstract_like(batch, st.mesh), weight, settings)
   apply = st.compile(updater.apply, state, accum, weight)
-  rows = batch.inputs.ids.shape
   return [restore_row(st, state, ref_bytes, label),
-          plan_row(f"{label} gradient micro-step (+ accumulation)", f"{rows[0]} x {rows[1]} tokens", micro,
+          plan_row(f"{label} gradient micro-step (+ accumulation)", desc, micro,
                    opt_bytes + ref_bytes, st.hbm_gib),
           plan_row(f"{label} optimizer apply", "clip + AdamW + finite check", apply, ref_bytes, st.hbm_gib)], opt_bytes
 
@@ -80,11 +92,14 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   updater = update_lib.Updater(aepo_step.aepo_loss_fn(mcfg),
                                optim_lib.make_optimizer(settings_lib.optim(c), c.total_steps),
                                st.params, lora.frozen_names(st.params))
-  rows = _training_rows(st, shapes, a.micro_batch_size)
-  settings = settings_lib.loss(c, rows.packed(range(a.micro_batch_size)).prompt_width)
+  packing = settings_lib.packing(c, "aepo")
+  rows = _training_rows(st, shapes, packing, r.n)
+  first = rows.layout(range(len(rows)))[0]
+  desc = _rows_desc(first.inputs.ids, first.tokens()[1], packing, mcfg.image_token_id)
+  settings = settings_lib.loss(c)
   old = np.zeros((len(rows), rows.width), np.float32)
   micro = aepo_step.micro_batches(rows, np.arange(len(rows)), old, old, settings)[0]
-  update_plans, opt_bytes = _update_plans(st, updater, micro.batch, settings, ref_bytes, "AEPO")
+  update_plans, opt_bytes = _update_plans(st, updater, micro.batch, settings, ref_bytes, "AEPO", desc)
 
   sc = settings_lib.sampling(c, mcfg, 0)
   resident = opt_bytes + ref_bytes  # beside the policy (an argument of every program here)
@@ -100,11 +115,9 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
     n_calls = -(-r.prompts_per_step // max(chunk, 1))
     roll = [roll[0], dataclasses.replace(roll[1], shapes=roll[1].shapes + f"; {n_calls} calls per step")]
 
-  p = rows.packed(range(a.micro_batch_size))
-  inputs = abstract_like(p.inputs, st.mesh)
-  desc = f"{a.micro_batch_size} x ({p.prompt_width} + {rows.width})"
-  old_c = st.compile(sequences.score, mcfg, st.params, inputs, p.prompt_width, float(r.temperature))
-  ref_c = st.compile(sequences.score, lora.base_config(mcfg), st.params if adapted else ref, inputs, p.prompt_width,
+  inputs, src = abstract_like(first.inputs, st.mesh), abstract_like(first.src, st.mesh)
+  old_c = st.compile(sequences.score_tokens, mcfg, st.params, inputs, src, float(r.temperature))
+  ref_c = st.compile(sequences.score_tokens, lora.base_config(mcfg), st.params if adapted else ref, inputs, src,
                      float(r.temperature))
   ref_name = "reference log-probs (" + ("base: adapters off" if adapted else a.ref_dtype) + ")"
   scoring = [plan_row("old log-probs (policy)", desc, old_c, resident, st.hbm_gib),
@@ -124,10 +137,11 @@ def adacs_plans(st: Setting) -> list[ProgramPlan]:
   roll = rollout_programs(st, sc, chunk, roll_shapes, 0, branching=False, label="pass-rate rollout")
   s = settings_lib.adacs_sft(c)
   updater = sft.make_sft(mcfg, st.params, s.optim, 1, s.frozen)
-  prompts = synthetic_prompts(mcfg, shapes, a.micro_batch_size)
-  responses = [np.ones((shapes.response_width,), np.int32)] * a.micro_batch_size
-  micro = sft.micro_batches(mcfg, prompts, responses, a.micro_batch_size, 0, shapes.response_width)[0]
-  update_plans, _ = _update_plans(st, updater, micro.batch, micro.settings, 0, "SFT")
+  rows = _training_rows(st, shapes, s.packing, 1)  # one cold-start response per prompt
+  micro = sft.micro_batches(mcfg, [rows.prompts[g] for g in rows.group], rows.responses, s.packing, 0,
+                            shapes.response_width)[0]
+  desc = _rows_desc(micro.batch.inputs.ids, int(micro.batch.loss_mask.sum()), s.packing, mcfg.image_token_id)
+  update_plans, _ = _update_plans(st, updater, micro.batch, micro.settings, 0, "SFT", desc)
   return roll[1:] + update_plans
 
 

@@ -8,6 +8,7 @@ them; a stage turns its config into them here, once, at its start:
     shaping      config.aepo              -> aepo.step.ShapingSettings (statistics, rewards, KL budget)
     loss         config.aepo + rollout    -> aepo.step.LossSettings (the static part of a micro-batch)
     ppo          config.aepo + ppo_epochs -> aepo.step.PPOSettings
+    packing      config.update (+ stage)  -> train.packing.PackingSettings (update rows)
     optim        config.optim             -> train.optimizer.OptimSettings
     adacs_sft    config.adacs             -> train.sft.SftSettings (AdaCS's SFT)
     warm_start_sft config.warm_start      -> train.sft.SftSettings (the tiny config's warm start)
@@ -28,7 +29,9 @@ from ares_jax.evaluation import benchmarks
 from ares_jax.models.config import ConfigError, LoraConfig, ModelConfig, TextConfig, VisionConfig
 from ares_jax.sampling import SamplingConfig
 from ares_jax.train.checkpoint import CheckpointSettings
+from ares_jax.data.batching import round_up
 from ares_jax.train.optimizer import OptimSettings
+from ares_jax.train.packing import PackingSettings
 from ares_jax.train.sft import SftSettings
 
 
@@ -129,17 +132,30 @@ def shaping(config: ml_collections.ConfigDict) -> ShapingSettings:
       kl_bin_scale=tuple(float(x) for x in a.kl_bin_scale), rho=float(a.rho))
 
 
-def loss(config: ml_collections.ConfigDict, prompt_width: int = 0) -> LossSettings:
+def loss(config: ml_collections.ConfigDict) -> LossSettings:
   a = config.aepo
-  return LossSettings(prompt_width=prompt_width, temperature=float(config.rollout.temperature),
+  return LossSettings(temperature=float(config.rollout.temperature),
                       clip_low=float(a.clip_low), clip_high=float(a.clip_high),
                       dual_clip=float(a.dual_clip) if a.dual_clip else None, loss_agg=a.loss_agg)
 
 
 def ppo(config: ml_collections.ConfigDict) -> PPOSettings:
   a = config.aepo
-  return PPOSettings(global_batch_size=int(a.global_batch_size), micro_batch_size=int(a.micro_batch_size),
+  return PPOSettings(global_batch_size=int(a.global_batch_size), packing=packing(config, "aepo"),
                      epochs=int(config.ppo_epochs), seed=int(config.seed))
+
+
+def packing(config: ml_collections.ConfigDict, stage: str) -> PackingSettings:
+  """`config.update` for `stage` ("aepo": rollout lengths and aepo.micro_batch_size; "adacs": its response
+  limit and micro-batch size), zeros resolved: a row holds the stage's longest prompt + response."""
+  u = config.get("update") or {}
+  longest = config.rollout.max_prompt_length + (config.adacs.max_response_length if stage == "adacs"
+                                                else config.rollout.max_response_length)
+  row_tokens = int(u.get("row_tokens", 0)) or round_up(longest, 128)
+  micro = int(config.adacs.micro_batch_size if stage == "adacs" else config.aepo.micro_batch_size)
+  return PackingSettings(packing=u.get("packing", "shared_prompt"), row_tokens=row_tokens,
+                         tokens_per_micro_batch=int(u.get("tokens_per_micro_batch", 0)) or micro * row_tokens,
+                         micro_batch_size=micro)
 
 
 def optim(config: ml_collections.ConfigDict, **overrides: Any) -> OptimSettings:
@@ -154,7 +170,7 @@ def optim(config: ml_collections.ConfigDict, **overrides: Any) -> OptimSettings:
 
 def adacs_sft(config: ml_collections.ConfigDict) -> SftSettings:
   a = config.adacs
-  return SftSettings(optim=optim(config, lr=float(a.lr)), micro_batch_size=int(a.micro_batch_size),
+  return SftSettings(optim=optim(config, lr=float(a.lr)), packing=packing(config, "adacs"),
                      frozen=("visual",) if a.freeze_vision else ())
 
 
@@ -164,7 +180,7 @@ def warm_start_sft(config: ml_collections.ConfigDict) -> SftSettings:
   w = config.warm_start
   return SftSettings(optim=optim(config, lr=float(w.lr), weight_decay=float(w.weight_decay), schedule="cosine",
                                  warmup_steps=max(1, w.steps // 20)),
-                     micro_batch_size=int(config.aepo.micro_batch_size), frozen=())
+                     packing=packing(config, "aepo"), frozen=())
 
 
 def checkpoint(config: ml_collections.ConfigDict) -> CheckpointSettings:

@@ -87,7 +87,7 @@ def jax_steps_s(p, ids: np.ndarray, repeats: int):
   from ares_jax import models
   from ares_jax.train import optimizer as optim_lib
   from ares_jax.aepo.step import AepoBatch, LossSettings, aepo_loss_fn
-  from ares_jax.train.sequences import score, scored_logits
+  from ares_jax.train.sequences import score_tokens, scored_logits
   from ares_jax.train.update import MicroBatch, Updater
 
   mcfg = model_config(p)
@@ -123,14 +123,15 @@ def jax_steps_s(p, ids: np.ndarray, repeats: int):
 
   # (c) the project's update path with the AEPO loss: responses are every token after the first
   params = fresh()
-  settings = LossSettings(prompt_width=1, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
-                          loss_agg="token_mean")
+  settings = LossSettings(temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None, loss_agg="token_mean")
   inputs = models.ModelInputs(ids, positions, mask)
-  old = score(mcfg, params, inputs, 1, 1.0)
-  b, r = ids.shape[0], ids.shape[1] - 1
-  adv = np.where(np.arange(b) % 2 == 0, 1.0, -1.0).astype(np.float32)
-  arrays = AepoBatch(inputs, old_logp=old, ref_logp=old, adv=adv, loss_mask=np.ones((b, r), bool),
-                     weights=np.full((b, r), 1e-2, np.float32))
+  b, t = ids.shape
+  src = np.broadcast_to(np.maximum(np.arange(t) - 1, 0), (b, t)).astype(np.int32)
+  old = score_tokens(mcfg, params, inputs, src, 1.0)
+  scored = np.broadcast_to(np.arange(t) > 0, (b, t))  # every token after the first
+  adv = np.broadcast_to(np.where(np.arange(b) % 2 == 0, 1.0, -1.0)[:, None], (b, t)).astype(np.float32)
+  arrays = AepoBatch(inputs, src, old_logp=old, ref_logp=old, adv=adv, loss_mask=scored,
+                     weights=np.full((b, t), 1e-2, np.float32), seq_weight=np.full((b, t), 1 / (t - 1), np.float32))
   updater = Updater(aepo_loss_fn(mcfg), tx, params)
   state = [updater.init_state(params, jax.random.key(0))]
 

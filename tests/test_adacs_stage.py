@@ -124,10 +124,10 @@ def test_sft_loss_is_the_mean_nll_of_assistant_tokens_only(tiny_parts):
   stream = _pool_stream(c, pool, proc)
   prompts = [stream.encode(i).prompt for i in range(3)]
   responses = [np.array(tok(q.responses[0])["input_ids"] + [1], np.int32) for q in pool]
-  (arrays, settings, weight), = sft.micro_batches(mcfg, prompts, responses, 3, pad_id=0)
+  (arrays, settings, weight), = sft.micro_batches(mcfg, prompts, responses, settings_lib.packing(c, "adacs"), 0)
   loss, _ = jax.jit(sft.sft_loss(mcfg), static_argnums=2)(params, arrays, settings)
-  width = settings.prompt_width
   packed = pack(mcfg, prompts, responses, 0)
+  width = packed.prompt_width
   logits = np.asarray(models.forward(mcfg, params, packed.inputs.ids, packed.inputs.mask), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
       -1, keepdims=True)
@@ -244,7 +244,8 @@ def test_adacs_7b_holds_paper_values_and_its_sft_step_lowers_at_7b_shapes():
   b, r = 2, 64
   prompt = Prompt(np.concatenate([np.full(196, mcfg.image_token_id), np.arange(100, 140)]).astype(np.int32),
                   np.zeros((784, mcfg.vision.patch_dim), np.float32), np.array([[1, 28, 28]]))
-  (arrays, settings, _), = sft.micro_batches(mcfg, [prompt] * b, [np.arange(r, dtype=np.int32)] * b, b, pad_id=0)
+  (arrays, settings, _), = sft.micro_batches(mcfg, [prompt] * b, [np.arange(r, dtype=np.int32)] * b,
+                                             settings_lib.packing(c, "adacs"), 0)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), arrays)
   updater = sft.make_sft(mcfg, params, c.optim, 100, frozen=("visual",))
   trainable = updater.trainable(params)

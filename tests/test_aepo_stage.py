@@ -17,10 +17,11 @@ from ares_jax import settings as settings_lib
 from ares_jax import models
 from ares_jax.stages import aepo as aepo_stage
 from ares_jax.train import optimizer as optim_lib
-from ares_jax.aepo.step import AepoBatch, LossSettings, aepo_loss_fn
+from ares_jax.aepo.step import (AepoBatch, LossSettings, UpdateRows, aepo_loss_fn, micro_batches,
+                                old_and_ref_logprobs)
 from ares_jax.data.batching import Prompt
 from ares_jax.data.grading import GradingBatch
-from ares_jax.train.sequences import pack
+from ares_jax.train.packing import PackingSettings, layout
 from ares_jax.train.update import MicroBatch, Updater
 from tiny_configs import load_config, small_rl
 
@@ -202,11 +203,12 @@ def test_full_update_lowers_at_real_shapes(name):
   grid = np.array([[1, 28, 28]])  # one 392 x 392 image
   prompt = Prompt(np.concatenate([np.full(196, mcfg.image_token_id), np.arange(100, 140)]).astype(np.int32),
                   np.zeros((784, mcfg.vision.patch_dim), np.float32), grid)
-  p = pack(mcfg, [prompt] * b, [np.arange(r, dtype=np.int32)] * b, pad_id=0, response_width=r)
-  arrays = AepoBatch(p.inputs, old_logp=np.zeros((b, r), np.float32), ref_logp=np.zeros((b, r), np.float32),
-                     adv=np.ones((b,), np.float32), loss_mask=np.ones((b, r), bool), weights=np.ones((b, r), np.float32))
-  settings = LossSettings(prompt_width=p.prompt_width, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
-                          loss_agg="token_mean")
+  rows, = layout(mcfg, [prompt], np.zeros(b, int), [np.arange(r, dtype=np.int32)] * b, 0,
+                  PackingSettings(packing="shared_prompt", row_tokens=512, tokens_per_micro_batch=512))
+  zeros = np.zeros(rows.src.shape, np.float32)
+  arrays = AepoBatch(rows.inputs, rows.src, old_logp=zeros, ref_logp=zeros, adv=zeros + 1, loss_mask=rows.scored,
+                     weights=zeros + 1, seq_weight=zeros + 1 / r)
+  settings = LossSettings(temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None, loss_agg="token_mean")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), arrays)
   scalar = jax.ShapeDtypeStruct((), jnp.float32)
   accum, loss, metrics = updater.micro_step.lower(params, updater.trainable(params), abstract, scalar,
@@ -222,29 +224,26 @@ def test_full_update_lowers_at_real_shapes(name):
 
 def test_update_moves_logprobs_along_the_advantages():
   """One real AEPO update raises log pi of positive-advantage responses and lowers the others."""
-  from ares_jax.train.sequences import score
   c = load_config("tiny.py")
   mcfg = settings_lib.model(c.model)
   params = models.init_params(mcfg, jax.random.key(0))
   rng = np.random.default_rng(0)
-  prompts = [Prompt(rng.integers(5, 400, 20).astype(np.int32)) for _ in range(4)]
-  p = pack(mcfg, prompts, [rng.integers(5, 400, 12).astype(np.int32) for _ in range(4)], 0, response_width=16)
-  args = (p.inputs, p.prompt_width, 1.0)
-  old = np.asarray(score(mcfg, params, *args))
+  prompts = [Prompt(rng.integers(5, 400, 20).astype(np.int32)) for _ in range(2)]
   mask = np.zeros((4, 16), bool)
   mask[:, :12] = True
   adv = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
-  arrays = AepoBatch(p.inputs, old_logp=old, ref_logp=old, adv=adv, loss_mask=mask,
-                     weights=np.full((4, 16), 0.01, np.float32))
+  rows = UpdateRows(mcfg, prompts, np.array([0, 0, 1, 1]), [rng.integers(5, 400, 12).astype(np.int32) for _ in range(4)],
+                    adv, mask, np.full((4, 16), 0.01, np.float32), settings_lib.packing(c, "aepo"), 16, 0)
+  old, _ = old_and_ref_logprobs(rows, params, params, 1.0)
   c.optim.lr = 1e-3
   tx = optim_lib.make_optimizer(settings_lib.optim(c), 10)
   updater = Updater(aepo_loss_fn(mcfg), tx, params)
   state = updater.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
-  settings = LossSettings(prompt_width=p.prompt_width, temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
-                          loss_agg="token_mean")
-  state, m = updater.update(state, [MicroBatch(arrays, settings, 1.0)])
+  settings = LossSettings(temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None, loss_agg="token_mean")
+  state, m = updater.update(state, micro_batches(rows, np.arange(4), old, old, settings))
   assert m["update_skipped"] == 0 and m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
-  delta = ((np.asarray(score(mcfg, state.params, *args)) - old) * mask).sum(1)
+  new, _ = old_and_ref_logprobs(rows, state.params, state.params, 1.0)
+  delta = ((new - old) * mask).sum(1)
   assert (np.sign(delta) == adv).all()
 
 

@@ -25,7 +25,8 @@ from ares_jax.aepo import step as aepo_step
 from ares_jax.train import sft
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.checkpoint import Checkpointer
-from ares_jax.train.sequences import pack, score
+from ares_jax.train.packing import PackingSettings
+from ares_jax.train.sequences import pack, score, score_tokens
 from ares_jax.train.update import Updater
 from tiny_configs import load_config
 
@@ -155,8 +156,9 @@ def _rows(mcfg, n=4, width=16, seed=0):
   responses = [rng.integers(5, 400, 12).astype(np.int32) for _ in range(n)]
   mask = np.zeros((n, width), bool)
   mask[:, :12] = True
-  return aepo_step.UpdateRows(mcfg, prompts, responses, np.array([1.0, -1.0] * (n // 2), np.float32), mask,
-                                np.full((n, width), 0.05, np.float32), n, width, 0)
+  return aepo_step.UpdateRows(mcfg, prompts, np.arange(n), responses, np.array([1.0, -1.0] * (n // 2), np.float32),
+                              mask, np.full((n, width), 0.05, np.float32),
+                              PackingSettings(packing="none", micro_batch_size=n), width, 0)
 
 
 def _assert_only_adapters_moved(before, after, opt_state):
@@ -173,11 +175,10 @@ def test_aepo_reference_is_the_base_and_an_update_moves_only_adapters():
   c, mcfg, params = _tiny_policy(targets=("q", "k", "v", "o", "gate", "up", "down"))
   rows = _rows(mcfg)
   old, ref = aepo_step.old_and_ref_logprobs(rows, params, None, 1.0)
-  p = rows.packed(list(range(len(rows))))
-  args = (p.inputs, p.prompt_width, 1.0)
-  base_cfg = lora.base_config(mcfg)
-  np.testing.assert_array_equal(ref, np.asarray(score(base_cfg, lora.base_params(params), *args)))
-  np.testing.assert_array_equal(old, np.asarray(score(mcfg, params, *args)))
+  r, = rows.layout(range(len(rows)))
+  scored = lambda cfg, p: np.asarray(score_tokens(cfg, p, r.inputs, r.src, 1.0))[r.scored]
+  np.testing.assert_array_equal(ref[rows.loss_mask], scored(lora.base_config(mcfg), lora.base_params(params)))
+  np.testing.assert_array_equal(old[rows.loss_mask], scored(mcfg, params))
   assert np.abs(old - ref)[rows.loss_mask].max() > 1e-3
   c.optim.lr = 1e-3
   settings = settings_lib.loss(c)
@@ -195,7 +196,7 @@ def test_sft_update_moves_only_adapters_with_dropout():
   updater = sft.make_sft(mcfg, params, c.optim, 10)
   assert updater.dropout and set(updater.frozen) == set(lora.base_params(params))
   state = updater.init_state(jax.tree.map(jnp.copy, params), jax.random.key(0))
-  micro = sft.micro_batches(mcfg, rows.prompts, rows.responses, 4, 0)
+  micro = sft.micro_batches(mcfg, rows.prompts, rows.responses, rows.packing, 0)
   state2, m = updater.update(state, micro)
   assert m["update_skipped"] == 0
   _assert_only_adapters_moved(params, state2.params, state2.opt_state)

@@ -49,12 +49,16 @@ def k3_kl(logp: ArrayLike, ref_logp: ArrayLike) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames="loss_agg")
-def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_mean") -> jax.Array:
+def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_mean",
+              seq_weight: ArrayLike | None = None) -> jax.Array:
   """Reduces per-token `values` [S, N] over `loss_mask` [S, N] to a scalar.
 
   token_mean: sum over all loss-mask tokens / their number. seq_mean_token_mean: mean over the sequences
-  with at least one loss-mask token of their token means. 0 when nothing is masked in. (A mini-batch split
-  into micro-batches weights each micro-batch's value by its share of the tokens or sequences.)
+  with at least one loss-mask token of their token means; a row is a sequence, unless `seq_weight` [S, N]
+  gives each token 1 / (its sequence's loss-mask tokens), which rows that pack several sequences need
+  (`train.packing`): the sum of v * m * seq_weight is then the sum of the sequences' means, and the sum of
+  m * seq_weight their number. 0 when nothing is masked in. (A mini-batch split into micro-batches weights
+  each micro-batch's value by its share of the tokens or sequences.)
   """
   if loss_agg not in LOSS_AGGS:
     raise ValueError(f"loss_agg={loss_agg!r}; expected one of {LOSS_AGGS}")
@@ -62,6 +66,10 @@ def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_me
   m = jnp.asarray(loss_mask).astype(jnp.float32)
   if loss_agg == "token_mean":
     return (v * m).sum() / jnp.maximum(m.sum(), 1.0)
+  if seq_weight is not None:
+    w = m * jnp.asarray(seq_weight, jnp.float32)
+    n = w.sum()
+    return jnp.where(n > 0, (v * w).sum() / jnp.where(n > 0, n, 1.0), 0.0)
   per_tok = m.sum(-1)
   seq = (v * m).sum(-1) / jnp.maximum(per_tok, 1.0)
   has = per_tok > 0
@@ -71,7 +79,8 @@ def aggregate(values: ArrayLike, loss_mask: ArrayLike, loss_agg: str = "token_me
 @functools.partial(jax.jit, static_argnames=("dual_clip", "loss_agg"))
 def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayLike | None, adv: ArrayLike,
               loss_mask: ArrayLike, weights: ArrayLike | None, *, clip_low: float = 0.2, clip_high: float = 0.28,
-              dual_clip: float | None = None, loss_agg: str = "token_mean") -> tuple[jax.Array, dict[str, jax.Array]]:
+              dual_clip: float | None = None, loss_agg: str = "token_mean", seq_weight: ArrayLike | None = None
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The AEPO objective (docs/design.md §5.10), to be minimised.
 
   ratio = exp(logp - old_logp) (log-ratio clamped to [-20, 20] as in verl);
@@ -89,6 +98,7 @@ def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayL
     clip_low, clip_high: the asymmetric clip range (DAPO clip-higher).
     dual_clip: c of dual-clip PPO, or None.
     loss_agg: "token_mean" or "seq_mean_token_mean".
+    seq_weight: rows that pack several sequences: 1 / (loss tokens of the token's sequence), [S, N] (`aggregate`).
 
   Returns:
     (loss, metrics): loss a float32 scalar = metrics pg_loss + kl_loss; metrics (float32 scalars,
@@ -130,8 +140,8 @@ def aepo_loss(logprobs: ArrayLike, old_logprobs: ArrayLike, ref_logprobs: ArrayL
     w = jnp.asarray(weights, jnp.float32)
     w = jnp.broadcast_to(w[:, None] if w.ndim == 1 else w, logp.shape)
 
-  pg_loss = aggregate(pg, mask, loss_agg)
-  kl_loss = aggregate(w * kl, mask, loss_agg)
+  pg_loss = aggregate(pg, mask, loss_agg, seq_weight)
+  kl_loss = aggregate(w * kl, mask, loss_agg, seq_weight)
   loss = pg_loss + kl_loss
 
   sg = jax.lax.stop_gradient

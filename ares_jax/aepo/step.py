@@ -2,16 +2,18 @@
 an optimizer update, on top of the pure math of this package.
 
     shaped = shape_batch(rollouts, accuracy, fmt, shaping, prev_tau, prev_ema, triggers)   # §5.2-5.9, host
-    rows = UpdateRows.from_rollouts(mcfg, rollouts, shaped, prompts, micro_batch_size, width, pad_id)
+    rows = UpdateRows.from_rollouts(mcfg, rollouts, shaped, prompts, ppo.packing, width, pad_id)
     state, metrics = ppo_update(state, ref_params, updater, rows, loss, ppo, step, guard)   # §5.10
 
 `shape_batch`: tau_high, N_HE, difficulty bins, hierarchical rewards (+ format), GRPO advantages, the online
 filter, KL weights and the loss masks (a branch trains from its fork on). `ppo_update`: old and reference
-log-probs of the kept trajectories, then `ppo.epochs` shuffled passes of mini-batches (one optimizer update
-each, `train.update.Updater`) of micro-batches, each weighted by its share of the mini-batch loss.
+log-probs of the kept trajectories, then `ppo.epochs` passes of mini-batches of whole groups in a shuffled
+order (one optimizer update each, `train.update.Updater`) of micro-batches, each weighted by its share of the
+mini-batch loss.
 
-Every micro-batch is padded to `micro_batch_size` rows (copies of its first row with an empty loss mask),
-so the jitted scoring and gradient programs compile once instead of once per size.
+Micro-batches are update rows of `train.packing` in the layout `ppo.packing` names (default: each prompt once
+per group of responses, rows packed to a token budget); the programs compile once per row count and image
+bucket, a handful per run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from ares_jax.models.config import ModelConfig
 from ares_jax.models.qwen25vl import ModelInputs
 from ares_jax.sampling import Rollouts
 from ares_jax.train import run_control
-from ares_jax.train.sequences import Packed, pack, response_logprobs, score
+from ares_jax.train import packing as packing_lib
+from ares_jax.train.packing import PackingSettings
+from ares_jax.train.sequences import score_tokens, token_logprobs
 from ares_jax.train.state import TrainState
 from ares_jax.train.update import LossFn, MicroBatch, Updater
 
@@ -64,7 +68,6 @@ class ShapingSettings:
 class LossSettings:
   """The static part of an AEPO micro-batch (hashable: a static argument of the compiled micro-step)."""
 
-  prompt_width: int = 0  # P of the packed rows (`sequences.pack`); responses start at column P
   temperature: float  # the rollout's: log-probs of the sampling distribution
   clip_low: float
   clip_high: float
@@ -74,10 +77,10 @@ class LossSettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOSettings:
-  """How one rollout batch is trained on: `epochs` passes of mini-batches of `global_batch_size` rows."""
+  """How one rollout batch is trained on: `epochs` passes of mini-batches of `global_batch_size` trajectories."""
 
   global_batch_size: int
-  micro_batch_size: int
+  packing: PackingSettings  # how micro-batches are laid out (`update.*`)
   epochs: int = 1
   seed: int = 0  # with the step, seeds the mini-batch shuffle
 
@@ -156,23 +159,26 @@ def shape_batch(r: Rollouts, accuracy: np.ndarray, fmt: np.ndarray, s: ShapingSe
 
 @struct.dataclass
 class AepoBatch:
-  """One AEPO micro-batch: prompt + response rows and, per response token, what the loss weighs it by."""
+  """One AEPO micro-batch: update rows (`train.packing.Rows`, any layout) and, per token, what the loss weighs
+  it by (0 / False where no response token is scored)."""
 
-  inputs: ModelInputs  # [B, P + R] rows (`sequences.pack`)
-  old_logp: jax.Array  # [B, R] log pi_old (the rollout policy)
-  ref_logp: jax.Array  # [B, R] log pi_ref
-  adv: jax.Array  # [B] advantages
-  loss_mask: jax.Array  # [B, R] bool: tokens trained on (padding rows: none)
-  weights: jax.Array  # [B, R] beta_it
+  inputs: ModelInputs  # [B, T]
+  src: jax.Array  # [B, T] int32: the column whose logits predict each token
+  old_logp: jax.Array  # [B, T] log pi_old (the rollout policy)
+  ref_logp: jax.Array  # [B, T] log pi_ref
+  adv: jax.Array  # [B, T] the advantage of each token's trajectory
+  loss_mask: jax.Array  # [B, T] bool: tokens trained on
+  weights: jax.Array  # [B, T] beta_it
+  seq_weight: jax.Array  # [B, T] 1 / (loss tokens of the token's trajectory): seq_mean_token_mean over packed rows
 
 
 def aepo_loss_fn(model_config: ModelConfig) -> LossFn:
   """(params, AepoBatch, LossSettings, dropout key) -> (the AEPO loss of one micro-batch, its metrics)."""
   def loss(params, batch: AepoBatch, s: LossSettings, dropout_key=None):
-    logp = response_logprobs(model_config, params, batch.inputs, s.prompt_width, s.temperature,
-                             dropout_key=dropout_key)
+    logp = token_logprobs(model_config, params, batch.inputs, batch.src, s.temperature, dropout_key=dropout_key)
     return aepo.aepo_loss(logp, batch.old_logp, batch.ref_logp, batch.adv, batch.loss_mask, batch.weights,
-                          clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip, loss_agg=s.loss_agg)
+                          clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip, loss_agg=s.loss_agg,
+                          seq_weight=batch.seq_weight)
   return loss
 
 
@@ -193,46 +199,39 @@ def reference_template(params: Any, dtype: str) -> Any:
 
 @dataclasses.dataclass
 class UpdateRows:
-  """The trajectories one RL step trains on, with their advantages, loss masks and KL weights; packed
-  (prompt + response) into micro-batches of `micro_batch_size` rows on demand, each pack made once."""
+  """The trajectories one RL step trains on, with their advantages, loss masks and KL weights; laid out in
+  micro-batches of update rows (`train.packing`, `update.packing`) on demand, each layout made once."""
 
   model_config: ModelConfig
-  prompts: Sequence[Prompt]
+  prompts: Sequence[Prompt]  # one per group
+  group: np.ndarray  # [n] int: the prompt of each trajectory
   responses: Sequence[np.ndarray]
   adv: np.ndarray  # [n]
   loss_mask: np.ndarray  # [n, width] bool
   kl_weights: np.ndarray  # [n, width]
-  micro_batch_size: int
-  width: int  # response columns of every pack
+  packing: PackingSettings
+  width: int  # response columns (the none layout's; the longest response any layout holds)
   pad_id: int
-  _packs: dict = dataclasses.field(default_factory=dict)
+  _layouts: dict = dataclasses.field(default_factory=dict)
 
   @classmethod
   def from_rollouts(cls, model_config: ModelConfig, rollouts: Rollouts, shaped: Shaped, prompts: Sequence[Prompt],
-                    micro_batch_size: int, width: int, pad_id: int) -> "UpdateRows":
+                    packing: PackingSettings, width: int, pad_id: int) -> "UpdateRows":
     """The slots `shaped.train` keeps; `prompts[g]` is prompt g of the rollouts' batch."""
     slots = np.flatnonzero(shaped.train)
-    return cls(model_config, [prompts[rollouts.prompt_index[s]] for s in slots],
-               [rollouts.response(s) for s in slots], shaped.adv[slots], shaped.loss_mask[slots],
-               shaped.kl_weights[slots], micro_batch_size, width, pad_id)
+    return cls(model_config, list(prompts), rollouts.prompt_index[slots], [rollouts.response(s) for s in slots],
+               shaped.adv[slots], shaped.loss_mask[slots], shaped.kl_weights[slots], packing, width, pad_id)
 
   def __len__(self) -> int:
-    return len(self.prompts)
+    return len(self.responses)
 
-  def packed(self, idx: Sequence[int]) -> Packed:
-    key = tuple(idx)
-    if key not in self._packs:
-      full = self.padded(list(idx))
-      self._packs[key] = pack(self.model_config, [self.prompts[i] for i in full],
-                              [self.responses[i] for i in full], self.pad_id, response_width=self.width)
-    return self._packs[key]
-
-  def padded(self, x):
-    """`x` (a list or array of rows) padded to micro_batch_size rows with copies of its first."""
-    extra = self.micro_batch_size - len(x)
-    if isinstance(x, list):
-      return x + x[:1] * extra
-    return np.concatenate([x, np.repeat(x[:1], extra, axis=0)]) if extra > 0 else x
+  def layout(self, idx: Sequence[int]) -> list[packing_lib.Rows]:
+    """The micro-batches holding trajectories `idx`."""
+    key = tuple(int(i) for i in idx)
+    if key not in self._layouts:
+      self._layouts[key] = packing_lib.layout(self.model_config, self.prompts, self.group, self.responses,
+                                              self.pad_id, self.packing, key, self.width)
+    return self._layouts[key]
 
 
 def old_and_ref_logprobs(rows: UpdateRows, params: Any, ref_params: Any, temperature: float
@@ -246,43 +245,41 @@ def old_and_ref_logprobs(rows: UpdateRows, params: Any, ref_params: Any, tempera
     ref_params, ref_config = params, lora.base_config(rows.model_config)
   old = np.zeros((len(rows), rows.width), np.float32)
   ref = np.zeros_like(old)
-  mb = rows.micro_batch_size
   with sharding.mesh_context_of(params):
-    for lo in range(0, len(rows), mb):
-      idx = list(range(lo, min(lo + mb, len(rows))))
-      p = rows.packed(idx)
-      old[idx] = np.asarray(sharding.to_host(score(rows.model_config, params, p.inputs, p.prompt_width,
-                                                   temperature)))[:len(idx)]
-      ref[idx] = np.asarray(sharding.to_host(score(ref_config, ref_params, p.inputs, p.prompt_width,
-                                                   temperature)))[:len(idx)]
+    for r in rows.layout(range(len(rows))):
+      r.gather_into(old, sharding.to_host(score_tokens(rows.model_config, params, r.inputs, r.src, temperature)))
+      r.gather_into(ref, sharding.to_host(score_tokens(ref_config, ref_params, r.inputs, r.src, temperature)))
   return old, ref
 
 
-def mini_batches(n: int, size: int, epochs: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-  """Row indices of each mini-batch (one optimizer update): `epochs` shuffled passes over n rows."""
+def mini_batches(group: np.ndarray, size: int, epochs: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+  """Trajectory indices of each mini-batch (one optimizer update): `epochs` passes, each over the groups in a
+  shuffled order, a group's trajectories together, cut every `size` trajectories. Whole groups, so that a
+  shared prompt is computed once per mini-batch and not once per trajectory (docs/design.md §10.1)."""
+  group = np.asarray(group)
   for _ in range(epochs):
-    order = rng.permutation(n)
-    for lo in range(0, n, size):
+    order = np.concatenate([np.flatnonzero(group == g) for g in rng.permutation(np.unique(group))])
+    for lo in range(0, len(order), size):
       yield order[lo:lo + size]
 
 
 def micro_batches(rows: UpdateRows, mini: np.ndarray, old: np.ndarray, ref: np.ndarray,
                   settings: LossSettings) -> list[MicroBatch]:
-  """The micro-batches of one mini-batch, each weighted by its share of the mini-batch loss: of its
-  loss tokens (token_mean) or of its sequences (seq_mean_token_mean)."""
-  mb = rows.micro_batch_size
-  tokens = rows.loss_mask[mini].sum()
+  """The micro-batches of one mini-batch, each weighted by its share of the mini-batch loss: of its loss tokens
+  (token_mean) or of its trajectories with loss tokens (seq_mean_token_mean), so that the weighted sum is the
+  mini-batch's loss however the trajectories are laid out."""
+  per_seq = rows.loss_mask.sum(1)
+  mini = np.sort(np.asarray(mini))
+  total = per_seq[mini].sum() if settings.loss_agg == "token_mean" else (per_seq[mini] > 0).sum()
+  seq_weight = (1.0 / np.maximum(per_seq, 1)).astype(np.float32)
   out = []
-  for j in range(0, len(mini), mb):
-    idx = sorted(mini[j:j + mb].tolist())
-    n = len(idx)
-    p = rows.packed(idx)
-    mask = np.zeros((mb, rows.width), bool)
-    mask[:n] = rows.loss_mask[idx]
-    batch = AepoBatch(p.inputs, old_logp=rows.padded(old[idx]), ref_logp=rows.padded(ref[idx]),
-                      adv=rows.padded(rows.adv[idx]), loss_mask=mask, weights=rows.padded(rows.kl_weights[idx]))
-    share = mask.sum() / max(tokens, 1) if settings.loss_agg == "token_mean" else n / len(mini)
-    out.append(MicroBatch(batch, dataclasses.replace(settings, prompt_width=p.prompt_width), float(share)))
+  for r in rows.layout(mini):
+    mask = r.scatter(rows.loss_mask, False)
+    part = mask.sum() if settings.loss_agg == "token_mean" else (per_seq[r.sequences()] > 0).sum()
+    batch = AepoBatch(r.inputs, r.src, old_logp=r.scatter(old), ref_logp=r.scatter(ref),
+                      adv=r.scatter(rows.adv.astype(np.float32)), loss_mask=mask,
+                      weights=r.scatter(rows.kl_weights.astype(np.float32)), seq_weight=r.scatter(seq_weight))
+    out.append(MicroBatch(batch, settings, float(part / max(total, 1))))
   return out
 
 
@@ -294,7 +291,7 @@ def ppo_update(state: TrainState, ref_params: Any, updater: Updater, rows: Updat
   old, ref = old_and_ref_logprobs(rows, state.params, ref_params, loss.temperature)
   updates = []
   shuffle = np.random.default_rng([ppo.seed, step])
-  for mini in mini_batches(len(rows), ppo.global_batch_size, ppo.epochs, shuffle):
+  for mini in mini_batches(rows.group, ppo.global_batch_size, ppo.epochs, shuffle):
     state, m = updater.update(state, micro_batches(rows, mini, old, ref, loss))
     if guard is not None:
       guard.observe(m["update_skipped"])

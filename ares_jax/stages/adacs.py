@@ -255,7 +255,7 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
     batch = order[k * a.batch_size:(k + 1) * a.batch_size]
     batch = batch[np.argsort(lengths[batch], kind="stable")]  # length bucketing: similar widths per micro-batch
     micro = sft.micro_batches(mcfg, [examples[i][0] for i in batch], [examples[i][1] for i in batch],
-                              s.micro_batch_size, pad_id)
+                              s.packing, pad_id)
     state, m = updater.update(state, micro)
     writer.write(step, {"sft/loss": m["loss"], "sft/grad_norm": m["grad_norm"], "sft/examples": len(batch),
                         "epoch": epoch, "update_skipped": m["update_skipped"]})

@@ -118,7 +118,7 @@ def run(config: ml_collections.ConfigDict, print_result: bool = True) -> dict[st
     metrics = dict(shaped.metrics, **{"grading/timeouts": grades.timeouts, "grading/errors": grades.errors,
                                       "data/skipped": sum(train_stream.skipped.values())})
     # 5. PPO updates on the kept trajectories.
-    rows = aepo_step.UpdateRows.from_rollouts(mcfg, rollouts, shaped, prompts, ppo.micro_batch_size,
+    rows = aepo_step.UpdateRows.from_rollouts(mcfg, rollouts, shaped, prompts, ppo.packing,
                                               sc.max_new_tokens, pad_id)
     if len(rows):
       state, upd = aepo_step.ppo_update(state, ref_params, updater, rows, loss, ppo, step, guard)

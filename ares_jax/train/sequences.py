@@ -1,8 +1,10 @@
-"""Prompt + response sequences for teacher-forced scoring and training.
+"""Teacher-forced scoring of prompt + response rows.
 
-Row layout: [left padding | prompt | response | right padding] with the prompt region `P` wide and
-the response region `R` wide (both bucketed), so response token j of every row sits at column
-P + j and is scored by the logits at column P + j - 1.
+`token_logprobs` / `score_tokens` score any row layout of `train.packing` (each token by the logits of the
+column its `src` names). `pack` builds the padded layout, [left padding | prompt | response | right padding]
+with the prompt region `P` wide and the response region `R` wide (both bucketed), where response token j
+of every row sits at column P + j and is scored by the logits at column P + j - 1 (`response_logprobs`,
+`score`: what tests and benchmarks compare against).
 """
 
 from __future__ import annotations
@@ -68,6 +70,26 @@ def response_logprobs(model_config: ModelConfig, params, inputs: ModelInputs, pr
   if not with_entropy:
     return logp
   return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+
+
+def token_logprobs(model_config: ModelConfig, params, inputs: ModelInputs, src: jax.Array, temperature: float = 1.0,
+                   dropout_key=None) -> jax.Array:
+  """log p(token at column t | what precedes it) [B, T] under softmax(logits / temperature), read from the
+  logits of column `src[b, t]` (`packing.Rows.src`); meaningless where nothing is scored. Traceable.
+
+  Only the scored tokens' logits and each column's log-sum-exp are read: no log-softmax over [B, T, V] is
+  materialised beside the logits."""
+  logits = scored_logits(model_config, params, inputs, dropout_key).astype(jnp.float32)
+  logits = logits / (temperature if temperature > 0 else 1.0)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  rows = jnp.arange(src.shape[0])[:, None]
+  return logits[rows, src, inputs.ids] - lse[rows, src]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def score_tokens(model_config: ModelConfig, params, inputs: ModelInputs, src: jax.Array, temperature: float):
+  """Jitted `token_logprobs` (old-policy and reference log-probs of update rows)."""
+  return token_logprobs(model_config, params, inputs, src, temperature)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))

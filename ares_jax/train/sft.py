@@ -20,39 +20,36 @@ from ares_jax.models.config import ModelConfig
 from ares_jax.models.qwen25vl import ModelInputs
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.data.batching import Prompt
-from ares_jax.train.sequences import pack, response_logprobs
+from ares_jax.train import packing as packing_lib
+from ares_jax.train.packing import PackingSettings
+from ares_jax.train.sequences import token_logprobs
 from ares_jax.train.update import MicroBatch, Updater
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SftSettings:
-  """One SFT run: its optimizer, micro-batch size and the top-level parameter names it freezes (ignored by a
-  LoRA policy, which trains its adapters only). From `config.adacs` or `config.warm_start` (settings.py)."""
+  """One SFT run: its optimizer, how its micro-batches are laid out (`update.*`) and the top-level parameter
+  names it freezes (ignored by a LoRA policy, which trains its adapters only). From `config.adacs` or
+  `config.warm_start` (settings.py)."""
 
   optim: optim_lib.OptimSettings
-  micro_batch_size: int
+  packing: PackingSettings
   frozen: tuple[str, ...] = ("visual",)
-
-
-@dataclasses.dataclass(frozen=True)
-class SftLoss:
-  """The static part of an SFT micro-batch: where the responses start."""
-
-  prompt_width: int
 
 
 @struct.dataclass
 class SftBatch:
-  """One SFT micro-batch: prompt + response rows and which response tokens are trained on."""
+  """One SFT micro-batch: update rows (`train.packing.Rows`, any layout) and the response tokens trained on."""
 
-  inputs: ModelInputs  # [B, P + R] rows (`sequences.pack`)
-  loss_mask: jax.Array  # [B, R] float32
+  inputs: ModelInputs  # [B, T]
+  src: jax.Array  # [B, T] int32: the column whose logits predict each token
+  loss_mask: jax.Array  # [B, T] float32
 
 
 def sft_loss(model_config: ModelConfig):
-  """(params, SftBatch, SftLoss, dropout key) -> (mean negative log-likelihood of the response tokens, metrics)."""
-  def loss(params, batch: SftBatch, settings: SftLoss, dropout_key=None):
-    logp = response_logprobs(model_config, params, batch.inputs, settings.prompt_width, dropout_key=dropout_key)
+  """(params, SftBatch, None, dropout key) -> (mean negative log-likelihood of the response tokens, metrics)."""
+  def loss(params, batch: SftBatch, settings=None, dropout_key=None):
+    logp = token_logprobs(model_config, params, batch.inputs, batch.src, dropout_key=dropout_key)
     mask = batch.loss_mask
     n = jnp.maximum(mask.sum(), 1)
     nll = -(logp * mask).sum() / n
@@ -61,16 +58,21 @@ def sft_loss(model_config: ModelConfig):
 
 
 def micro_batches(model_config: ModelConfig, prompts: Sequence[Prompt], responses: Sequence[np.ndarray],
-                  micro_batch_size: int, pad_id: int, response_width: int | None = None) -> list[MicroBatch]:
-  """Packs (prompt, response) pairs into micro-batches weighted by their share of loss tokens."""
+                  packing: PackingSettings, pad_id: int, response_width: int | None = None) -> list[MicroBatch]:
+  """(prompt, response) pairs laid out as `packing` says, each micro-batch weighted by its share of the loss
+  tokens. Pairs that hold the same Prompt object share it (shared_prompt: computed once)."""
+  first: dict[int, int] = {}
+  unique: list[Prompt] = []
+  for p in prompts:
+    if id(p) not in first:
+      first[id(p)] = len(unique)
+      unique.append(p)
+  group = np.array([first[id(p)] for p in prompts])
   total = sum(len(r) for r in responses)
   out = []
-  for i in range(0, len(prompts), micro_batch_size):
-    ps, rs = prompts[i:i + micro_batch_size], responses[i:i + micro_batch_size]
-    packed = pack(model_config, ps, rs, pad_id, response_width=response_width)
-    width = packed.inputs.ids.shape[1] - packed.prompt_width
-    mask = (np.arange(width)[None, :] < np.array([len(r) for r in rs])[:, None]).astype(np.float32)
-    out.append(MicroBatch(SftBatch(packed.inputs, mask), SftLoss(packed.prompt_width), sum(len(r) for r in rs) / total))
+  for r in packing_lib.layout(model_config, unique, group, responses, pad_id, packing, width=response_width):
+    mask = r.scored.astype(np.float32)
+    out.append(MicroBatch(SftBatch(r.inputs, r.src, mask), None, float(mask.sum() / max(total, 1))))
   return out
 
 
@@ -90,7 +92,7 @@ def run_sft(model_config: ModelConfig, params: Any, batches, settings: SftSettin
   losses = []
   for step in tqdm(range(steps), desc=desc, leave=False):
     prompts, responses = batches(step)
-    state, m = updater.update(state, micro_batches(model_config, prompts, responses, settings.micro_batch_size, pad_id))
+    state, m = updater.update(state, micro_batches(model_config, prompts, responses, settings.packing, pad_id))
     losses.append(m["loss"])
     if on_step is not None:
       on_step(step, m)

@@ -1,0 +1,235 @@
+"""How prompt + response sequences are laid out in rows for scoring and training (docs/design.md §10.1).
+
+Three layouts, `update.packing`:
+
+  none           one sequence per row, [left pad | prompt | response | right pad]: prompts as wide as the
+                 micro-batch's longest, every response `width` wide, `micro_batch_size` rows per micro-batch.
+                 The reference the other two are tested against.
+  packed         sequences end to end in rows of `row_tokens` tokens, each its own attention segment whose
+                 M-RoPE positions start at 0; micro-batches of `tokens_per_micro_batch // row_tokens` rows.
+  shared_prompt  as packed, but the responses of one prompt follow ONE copy of it: each response attends to
+                 the whole prompt (`ModelInputs.prefix`) and causally to itself only, its positions continue
+                 from the prompt's end, and the vision tower sees the prompt's images once. A group longer
+                 than a row is split over rows, each part with its own copy of the prompt.
+
+The function is the same in every layout: a response token sees the same prompt and response tokens at the
+same positions, so log-probs, losses and gradients agree to rounding (tests/test_packing.py). Every layout
+gives `Rows`: the model inputs [B, T] and, for each response token, where it came from (`seq`, `col`) and
+which column's logits predict it (`src`: the previous column, or for a shared prompt's responses the
+prompt's last column). Rows are packed first-fit decreasing; the last micro-batch's row count is rounded up
+to a power of two, so a step compiles a handful of programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from ares_jax.data.batching import Prompt, round_up
+from ares_jax.models import positions as pos_lib
+from ares_jax.models.config import ModelConfig
+from ares_jax.models.qwen25vl import ModelInputs, prepare_vision
+from ares_jax.train.sequences import pack
+
+PACKINGS = ("shared_prompt", "packed", "none")
+NO_PREFIX = -2  # `ModelInputs.prefix` of tokens that attend to no shared prompt (never a segment id)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingSettings:
+  """`config.update` resolved for one stage (settings.packing): the layout and its sizes."""
+
+  packing: str = "shared_prompt"
+  row_tokens: int = 4096  # T of packed rows
+  tokens_per_micro_batch: int = 32768  # packed, shared_prompt: rows per micro-batch = this // row_tokens
+  micro_batch_size: int = 8  # none: rows per micro-batch
+
+  def __post_init__(self):
+    if self.packing not in PACKINGS:
+      raise ValueError(f"config.update.packing={self.packing!r}; choose one of {', '.join(PACKINGS)}")
+
+  @property
+  def rows_per_micro_batch(self) -> int:
+    return self.micro_batch_size if self.packing == "none" else max(1, self.tokens_per_micro_batch // self.row_tokens)
+
+
+@dataclasses.dataclass
+class Rows:
+  """One micro-batch's host arrays, and where each response token of the caller's sequences sits in it."""
+
+  inputs: ModelInputs  # ids, mask (segment ids), positions [3, B, T], vision, prefix (shared_prompt) [B, T]
+  src: np.ndarray  # [B, T] int32: the column whose logits predict the token here (0 where nothing is scored)
+  seq: np.ndarray  # [B, T] int32: the caller's index of the sequence whose response token sits here, else -1
+  col: np.ndarray  # [B, T] int32: that token's index in its response, else -1
+
+  @property
+  def scored(self) -> np.ndarray:
+    return self.seq >= 0
+
+  def sequences(self) -> np.ndarray:
+    """The caller's indices of the sequences in these rows (sorted)."""
+    return np.unique(self.seq[self.scored])
+
+  def scatter(self, values: np.ndarray, fill=0) -> np.ndarray:
+    """Per-sequence values [n] or per-response-token values [n, W] of the caller's sequences -> [B, T]."""
+    values = np.asarray(values)
+    out = np.full(self.seq.shape, fill, values.dtype)
+    s, c = self.seq[self.scored], self.col[self.scored]
+    out[self.scored] = values[s] if values.ndim == 1 else values[s, c]
+    return out
+
+  def gather_into(self, out: np.ndarray, values: np.ndarray) -> None:
+    """Writes row values [B, T] of the scored tokens into `out` [n, W] at (sequence, column)."""
+    out[self.seq[self.scored], self.col[self.scored]] = np.asarray(values)[self.scored]
+
+  def tokens(self) -> tuple[int, int]:
+    """(token positions computed, response tokens scored)."""
+    return int(self.seq.size), int(self.scored.sum())
+
+
+def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int], responses: Sequence[np.ndarray],
+           pad_id: int, s: PackingSettings, seqs: Sequence[int] | None = None, width: int | None = None,
+           min_windows: int = 1) -> list[Rows]:
+  """The micro-batches of sequences `seqs` (default all): sequence i is prompt `prompts[group[i]]` followed
+  by `responses[i]`; `group` also says which sequences share a prompt. `width`: the response columns of the
+  none layout (default: the longest response, rounded up to 16)."""
+  seqs = list(range(len(responses))) if seqs is None else [int(i) for i in seqs]
+  if not seqs:
+    return []
+  if s.packing == "none":
+    width = width or round_up(max(len(responses[i]) for i in seqs), 16)
+    mb = s.micro_batch_size
+    return [_padded_rows(config, prompts, group, responses, seqs[lo:lo + mb], mb, pad_id, width, min_windows)
+            for lo in range(0, len(seqs), mb)]
+  rows = _fill_rows(_items(prompts, group, responses, seqs, s), s.row_tokens)
+  per = s.rows_per_micro_batch
+  out = []
+  for lo in range(0, len(rows), per):
+    part = rows[lo:lo + per]
+    n_rows = min(per, 1 << (len(part) - 1).bit_length())  # the last micro-batch: a power of two of rows
+    out.append(_packed_rows(config, prompts, responses, part, n_rows, s, pad_id, min_windows))
+  return out
+
+
+# ----------------------------------------------------------------------------------------- packed rows
+
+@dataclasses.dataclass
+class _Item:
+  """One prompt copy and the sequences whose responses follow it (packed: exactly one)."""
+
+  prompt: int
+  seqs: list[int]
+  length: int
+
+
+def _items(prompts, group, responses, seqs, s: PackingSettings) -> list[_Item]:
+  items: list[_Item] = []
+  open_item: dict[int, _Item] = {}  # shared_prompt: the group's item still being filled
+  for i in seqs:
+    g, n = int(group[i]), len(responses[i])
+    p = len(prompts[g].ids)
+    if p + n > s.row_tokens:
+      raise ValueError(f"config.update.row_tokens={s.row_tokens} is shorter than a prompt of {p} tokens with a "
+                       f"response of {n}: raise it to at least the longest prompt + response")
+    item = open_item.get(g) if s.packing == "shared_prompt" else None
+    if item is not None and item.length + n <= s.row_tokens:
+      item.seqs.append(i)
+      item.length += n
+    else:
+      item = _Item(g, [i], p + n)
+      items.append(item)
+      open_item[g] = item
+  return items
+
+
+def _fill_rows(items: list[_Item], capacity: int) -> list[list[_Item]]:
+  """First-fit decreasing bin packing (stable: equal lengths keep their order)."""
+  rows: list[list[_Item]] = []
+  free: list[int] = []
+  for item in sorted(items, key=lambda it: -it.length):
+    for r, room in enumerate(free):
+      if item.length <= room:
+        rows[r].append(item)
+        free[r] -= item.length
+        break
+    else:
+      rows.append([item])
+      free.append(capacity - item.length)
+  return rows
+
+
+def prompt_positions(config: ModelConfig, prompt: Prompt) -> tuple[np.ndarray, int]:
+  """A prompt's M-RoPE positions [3, p] on its own, and the position its first response token takes."""
+  ids = np.asarray(prompt.ids)[None]
+  grid = prompt.image_grid_thw if prompt.image_grid_thw is not None and len(prompt.image_grid_thw) else None
+  pos, _ = pos_lib.mrope_positions(ids, np.ones_like(ids), grid, config)
+  return pos[:, 0], int(pos.max()) + 1
+
+
+def _packed_rows(config, prompts, responses, rows: list[list[_Item]], n_rows: int, s: PackingSettings, pad_id: int,
+                 min_windows: int) -> Rows:
+  t = s.row_tokens
+  ids = np.full((n_rows, t), pad_id, np.int32)
+  mask = np.zeros((n_rows, t), np.int32)
+  positions = np.zeros((3, n_rows, t), np.int32)
+  prefix = np.full((n_rows, t), NO_PREFIX, np.int32)
+  src = np.zeros((n_rows, t), np.int32)
+  seq = np.full((n_rows, t), -1, np.int32)
+  col = np.full((n_rows, t), -1, np.int32)
+  pixels, grids = [], []  # in the order of their tokens, row-major: how `Qwen25VL.embed` places features
+  shared = s.packing == "shared_prompt"
+  placed: dict[int, tuple[np.ndarray, int]] = {}
+  for r, items in enumerate(rows):
+    c, segment = 0, 0
+    for item in items:
+      prompt = prompts[item.prompt]
+      p = len(prompt.ids)
+      if item.prompt not in placed:
+        placed[item.prompt] = prompt_positions(config, prompt)
+      pos, start = placed[item.prompt]
+      segment += 1
+      prompt_segment = segment
+      ids[r, c:c + p], mask[r, c:c + p], positions[:, r, c:c + p] = prompt.ids, segment, pos
+      if prompt.image_grid_thw is not None and len(prompt.image_grid_thw):
+        pixels.append(prompt.pixel_values)
+        grids.append(prompt.image_grid_thw)
+      last = c + p - 1
+      c += p
+      for k, i in enumerate(item.seqs):
+        resp = np.asarray(responses[i])
+        n = len(resp)
+        if shared:  # a segment of its own that also sees the prompt's
+          segment += 1
+          prefix[r, c:c + n] = prompt_segment
+        ids[r, c:c + n], mask[r, c:c + n] = resp, segment
+        positions[:, r, c:c + n] = start + np.arange(n)
+        src[r, c:c + n] = np.arange(c - 1, c + n - 1)
+        src[r, c] = last  # a shared prompt's responses all follow its last token
+        seq[r, c:c + n], col[r, c:c + n] = i, np.arange(n)
+        c += n
+  vision = None
+  if grids:
+    vision = prepare_vision(config, np.concatenate(pixels).astype(np.float32), np.concatenate(grids), min_windows)
+  return Rows(ModelInputs(ids, positions, mask, vision, prefix if shared else None), src, seq, col)
+
+
+# ----------------------------------------------------------------------------------------- padded rows
+
+def _padded_rows(config, prompts, group, responses, seqs, mb, pad_id, width, min_windows) -> Rows:
+  """The none layout (`sequences.pack`): `mb` rows, copies of the first sequence (scoring nothing) filling a
+  short micro-batch."""
+  full = seqs + seqs[:1] * (mb - len(seqs))
+  if max(len(responses[i]) for i in full) > width:
+    raise ValueError(f"a response is longer than the update rows' {width} response columns")
+  p = pack(config, [prompts[group[i]] for i in full], [responses[i] for i in full], pad_id, response_width=width,
+           min_windows=min_windows)
+  b, t = p.inputs.ids.shape
+  seq = np.full((b, t), -1, np.int32)
+  col = np.full((b, t), -1, np.int32)
+  for row, i in enumerate(seqs):
+    n = len(responses[i])
+    seq[row, p.prompt_width:p.prompt_width + n], col[row, p.prompt_width:p.prompt_width + n] = i, np.arange(n)
+  src = np.broadcast_to(np.maximum(np.arange(t) - 1, 0), (b, t)).astype(np.int32)
+  return Rows(p.inputs, src, seq, col)

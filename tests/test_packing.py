@@ -1,0 +1,207 @@
+"""train/packing.py: the three update-row layouts hold the same tokens at the same positions, and give the same
+log-probs, losses and gradients (AEPO and SFT, with an image prompt, with LoRA, on 1 and 8 devices)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ares_jax import models, sharding
+from ares_jax import settings as settings_lib
+from ares_jax.aepo import step as aepo_step
+from ares_jax.data.batching import Prompt
+from ares_jax.models import lora
+from ares_jax.train import packing, sft
+from ares_jax.train import optimizer as optim_lib
+from ares_jax.train.update import Updater
+from tiny_configs import load_config
+
+WIDTH = 24
+GROUP = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+LENGTHS = [5, 17, 9, 12, 3, 20, 7, 14, 11]
+LAYOUTS = {
+    "none": packing.PackingSettings(packing="none", micro_batch_size=4),
+    "packed": packing.PackingSettings(packing="packed", row_tokens=64, tokens_per_micro_batch=128),
+    "shared_prompt": packing.PackingSettings(packing="shared_prompt", row_tokens=64, tokens_per_micro_batch=128),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _model(adapters: bool = False):
+  mcfg = settings_lib.model(load_config("tiny.py").model)
+  if adapters:
+    mcfg = mcfg.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=("q", "v", "down")))
+  params = models.init_params(mcfg, jax.random.key(0))
+  if adapters:  # B != 0: the adapters change the function
+    keys = iter(jax.random.split(jax.random.key(5), 64))
+    trained = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape, a.dtype),
+                           models.init_adapters(mcfg, jax.random.key(1)))
+    params = lora.with_adapters(lora.frozen_base(mcfg, params), trained)
+  return mcfg, params
+
+
+def _prompts(mcfg):
+  """A text prompt, one with an image (a 4 x 4 patch grid: 4 merged tokens) and a longer text prompt."""
+  rng = np.random.default_rng(0)
+  text = lambda n: rng.integers(5, 300, n).astype(np.int32)
+  grid = np.array([[1, 4, 4]])
+  image = np.concatenate([[mcfg.vision_start_token_id], [mcfg.image_token_id] * 4, [mcfg.vision_end_token_id]])
+  pixels = rng.normal(size=(16, mcfg.vision.patch_dim)).astype(np.float32)
+  return [Prompt(text(20)), Prompt(np.concatenate([text(3), image, text(10)]).astype(np.int32), pixels, grid),
+          Prompt(text(33))]
+
+
+def _rows(mcfg, layout, seed=0):
+  rng = np.random.default_rng(seed)
+  responses = [rng.integers(5, 300, n).astype(np.int32) for n in LENGTHS]
+  mask = np.zeros((len(LENGTHS), WIDTH), bool)
+  for i, n in enumerate(LENGTHS):
+    mask[i, min(i, n - 1):n] = True  # some start later (a branch trains from its fork)
+  return aepo_step.UpdateRows(mcfg, _prompts(mcfg), GROUP, responses, rng.normal(size=len(LENGTHS)).astype(np.float32),
+                              mask, rng.uniform(0, 0.1, (len(LENGTHS), WIDTH)).astype(np.float32), LAYOUTS[layout],
+                              WIDTH, 0)
+
+
+@pytest.mark.parametrize("layout", ["none", "packed", "shared_prompt"])
+def test_every_response_token_sits_once_after_what_precedes_it(layout):
+  mcfg, _ = _model()
+  rows = _rows(mcfg, layout)
+  seen = np.zeros((len(rows), WIDTH), int)
+  for r in rows.layout(range(len(rows))):
+    b, t = r.inputs.ids.shape
+    assert b & (b - 1) == 0 and b <= LAYOUTS[layout].rows_per_micro_batch
+    assert (layout == "shared_prompt") == (r.inputs.prefix is not None)
+    for row, col in zip(*np.nonzero(r.scored)):
+      i, j = r.seq[row, col], r.col[row, col]
+      seen[i, j] += 1
+      prompt = rows.prompts[GROUP[i]]
+      assert r.inputs.ids[row, col] == rows.responses[i][j]
+      before = rows.responses[i][j - 1] if j else prompt.ids[-1]
+      assert r.inputs.ids[row, r.src[row, col]] == before
+      assert j == 0 or r.src[row, col] == col - 1
+      _, start = packing.prompt_positions(mcfg, prompt)
+      np.testing.assert_array_equal(r.inputs.positions[:, row, col], start + j)
+      if layout == "shared_prompt" and j == 0:  # its own segment, which also sees the prompt copy it follows
+        assert r.inputs.mask[row, col] != r.inputs.mask[row, r.src[row, col]]
+        assert r.inputs.prefix[row, col] == r.inputs.mask[row, r.src[row, col]]
+      elif layout == "shared_prompt":
+        assert r.inputs.prefix[row, col] == r.inputs.prefix[row, col - 1]
+  np.testing.assert_array_equal(seen, np.arange(WIDTH)[None] < np.array(LENGTHS)[:, None])
+
+
+def test_shared_prompts_are_computed_once_per_row_and_groups_split_at_the_row_length():
+  mcfg, _ = _model()
+  counts = {}
+  for layout in LAYOUTS:
+    micro = _rows(mcfg, layout).layout(range(len(GROUP)))
+    counts[layout] = sum(r.tokens()[0] for r in micro), sum(r.tokens()[1] for r in micro)
+    if layout == "shared_prompt":
+      image_rows = sum(int((r.inputs.ids == mcfg.image_token_id).sum()) // 4 for r in micro)
+      assert image_rows == 1  # group 1 (the image prompt) fits one row: the vision tower sees its image once
+  assert counts["none"][1] == counts["packed"][1] == counts["shared_prompt"][1] == sum(LENGTHS)
+  assert counts["shared_prompt"][0] < counts["packed"][0] < counts["none"][0]
+
+
+def test_a_sequence_longer_than_a_row_names_the_field():
+  mcfg, _ = _model()
+  rows = _rows(mcfg, "packed")
+  rows.packing = packing.PackingSettings(packing="packed", row_tokens=32, tokens_per_micro_batch=64)
+  with pytest.raises(ValueError, match="config.update.row_tokens=32"):
+    rows.layout(range(len(rows)))
+  with pytest.raises(ValueError, match="config.update.packing='dense'"):
+    packing.PackingSettings(packing="dense")
+
+
+def _old_ref(rows, params):
+  return aepo_step.old_and_ref_logprobs(rows, params, params, 1.0)
+
+
+def test_layouts_give_the_same_log_probs():
+  mcfg, params = _model()
+  old = {k: _old_ref(_rows(mcfg, k), params)[0] for k in LAYOUTS}
+  mask = _rows(mcfg, "none").loss_mask | (np.arange(WIDTH)[None] < np.array(LENGTHS)[:, None])
+  for k in ("packed", "shared_prompt"):
+    np.testing.assert_allclose(old[k][mask], old["none"][mask], atol=1e-5, err_msg=k)
+  assert np.all(old["none"][mask] < 0)
+
+
+def _aepo_loss_and_grads(mcfg, params, layout, loss_agg, mesh=None):
+  rows = _rows(mcfg, layout)
+  old, ref = _old_ref(rows, params)
+  rng = np.random.default_rng(1)
+  old = old + rng.normal(0, 0.2, old.shape).astype(np.float32)  # ratios away from 1: the clip is active somewhere
+  settings = aepo_step.LossSettings(temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None, loss_agg=loss_agg)
+  micro = aepo_step.micro_batches(rows, np.arange(len(rows)), old, ref, settings)
+  assert sum(m.weight for m in micro) == pytest.approx(1.0)
+  updater = Updater(aepo_step.aepo_loss_fn(mcfg), optim_lib.make_optimizer(optim_lib.OptimSettings(lr=1e-3), 1),
+                    params, lora.frozen_names(params))
+  accum, loss = updater.init_accum(params), 0.0
+  for batch, s, weight in micro:
+    accum, part, _ = updater.micro_step(params, accum, batch, np.float32(weight), s)
+    loss += float(part)
+  return loss, jax.tree.map(np.asarray, accum)
+
+
+def _assert_same_grads(got, want, what):
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    scale = max(float(np.abs(w).max()), 1e-6)
+    np.testing.assert_allclose(g / scale, w / scale, atol=1e-5, err_msg=f"{what}: {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean_token_mean"])
+def test_layouts_give_the_same_aepo_loss_and_gradients(loss_agg):
+  mcfg, params = _model()
+  want = _aepo_loss_and_grads(mcfg, params, "none", loss_agg)
+  for layout in ("packed", "shared_prompt"):
+    loss, grads = _aepo_loss_and_grads(mcfg, params, layout, loss_agg)
+    assert loss == pytest.approx(want[0], rel=1e-5, abs=1e-7), layout
+    _assert_same_grads(grads, want[1], layout)
+
+
+@pytest.mark.slow
+def test_layouts_agree_with_lora_on_eight_devices():
+  assert jax.device_count() == 8, "tests/conftest.py simulates 8 CPU devices"
+  mcfg, params = _model(adapters=True)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  boxed = models.abstract_params(mcfg)
+  sharded = jax.device_put(params, sharding.param_shardings(boxed, mesh))
+  want = _aepo_loss_and_grads(mcfg, params, "none", "token_mean")
+  assert set(want[1]) == {lora.POLICY_KEY}  # the adapters train, the base is frozen
+  for layout in ("none", "shared_prompt"):
+    with sharding.mesh_context_of(sharded):
+      loss, grads = _aepo_loss_and_grads(mcfg, sharded, layout, "token_mean")
+    assert loss == pytest.approx(want[0], rel=1e-5), layout
+    _assert_same_grads(grads, want[1], f"{layout} on 8 devices")
+
+
+def test_sft_layouts_give_the_same_loss_and_gradients():
+  mcfg, params = _model()
+  rows = _rows(mcfg, "none")
+  prompts = [rows.prompts[g] for g in GROUP]  # the same Prompt object: shared_prompt computes it once
+  updater = sft.make_sft(mcfg, params, optim_lib.OptimSettings(lr=1e-3), 1, frozen=())
+  out = {}
+  for layout, s in LAYOUTS.items():
+    accum, loss = updater.init_accum(params), 0.0
+    for batch, settings, weight in sft.micro_batches(mcfg, prompts, rows.responses, s, 0):
+      accum, part, _ = updater.micro_step(params, accum, batch, np.float32(weight), settings)
+      loss += float(part)
+    out[layout] = loss, jax.tree.map(np.asarray, accum)
+  for layout in ("packed", "shared_prompt"):
+    assert out[layout][0] == pytest.approx(out["none"][0], rel=1e-5)
+    _assert_same_grads(out[layout][1], out["none"][1], f"sft {layout}")
+
+
+def test_token_logprobs_read_the_named_column():
+  mcfg, params = _model()
+  r = _rows(mcfg, "packed").layout(range(len(GROUP)))[0]
+  from ares_jax.train.sequences import scored_logits, token_logprobs
+  logits = np.asarray(scored_logits(mcfg, params, r.inputs), np.float64)
+  logp = np.asarray(token_logprobs(mcfg, params, r.inputs, jnp.asarray(r.src)))
+  b, t = np.nonzero(r.scored)
+  lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  want = logits[b, r.src[b, t], r.inputs.ids[b, t]] - lse[b, r.src[b, t]]
+  np.testing.assert_allclose(logp[b, t], want, atol=1e-5)
