@@ -29,3 +29,12 @@ def test_rollout_engine_tiny(tmp_path, capsys):
     assert dense["iterations"] == paged["iterations"] > 0
     assert dense["tokens"] == paged["tokens"] > 0 and paged["max_logprob_diff"] < 1e-4
   assert json.loads((tmp_path / "r.json").read_text())["results"][1]["engine"] == "paged"
+
+
+def test_update_packing_tiny(capsys):
+  out = _script("update_packing").main(["--preset=tiny", "--repeats=1"])  # asserts the same log-probs and loss
+  table = capsys.readouterr().out
+  assert "| none |" in table and "| packed |" in table and "| shared_prompt |" in table
+  none, packed, shared = out["results"]
+  assert none["computed"] > packed["computed"] > shared["computed"] and out["max_logprob_diff"] < 1e-4
+  assert shared["needed"] < packed["needed"] == none["needed"]

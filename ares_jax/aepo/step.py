@@ -255,7 +255,7 @@ def old_and_ref_logprobs(rows: UpdateRows, params: Any, ref_params: Any, tempera
 def mini_batches(group: np.ndarray, size: int, epochs: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
   """Trajectory indices of each mini-batch (one optimizer update): `epochs` passes, each over the groups in a
   shuffled order, a group's trajectories together, cut every `size` trajectories. Whole groups, so that a
-  shared prompt is computed once per mini-batch and not once per trajectory (docs/design.md §10.1)."""
+  shared prompt is computed once per mini-batch and not once per trajectory (docs/design.md §10.5)."""
   group = np.asarray(group)
   for _ in range(epochs):
     order = np.concatenate([np.flatnonzero(group == g) for g in rng.permutation(np.unique(group))])

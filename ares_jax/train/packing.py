@@ -1,4 +1,4 @@
-"""How prompt + response sequences are laid out in rows for scoring and training (docs/design.md §10.1).
+"""How prompt + response sequences are laid out in rows for scoring and training (docs/design.md §10.5).
 
 Three layouts, `update.packing`:
 
