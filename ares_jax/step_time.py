@@ -70,6 +70,16 @@ def update_calls(config: Any) -> dict[str, Any]:
                                                c.adacs.max_response_length), "apply": 1}}
 
 
+def _unit(config: Any, micro_rows: int, most: int) -> str:
+  """What a micro-batch holds, for the counts' explanations."""
+  update = config.get("update") or {}
+  packing = update.get("packing", "none")
+  if packing == "none":
+    return f"{micro_rows} rows"
+  r = min(config.plan.response_tokens, most)
+  return f"{update['tokens_per_micro_batch']} tokens ({packing}; {config.plan.prompt_tokens} + {r} a trajectory)"
+
+
 def response_tokens(config: Any) -> int:
   """The expected AEPO response: `plan.response_tokens`, at most `rollout.max_response_length`."""
   return min(config.plan.response_tokens, config.rollout.max_response_length)
@@ -78,16 +88,20 @@ def response_tokens(config: Any) -> int:
 def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any]) -> tuple[str, int, str]:
   """(stage, calls per step, how they were counted) of one plan row, by its name; stage "other" with 0
   calls for a program this module does not know (it is listed, not counted)."""
-  name, r = row["name"], config.rollout
+  name, r, a = row["name"], config.rollout, config.aepo
   prompts = r.prompts_per_step
-  waves = lambda per_call: math.ceil(prompts / max(per_call, 1))
+  unit = _unit(config, a.micro_batch_size, r.max_response_length)
   aepo, sft = updates["aepo"], updates["sft"]
+  minis = f"{config.ppo_epochs} epoch(s) x {aepo['mini_batches']} mini-batches of <= {a.global_batch_size} trajectories"
+  waves = lambda per_call: math.ceil(prompts / max(per_call, 1))
   if name.startswith("pass-rate rollout"):
     return "adacs", 0, "pass-rate rollouts run before SFT, not in its step"
   if "restore" in name:
     return ("adacs" if name.startswith("SFT") else "aepo"), 0, "at a restart, not per step"
   if name.startswith("SFT gradient micro-step"):
-    return "adacs", sft["micro_step"], "micro-batches of adacs.batch_size"
+    ad = config.adacs
+    return "adacs", sft["micro_step"], (f"{ad.batch_size} examples in micro-batches of "
+                                        f"{_unit(config, ad.micro_batch_size, ad.max_response_length)}")
   if name.startswith("SFT optimizer apply"):
     return "adacs", sft["apply"], "one per step"
   if name.startswith("decode weights"):
@@ -102,11 +116,11 @@ def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any]) -> 
     n, t = row["prompts_per_call"], response_tokens(config)
     return "aepo", waves(n) * t, f"ceil({prompts} prompts / {n} per call) x {t} response tokens (prefill included)"
   if name.startswith(("old log-probs", "reference log-probs")):
-    return "aepo", aepo["scoring"], f"micro-batches of {aepo['trajectories']} trajectories"
+    return "aepo", aepo["scoring"], f"{aepo['trajectories']} trajectories in micro-batches of {unit}"
   if name.startswith("AEPO gradient micro-step"):
-    return "aepo", aepo["micro_step"], f"{config.ppo_epochs} epoch(s) x {aepo['mini_batches']} mini-batches"
+    return "aepo", aepo["micro_step"], f"{minis}, in micro-batches of {unit}"
   if name.startswith("AEPO optimizer apply"):
-    return "aepo", aepo["apply"], f"{config.ppo_epochs} epoch(s) x {aepo['mini_batches']} mini-batches"
+    return "aepo", aepo["apply"], minis
   return "other", 0, "unknown program: not counted"
 
 

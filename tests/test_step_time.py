@@ -87,7 +87,15 @@ def test_step_seconds_by_hand():
   assert steps["aepo"]["at_mfu"] == pytest.approx(0.1 + 4 * 4 + 150 * 0.01 + 20 * 2 + 20 * 6 + 6 * 0.3)
   micro = next(q for q in steps["aepo"]["programs"] if q["name"].startswith("AEPO gradient"))
   assert micro == {"name": "AEPO gradient micro-step (+ accumulation)", "calls": 20,
-                   "how": "2 epoch(s) x 3 mini-batches", "roofline_s": 3.0, "at_mfu_s": 6.0}
+                   "how": "2 epoch(s) x 3 mini-batches of <= 16 trajectories, in micro-batches of 4 rows",
+                   "roofline_s": 3.0, "at_mfu_s": 6.0}
+  how = {q["name"]: q["how"] for s in steps.values() for q in s["programs"]}
+  assert how["old log-probs (policy)"] == "40 trajectories in micro-batches of 4 rows"
+  assert how["SFT gradient micro-step (+ accumulation)"] == "10 examples in micro-batches of 4 rows"
+  assert how["rollout: paged decode loop"] == "ceil(10 prompts / 4 groups in flight) x 50 response tokens"
+  packed = step_time.step_seconds(_config(packing="packed", tokens_per_micro_batch=1000), ROWS, FAKE)
+  old = next(q for q in packed["aepo"]["programs"] if q["name"].startswith("old log-probs"))
+  assert old["how"] == "40 trajectories in micro-batches of 1000 tokens (packed; 100 + 50 a trajectory)"
 
 
 def test_dense_engine_counts_a_decode_step_per_response_token_and_unknown_programs_apart():
