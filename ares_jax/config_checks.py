@@ -126,6 +126,12 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   need(all(isinstance(w, str) and w.strip() for w in a.trigger_words),
        f"config.aepo.trigger_words={tuple(a.trigger_words)}: a tuple of words, e.g. ('wait', 'however')")
 
+  pl = c.plan
+  in_range("plan.prompt_tokens", pl.get("prompt_tokens", 1500), lambda v: v >= 1 and v == int(v), "an integer >= 1")
+  in_range("plan.response_tokens", pl.get("response_tokens", 1000), lambda v: v >= 1 and v == int(v),
+           "an integer >= 1")
+  in_range("plan.mfu", pl.get("mfu", 0.4), lambda v: 0 < v <= 1, "a utilisation in (0, 1]")
+
   o = c.optim
   in_range("optim.lr", o.lr, lambda v: v > 0, "a learning rate > 0")
   one_of("optim.schedule", o.schedule, SCHEDULES)

@@ -15,7 +15,9 @@ arguments' shapes) and when done (seconds, memory), each size the chunk search t
 
 Each program's per-device flops and bytes accessed come from XLA's `cost_analysis()`, and its roofline
 time, max(flops / peak, bytes / bandwidth), from the chip's public figures (`chips`; none for cpu:N).
-XLA counts a loop body once: a rollout chunk's figures are its prefill plus one decode step.
+XLA counts a loop body once: a rollout chunk's figures are its prefill plus one decode step. After the
+table, one line per stage: its predicted seconds per step, each program's time per call x its calls per step
+at the expected lengths (`step_time`; `plan.prompt_tokens`, `plan.response_tokens`, `plan.mfu`).
 
 `--topology=cpu:N` plans for N simulated CPU devices (HBM from `--config.plan.hbm_gib`), and the AEPO
 stage uses `largest_rollout_chunk` on its own devices when `rollout.chunk_prompts` is 0.
@@ -29,7 +31,7 @@ from typing import Any, Optional
 
 from absl import app, flags, logging
 
-from ares_jax import chips, storage
+from ares_jax import chips, step_time, storage
 from ares_jax import main as entry  # the --config flag and its one-line errors for bad overrides
 
 GIB = 1 << 30  # compiled_memory.GIB: that module imports JAX, which must start after prepare_environment
@@ -64,18 +66,28 @@ def main(argv: list[str]) -> None:
   usable = config.plan.usable
   device = chips.for_device(devices[0])
   rows = [p.row(usable, device) for p in plans]
-  print(format_table(rows, _TOPOLOGY.value, hbm, usable, device))
+  steps = step_time.step_seconds(config, rows, device)
+  print("\n".join([format_table(rows, _TOPOLOGY.value, hbm, usable, device), ""] +
+                  step_time.format_lines(config, steps, device)))
   if _JSON.value:
-    storage.write_json(_JSON.value, report(rows, _TOPOLOGY.value, hbm, usable, device), indent=1)  # local or gs://
+    storage.write_json(_JSON.value, report(rows, _TOPOLOGY.value, hbm, usable, device, steps, config.plan),
+                       indent=1)  # local or gs://
   if not all(r["fits"] for r in rows):
     sys.exit(1)
 
 
 def report(rows: list[dict[str, Any]], topology: str, hbm: float, usable: float,
-           device: Optional[chips.Device] = None) -> dict[str, Any]:
-  """The JSON report: the table's rows (with flops, bytes_accessed, roofline_s) and the chip figures used."""
-  return {"topology": topology, "hbm_gib": hbm, "usable": usable,
-          "chip": device.describe() if device else None, "programs": rows}
+           device: Optional[chips.Device] = None, steps: Optional[dict[str, Any]] = None,
+           plan: Any = None) -> dict[str, Any]:
+  """The JSON report: the table's rows (with flops, bytes_accessed, roofline_s), the chip figures used, and
+  with `steps` (`step_time.step_seconds`) the predicted seconds per step of each stage with the calls behind
+  them, at the expected lengths and utilisation of `plan` (config.plan)."""
+  out = {"topology": topology, "hbm_gib": hbm, "usable": usable,
+         "chip": device.describe() if device else None, "programs": rows}
+  if steps is not None:
+    out["step_seconds"] = steps
+    out["step_assumptions"] = {k: plan[k] for k in ("prompt_tokens", "response_tokens", "mfu")}
+  return out
 
 
 def format_table(rows: list[dict[str, Any]], topology: str, hbm: float, usable: float,

@@ -44,7 +44,8 @@ def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shape
     desc += f", {chunk * shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
   return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
                    resident, st.hbm_gib),
-          plan_row(f"{label} chunk (prefill + decode loop)", desc + shapes.note, roll, resident, st.hbm_gib)]
+          plan_row(f"{label} chunk (prefill + decode loop)", desc + shapes.note, roll, resident, st.hbm_gib,
+                   (("prompts_per_call", chunk),))]
 
 
 def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shapes: Shapes, resident: int,
@@ -70,7 +71,7 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
     img = f", {shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
   desc = (f"{n_groups} groups in flight x {group} slots, {t_prompt} + {sc.max_new_tokens}, pages of {sc.page_size}, "
           f"{sc.decode_attention} attention")
-  extra: tuple = ()
+  extra: tuple = (("groups_in_flight", n_groups),)  # with the prefill's prompts per call: `step_time`'s calls
   if costs:
     live = max(sc.max_new_tokens // 2, 1)
     span = paged.block_pages_for(sc.page_size) * sc.page_size
@@ -86,14 +87,15 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
     step_bytes = weights.out_bytes + groups_per_device * paged_kv / st.mesh.shape["tensor"]
     decode = dataclasses.replace(decode, flops=step.flops, bytes_accessed=step_bytes,
                                  collective_bytes=step.collective_bytes)
-    extra = (("decode_step_live_tokens", live), ("decode_step_bytes", step_bytes),
+    extra += (("decode_step_live_tokens", live), ("decode_step_bytes", step_bytes),
              ("xla_decode_step_bytes", step.bytes_accessed), ("kv_bytes_per_prompt_step", paged_kv),
              ("dense_kv_bytes_per_prompt_step", dense_kv), ("kv_read_ratio", paged_kv / dense_kv))
     desc += (f"; cost columns: one step at {live} live response tokens, bytes = decode weights + live KV "
              f"({paged_kv / dense_kv:.2f} of the dense engine's KV per prompt-step)")
   return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
                    resident, st.hbm_gib),
-          plan_row(f"{label}: prefill into free groups", f"{prefill} prompts{img}", admit, resident, st.hbm_gib),
+          plan_row(f"{label}: prefill into free groups", f"{prefill} prompts{img}", admit, resident, st.hbm_gib,
+                   (("prompts_per_call", prefill),)),
           plan_row(f"{label}: paged decode loop", desc + shapes.note, decode, resident, st.hbm_gib, extra)]
 
 

@@ -21,7 +21,7 @@ from ares_jax import settings as settings_lib
 from ares_jax import sharding
 from ares_jax import compiled_memory as cm
 from ares_jax import memory_plan as mp
-from ares_jax import sampling
+from ares_jax import sampling, step_time
 from tiny_configs import ROOT, load_config
 
 GIB = cm.GIB
@@ -77,6 +77,9 @@ def test_plan_lists_every_program_and_the_figures_add_up(tiny_plan):
   # sharded over 8 devices: a device holds about an eighth of the parameters
   total = sum(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(st.params))
   assert params < total / 4
+  # every program has a call count in the predicted step time (none left out as unknown)
+  steps = step_time.step_seconds(c, [p.row(c.plan.usable) for p in plans], None)
+  assert list(steps) == ["adacs", "aepo"] and all(q["calls"] >= 0 for s in steps.values() for q in s["programs"])
 
 
 @pytest.mark.slow
@@ -139,6 +142,14 @@ def test_plan_cli_writes_json_and_fails_when_a_program_does_not_fit(tmp_path):
     assert (r["flops"] is None) == r["name"].startswith("AEPO restore"), r
   assert all(r["flops"] >= 0 and r["bytes_accessed"] > 0 for r in report["programs"] if r["flops"] is not None)
   assert all(r["flops"] > 0 for r in report["programs"] if "log-probs" in r["name"] or "micro-step" in r["name"])
+  # no predicted step time without chip figures: the line says so, the JSON has null and the calls
+  assert re.search(r"^predicted aepo step: no prediction \(no peak figures for these devices \(chips.py\)\); "
+                   r"calls per step: decode weights \(per generate call\) x1, ", proc.stdout, re.M)
+  aepo = report["step_seconds"]["aepo"]
+  assert aepo["roofline"] is None and aepo["at_mfu"] is None
+  loop = next(q for q in aepo["programs"] if q["name"] == "rollout: paged decode loop")
+  assert loop["calls"] == -(-8 // decode["groups_in_flight"]) * 112  # 8 prompts; responses at most 112 tokens
+  assert report["step_assumptions"] == {"prompt_tokens": 1500, "response_tokens": 1000, "mfu": 0.4}
 
 
 @pytest.mark.slow

@@ -1,0 +1,177 @@
+"""A predicted step time from a memory plan: each program's time per call x its calls per training step.
+
+The plan (`memory_plan.plan_step`) gives every program's per-device flops and bytes accessed (XLA's cost
+analysis); `chips.Device` gives the peak rates. Per call:
+
+  roofline = max(flops / peak_flops, bytes / hbm_bandwidth)
+  at_mfu   = max(flops / (peak_flops x plan.mfu), bytes / hbm_bandwidth)
+
+(compute-bound programs at the assumed utilisation, memory-bound ones at their bandwidth bound), and a
+stage's step is the sum over its programs of calls x time per call, at the expected lengths
+`plan.prompt_tokens` (image tokens included) and `plan.response_tokens`. A step is one of `total_steps`:
+for AEPO a rollout batch and all its optimizer updates (`ppo_epochs` x its mini-batches), for AdaCS one SFT
+optimizer step (its pass-rate rollouts run before training and are not part of it).
+
+What the figures are not: XLA counts a loop body once, so the decode programs' cost columns are one decode
+step, multiplied here by an estimate of the steps; the paged engine's step is costed at half the response
+budget live, whatever `plan.response_tokens`; communication, launch gaps and what XLA's cost model does not
+see (Pallas kernels) are left out. Nothing here imports JAX: it reads the plan's rows (`ProgramPlan.row`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from ares_jax import chips
+
+
+def _micro_batches(rows: float, per_prompt: int, micro_rows: int, c: Any, most: int) -> int:
+  """Micro-batches over `rows` trajectories (`per_prompt` sharing each prompt) at the expected lengths, a
+  response being at most `most` tokens."""
+  update = c.get("update") or {}
+  packing = update.get("packing", "none")
+  if packing == "none":
+    return math.ceil(rows / micro_rows)
+  p, r = c.plan.prompt_tokens, min(c.plan.response_tokens, most)
+  if packing == "packed":
+    tokens = rows * (p + r)
+  elif packing == "shared_prompt":  # each prompt once for the responses that share it
+    tokens = rows / per_prompt * p + rows * r
+  else:
+    raise ValueError(f"config.update.packing={packing!r}: expected one of none, packed, shared_prompt")
+  return math.ceil(tokens / update["tokens_per_micro_batch"])
+
+
+def update_calls(config: Any) -> dict[str, Any]:
+  """Calls per training step of the scoring and update programs, from the config's batch sizes and, with
+  `config.update.packing` "packed" or "shared_prompt", its `tokens_per_micro_batch` at the expected lengths
+  (no `config.update`: "none", rows of `micro_batch_size`); an expected response longer than the stage's
+  `max_response_length` counts as that long. AEPO trains on rollout.prompts_per_step x
+  rollout.n trajectories (branches and the online filter aside): old and reference log-probs score them once;
+  the gradient micro-step runs over every mini-batch (`aepo.global_batch_size` trajectories, the last one
+  the remainder) of every epoch, and the optimizer apply once per mini-batch. AdaCS: one optimizer step of
+  `adacs.batch_size` examples.
+
+  Returns {"packing": str, "aepo": {"trajectories", "mini_batches", "scoring", "micro_step", "apply"},
+  "sft": {"micro_step", "apply"}} (counts; "mini_batches" is per epoch)."""
+  c = config
+  a, r = c.aepo, c.rollout
+  trajectories = r.prompts_per_step * r.n
+  full, rest = divmod(trajectories, a.global_batch_size)
+  sizes = [a.global_batch_size] * full + ([rest] if rest else [])
+  micro = lambda rows: _micro_batches(rows, r.n, a.micro_batch_size, c, r.max_response_length)
+  epochs = c.ppo_epochs
+  packing = (c.get("update") or {}).get("packing", "none")
+  return {"packing": packing,
+          "aepo": {"trajectories": trajectories, "mini_batches": len(sizes), "scoring": micro(trajectories),
+                   "micro_step": epochs * sum(micro(s) for s in sizes), "apply": epochs * len(sizes)},
+          "sft": {"micro_step": _micro_batches(c.adacs.batch_size, 1, c.adacs.micro_batch_size, c,
+                                               c.adacs.max_response_length), "apply": 1}}
+
+
+def _unit(config: Any, micro_rows: int, most: int) -> str:
+  """What a micro-batch holds, for the counts' explanations."""
+  update = config.get("update") or {}
+  packing = update.get("packing", "none")
+  if packing == "none":
+    return f"{micro_rows} rows"
+  r = min(config.plan.response_tokens, most)
+  return f"{update['tokens_per_micro_batch']} tokens ({packing}; {config.plan.prompt_tokens} + {r} a trajectory)"
+
+
+def response_tokens(config: Any) -> int:
+  """The expected AEPO response: `plan.response_tokens`, at most `rollout.max_response_length`."""
+  return min(config.plan.response_tokens, config.rollout.max_response_length)
+
+
+def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any]) -> tuple[str, int, str]:
+  """(stage, calls per step, how they were counted) of one plan row, by its name; stage "other" with 0
+  calls for a program this module does not know (it is listed, not counted)."""
+  name, r, a = row["name"], config.rollout, config.aepo
+  prompts = r.prompts_per_step
+  unit = _unit(config, a.micro_batch_size, r.max_response_length)
+  aepo, sft = updates["aepo"], updates["sft"]
+  minis = f"{config.ppo_epochs} epoch(s) x {aepo['mini_batches']} mini-batches of <= {a.global_batch_size} trajectories"
+  waves = lambda per_call: math.ceil(prompts / max(per_call, 1))
+  if name.startswith("pass-rate rollout"):
+    return "adacs", 0, "pass-rate rollouts run before SFT, not in its step"
+  if "restore" in name:
+    return ("adacs" if name.startswith("SFT") else "aepo"), 0, "at a restart, not per step"
+  if name.startswith("SFT gradient micro-step"):
+    ad = config.adacs
+    return "adacs", sft["micro_step"], (f"{ad.batch_size} examples in micro-batches of "
+                                        f"{_unit(config, ad.micro_batch_size, ad.max_response_length)}")
+  if name.startswith("SFT optimizer apply"):
+    return "adacs", sft["apply"], "one per step"
+  if name.startswith("decode weights"):
+    return "aepo", 1, "one generate call per step"
+  if name.startswith("rollout: prefill"):
+    n = row["prompts_per_call"]
+    return "aepo", waves(n), f"ceil({prompts} prompts / {n} per call)"
+  if name.startswith("rollout: paged decode loop"):
+    n, t = row["groups_in_flight"], response_tokens(config)
+    return "aepo", waves(n) * t, f"ceil({prompts} prompts / {n} groups in flight) x {t} response tokens"
+  if name.startswith("rollout chunk"):  # the dense engine's figures: prefill + one decode step
+    n, t = row["prompts_per_call"], response_tokens(config)
+    return "aepo", waves(n) * t, f"ceil({prompts} prompts / {n} per call) x {t} response tokens (prefill included)"
+  if name.startswith(("old log-probs", "reference log-probs")):
+    return "aepo", aepo["scoring"], f"{aepo['trajectories']} trajectories in micro-batches of {unit}"
+  if name.startswith("AEPO gradient micro-step"):
+    return "aepo", aepo["micro_step"], f"{minis}, in micro-batches of {unit}"
+  if name.startswith("AEPO optimizer apply"):
+    return "aepo", aepo["apply"], minis
+  return "other", 0, "unknown program: not counted"
+
+
+def per_call(row: dict[str, Any], device: Optional[chips.Device], mfu: float) -> tuple[Optional[float], ...]:
+  """(roofline, at_mfu) seconds of one call of a row's program; (None, None) without figures or a device."""
+  flops, moved = row.get("flops"), row.get("bytes_accessed")
+  if device is None or flops is None or moved is None:
+    return None, None
+  memory = moved / device.hbm_bandwidth
+  return max(flops / device.peak_flops, memory), max(flops / (device.peak_flops * mfu), memory)
+
+
+def step_seconds(config: Any, rows: list[dict[str, Any]], device: Optional[chips.Device]) -> dict[str, Any]:
+  """Per stage of the plan ("aepo", "adacs"; "other" for unknown programs): {"roofline": s, "at_mfu": s,
+  "programs": [{"name", "calls", "how", "roofline_s", "at_mfu_s"}]}, the times per call; a stage's totals
+  are None when a program it calls has no figures or there is no device (cpu:N)."""
+  updates = update_calls(config)
+  out: dict[str, Any] = {}
+  for row in rows:
+    stage, calls, how = program_calls(config, row, updates)
+    roof, at_mfu = per_call(row, device, config.plan.mfu)
+    s = out.setdefault(stage, {"roofline": 0.0, "at_mfu": 0.0, "programs": []})
+    s["programs"].append({"name": row["name"], "calls": calls, "how": how, "roofline_s": roof, "at_mfu_s": at_mfu})
+    if calls == 0 or stage == "other":
+      continue
+    for key, t in (("roofline", roof), ("at_mfu", at_mfu)):
+      s[key] = None if t is None or s[key] is None else s[key] + calls * t
+  return out
+
+
+def format_lines(config: Any, steps: dict[str, Any], device: Optional[chips.Device]) -> list[str]:
+  """One line per stage (the predicted seconds per step and the calls behind them), then what they assume."""
+  p = config.plan
+  lines = []
+  for stage, s in steps.items():
+    calls = ", ".join(f"{q['name']} x{q['calls']:,}" for q in s["programs"] if q["calls"])
+    if stage == "other":
+      lines.append("not counted (no call count known): " + ", ".join(q["name"] for q in s["programs"]))
+    elif s["roofline"] is None:
+      why = "no peak figures for these devices (chips.py)" if device is None else "a program has no cost figures"
+      lines.append(f"predicted {stage} step: no prediction ({why}); calls per step: {calls}")
+    else:
+      lines.append(f"predicted {stage} step: {_seconds(s['roofline'])} at the roofline, {_seconds(s['at_mfu'])} at "
+                   f"{p.mfu:.0%} MFU; calls per step: {calls}")
+  lines.append(f"Step time: sum of calls x time per call at {p.prompt_tokens} prompt + {response_tokens(config)} "
+               "response tokens (plan.prompt_tokens, plan.response_tokens up to rollout.max_response_length); "
+               "decode loop calls = ceil(prompts / groups in flight) x response tokens, each a decode step (XLA "
+               "counts a loop body once); at MFU = compute at plan.mfu of peak, memory at full bandwidth; "
+               "communication and host work not counted.")
+  return lines
+
+
+def _seconds(x: float) -> str:
+  return f"{x:.3g} s" if x >= 1 else f"{x * 1e3:.3g} ms"
