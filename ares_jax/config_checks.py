@@ -19,6 +19,7 @@ DATA_KINDS = ("synthetic", "files", "tfds")
 SYNTHETIC_TASKS = ("steps", "checks")
 TARGET_MODES = ("correct_mean", "batch_mean", "ema", "ares_release")  # aepo/rewards.py
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")  # aepo/loss.py
+PACKINGS = ("shared_prompt", "packed", "none")  # train/row_fill.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # models/layers.py
 ATTENTION = ("auto", "xla", "blockwise", "splash", "cudnn")  # models/attention.py
 SCHEDULES = ("constant", "cosine")  # train/optimizer.py
@@ -107,20 +108,20 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
            "an integer >= 0 (0 = never stop)")
   in_range("aepo.grading_timeout_s", a.grading_timeout_s, lambda v: v > 0, "seconds > 0")
   in_range("aepo.micro_batch_size", a.micro_batch_size, lambda v: v >= 1, "an integer >= 1")
-  u = c.get("update") or {}
-  one_of("update.packing", u.get("packing", "shared_prompt"), ("shared_prompt", "packed", "none"))
-  in_range("update.row_tokens", u.get("row_tokens", 0), lambda v: v >= 0, "0 (automatic) or a positive integer")
-  in_range("update.tokens_per_micro_batch", u.get("tokens_per_micro_batch", 0), lambda v: v >= 0,
+  u = c.get("updates") or {}
+  one_of("updates.packing", u.get("packing", "shared_prompt"), PACKINGS)
+  in_range("updates.row_tokens", u.get("row_tokens", 0), lambda v: v >= 0, "0 (automatic) or a positive integer")
+  in_range("updates.tokens_per_micro_batch", u.get("tokens_per_micro_batch", 0), lambda v: v >= 0,
            "0 (automatic) or a positive integer")
   need(not u.get("row_tokens", 0) or not u.get("tokens_per_micro_batch", 0)
        or u.tokens_per_micro_batch >= u.row_tokens,
-       f"config.update.tokens_per_micro_batch={u.get('tokens_per_micro_batch')} is less than one row "
-       f"(config.update.row_tokens={u.get('row_tokens')})")
+       f"config.updates.tokens_per_micro_batch={u.get('tokens_per_micro_batch')} is less than one row "
+       f"(config.updates.row_tokens={u.get('row_tokens')})")
   longest = {"aepo": c.rollout.max_prompt_length + c.rollout.max_response_length,
              "adacs": c.rollout.max_prompt_length + c.adacs.max_response_length}
   for stage, n in longest.items():
     need(not u.get("row_tokens", 0) or c.stage not in (stage, "ares") or u.row_tokens >= n,
-         f"config.update.row_tokens={u.get('row_tokens')} cannot hold the {stage} stage's longest sequence "
+         f"config.updates.row_tokens={u.get('row_tokens')} cannot hold the {stage} stage's longest sequence "
          f"(rollout.max_prompt_length + {'adacs' if stage == 'adacs' else 'rollout'}.max_response_length = {n})")
   in_range("aepo.global_batch_size", a.global_batch_size, lambda v: v >= 1, "an integer >= 1")
   need(all(isinstance(w, str) and w.strip() for w in a.trigger_words),

@@ -8,7 +8,7 @@ them; a stage turns its config into them here, once, at its start:
     shaping      config.aepo              -> aepo.step.ShapingSettings (statistics, rewards, KL budget)
     loss         config.aepo + rollout    -> aepo.step.LossSettings (the static part of a micro-batch)
     ppo          config.aepo + ppo_epochs -> aepo.step.PPOSettings
-    packing      config.update (+ stage)  -> train.packing.PackingSettings (update rows)
+    packing      config.updates (+ stage) -> train.packing.PackingSettings (update rows)
     optim        config.optim             -> train.optimizer.OptimSettings
     adacs_sft    config.adacs             -> train.sft.SftSettings (AdaCS's SFT)
     warm_start_sft config.warm_start      -> train.sft.SftSettings (the tiny config's warm start)
@@ -29,7 +29,6 @@ from ares_jax.evaluation import benchmarks
 from ares_jax.models.config import ConfigError, LoraConfig, ModelConfig, TextConfig, VisionConfig
 from ares_jax.sampling import SamplingConfig
 from ares_jax.train.checkpoint import CheckpointSettings
-from ares_jax.data.batching import round_up
 from ares_jax.train.optimizer import OptimSettings
 from ares_jax.train.packing import PackingSettings
 from ares_jax.train.sft import SftSettings
@@ -146,16 +145,8 @@ def ppo(config: ml_collections.ConfigDict) -> PPOSettings:
 
 
 def packing(config: ml_collections.ConfigDict, stage: str) -> PackingSettings:
-  """`config.update` for `stage` ("aepo": rollout lengths and aepo.micro_batch_size; "adacs": its response
-  limit and micro-batch size), zeros resolved: a row holds the stage's longest prompt + response."""
-  u = config.get("update") or {}
-  longest = config.rollout.max_prompt_length + (config.adacs.max_response_length if stage == "adacs"
-                                                else config.rollout.max_response_length)
-  row_tokens = int(u.get("row_tokens", 0)) or round_up(longest, 128)
-  micro = int(config.adacs.micro_batch_size if stage == "adacs" else config.aepo.micro_batch_size)
-  return PackingSettings(packing=u.get("packing", "shared_prompt"), row_tokens=row_tokens,
-                         tokens_per_micro_batch=int(u.get("tokens_per_micro_batch", 0)) or micro * row_tokens,
-                         micro_batch_size=micro)
+  """`config.updates` for `stage` ("aepo" | "adacs"), its zeros resolved (`PackingSettings.from_config`)."""
+  return PackingSettings.from_config(config, stage)
 
 
 def optim(config: ml_collections.ConfigDict, **overrides: Any) -> OptimSettings:

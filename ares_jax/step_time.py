@@ -24,60 +24,56 @@ import math
 from typing import Any, Optional
 
 from ares_jax import chips
+from ares_jax.train import row_fill
+from ares_jax.train.row_fill import PackingSettings
 
 
-def _micro_batches(rows: float, per_prompt: int, micro_rows: int, c: Any, most: int) -> int:
-  """Micro-batches over `rows` trajectories (`per_prompt` sharing each prompt) at the expected lengths, a
-  response being at most `most` tokens."""
-  update = c.get("update") or {}
-  packing = update.get("packing", "none")
-  if packing == "none":
-    return math.ceil(rows / micro_rows)
-  p, r = c.plan.prompt_tokens, min(c.plan.response_tokens, most)
-  if packing == "packed":
-    tokens = rows * (p + r)
-  elif packing == "shared_prompt":  # each prompt once for the responses that share it
-    tokens = rows / per_prompt * p + rows * r
-  else:
-    raise ValueError(f"config.update.packing={packing!r}: expected one of none, packed, shared_prompt")
-  return math.ceil(tokens / update["tokens_per_micro_batch"])
+def _micro_batches(first: int, count: int, per_prompt: int, s: PackingSettings, p: int, r: int) -> int:
+  """Micro-batches `train.packing` makes of trajectories first .. first + count - 1 (groups of `per_prompt`
+  in order, as `aepo.step.mini_batches` cuts them), each a prompt of p tokens and a response of r."""
+  group = [j // per_prompt for j in range(first, first + count)]
+  prompt_lengths = [p] * (group[-1] + 1)
+  return row_fill.micro_batch_count(prompt_lengths, group, [r] * count, s)
 
 
 def update_calls(config: Any) -> dict[str, Any]:
-  """Calls per training step of the scoring and update programs, from the config's batch sizes and, with
-  `config.update.packing` "packed" or "shared_prompt", its `tokens_per_micro_batch` at the expected lengths
-  (no `config.update`: "none", rows of `micro_batch_size`); an expected response longer than the stage's
-  `max_response_length` counts as that long. AEPO trains on rollout.prompts_per_step x
-  rollout.n trajectories (branches and the online filter aside): old and reference log-probs score them once;
-  the gradient micro-step runs over every mini-batch (`aepo.global_batch_size` trajectories, the last one
-  the remainder) of every epoch, and the optimizer apply once per mini-batch. AdaCS: one optimizer step of
-  `adacs.batch_size` examples.
+  """Calls per training step of the scoring and update programs: the micro-batches `train.packing` makes at
+  the expected lengths (`plan.prompt_tokens`, `plan.response_tokens` up to the stage's
+  `max_response_length`) in the layout `config.updates` names (`row_fill.PackingSettings.from_config`). AEPO
+  trains on rollout.prompts_per_step x rollout.n trajectories (branches and the online filter aside): old and
+  reference log-probs score them once; the gradient micro-step runs over every mini-batch
+  (`aepo.global_batch_size` trajectories of whole groups, the last one the remainder) of every epoch, and the
+  optimizer apply once per mini-batch. AdaCS: one optimizer step of `adacs.batch_size` examples.
 
   Returns {"packing": str, "aepo": {"trajectories", "mini_batches", "scoring", "micro_step", "apply"},
   "sft": {"micro_step", "apply"}} (counts; "mini_batches" is per epoch)."""
   c = config
   a, r = c.aepo, c.rollout
+  s = PackingSettings.from_config(c, "aepo")
+  p, resp = c.plan.prompt_tokens, response_tokens(c)
   trajectories = r.prompts_per_step * r.n
-  full, rest = divmod(trajectories, a.global_batch_size)
-  sizes = [a.global_batch_size] * full + ([rest] if rest else [])
-  micro = lambda rows: _micro_batches(rows, r.n, a.micro_batch_size, c, r.max_response_length)
-  epochs = c.ppo_epochs
-  packing = (c.get("update") or {}).get("packing", "none")
-  return {"packing": packing,
-          "aepo": {"trajectories": trajectories, "mini_batches": len(sizes), "scoring": micro(trajectories),
-                   "micro_step": epochs * sum(micro(s) for s in sizes), "apply": epochs * len(sizes)},
-          "sft": {"micro_step": _micro_batches(c.adacs.batch_size, 1, c.adacs.micro_batch_size, c,
-                                               c.adacs.max_response_length), "apply": 1}}
+  starts = range(0, trajectories, a.global_batch_size)
+  sizes = [min(a.global_batch_size, trajectories - lo) for lo in starts]
+  micro = sum(_micro_batches(lo, n, r.n, s, p, resp) for lo, n in zip(starts, sizes))
+  ad = c.adacs
+  sft = _micro_batches(0, ad.batch_size, 1, PackingSettings.from_config(c, "adacs"), p,
+                       min(c.plan.response_tokens, ad.max_response_length))
+  return {"packing": s.packing,
+          "aepo": {"trajectories": trajectories, "mini_batches": len(sizes),
+                   "scoring": _micro_batches(0, trajectories, r.n, s, p, resp),
+                   "micro_step": c.ppo_epochs * micro, "apply": c.ppo_epochs * len(sizes)},
+          "sft": {"micro_step": sft, "apply": 1}}
 
 
-def _unit(config: Any, micro_rows: int, most: int) -> str:
+def _unit(config: Any, stage: str) -> str:
   """What a micro-batch holds, for the counts' explanations."""
-  update = config.get("update") or {}
-  packing = update.get("packing", "none")
-  if packing == "none":
-    return f"{micro_rows} rows"
+  s = PackingSettings.from_config(config, stage)
+  if s.packing == "none":
+    return f"{s.micro_batch_size} rows"
+  most = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
   r = min(config.plan.response_tokens, most)
-  return f"{update['tokens_per_micro_batch']} tokens ({packing}; {config.plan.prompt_tokens} + {r} a trajectory)"
+  return (f"{s.rows_per_micro_batch} rows of {s.row_tokens} tokens ({s.packing}; {config.plan.prompt_tokens} + {r} "
+          "a trajectory)")
 
 
 def response_tokens(config: Any) -> int:
@@ -90,7 +86,7 @@ def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any]) -> 
   calls for a program this module does not know (it is listed, not counted)."""
   name, r, a = row["name"], config.rollout, config.aepo
   prompts = r.prompts_per_step
-  unit = _unit(config, a.micro_batch_size, r.max_response_length)
+  unit = _unit(config, "aepo")
   aepo, sft = updates["aepo"], updates["sft"]
   minis = f"{config.ppo_epochs} epoch(s) x {aepo['mini_batches']} mini-batches of <= {a.global_batch_size} trajectories"
   waves = lambda per_call: math.ceil(prompts / max(per_call, 1))
@@ -101,7 +97,7 @@ def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any]) -> 
   if name.startswith("SFT gradient micro-step"):
     ad = config.adacs
     return "adacs", sft["micro_step"], (f"{ad.batch_size} examples in micro-batches of "
-                                        f"{_unit(config, ad.micro_batch_size, ad.max_response_length)}")
+                                        f"{_unit(config, 'adacs')}")
   if name.startswith("SFT optimizer apply"):
     return "adacs", sft["apply"], "one per step"
   if name.startswith("decode weights"):

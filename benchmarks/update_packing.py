@@ -113,10 +113,10 @@ def run_layout(mcfg, params, prompts, group, responses, budget, layout, micro_ro
     t2 = time.perf_counter()
     computed = sum(r.tokens()[0] for r in rows.layout(range(n)))
     # what the layout must compute at the least: every sequence's prompt + response, or each prompt once
-    needed = sum(len(r) for r in responses) + sum(len(prompts[g].ids) for g in (np.unique(group) if
-                                                  layout == "shared_prompt" else group))
-    return dict(score_s=t1 - t0, update_s=t2 - t1, seconds=t2 - t0, computed=computed, needed=needed, micro_batches=len(micro),
-                rows=sum(r.inputs.ids.shape[0] for r in rows.layout(range(n))), loss=m["loss"]), old
+    copies = np.unique(group) if layout == "shared_prompt" else group
+    needed = sum(len(r) for r in responses) + sum(len(prompts[g].ids) for g in copies)
+    return dict(score_s=t1 - t0, update_s=t2 - t1, seconds=t2 - t0, computed=computed, needed=needed,
+                micro_batches=len(micro), rows=sum(r.inputs.ids.shape[0] for r in rows.layout(range(n))), loss=m["loss"]), old
 
   first, old = once()  # compiles
   timed = [once()[0] for _ in range(repeats)]

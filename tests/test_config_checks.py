@@ -26,6 +26,8 @@ def test_enumerations_are_the_consumers_own():
 
   assert config_checks.TARGET_MODES == aepo.TARGET_MODES and config_checks.LOSS_AGGS == LOSS_AGGS
   assert config_checks.SYNTHETIC_TASKS == synthetic.TASKS
+  from ares_jax.train import row_fill
+  assert config_checks.PACKINGS == row_fill.PACKINGS
   assert set(config_checks.ATTENTION) == set(IMPLEMENTATIONS)
   from ares_jax.models import lora
   assert config_checks.LORA_TARGETS == lora.TARGETS
@@ -126,3 +128,12 @@ def test_a_mesh_larger_than_the_devices_is_one_line_with_the_way_out(tmp_path):
   verbose = _main("--config.stage=inspect", "--config.inspect.forward=False", "--config.mesh.fsdp=3",
                   f"--config.workdir={tmp_path}", "--verbose")
   assert verbose.returncode != 0 and "Traceback" in verbose.stderr and "MeshError" in verbose.stderr
+
+
+def test_update_fields_are_checked_at_startup():
+  c = load_config("tiny.py")
+  c.updates.packing = "dense"
+  c.updates.row_tokens = 64
+  found = "\n".join(config_checks.problems(c))
+  assert "config.updates.packing='dense': expected one of shared_prompt, packed, none" in found
+  assert "config.updates.row_tokens=64 cannot hold the aepo stage's longest sequence" in found

@@ -110,9 +110,9 @@ def test_a_sequence_longer_than_a_row_names_the_field():
   mcfg, _ = _model()
   rows = _rows(mcfg, "packed")
   rows.packing = packing.PackingSettings(packing="packed", row_tokens=32, tokens_per_micro_batch=64)
-  with pytest.raises(ValueError, match="config.update.row_tokens=32"):
+  with pytest.raises(ValueError, match="config.updates.row_tokens=32"):
     rows.layout(range(len(rows)))
-  with pytest.raises(ValueError, match="config.update.packing='dense'"):
+  with pytest.raises(ValueError, match="config.updates.packing='dense'"):
     packing.PackingSettings(packing="dense")
 
 

@@ -23,7 +23,7 @@ def _config(**update) -> ml_collections.ConfigDict:
   c.adacs.batch_size, c.adacs.micro_batch_size = 10, 4
   c.plan.prompt_tokens, c.plan.response_tokens, c.plan.mfu = 100, 50, 0.5
   if update:
-    c.update = ml_collections.ConfigDict(update)
+    c.updates = ml_collections.ConfigDict(update)
   return c
 
 
@@ -46,7 +46,7 @@ ROWS = [_row("pass-rate rollout: paged decode loop", 1e9, 1e9, groups_in_flight=
 
 
 def test_update_calls_without_packing_count_rows():
-  u = step_time.update_calls(_config())
+  u = step_time.update_calls(_config(packing="none"))
   # 40 trajectories in micro-batches of 4: 10 scoring calls; mini-batches 16, 16, 8 -> 4 + 4 + 2 micro-steps
   # per epoch, two epochs; an apply per mini-batch; SFT: ceil(10 / 4) micro-steps and one apply
   assert u == {"packing": "none",
@@ -56,20 +56,21 @@ def test_update_calls_without_packing_count_rows():
 
 def test_update_calls_by_tokens_when_packed_or_sharing_prompts():
   packed = step_time.update_calls(_config(packing="packed", row_tokens=300, tokens_per_micro_batch=1000))
-  # 150 tokens a trajectory: scoring 6000 / 1000; mini-batches of 2400, 2400 and 1200 tokens -> 3 + 3 + 2
-  assert packed["aepo"] == {"trajectories": 40, "mini_batches": 3, "scoring": 6, "micro_step": 16, "apply": 6}
-  assert packed["sft"] == {"micro_step": 2, "apply": 1}  # 1500 tokens
+  # 150 tokens a trajectory, two a row, 3 rows a micro-batch: scoring 20 rows -> 7; mini-batches of 16, 16 and 8
+  # trajectories: 8, 8 and 4 rows -> 3 + 3 + 2 micro-batches, twice
+  assert packed["aepo"] == {"trajectories": 40, "mini_batches": 3, "scoring": 7, "micro_step": 16, "apply": 6}
+  assert packed["sft"] == {"micro_step": 2, "apply": 1}  # 10 examples: 5 rows
   shared = step_time.update_calls(_config(packing="shared_prompt", row_tokens=300, tokens_per_micro_batch=1000))
-  # each prompt once per 4 responses: 40 / 4 x 100 + 40 x 50 = 3000 tokens to score; mini-batches of 16
-  # (400 + 800 = 1200 tokens: 2 micro-batches) twice and 8 (600: 1)
-  assert shared["aepo"] == {"trajectories": 40, "mini_batches": 3, "scoring": 3, "micro_step": 10, "apply": 6}
+  # a group (each prompt once, then its 4 responses: 100 + 4 x 50) fills a row: scoring 10 rows -> 4;
+  # mini-batches of 4, 4 and 2 groups -> 2 + 2 + 1 micro-batches, twice
+  assert shared["aepo"] == {"trajectories": 40, "mini_batches": 3, "scoring": 4, "micro_step": 10, "apply": 6}
   assert shared["sft"] == packed["sft"]  # one response per SFT prompt: nothing to share
-  with pytest.raises(ValueError, match="config.update.packing='rows'"):
+  with pytest.raises(ValueError, match="config.updates.packing='rows'"):
     step_time.update_calls(_config(packing="rows", tokens_per_micro_batch=1000))
 
 
 def test_step_seconds_by_hand():
-  c = _config()
+  c = _config(packing="none")
   steps = step_time.step_seconds(c, ROWS, FAKE)
   assert set(steps) == {"adacs", "aepo"}
   calls = {q["name"]: q["calls"] for s in steps.values() for q in s["programs"]}
@@ -93,9 +94,9 @@ def test_step_seconds_by_hand():
   assert how["old log-probs (policy)"] == "40 trajectories in micro-batches of 4 rows"
   assert how["SFT gradient micro-step (+ accumulation)"] == "10 examples in micro-batches of 4 rows"
   assert how["rollout: paged decode loop"] == "ceil(10 prompts / 4 groups in flight) x 50 response tokens"
-  packed = step_time.step_seconds(_config(packing="packed", tokens_per_micro_batch=1000), ROWS, FAKE)
+  packed = step_time.step_seconds(_config(packing="packed", row_tokens=300, tokens_per_micro_batch=1000), ROWS, FAKE)
   old = next(q for q in packed["aepo"]["programs"] if q["name"].startswith("old log-probs"))
-  assert old["how"] == "40 trajectories in micro-batches of 1000 tokens (packed; 100 + 50 a trajectory)"
+  assert old["how"] == "40 trajectories in micro-batches of 3 rows of 300 tokens (packed; 100 + 50 a trajectory)"
 
 
 def test_dense_engine_counts_a_decode_step_per_response_token_and_unknown_programs_apart():
@@ -115,7 +116,7 @@ def test_dense_engine_counts_a_decode_step_per_response_token_and_unknown_progra
 
 
 def test_no_prediction_without_chip_figures():
-  c = _config()
+  c = _config(packing="none")
   steps = step_time.step_seconds(c, ROWS, None)
   assert all(s["roofline"] is None and s["at_mfu"] is None for s in steps.values())
   line = step_time.format_lines(c, steps, None)[0]
@@ -124,7 +125,7 @@ def test_no_prediction_without_chip_figures():
 
 
 def test_printed_lines_and_json_keys():
-  c = _config()
+  c = _config(packing="none")
   steps = step_time.step_seconds(c, ROWS, FAKE)
   lines = step_time.format_lines(c, steps, FAKE)
   assert lines[0] == ("predicted adacs step: 12.2 s at the roofline, 24.2 s at 50% MFU; calls per step: "

@@ -80,7 +80,7 @@ class PPOSettings:
   """How one rollout batch is trained on: `epochs` passes of mini-batches of `global_batch_size` trajectories."""
 
   global_batch_size: int
-  packing: PackingSettings  # how micro-batches are laid out (`update.*`)
+  packing: PackingSettings  # how micro-batches are laid out (`updates.*`)
   epochs: int = 1
   seed: int = 0  # with the step, seeds the mini-batch shuffle
 
@@ -200,7 +200,7 @@ def reference_template(params: Any, dtype: str) -> Any:
 @dataclasses.dataclass
 class UpdateRows:
   """The trajectories one RL step trains on, with their advantages, loss masks and KL weights; laid out in
-  micro-batches of update rows (`train.packing`, `update.packing`) on demand, each layout made once."""
+  micro-batches of update rows (`train.packing`, `updates.packing`) on demand, each layout made once."""
 
   model_config: ModelConfig
   prompts: Sequence[Prompt]  # one per group

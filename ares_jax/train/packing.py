@@ -1,6 +1,6 @@
 """How prompt + response sequences are laid out in rows for scoring and training (docs/design.md §10.5).
 
-Three layouts, `update.packing`:
+Three layouts, `updates.packing`:
 
   none           one sequence per row, [left pad | prompt | response | right pad]: prompts as wide as the
                  micro-batch's longest, every response `width` wide, `micro_batch_size` rows per micro-batch.
@@ -31,28 +31,11 @@ from ares_jax.data.batching import Prompt, round_up
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
 from ares_jax.models.qwen25vl import ModelInputs, prepare_vision
+from ares_jax.train import row_fill
+from ares_jax.train.row_fill import PackingSettings
 from ares_jax.train.sequences import pack
 
-PACKINGS = ("shared_prompt", "packed", "none")
 NO_PREFIX = -2  # `ModelInputs.prefix` of tokens that attend to no shared prompt (never a segment id)
-
-
-@dataclasses.dataclass(frozen=True)
-class PackingSettings:
-  """`config.update` resolved for one stage (settings.packing): the layout and its sizes."""
-
-  packing: str = "shared_prompt"
-  row_tokens: int = 4096  # T of packed rows
-  tokens_per_micro_batch: int = 32768  # packed, shared_prompt: rows per micro-batch = this // row_tokens
-  micro_batch_size: int = 8  # none: rows per micro-batch
-
-  def __post_init__(self):
-    if self.packing not in PACKINGS:
-      raise ValueError(f"config.update.packing={self.packing!r}; choose one of {', '.join(PACKINGS)}")
-
-  @property
-  def rows_per_micro_batch(self) -> int:
-    return self.micro_batch_size if self.packing == "none" else max(1, self.tokens_per_micro_batch // self.row_tokens)
 
 
 @dataclasses.dataclass
@@ -103,7 +86,8 @@ def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int],
     mb = s.micro_batch_size
     return [_padded_rows(config, prompts, group, responses, seqs[lo:lo + mb], mb, pad_id, width, min_windows)
             for lo in range(0, len(seqs), mb)]
-  rows = _fill_rows(_items(prompts, group, responses, seqs, s), s.row_tokens)
+  its = row_fill.items([len(p.ids) for p in prompts], group, [len(r) for r in responses], seqs, s)
+  rows = row_fill.fill_rows(its, s.row_tokens)
   per = s.rows_per_micro_batch
   out = []
   for lo in range(0, len(rows), per):
@@ -115,51 +99,6 @@ def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int],
 
 # ----------------------------------------------------------------------------------------- packed rows
 
-@dataclasses.dataclass
-class _Item:
-  """One prompt copy and the sequences whose responses follow it (packed: exactly one)."""
-
-  prompt: int
-  seqs: list[int]
-  length: int
-
-
-def _items(prompts, group, responses, seqs, s: PackingSettings) -> list[_Item]:
-  items: list[_Item] = []
-  open_item: dict[int, _Item] = {}  # shared_prompt: the group's item still being filled
-  for i in seqs:
-    g, n = int(group[i]), len(responses[i])
-    p = len(prompts[g].ids)
-    if p + n > s.row_tokens:
-      raise ValueError(f"config.update.row_tokens={s.row_tokens} is shorter than a prompt of {p} tokens with a "
-                       f"response of {n}: raise it to at least the longest prompt + response")
-    item = open_item.get(g) if s.packing == "shared_prompt" else None
-    if item is not None and item.length + n <= s.row_tokens:
-      item.seqs.append(i)
-      item.length += n
-    else:
-      item = _Item(g, [i], p + n)
-      items.append(item)
-      open_item[g] = item
-  return items
-
-
-def _fill_rows(items: list[_Item], capacity: int) -> list[list[_Item]]:
-  """First-fit decreasing bin packing (stable: equal lengths keep their order)."""
-  rows: list[list[_Item]] = []
-  free: list[int] = []
-  for item in sorted(items, key=lambda it: -it.length):
-    for r, room in enumerate(free):
-      if item.length <= room:
-        rows[r].append(item)
-        free[r] -= item.length
-        break
-    else:
-      rows.append([item])
-      free.append(capacity - item.length)
-  return rows
-
-
 def prompt_positions(config: ModelConfig, prompt: Prompt) -> tuple[np.ndarray, int]:
   """A prompt's M-RoPE positions [3, p] on its own, and the position its first response token takes."""
   ids = np.asarray(prompt.ids)[None]
@@ -168,8 +107,8 @@ def prompt_positions(config: ModelConfig, prompt: Prompt) -> tuple[np.ndarray, i
   return pos[:, 0], int(pos.max()) + 1
 
 
-def _packed_rows(config, prompts, responses, rows: list[list[_Item]], n_rows: int, s: PackingSettings, pad_id: int,
-                 min_windows: int) -> Rows:
+def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], n_rows: int, s: PackingSettings,
+                 pad_id: int, min_windows: int) -> Rows:
   t = s.row_tokens
   ids = np.full((n_rows, t), pad_id, np.int32)
   mask = np.zeros((n_rows, t), np.int32)

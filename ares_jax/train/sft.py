@@ -28,7 +28,7 @@ from ares_jax.train.update import MicroBatch, Updater
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SftSettings:
-  """One SFT run: its optimizer, how its micro-batches are laid out (`update.*`) and the top-level parameter
+  """One SFT run: its optimizer, how its micro-batches are laid out (`config.updates`) and the top-level parameter
   names it freezes (ignored by a LoRA policy, which trains its adapters only). From `config.adacs` or
   `config.warm_start` (settings.py)."""
 

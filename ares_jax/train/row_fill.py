@@ -1,0 +1,100 @@
+"""Which sequences go into which update row, from lengths alone (numpy, no JAX): the settings of
+`updates.packing` and the first-fit-decreasing fill that `train.packing` lays rows out by, so the memory
+planner's step-time count (`step_time`, imported before JAX starts) packs exactly as the run does."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+PACKINGS = ("shared_prompt", "packed", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class PackingSettings:
+  """`config.updates` resolved for one stage (`from_config`): the layout and its sizes."""
+
+  packing: str = "shared_prompt"
+  row_tokens: int = 4096  # T of packed rows
+  tokens_per_micro_batch: int = 32768  # packed, shared_prompt: rows per micro-batch = this // row_tokens
+  micro_batch_size: int = 8  # none: rows per micro-batch
+
+  def __post_init__(self):
+    if self.packing not in PACKINGS:
+      raise ValueError(f"config.updates.packing={self.packing!r}; choose one of {', '.join(PACKINGS)}")
+
+  @classmethod
+  def from_config(cls, config: Any, stage: str) -> "PackingSettings":
+    """`config.updates` for `stage` ("aepo": rollout lengths and aepo.micro_batch_size; "adacs": its response
+    limit and micro-batch size), zeros resolved: a row holds the stage's longest prompt + response (rounded up
+    to 128), a micro-batch as many tokens as `micro_batch_size` such rows."""
+    u = config.get("updates") or {}
+    response = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
+    row_tokens = int(u.get("row_tokens", 0)) or -(-(config.rollout.max_prompt_length + response) // 128) * 128
+    micro = int(config.adacs.micro_batch_size if stage == "adacs" else config.aepo.micro_batch_size)
+    return cls(packing=u.get("packing", "shared_prompt"), row_tokens=row_tokens,
+               tokens_per_micro_batch=int(u.get("tokens_per_micro_batch", 0)) or micro * row_tokens,
+               micro_batch_size=micro)
+
+  @property
+  def rows_per_micro_batch(self) -> int:
+    return self.micro_batch_size if self.packing == "none" else max(1, self.tokens_per_micro_batch // self.row_tokens)
+
+
+@dataclasses.dataclass
+class Item:
+  """One prompt copy and the sequences whose responses follow it (packed: exactly one)."""
+
+  prompt: int
+  seqs: list[int]
+  length: int
+
+
+def items(prompt_lengths: Sequence[int], group: Sequence[int], response_lengths: Sequence[int],
+          seqs: Sequence[int], s: PackingSettings) -> list[Item]:
+  """Sequence i is prompt `group[i]` (of `prompt_lengths[group[i]]` tokens) + a response of
+  `response_lengths[i]`. shared_prompt: a group's sequences follow one prompt copy while they fit a row."""
+  out: list[Item] = []
+  open_item: dict[int, Item] = {}  # shared_prompt: the group's item still being filled
+  for i in seqs:
+    g, n = int(group[i]), int(response_lengths[i])
+    p = int(prompt_lengths[g])
+    if p + n > s.row_tokens:
+      raise ValueError(f"config.updates.row_tokens={s.row_tokens} is shorter than a prompt of {p} tokens with a "
+                       f"response of {n}: raise it to at least the longest prompt + response")
+    item = open_item.get(g) if s.packing == "shared_prompt" else None
+    if item is not None and item.length + n <= s.row_tokens:
+      item.seqs.append(i)
+      item.length += n
+    else:
+      item = Item(g, [i], p + n)
+      out.append(item)
+      open_item[g] = item
+  return out
+
+
+def fill_rows(its: list[Item], capacity: int) -> list[list[Item]]:
+  """First-fit decreasing bin packing (stable: equal lengths keep their order)."""
+  rows: list[list[Item]] = []
+  free: list[int] = []
+  for item in sorted(its, key=lambda it: -it.length):
+    for r, room in enumerate(free):
+      if item.length <= room:
+        rows[r].append(item)
+        free[r] -= item.length
+        break
+    else:
+      rows.append([item])
+      free.append(capacity - item.length)
+  return rows
+
+
+def micro_batch_count(prompt_lengths: Sequence[int], group: Sequence[int], response_lengths: Sequence[int],
+                      s: PackingSettings) -> int:
+  """How many micro-batches `train.packing.layout` makes of these sequences."""
+  n = len(response_lengths)
+  if s.packing == "none":
+    return math.ceil(n / s.micro_batch_size)
+  rows = fill_rows(items(prompt_lengths, group, response_lengths, range(n), s), s.row_tokens)
+  return math.ceil(len(rows) / s.rows_per_micro_batch)
