@@ -120,9 +120,10 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   longest = {"aepo": c.rollout.max_prompt_length + c.rollout.max_response_length,
              "adacs": c.rollout.max_prompt_length + c.adacs.max_response_length}
   for stage, n in longest.items():
-    need(not u.get("row_tokens", 0) or c.stage not in (stage, "ares") or u.row_tokens >= n,
-         f"config.updates.row_tokens={u.get('row_tokens')} cannot hold the {stage} stage's longest sequence "
-         f"(rollout.max_prompt_length + {'adacs' if stage == 'adacs' else 'rollout'}.max_response_length = {n})")
+    for field in ("row_tokens", "tokens_per_micro_batch"):
+      need(not u.get(field, 0) or c.stage not in (stage, "ares") or u.get(field) >= n,
+           f"config.updates.{field}={u.get(field)} cannot hold the {stage} stage's longest sequence "
+           f"(rollout.max_prompt_length + {'adacs' if stage == 'adacs' else 'rollout'}.max_response_length = {n})")
   in_range("aepo.global_batch_size", a.global_batch_size, lambda v: v >= 1, "an integer >= 1")
   need(all(isinstance(w, str) and w.strip() for w in a.trigger_words),
        f"config.aepo.trigger_words={tuple(a.trigger_words)}: a tuple of words, e.g. ('wait', 'however')")

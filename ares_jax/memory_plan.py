@@ -33,17 +33,24 @@ from ares_jax.plan_inputs import Setting, Shapes, step_shapes, synthetic_prompts
 from ares_jax.rollout_plan import largest_rollout_chunk, rollout_programs
 
 
+SHORT_ANSWER = 16  # tokens: the responses of the packed layouts' worst case
+
+
 def _training_rows(st: Setting, shapes: Shapes, packing: PackingSettings, n: int) -> aepo_step.UpdateRows:
-  """Synthetic groups of n full-width responses after a full-width prompt (with the plan's images), enough to
-  fill the first micro-batch of `packing`'s layout: the most tokens and images one micro-step holds at the
-  configured lengths."""
+  """Synthetic groups of n responses after a full-width prompt (with the plan's images), enough to fill the
+  first micro-batch of `packing`'s layout with its worst case. Every micro-batch of the packed layouts holds
+  the same tokens (`updates.tokens_per_micro_batch`); what varies is how many of them are prompts, each with
+  its images: the most when the answers are short, so they are `SHORT_ANSWER` tokens long (the none
+  layout's rows are as wide as the budget whatever the answers: full-width responses)."""
   width = shapes.response_width
-  per_row = max(1, packing.row_tokens // width) if packing.packing != "none" else 1
-  count = packing.rows_per_micro_batch * per_row + n
-  groups = -(-count // n)
+  answer = width if packing.packing == "none" else min(SHORT_ANSWER, width)
+  groups = packing.rows_per_micro_batch if packing.packing == "none" else (
+      packing.tokens_per_micro_batch // (shapes.prompt_width + answer) + 1)
+  count = groups * n
   prompts = synthetic_prompts(st.mcfg, shapes, groups)
-  return aepo_step.UpdateRows(st.mcfg, prompts, np.arange(count) // n, [np.ones((width,), np.int32)] * count,
-                              np.zeros((count,), np.float32), np.ones((count, width), bool),
+  mask = np.arange(width)[None] < answer
+  return aepo_step.UpdateRows(st.mcfg, prompts, np.arange(count) // n, [np.ones((answer,), np.int32)] * count,
+                              np.zeros((count,), np.float32), np.repeat(mask, count, 0),
                               np.ones((count, width), np.float32), packing, width, 0)
 
 

@@ -1,7 +1,9 @@
 """The three update-row layouts of `train.packing` in one run, same weights and batch: "none" (one padded row per
 trajectory: the prompt region as wide as the micro-batch's longest prompt, every response `--budget` wide, the
 prompt and its image once per trajectory), "packed" (prompt + response sequences end to end in rows of
-`row_tokens`) and "shared_prompt" (each prompt once per group, its responses after it). Each layout runs what
+`row_tokens`) and "shared_prompt" (each prompt once per group, its responses after it), at the sizes the
+config's defaults give (rows of the longest prompt + response, micro-batches of `micro_rows` such rows; a
+shared_prompt row the whole micro-batch). Each layout runs what
 an AEPO step runs on its trajectories: old and reference log-probs (`aepo.step.old_and_ref_logprobs`) and one
 optimizer update over all of them (`micro_batches` + `Updater.update`). The benchmark asserts that the three
 give the same log-probs and loss.
@@ -89,9 +91,11 @@ def workload(mcfg: ModelConfig, prompts: int, budget: int, tiny: bool, seed: int
 
 
 def run_layout(mcfg, params, prompts, group, responses, budget, layout, micro_rows, repeats):
-  longest = max(len(p.ids) for p in prompts) + budget
-  row = -(-longest // 128) * 128
-  packing = PackingSettings(packing=layout, row_tokens=row, tokens_per_micro_batch=micro_rows * row,
+  # sizes as `PackingSettings.from_config` resolves the config's zeros: a micro-batch holds `micro_rows` rows of
+  # the longest prompt + response; a packed row one of them, a shared_prompt row the whole micro-batch
+  longest = -(-(max(len(p.ids) for p in prompts) + budget) // 128) * 128
+  row = micro_rows * longest if layout == "shared_prompt" else longest
+  packing = PackingSettings(packing=layout, row_tokens=row, tokens_per_micro_batch=micro_rows * longest,
                             micro_batch_size=micro_rows)
   n = len(responses)
   mask = np.arange(budget)[None] < np.array([len(r) for r in responses])[:, None]

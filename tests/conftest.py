@@ -1,4 +1,4 @@
-"""Test session setup: 8 simulated CPU devices and a shared compilation cache (set before jax is imported);
+"""Test session setup: 8 simulated CPU devices and a compilation cache per worker (set before jax is imported);
 a GCS API on loopback for the `gs://` tests (fixtures `gcs` and `bucket`).
 
 Two tiers. `python -m pytest -q -n 2 --dist=loadgroup tests` runs everything (README, .ci/run). The quick
@@ -19,9 +19,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# One persistent XLA compilation cache for the session, its xdist workers and the processes tests start: the
-# tiny model's programs compile once, not once per test (compiling is most of a short CPU run).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ares_jax_tests_xla_cache"))
+# A persistent XLA compilation cache per xdist worker, shared with the processes its tests start: the tiny
+# model's programs compile once, not once per test (compiling is most of a short CPU run). Not one for all
+# workers: JAX writes an entry in place (no temporary file and rename), and a worker that read an entry the
+# other was still writing aborted in XLA's deserializer (once in a full run, 2026-12-06).
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"ares_jax_tests_xla_cache_{_worker}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(__file__))
 # gcsfs reads this when it is imported: without it, it probes each bucket over gRPC, 60 s per probe on an emulator.

@@ -16,8 +16,9 @@ The function is the same in every layout: a response token sees the same prompt 
 same positions, so log-probs, losses and gradients agree to rounding (tests/test_packing.py). Every layout
 gives `Rows`: the model inputs [B, T] and, for each response token, where it came from (`seq`, `col`) and
 which column's logits predict it (`src`: the previous column, or for a shared prompt's responses the
-prompt's last column). Rows are packed first-fit decreasing; the last micro-batch's row count is rounded up
-to a power of two, so a step compiles a handful of programs.
+prompt's last column). Rows are packed first-fit decreasing; a micro-batch's row count is rounded up to a power
+of two and its row width to a shape bucket (`positions.bucket`: 12.5% steps), so a step compiles a handful of
+programs and a last, part-filled micro-batch does not cost a full one.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int],
   for lo in range(0, len(rows), per):
     part = rows[lo:lo + per]
     n_rows = min(per, 1 << (len(part) - 1).bit_length())  # the last micro-batch: a power of two of rows
-    out.append(_packed_rows(config, prompts, responses, part, n_rows, s, pad_id, min_windows))
+    fill = max(sum(it.length for it in row) for row in part)
+    width = min(s.row_tokens, pos_lib.bucket(fill))  # a short last row: its bucket, not the whole row
+    out.append(_packed_rows(config, prompts, responses, part, n_rows, width, s.packing, pad_id, min_windows))
   return out
 
 
@@ -107,9 +110,8 @@ def prompt_positions(config: ModelConfig, prompt: Prompt) -> tuple[np.ndarray, i
   return pos[:, 0], int(pos.max()) + 1
 
 
-def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], n_rows: int, s: PackingSettings,
+def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], n_rows: int, t: int, packing: str,
                  pad_id: int, min_windows: int) -> Rows:
-  t = s.row_tokens
   ids = np.full((n_rows, t), pad_id, np.int32)
   mask = np.zeros((n_rows, t), np.int32)
   positions = np.zeros((3, n_rows, t), np.int32)
@@ -118,7 +120,7 @@ def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], n_
   seq = np.full((n_rows, t), -1, np.int32)
   col = np.full((n_rows, t), -1, np.int32)
   pixels, grids = [], []  # in the order of their tokens, row-major: how `Qwen25VL.embed` places features
-  shared = s.packing == "shared_prompt"
+  shared = packing == "shared_prompt"
   placed: dict[int, tuple[np.ndarray, int]] = {}
   for r, items in enumerate(rows):
     c, segment = 0, 0

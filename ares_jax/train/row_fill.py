@@ -27,15 +27,18 @@ class PackingSettings:
   @classmethod
   def from_config(cls, config: Any, stage: str) -> "PackingSettings":
     """`config.updates` for `stage` ("aepo": rollout lengths and aepo.micro_batch_size; "adacs": its response
-    limit and micro-batch size), zeros resolved: a row holds the stage's longest prompt + response (rounded up
-    to 128), a micro-batch as many tokens as `micro_batch_size` such rows."""
+    limit and micro-batch size), zeros resolved: a micro-batch holds as many tokens as `micro_batch_size`
+    rows of the stage's longest prompt + response (rounded up to 128); a packed row holds one such sequence,
+    a shared_prompt row the whole micro-batch (groups need room: a row shorter than a group repeats its
+    prompt, and attention skips the tiles between segments, so one long row costs what its segments do)."""
     u = config.get("updates") or {}
     response = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
-    row_tokens = int(u.get("row_tokens", 0)) or -(-(config.rollout.max_prompt_length + response) // 128) * 128
+    longest = -(-(config.rollout.max_prompt_length + response) // 128) * 128
     micro = int(config.adacs.micro_batch_size if stage == "adacs" else config.aepo.micro_batch_size)
-    return cls(packing=u.get("packing", "shared_prompt"), row_tokens=row_tokens,
-               tokens_per_micro_batch=int(u.get("tokens_per_micro_batch", 0)) or micro * row_tokens,
-               micro_batch_size=micro)
+    packing = u.get("packing", "shared_prompt")
+    budget = int(u.get("tokens_per_micro_batch", 0)) or micro * longest
+    row_tokens = int(u.get("row_tokens", 0)) or (budget if packing == "shared_prompt" else longest)
+    return cls(packing=packing, row_tokens=row_tokens, tokens_per_micro_batch=budget, micro_batch_size=micro)
 
   @property
   def rows_per_micro_batch(self) -> int:
