@@ -99,7 +99,7 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   updater = update_lib.Updater(aepo_step.aepo_loss_fn(mcfg),
                                optim_lib.make_optimizer(settings_lib.optim(c), c.total_steps),
                                st.params, lora.frozen_names(st.params))
-  packing = settings_lib.packing(c, "aepo")
+  packing = settings_lib.packing(c, "aepo", st.mesh)
   rows = _training_rows(st, shapes, packing, r.n)
   first = rows.layout(range(len(rows)))[0]
   desc = _rows_desc(first.inputs.ids, first.tokens()[1], packing, mcfg.image_token_id)
@@ -142,7 +142,7 @@ def adacs_plans(st: Setting) -> list[ProgramPlan]:
   fixed = c.rollout.prompts_in_flight if sc.kv_cache == "paged" else c.rollout.chunk_prompts
   chunk = fixed or largest_rollout_chunk(st, sc, roll_shapes, 0, a.pass_rate_batch, False)[0] or 1
   roll = rollout_programs(st, sc, chunk, roll_shapes, 0, branching=False, label="pass-rate rollout")
-  s = settings_lib.adacs_sft(c)
+  s = settings_lib.adacs_sft(c, st.mesh)
   updater = sft.make_sft(mcfg, st.params, s.optim, 1, s.frozen)
   rows = _training_rows(st, shapes, s.packing, 1)  # one cold-start response per prompt
   micro = sft.micro_batches(mcfg, [rows.prompts[g] for g in rows.group], rows.responses, s.packing, 0,

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
   usable = config.plan.usable
   device = chips.for_device(devices[0])
   rows = [p.row(usable, device) for p in plans]
-  steps = step_time.step_seconds(config, rows, device)
+  steps = step_time.step_seconds(config, rows, device, step_time.batch_shards(config, len(devices)))
   print("\n".join([format_table(rows, _TOPOLOGY.value, hbm, usable, device), ""] +
                   step_time.format_lines(config, steps, device)))
   if _JSON.value:

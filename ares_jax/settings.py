@@ -23,6 +23,7 @@ from typing import Any
 
 import ml_collections
 
+from ares_jax import sharding
 from ares_jax.aepo.step import LossSettings, PPOSettings, ShapingSettings
 from ares_jax.data.tfds_source import TfdsSettings
 from ares_jax.evaluation import benchmarks
@@ -138,15 +139,16 @@ def loss(config: ml_collections.ConfigDict) -> LossSettings:
                       dual_clip=float(a.dual_clip) if a.dual_clip else None, loss_agg=a.loss_agg)
 
 
-def ppo(config: ml_collections.ConfigDict) -> PPOSettings:
+def ppo(config: ml_collections.ConfigDict, mesh: Any = None) -> PPOSettings:
   a = config.aepo
-  return PPOSettings(global_batch_size=int(a.global_batch_size), packing=packing(config, "aepo"),
+  return PPOSettings(global_batch_size=int(a.global_batch_size), packing=packing(config, "aepo", mesh),
                      epochs=int(config.ppo_epochs), seed=int(config.seed))
 
 
-def packing(config: ml_collections.ConfigDict, stage: str) -> PackingSettings:
-  """`config.updates` for `stage` ("aepo" | "adacs"), its zeros resolved (`PackingSettings.from_config`)."""
-  return PackingSettings.from_config(config, stage)
+def packing(config: ml_collections.ConfigDict, stage: str, mesh: Any = None) -> PackingSettings:
+  """`config.updates` for `stage` ("aepo" | "adacs") on `mesh` (rows come in multiples of its batch-sharding
+  devices), its zeros resolved (`PackingSettings.from_config`)."""
+  return PackingSettings.from_config(config, stage, sharding.batch_shards(mesh))
 
 
 def optim(config: ml_collections.ConfigDict, **overrides: Any) -> OptimSettings:
@@ -159,19 +161,19 @@ def optim(config: ml_collections.ConfigDict, **overrides: Any) -> OptimSettings:
   return OptimSettings(**kw)
 
 
-def adacs_sft(config: ml_collections.ConfigDict) -> SftSettings:
+def adacs_sft(config: ml_collections.ConfigDict, mesh: Any = None) -> SftSettings:
   a = config.adacs
-  return SftSettings(optim=optim(config, lr=float(a.lr)), packing=packing(config, "adacs"),
+  return SftSettings(optim=optim(config, lr=float(a.lr)), packing=packing(config, "adacs", mesh),
                      frozen=("visual",) if a.freeze_vision else ())
 
 
-def warm_start_sft(config: ml_collections.ConfigDict) -> SftSettings:
+def warm_start_sft(config: ml_collections.ConfigDict, mesh: Any = None) -> SftSettings:
   """The synthetic task's warm start: AdamW of `config.optim` with the warm start's lr and weight decay, a
   cosine schedule with 5% warm-up; it trains the whole base (nothing frozen)."""
   w = config.warm_start
   return SftSettings(optim=optim(config, lr=float(w.lr), weight_decay=float(w.weight_decay), schedule="cosine",
                                  warmup_steps=max(1, w.steps // 20)),
-                     packing=packing(config, "aepo"), frozen=())
+                     packing=packing(config, "aepo", mesh), frozen=())
 
 
 def checkpoint(config: ml_collections.ConfigDict) -> CheckpointSettings:

@@ -153,6 +153,11 @@ def replicate_rest(tree: Any, mesh: Mesh) -> Any:
   return jax.tree.map(place, tree)
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+  """Devices the batch axis of activations is split over (`activation_batch`: data x fsdp); 1 without a mesh."""
+  return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def mesh_of(tree: Any) -> Mesh | None:
   """The mesh a tree of arrays is sharded over, if it spans more than one device."""
   for leaf in jax.tree.leaves(tree):

@@ -36,7 +36,15 @@ def _micro_batches(first: int, count: int, per_prompt: int, s: PackingSettings, 
   return row_fill.micro_batch_count(prompt_lengths, group, [r] * count, s)
 
 
-def update_calls(config: Any) -> dict[str, Any]:
+def batch_shards(config: Any, n_devices: int) -> int:
+  """Devices the batch axis spans on `n_devices` laid out as `config.mesh` (data x fsdp; -1: the rest)."""
+  sizes = {k: int(config.mesh[k]) for k in ("data", "fsdp", "tensor")}
+  known = math.prod(v for v in sizes.values() if v != -1)
+  sizes = {k: (n_devices // known if v == -1 else v) for k, v in sizes.items()}
+  return sizes["data"] * sizes["fsdp"]
+
+
+def update_calls(config: Any, shards: int = 1) -> dict[str, Any]:
   """Calls per training step of the scoring and update programs: the micro-batches `train.packing` makes at
   the expected lengths (`plan.prompt_tokens`, `plan.response_tokens` up to the stage's
   `max_response_length`) in the layout `config.updates` names (`row_fill.PackingSettings.from_config`). AEPO
@@ -46,17 +54,18 @@ def update_calls(config: Any) -> dict[str, Any]:
   optimizer apply once per mini-batch. AdaCS: one optimizer step of `adacs.batch_size` examples.
 
   Returns {"packing": str, "aepo": {"trajectories", "mini_batches", "scoring", "micro_step", "apply"},
-  "sft": {"micro_step", "apply"}} (counts; "mini_batches" is per epoch)."""
+  "sft": {"micro_step", "apply"}} (counts; "mini_batches" is per epoch). `shards`: devices the batch axis
+  spans (rows come in multiples of it)."""
   c = config
   a, r = c.aepo, c.rollout
-  s = PackingSettings.from_config(c, "aepo")
+  s = PackingSettings.from_config(c, "aepo", shards)
   p, resp = c.plan.prompt_tokens, response_tokens(c)
   trajectories = r.prompts_per_step * r.n
   starts = range(0, trajectories, a.global_batch_size)
   sizes = [min(a.global_batch_size, trajectories - lo) for lo in starts]
   micro = sum(_micro_batches(lo, n, r.n, s, p, resp) for lo, n in zip(starts, sizes))
   ad = c.adacs
-  sft = _micro_batches(0, ad.batch_size, 1, PackingSettings.from_config(c, "adacs"), p,
+  sft = _micro_batches(0, ad.batch_size, 1, PackingSettings.from_config(c, "adacs", shards), p,
                        min(c.plan.response_tokens, ad.max_response_length))
   return {"packing": s.packing,
           "aepo": {"trajectories": trajectories, "mini_batches": len(sizes),
@@ -65,9 +74,9 @@ def update_calls(config: Any) -> dict[str, Any]:
           "sft": {"micro_step": sft, "apply": 1}}
 
 
-def _unit(config: Any, stage: str) -> str:
+def _unit(config: Any, stage: str, shards: int) -> str:
   """What a micro-batch holds, for the counts' explanations."""
-  s = PackingSettings.from_config(config, stage)
+  s = PackingSettings.from_config(config, stage, shards)
   if s.packing == "none":
     return f"{s.micro_batch_size} rows"
   most = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
@@ -81,12 +90,13 @@ def response_tokens(config: Any) -> int:
   return min(config.plan.response_tokens, config.rollout.max_response_length)
 
 
-def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any]) -> tuple[str, int, str]:
+def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any], shards: int = 1
+                  ) -> tuple[str, int, str]:
   """(stage, calls per step, how they were counted) of one plan row, by its name; stage "other" with 0
   calls for a program this module does not know (it is listed, not counted)."""
   name, r, a = row["name"], config.rollout, config.aepo
   prompts = r.prompts_per_step
-  unit = _unit(config, "aepo")
+  unit = _unit(config, "aepo", shards)
   aepo, sft = updates["aepo"], updates["sft"]
   minis = f"{config.ppo_epochs} epoch(s) x {aepo['mini_batches']} mini-batches of <= {a.global_batch_size} trajectories"
   waves = lambda per_call: math.ceil(prompts / max(per_call, 1))
@@ -97,7 +107,7 @@ def program_calls(config: Any, row: dict[str, Any], updates: dict[str, Any]) -> 
   if name.startswith("SFT gradient micro-step"):
     ad = config.adacs
     return "adacs", sft["micro_step"], (f"{ad.batch_size} examples in micro-batches of "
-                                        f"{_unit(config, 'adacs')}")
+                                        f"{_unit(config, 'adacs', shards)}")
   if name.startswith("SFT optimizer apply"):
     return "adacs", sft["apply"], "one per step"
   if name.startswith("decode weights"):
@@ -129,14 +139,16 @@ def per_call(row: dict[str, Any], device: Optional[chips.Device], mfu: float) ->
   return max(flops / device.peak_flops, memory), max(flops / (device.peak_flops * mfu), memory)
 
 
-def step_seconds(config: Any, rows: list[dict[str, Any]], device: Optional[chips.Device]) -> dict[str, Any]:
+def step_seconds(config: Any, rows: list[dict[str, Any]], device: Optional[chips.Device], shards: int = 1
+                 ) -> dict[str, Any]:
   """Per stage of the plan ("aepo", "adacs"; "other" for unknown programs): {"roofline": s, "at_mfu": s,
   "programs": [{"name", "calls", "how", "roofline_s", "at_mfu_s"}]}, the times per call; a stage's totals
-  are None when a program it calls has no figures or there is no device (cpu:N)."""
-  updates = update_calls(config)
+  are None when a program it calls has no figures or there is no device (cpu:N). `shards`: devices the
+  batch axis spans (`batch_shards`)."""
+  updates = update_calls(config, shards)
   out: dict[str, Any] = {}
   for row in rows:
-    stage, calls, how = program_calls(config, row, updates)
+    stage, calls, how = program_calls(config, row, updates, shards)
     roof, at_mfu = per_call(row, device, config.plan.mfu)
     s = out.setdefault(stage, {"roofline": 0.0, "at_mfu": 0.0, "programs": []})
     s["programs"].append({"name": row["name"], "calls": calls, "how": how, "roofline_s": roof, "at_mfu_s": at_mfu})

@@ -205,3 +205,21 @@ def test_token_logprobs_read_the_named_column():
   lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   want = logits[b, r.src[b, t], r.inputs.ids[b, t]] - lse[b, r.src[b, t]]
   np.testing.assert_allclose(logp[b, t], want, atol=1e-5)
+
+
+def test_rows_come_in_multiples_of_the_batch_shards():
+  """A row count the batch axis cannot split would run whole on every device (7B, fsdp=4: B=1 was planned
+  at 4x the compute and the whole logits per device)."""
+  s = packing.PackingSettings(packing="packed", row_tokens=64, tokens_per_micro_batch=64 * 10, batch_shards=4)
+  assert s.rows_per_micro_batch == 8 and [s.rows_for(n) for n in (1, 3, 5, 8)] == [4, 4, 8, 8]
+  c = load_config("tiny.py")
+  c.rollout.max_prompt_length, c.rollout.max_response_length, c.aepo.micro_batch_size = 1000, 500, 8
+  shared = packing.PackingSettings.from_config(c, "aepo", batch_shards=4)  # 8 x 1536 tokens over 4 devices
+  assert (shared.row_tokens, shared.tokens_per_micro_batch, shared.rows_per_micro_batch) == (3072, 12288, 4)
+  c.updates.packing = "packed"
+  assert packing.PackingSettings.from_config(c, "aepo", batch_shards=4).row_tokens == 1536
+  mcfg, _ = _model()
+  rows = _rows(mcfg, "shared_prompt")
+  rows.packing = packing.PackingSettings(packing="shared_prompt", row_tokens=64, tokens_per_micro_batch=128,
+                                         batch_shards=4)
+  assert all(r.inputs.ids.shape[0] % 4 == 0 for r in rows.layout(range(len(rows))))

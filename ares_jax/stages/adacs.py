@@ -235,7 +235,7 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
   """`adacs.epochs` shuffled passes in batches of `adacs.batch_size` (micro-batches of similar length
   accumulate into one update); checkpoints every `checkpoint_every` steps; resumes from the newest readable
   checkpoint; on SIGTERM / a preemption notice, checkpoints the step in progress and raises `Preempted`."""
-  a, s = config.adacs, settings_lib.adacs_sft(config)
+  a, s = config.adacs, settings_lib.adacs_sft(config, mesh)
   steps_per_epoch = -(-len(examples) // a.batch_size)
   total = a.epochs * steps_per_epoch
   updater = sft.make_sft(mcfg, params, s.optim, total, s.frozen)

@@ -60,7 +60,7 @@ def run(config: ml_collections.ConfigDict, print_result: bool = True) -> dict[st
   train_stream = setup.prompt_stream(config, b.processor, 0)
   eval_stream = setup.prompt_stream(config, b.processor, 1)
   a, prompts_per_step = config.aepo, config.rollout.prompts_per_step
-  shaping, loss, ppo = settings_lib.shaping(config), settings_lib.loss(config), settings_lib.ppo(config)
+  shaping, loss, ppo = settings_lib.shaping(config), settings_lib.loss(config), settings_lib.ppo(config, mesh)
   cs = settings_lib.checkpoint(config)
   # A LoRA policy trains its adapters only; its reference is the base (adapters off): no copy is kept.
   adapted = mcfg.lora.enabled

@@ -247,7 +247,7 @@ def warm_start(config, mcfg, params, stream: PromptStream, pad_id: int, tokenize
 
     # It stands in for pretraining: it trains the base (a LoRA policy's adapters stay as they are).
     base, losses = sft.run_sft(lora.base_config(mcfg), lora.base_params(params), batches,
-                               settings_lib.warm_start_sft(config), w.steps, pad_id=pad_id,
-                               rng=jax.random.key(config.seed), desc="warm start", on_step=on_step)
+                               settings_lib.warm_start_sft(config, sharding.mesh_of(params)), w.steps,
+                               pad_id=pad_id, rng=jax.random.key(config.seed), desc="warm start", on_step=on_step)
   logging.info("warm start: loss %.3f -> %.3f over %d steps", losses[0], losses[-1], len(losses))
   return lora.with_adapters(base, params.get(lora.POLICY_KEY))

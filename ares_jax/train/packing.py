@@ -93,7 +93,7 @@ def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int],
   out = []
   for lo in range(0, len(rows), per):
     part = rows[lo:lo + per]
-    n_rows = min(per, 1 << (len(part) - 1).bit_length())  # the last micro-batch: a power of two of rows
+    n_rows = s.rows_for(len(part))
     fill = max(sum(it.length for it in row) for row in part)
     width = min(s.row_tokens, pos_lib.bucket(fill))  # a short last row: its bucket, not the whole row
     out.append(_packed_rows(config, prompts, responses, part, n_rows, width, s.packing, pad_id, min_windows))

@@ -17,32 +17,47 @@ class PackingSettings:
 
   packing: str = "shared_prompt"
   row_tokens: int = 4096  # T of packed rows
-  tokens_per_micro_batch: int = 32768  # packed, shared_prompt: rows per micro-batch = this // row_tokens
+  tokens_per_micro_batch: int = 32768  # packed, shared_prompt: rows per micro-batch ~ this // row_tokens
   micro_batch_size: int = 8  # none: rows per micro-batch
+  batch_shards: int = 1  # devices the batch axis is split over (mesh data x fsdp): rows come in multiples
 
   def __post_init__(self):
     if self.packing not in PACKINGS:
       raise ValueError(f"config.updates.packing={self.packing!r}; choose one of {', '.join(PACKINGS)}")
 
   @classmethod
-  def from_config(cls, config: Any, stage: str) -> "PackingSettings":
+  def from_config(cls, config: Any, stage: str, batch_shards: int = 1) -> "PackingSettings":
     """`config.updates` for `stage` ("aepo": rollout lengths and aepo.micro_batch_size; "adacs": its response
-    limit and micro-batch size), zeros resolved: a micro-batch holds as many tokens as `micro_batch_size`
-    rows of the stage's longest prompt + response (rounded up to 128); a packed row holds one such sequence,
-    a shared_prompt row the whole micro-batch (groups need room: a row shorter than a group repeats its
-    prompt, and attention skips the tiles between segments, so one long row costs what its segments do)."""
+    limit and micro-batch size) on a mesh whose batch axis spans `batch_shards` devices, zeros resolved: a
+    micro-batch holds as many tokens as `micro_batch_size` rows of the stage's longest prompt + response
+    (rounded up to 128); a packed row holds one such sequence; a shared_prompt row a device's share of the
+    micro-batch (groups need room: a row shorter than a group repeats its prompt, and attention skips the
+    tiles between segments, so a long row costs what its segments do)."""
     u = config.get("updates") or {}
     response = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
     longest = -(-(config.rollout.max_prompt_length + response) // 128) * 128
     micro = int(config.adacs.micro_batch_size if stage == "adacs" else config.aepo.micro_batch_size)
     packing = u.get("packing", "shared_prompt")
     budget = int(u.get("tokens_per_micro_batch", 0)) or micro * longest
-    row_tokens = int(u.get("row_tokens", 0)) or (budget if packing == "shared_prompt" else longest)
-    return cls(packing=packing, row_tokens=row_tokens, tokens_per_micro_batch=budget, micro_batch_size=micro)
+    share = max(longest, budget // batch_shards // 128 * 128)
+    row_tokens = int(u.get("row_tokens", 0)) or (share if packing == "shared_prompt" else longest)
+    return cls(packing=packing, row_tokens=row_tokens, tokens_per_micro_batch=budget, micro_batch_size=micro,
+               batch_shards=batch_shards)
 
   @property
   def rows_per_micro_batch(self) -> int:
-    return self.micro_batch_size if self.packing == "none" else max(1, self.tokens_per_micro_batch // self.row_tokens)
+    """Rows of a full micro-batch: a multiple of `batch_shards` (a row count the batch axis cannot split
+    would run whole on every device)."""
+    if self.packing == "none":
+      return self.micro_batch_size
+    return max(self.batch_shards, self.tokens_per_micro_batch // self.row_tokens // self.batch_shards
+               * self.batch_shards)
+
+  def rows_for(self, n: int) -> int:
+    """Rows of a micro-batch holding n filled ones: a power of two, then a multiple of `batch_shards`, so a
+    step compiles a handful of shapes."""
+    rows = min(self.rows_per_micro_batch, 1 << (n - 1).bit_length())
+    return -(-rows // self.batch_shards) * self.batch_shards
 
 
 @dataclasses.dataclass
