@@ -61,7 +61,7 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   # sequences end to end) or "none" (one padded row per sequence, `micro_batch_size` rows per micro-batch).
   # tokens_per_micro_batch: tokens per micro-batch (0: the stage's micro_batch_size x its longest prompt +
   # response, rounded up to 128); row_tokens: tokens per row (0: packed, that longest sequence; shared_prompt,
-  # the whole micro-batch: a row shorter than a group repeats its prompt).
+  # three of them, at most a device's share of the micro-batch: a row shorter than a group repeats its prompt).
   c.updates = ml_collections.ConfigDict(dict(packing="shared_prompt", row_tokens=0, tokens_per_micro_batch=0))
   c.grading_workers = 2  # processes that grade answers (math-verify), each item under a timeout
 

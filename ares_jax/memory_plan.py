@@ -10,6 +10,7 @@ synthetic inputs are in `plan_inputs.py`, the rollout's programs in `rollout_pla
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -31,6 +32,15 @@ from ares_jax.train import optimizer as optim_lib
 from ares_jax.train import update as update_lib
 from ares_jax.plan_inputs import Setting, Shapes, step_shapes, synthetic_prompts
 from ares_jax.rollout_plan import largest_rollout_chunk, rollout_programs
+
+
+def _at_shapes(config: ml_collections.ConfigDict, shapes: Shapes) -> ml_collections.ConfigDict:
+  """The config with `rollout.max_prompt_length` as wide as the plan's prompts (`step_shapes` raises it to
+  hold the images), so the update rows' default sizes (`PackingSettings.from_config`) are those of prompts
+  that long."""
+  c = copy.deepcopy(config)
+  c.rollout.max_prompt_length = max(int(c.rollout.max_prompt_length), shapes.prompt_width)
+  return c
 
 
 SHORT_ANSWER = 16  # tokens: the responses of the packed layouts' worst case
@@ -99,7 +109,7 @@ def aepo_plans(st: Setting) -> list[ProgramPlan]:
   updater = update_lib.Updater(aepo_step.aepo_loss_fn(mcfg),
                                optim_lib.make_optimizer(settings_lib.optim(c), c.total_steps),
                                st.params, lora.frozen_names(st.params))
-  packing = settings_lib.packing(c, "aepo", st.mesh)
+  packing = settings_lib.packing(_at_shapes(c, shapes), "aepo", st.mesh)
   rows = _training_rows(st, shapes, packing, r.n)
   first = rows.layout(range(len(rows)))[0]
   desc = _rows_desc(first.inputs.ids, first.tokens()[1], packing, mcfg.image_token_id)
@@ -142,7 +152,7 @@ def adacs_plans(st: Setting) -> list[ProgramPlan]:
   fixed = c.rollout.prompts_in_flight if sc.kv_cache == "paged" else c.rollout.chunk_prompts
   chunk = fixed or largest_rollout_chunk(st, sc, roll_shapes, 0, a.pass_rate_batch, False)[0] or 1
   roll = rollout_programs(st, sc, chunk, roll_shapes, 0, branching=False, label="pass-rate rollout")
-  s = settings_lib.adacs_sft(c, st.mesh)
+  s = settings_lib.adacs_sft(_at_shapes(c, shapes), st.mesh)
   updater = sft.make_sft(mcfg, st.params, s.optim, 1, s.frozen)
   rows = _training_rows(st, shapes, s.packing, 1)  # one cold-start response per prompt
   micro = sft.micro_batches(mcfg, [rows.prompts[g] for g in rows.group], rows.responses, s.packing, 0,

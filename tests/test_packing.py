@@ -216,6 +216,8 @@ def test_rows_come_in_multiples_of_the_batch_shards():
   c.rollout.max_prompt_length, c.rollout.max_response_length, c.aepo.micro_batch_size = 1000, 500, 8
   shared = packing.PackingSettings.from_config(c, "aepo", batch_shards=4)  # 8 x 1536 tokens over 4 devices
   assert (shared.row_tokens, shared.tokens_per_micro_batch, shared.rows_per_micro_batch) == (3072, 12288, 4)
+  shared = packing.PackingSettings.from_config(c, "aepo")  # one device: 3 longest sequences a row
+  assert (shared.row_tokens, shared.rows_per_micro_batch) == (3 * 1536, 2)
   c.updates.packing = "packed"
   assert packing.PackingSettings.from_config(c, "aepo", batch_shards=4).row_tokens == 1536
   mcfg, _ = _model()

@@ -32,9 +32,9 @@ class ModelInputs:
   [3, B, T] int32 (`positions.mrope_positions`), the attention mask [B, T] (1 = token, 0 = padding) and
   the prepared vision inputs (`prepare_vision`; None: text only), and optionally shared prompts: `prefix`
   [B, T] int32 holds, for each token, the `mask` value (segment) of a prompt earlier in its row that it
-  also attends to, besides its own segment, causally in both (-2, or any value <= 0: none). One row can thus hold a prompt once followed by
-  several responses, each with its own packing id and the prompt's as prefix, positions continuing from
-  the prompt's end in each. A pytree: it crosses `jit` as one argument, and memory plans turn it into
+  also attends to, besides its own segment, causally in both (-2, or any value <= 0: none). One row can
+  thus hold a prompt once followed by several responses, each with its own packing id and the prompt's as
+  prefix, positions continuing from the prompt's end in each (`train.packing`). A pytree: it crosses `jit` as one argument, and memory plans turn it into
   abstract arrays as a whole."""
 
   ids: jax.Array

@@ -253,7 +253,7 @@ def train_sft(config, mcfg, params, examples, ckpt: Checkpointer, mesh, pad_id: 
     epoch, k = divmod(step - 1, steps_per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(examples))
     batch = order[k * a.batch_size:(k + 1) * a.batch_size]
-    batch = batch[np.argsort(lengths[batch], kind="stable")]  # length bucketing: similar widths per micro-batch
+    batch = batch[np.argsort(lengths[batch], kind="stable")]  # similar widths per micro-batch (updates.packing=none)
     micro = sft.micro_batches(mcfg, [examples[i][0] for i in batch], [examples[i][1] for i in batch],
                               s.packing, pad_id)
     state, m = updater.update(state, micro)

@@ -9,6 +9,11 @@ import math
 from typing import Any, Sequence
 
 PACKINGS = ("shared_prompt", "packed", "none")
+# Longest sequences per shared_prompt row by default. Room for a group (a row shorter than a group repeats its
+# prompt in each part), but not much more: attention's tiles do not follow segments, so a long row costs
+# more than its segments. Gradient micro-steps of the CPU benchmark's batch (17,026 tokens, longest 1,536):
+# one row of 12,288 per micro-batch 97.8 s, 4 x 3,072 73.6 s, rows of 4,608 (3 longest) 55.7 s.
+ROW_SEQUENCES = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,16 +35,15 @@ class PackingSettings:
     """`config.updates` for `stage` ("aepo": rollout lengths and aepo.micro_batch_size; "adacs": its response
     limit and micro-batch size) on a mesh whose batch axis spans `batch_shards` devices, zeros resolved: a
     micro-batch holds as many tokens as `micro_batch_size` rows of the stage's longest prompt + response
-    (rounded up to 128); a packed row holds one such sequence; a shared_prompt row a device's share of the
-    micro-batch (groups need room: a row shorter than a group repeats its prompt, and attention skips the
-    tiles between segments, so a long row costs what its segments do)."""
+    (rounded up to 128); a packed row holds one such sequence; a shared_prompt row `ROW_SEQUENCES` of them,
+    at most a device's share of the micro-batch."""
     u = config.get("updates") or {}
     response = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
     longest = -(-(config.rollout.max_prompt_length + response) // 128) * 128
     micro = int(config.adacs.micro_batch_size if stage == "adacs" else config.aepo.micro_batch_size)
     packing = u.get("packing", "shared_prompt")
     budget = int(u.get("tokens_per_micro_batch", 0)) or micro * longest
-    share = max(longest, budget // batch_shards // 128 * 128)
+    share = max(longest, min(budget // batch_shards, ROW_SEQUENCES * longest) // 128 * 128)
     row_tokens = int(u.get("row_tokens", 0)) or (share if packing == "shared_prompt" else longest)
     return cls(packing=packing, row_tokens=row_tokens, tokens_per_micro_batch=budget, micro_batch_size=micro,
                batch_shards=batch_shards)
