@@ -61,6 +61,11 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
                              dataclasses.replace(sc, chunk_prompts=prefill))[0]
   t_prompt = c.inputs.ids.shape[1]
   state = st.compile(refill.start, st.mcfg, sc, n_groups, group, t_prompt).out
+  if state is None:  # XLA refused the page pools themselves: nothing else can be compiled against them
+    shards = sharding.batch_shards(st.mesh)
+    raise ValueError(f"rollout.prompts_in_flight={n_groups}: the page pools of {n_groups} groups do not fit a "
+                     f"device" + (f" (not a multiple of the {shards} devices the batch is split over, so they are "
+                                  "not split)" if n_groups % shards else ""))
   prompts, key = abstract_like((c.inputs, jax.random.key(0)), st.mesh)
   per_prompt = abstract_like(np.zeros((prefill,), np.int32), st.mesh)
   admit = st.compile(refill.admit, st.mcfg, sc, st.params, state, prompts, per_prompt, per_prompt, per_prompt)
