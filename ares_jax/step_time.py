@@ -59,7 +59,7 @@ def update_calls(config: Any, shards: int = 1) -> dict[str, Any]:
   c = config
   a, r = c.aepo, c.rollout
   s = PackingSettings.from_config(c, "aepo", shards)
-  p, resp = c.plan.prompt_tokens, response_tokens(c)
+  p, resp = prompt_tokens(c), response_tokens(c)
   trajectories = r.prompts_per_step * r.n
   starts = range(0, trajectories, a.global_batch_size)
   sizes = [min(a.global_batch_size, trajectories - lo) for lo in starts]
@@ -81,8 +81,13 @@ def _unit(config: Any, stage: str, shards: int) -> str:
     return f"{s.micro_batch_size} rows"
   most = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
   r = min(config.plan.response_tokens, most)
-  return (f"{s.rows_per_micro_batch} rows of {s.row_tokens} tokens ({s.packing}; {config.plan.prompt_tokens} + {r} "
+  return (f"{s.rows_per_micro_batch} rows of {s.row_tokens} tokens ({s.packing}; {prompt_tokens(config)} + {r} "
           "a trajectory)")
+
+
+def prompt_tokens(config: Any) -> int:
+  """The expected prompt: `plan.prompt_tokens`, at most `rollout.max_prompt_length` (update rows hold no more)."""
+  return min(config.plan.prompt_tokens, config.rollout.max_prompt_length)
 
 
 def response_tokens(config: Any) -> int:
@@ -173,8 +178,9 @@ def format_lines(config: Any, steps: dict[str, Any], device: Optional[chips.Devi
     else:
       lines.append(f"predicted {stage} step: {_seconds(s['roofline'])} at the roofline, {_seconds(s['at_mfu'])} at "
                    f"{p.mfu:.0%} MFU; calls per step: {calls}")
-  lines.append(f"Step time: sum of calls x time per call at {p.prompt_tokens} prompt + {response_tokens(config)} "
-               "response tokens (plan.prompt_tokens, plan.response_tokens up to rollout.max_response_length); "
+  lines.append(f"Step time: sum of calls x time per call at {prompt_tokens(config)} prompt + "
+               f"{response_tokens(config)} response tokens (plan.prompt_tokens, plan.response_tokens up to "
+               "rollout.max_prompt_length, max_response_length); "
                "decode loop calls = ceil(prompts / groups in flight) x response tokens, each a decode step (XLA "
                "counts a loop body once); at MFU = compute at plan.mfu of peak, memory at full bandwidth; "
                "communication and host work not counted.")
