@@ -230,7 +230,7 @@ class UpdateRows:
     key = tuple(int(i) for i in idx)
     if key not in self._layouts:
       self._layouts[key] = packing_lib.layout(self.model_config, self.prompts, self.group, self.responses,
-                                              self.pad_id, self.packing, key, self.width)
+                                              self.pad_id, self.packing, seqs=key, width=self.width)
     return self._layouts[key]
 
 

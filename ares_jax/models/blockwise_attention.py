@@ -50,7 +50,7 @@ def blockwise_attention(q, k, v, q_segment, kv_segment, *, causal: bool, block_q
                                       constant_values=value)
   q_pre = None if q_prefix is None else pad(q_prefix, tp, _PAD_PREFIX)
   out = _flash(pad(q, tp), pad(k, sp), pad(v, sp), pad(q_segment, tp, _PAD_SEGMENT),
-               pad(kv_segment, sp, _PAD_SEGMENT), q_pre, causal, bq, bk)
+               pad(kv_segment, sp, _PAD_SEGMENT), q_pre, causal, (bq, bk))
   return out[:, :t]
 
 
@@ -88,8 +88,9 @@ def _scores(q_blk, k_blk, scale):
   return jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32, precision=_HI) * scale
 
 
-def _forward(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk):
-  """Returns (out [B, T, H, D], lse [nq, B, K, G, bq] float32 row log-sum-exp)."""
+def _forward(q, k, v, q_seg, kv_seg, q_pre, causal, blocks):
+  """Returns (out [B, T, H, D], lse [nq, B, K, G, bq] float32 row log-sum-exp); blocks = (bq, bk)."""
+  bq, bk = blocks
   b, t, h, d = q.shape
   kh = k.shape[2]
   g, scale = h // kh, d**-0.5
@@ -127,19 +128,20 @@ def _forward(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk):
   return out.transpose(1, 0, 2, 3, 4, 5).reshape(b, t, h, d), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _flash(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk):
-  return _forward(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, q_seg, kv_seg, q_pre, causal, blocks):
+  return _forward(q, k, v, q_seg, kv_seg, q_pre, causal, blocks)[0]
 
 
-def _flash_fwd(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk):
-  out, lse = _forward(q, k, v, q_seg, kv_seg, q_pre, causal, bq, bk)
+def _flash_fwd(q, k, v, q_seg, kv_seg, q_pre, causal, blocks):
+  out, lse = _forward(q, k, v, q_seg, kv_seg, q_pre, causal, blocks)
   return out, (q, k, v, q_seg, kv_seg, q_pre, out, lse)
 
 
-def _flash_bwd(causal, bq, bk, residuals, d_out):
+def _flash_bwd(causal, blocks, residuals, d_out):
   """FlashAttention-2 backward: dS = P * (dP - rowsum(dO * O)); one pass over query blocks, each
   scanning the key blocks, with dK, dV accumulated in float32 across the outer loop."""
+  bq, bk = blocks
   q, k, v, q_seg, kv_seg, q_pre, out, lse = residuals
   b, t, h, d = q.shape
   kh = k.shape[2]

@@ -74,7 +74,7 @@ class Rows:
 
 
 def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int], responses: Sequence[np.ndarray],
-           pad_id: int, s: PackingSettings, seqs: Sequence[int] | None = None, width: int | None = None,
+           pad_id: int, s: PackingSettings, *, seqs: Sequence[int] | None = None, width: int | None = None,
            min_windows: int = 1) -> list[Rows]:
   """The micro-batches of sequences `seqs` (default all): sequence i is prompt `prompts[group[i]]` followed
   by `responses[i]`; `group` also says which sequences share a prompt. `width`: the response columns of the
@@ -85,8 +85,8 @@ def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int],
   if s.packing == "none":
     width = width or round_up(max(len(responses[i]) for i in seqs), 16)
     mb = s.micro_batch_size
-    return [_padded_rows(config, prompts, group, responses, seqs[lo:lo + mb], mb, pad_id, width, min_windows)
-            for lo in range(0, len(seqs), mb)]
+    return [_padded_rows(config, prompts, group, responses, seqs[lo:lo + mb], mb=mb, pad_id=pad_id, width=width,
+                         min_windows=min_windows) for lo in range(0, len(seqs), mb)]
   its = row_fill.items([len(p.ids) for p in prompts], group, [len(r) for r in responses], seqs, s)
   rows = row_fill.fill_rows(its, s.row_tokens)
   per = s.rows_per_micro_batch
@@ -96,7 +96,8 @@ def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int],
     n_rows = s.rows_for(len(part))
     fill = max(sum(it.length for it in row) for row in part)
     width = min(s.row_tokens, pos_lib.bucket(fill))  # a short last row: its bucket, not the whole row
-    out.append(_packed_rows(config, prompts, responses, part, n_rows, width, s.packing, pad_id, min_windows))
+    out.append(_packed_rows(config, prompts, responses, part, n_rows=n_rows, t=width, packing=s.packing,
+                            pad_id=pad_id, min_windows=min_windows))
   return out
 
 
@@ -110,7 +111,7 @@ def prompt_positions(config: ModelConfig, prompt: Prompt) -> tuple[np.ndarray, i
   return pos[:, 0], int(pos.max()) + 1
 
 
-def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], n_rows: int, t: int, packing: str,
+def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], *, n_rows: int, t: int, packing: str,
                  pad_id: int, min_windows: int) -> Rows:
   ids = np.full((n_rows, t), pad_id, np.int32)
   mask = np.zeros((n_rows, t), np.int32)
@@ -158,7 +159,7 @@ def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], n_
 
 # ----------------------------------------------------------------------------------------- padded rows
 
-def _padded_rows(config, prompts, group, responses, seqs, mb, pad_id, width, min_windows) -> Rows:
+def _padded_rows(config, prompts, group, responses, seqs, *, mb, pad_id, width, min_windows) -> Rows:
   """The none layout (`sequences.pack`): `mb` rows, copies of the first sequence (scoring nothing) filling a
   short micro-batch."""
   full = seqs + seqs[:1] * (mb - len(seqs))
