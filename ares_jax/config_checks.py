@@ -133,6 +133,11 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   in_range("plan.response_tokens", pl.get("response_tokens", 1000), lambda v: v >= 1 and v == int(v),
            "an integer >= 1")
   in_range("plan.mfu", pl.get("mfu", 0.4), lambda v: 0 < v <= 1, "a utilisation in (0, 1]")
+  in_range("plan.videos_per_prompt", pl.get("videos_per_prompt", 0), lambda v: v >= 0 and v == int(v),
+           "an integer >= 0")
+  in_range("plan.video_frames", pl.get("video_frames", 16), lambda v: v >= 2 and v == int(v), "an integer >= 2")
+  in_range("plan.video_pixels", pl.get("video_pixels", 100352), lambda v: v >= 4 * 28 * 28 and v == int(v),
+           "pixels per frame, at least 4 * 28 * 28")
 
   o = c.optim
   in_range("optim.lr", o.lr, lambda v: v > 0, "a learning rate > 0")

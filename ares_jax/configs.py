@@ -96,11 +96,13 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
   c.sample.tau_high = config_dict.placeholder(float)  # unset: from a warm-up batch
 
   # Memory plans (`python -m ares_jax.plan`) and the automatic rollout chunk (rollout.chunk_prompts=0):
-  # image load per prompt, images at `image_pixels` (0: processor.max_pixels); HBM per device (0: the
+  # image load per prompt, images at `image_pixels` (0: processor.max_pixels); video load per prompt,
+  # `video_frames` frames a video at `video_pixels` a frame (default: Video-R1's training setting); HBM per device (0: the
   # device's own, or the topology's); a program fits when resident state + its peak <= usable * HBM. The
   # predicted step time (`step_time`) at expected prompt (image tokens included) and response lengths, with
   # compute-bound programs at `mfu` of the chip's peak.
-  c.plan = ml_collections.ConfigDict(dict(images_per_prompt=1, image_pixels=0, hbm_gib=0.0, usable=0.95,
+  c.plan = ml_collections.ConfigDict(dict(images_per_prompt=1, image_pixels=0, videos_per_prompt=0,
+                                          video_frames=16, video_pixels=128 * 28 * 28, hbm_gib=0.0, usable=0.95,
                                           prompt_tokens=1500, response_tokens=1000, mfu=0.4))
 
   c.inspect = ml_collections.ConfigDict()

@@ -39,9 +39,8 @@ def rollout_programs(st: Setting, sc: sampling.SamplingConfig, chunk: int, shape
   budget = abstract_like(np.zeros((chunk,), np.int32), st.mesh)
   roll = st.compile(rollout_chunk, st.mcfg, sc, st.params, weights.out, prompts, key, tau, prompt_offset=offset,
                     budget=budget)
-  desc = f"{chunk} prompts x {sc.n + sc.branches(branching)} slots, {shapes.prompt_width} + {sc.max_new_tokens}"
-  if shapes.images_per_prompt:
-    desc += f", {chunk * shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
+  desc = (f"{chunk} prompts x {sc.n + sc.branches(branching)} slots, {shapes.prompt_width} + {sc.max_new_tokens}"
+          f"{shapes.media(chunk)}")
   return [plan_row("decode weights (per generate call)", f"{st.mcfg.dtype} copy of the decoder", weights,
                    resident, st.hbm_gib),
           plan_row(f"{label} chunk (prefill + decode loop)", desc + shapes.note, roll, resident, st.hbm_gib,
@@ -71,9 +70,7 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
   admit = st.compile(refill.admit, st.mcfg, sc, st.params, state, prompts, per_prompt, per_prompt, per_prompt)
   tau = abstract_like(np.float32(1.0), st.mesh) if branching else None
   decode = st.compile(refill.decode, st.mcfg, sc, weights.out, state, key, tau, abstract_like(np.int32(0), st.mesh))
-  img = ""
-  if shapes.images_per_prompt:
-    img = f", {shapes.images_per_prompt} img {shapes.grid[1] * 14}x{shapes.grid[2] * 14} px"
+  img = shapes.media()
   desc = (f"{n_groups} groups in flight x {group} slots, {t_prompt} + {sc.max_new_tokens}, pages of {sc.page_size}, "
           f"{sc.decode_attention} attention")
   extra: tuple = (("groups_in_flight", n_groups),)  # with the prefill's prompts per call: `step_time`'s calls

@@ -64,9 +64,11 @@ def random_images(sizes, seed=0):
   return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for (h, w) in sizes]
 
 
-def build_batch(segments_per_row, images, padding_side="left", max_pixels=28 * 28 * 64, seed=0):
+def build_batch(segments_per_row, images, padding_side="left", max_pixels=28 * 28 * 64, seed=0, videos=(),
+                seconds=None):
   """Processor-style batch. Each row is a list of segments: an int n = n random text tokens,
-  'img' = the next image (vision_start, n merged <|image_pad|> tokens, vision_end)."""
+  'img' = the next image (vision_start, n merged <|image_pad|> tokens, vision_end), 'vid' = the next
+  video, of `videos`' grids (t, h, w) in patches with random pixel rows, `seconds` per temporal patch."""
   rng = np.random.default_rng(seed)
   out = {}
   grid = None
@@ -75,7 +77,13 @@ def build_batch(segments_per_row, images, padding_side="left", max_pixels=28 * 2
     out["pixel_values"] = np.asarray(proc["pixel_values"], np.float32)
     grid = np.asarray(proc["image_grid_thw"], np.int64)
     out["image_grid_thw"] = grid
-  rows, k = [], 0
+  if videos:
+    vgrid = np.asarray(videos, np.int64).reshape(-1, 3)
+    out["pixel_values_videos"] = rng.normal(size=(int(vgrid.prod(-1).sum()), 3 * 2 * 14 * 14)).astype(np.float32)
+    out["video_grid_thw"] = vgrid
+    if seconds is not None:
+      out["second_per_grid_ts"] = np.asarray(seconds, np.float32)
+  rows, k, kv = [], 0, 0
   for segs in segments_per_row:
     ids = []
     for s in segs:
@@ -83,6 +91,10 @@ def build_batch(segments_per_row, images, padding_side="left", max_pixels=28 * 2
         n = int(np.prod(grid[k]) // 4)
         ids += [V_START] + [IMAGE] * n + [V_END]
         k += 1
+      elif s == "vid":
+        n = int(np.prod(vgrid[kv]) // 4)
+        ids += [V_START] + [VIDEO] * n + [V_END]
+        kv += 1
       else:
         ids += list(rng.integers(3, 300, size=s))
     rows.append(ids)
@@ -97,16 +109,23 @@ def build_batch(segments_per_row, images, padding_side="left", max_pixels=28 * 2
   return out
 
 
+def hf_inputs(batch) -> dict:
+  """transformers' keyword arguments for a processor-style batch; `mm_token_type_ids` (1 image, 2 video)
+  whenever it has images or videos, so that its `get_rope_index` computes the M-RoPE ids."""
+  ids = torch.tensor(batch["input_ids"])
+  kw = dict(input_ids=ids, attention_mask=torch.tensor(batch["attention_mask"]))
+  for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+    if key in batch:
+      kw[key] = torch.tensor(batch[key])
+  if "pixel_values" in batch or "pixel_values_videos" in batch:
+    kw["mm_token_type_ids"] = (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+  return kw
+
+
 def hf_logits(model, batch) -> np.ndarray:
   """transformers' logits; M-RoPE ids via its own get_rope_index (mm_token_type_ids given)."""
-  ids = torch.tensor(batch["input_ids"])
-  mask = torch.tensor(batch["attention_mask"])
-  kw = dict(input_ids=ids, attention_mask=mask)
-  if "pixel_values" in batch:
-    kw["pixel_values"] = torch.tensor(batch["pixel_values"])
-    kw["image_grid_thw"] = torch.tensor(batch["image_grid_thw"])
-    kw["mm_token_type_ids"] = (ids == IMAGE).int()
-  else:  # text only: transformers' generate convention, positions over attended tokens
-    kw["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+  kw = hf_inputs(batch)
+  if "mm_token_type_ids" not in kw:  # text only: transformers' generate convention, positions over attended tokens
+    kw["position_ids"] = (kw["attention_mask"].cumsum(-1) - 1).clamp(min=0)
   with torch.no_grad():
     return model(**kw).logits.float().numpy()

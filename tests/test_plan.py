@@ -3,6 +3,7 @@ installed); the figures add up to what the programs and the resident state hold.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -227,3 +228,25 @@ def test_each_compile_says_what_it_compiles_and_how_long_it_took(caplog):
   size = r"(0|[0-9.]+ [KMG]iB)"
   assert re.fullmatch(rf"compiled scaled_sum in \d+\.\d s: arguments {size}, outputs {size}, temporaries {size} "
                       r"per device", lines[1]), lines
+
+
+def test_video_shapes_follow_the_plan_fields_and_reach_the_vision_tower():
+  """Video-R1's training setting (16 frames of 128 x 28 x 28 pixels): 8 temporal patches of 22 x 22, 968
+  video tokens a prompt; the synthetic batch the plans compile carries them into the tower's slot layout
+  (no compile)."""
+  from ares_jax.sampling import chunks as chunks_lib  # pylint: disable=g-import-not-at-top
+  c = _config("aepo")
+  c.plan.images_per_prompt, c.plan.videos_per_prompt = 0, 1
+  st = mp.Setting.create(c, jax.devices(), 1.0)
+  shapes = mp.step_shapes(c, st.mcfg, 64)
+  assert shapes.video_grid == (8, 22, 22) and shapes.video_tokens == 968
+  assert shapes.prompt_width >= 968 + 2 and "raised" in shapes.note
+  assert shapes.media(4) == ", 4 video 16 frames 308x308 px"
+  sc = dataclasses.replace(settings_lib.sampling(c, st.mcfg, 0), chunk_prompts=2)
+  chunk = chunks_lib.make_chunks(st.mcfg, mp.synthetic_batch(st.mcfg, shapes, 2), sc)[0]
+  vision = chunk.inputs.vision
+  assert vision.patches.shape[0] >= 2 * 8 * 22 * 22  # every frame's patches, abstract
+  assert int((np.asarray(chunk.inputs.ids) == st.mcfg.video_token_id).sum()) == 2 * 968
+  # the frames of one video are its temporal patches: the time axis of its tokens steps by tokens_per_second
+  t_ids = np.unique(np.asarray(chunk.inputs.positions)[0, 0][np.asarray(chunk.inputs.ids)[0] == st.mcfg.video_token_id])
+  assert len(t_ids) == 8 and np.all(np.diff(t_ids) == st.mcfg.vision.tokens_per_second)

@@ -191,7 +191,7 @@ def from_hf_dict(d: Mapping[str, Any], **overrides) -> ModelConfig:
       temporal_patch_size=v.get("temporal_patch_size", 2), spatial_merge_size=v.get("spatial_merge_size", 2),
       window_size=v.get("window_size", 112),
       fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
-      rope_theta=float(vrope.get("rope_theta", 10_000.0)), tokens_per_second=v.get("tokens_per_second", 2))
+      rope_theta=float(vrope.get("rope_theta", 10_000.0)), tokens_per_second=v.get("tokens_per_second", 4))  # transformers' default when absent
   if vision.out_hidden_size != text.hidden_size:
     raise ConfigError(f"vision_config.out_hidden_size={vision.out_hidden_size} must equal text hidden_size "
                       f"{text.hidden_size}")

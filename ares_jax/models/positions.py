@@ -1,4 +1,4 @@
-"""Host-side (numpy) index computations that depend on concrete image sizes.
+"""Host-side (numpy) index computations that depend on concrete image and video sizes.
 
 Nothing here runs under jit: M-RoPE position ids, the window-ordered slot layout of the vision
 tower, rotary patch coordinates and the shape buckets that keep the compiled programs few.
@@ -34,53 +34,74 @@ def merged_token_counts(image_grid_thw: np.ndarray, vc: VisionConfig) -> np.ndar
 
 
 def mrope_positions(input_ids: np.ndarray, attention_mask: np.ndarray, image_grid_thw: np.ndarray | None,
-                    config: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+                    config: ModelConfig, video_grid_thw: np.ndarray | None = None,
+                    second_per_grid_ts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
   """3-D rotary position ids [3, B, T] and rope deltas [B] (transformers' `get_rope_index`).
 
-  Text tokens get equal ids on the three axes; an image's merged tokens get (t, row, column) ids
-  offset by the position where it starts, and the text after it continues from that start plus
-  max(rows, columns). Only attended tokens are counted (left padding is skipped); padding gets 0.
-  The delta is what the next generated token's position exceeds its index by: max + 1 - length.
+  Text tokens get equal ids on the three axes; an image's or video's merged tokens get (t, row, column)
+  ids offset by the position where it starts, and the text after it continues from that start plus
+  max(rows, columns). A video's temporal id is floor(t x `second_per_grid_ts` x `tokens_per_second`) (its
+  temporal patches are seconds apart, not 1; 1 second when not given, as transformers assumes). Only
+  attended tokens are counted (left padding is skipped); padding gets 0. The delta is what the next
+  generated token's position exceeds its index by: max + 1 - length.
   """
   ids = np.asarray(input_ids)
   mask = np.asarray(attention_mask).astype(bool)
   b, t = ids.shape
   merge = config.vision.spatial_merge_size
-  grids = iter(np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3) if image_grid_thw is not None else [])
+  grids = {
+      config.image_token_id: iter(_grid_list(image_grid_thw)),
+      config.video_token_id: iter(_grid_list(video_grid_thw)),
+  }
+  n_videos = len(_grid_list(video_grid_thw))
+  seconds = iter(np.ones(n_videos) if second_per_grid_ts is None
+                 else np.asarray(second_per_grid_ts, np.float64).reshape(-1))
   positions = np.zeros((3, b, t), dtype=np.int32)
   deltas = np.zeros((b,), dtype=np.int32)
   for row in range(b):
     seq = ids[row][mask[row]]
-    is_image = seq == config.image_token_id
+    is_media = (seq == config.image_token_id) | (seq == config.video_token_id)
     chunks, cur, i = [], 0, 0
     while i < len(seq):
-      if is_image[i]:
-        grid = next(grids, None)
+      if is_media[i]:
+        token = int(seq[i])
+        kind = "image" if token == config.image_token_id else "video"
+        grid = next(grids[token], None)
         if grid is None:
-          raise InputError(f"row {row}: more runs of image tokens than images in image_grid_thw")
+          raise InputError(f"row {row}: more runs of {kind} tokens than {kind}s in {kind}_grid_thw")
         gt, gh, gw = int(grid[0]), int(grid[1]) // merge, int(grid[2]) // merge
         n = gt * gh * gw
-        if not is_image[i:i + n].all() or len(seq) < i + n:
-          run = int(np.argmin(np.append(is_image[i:], False)))
+        if len(seq) < i + n or not (seq[i:i + n] == token).all():
+          run = int(np.argmin(np.append(seq[i:] == token, False)))
           raise InputError(
-              f"row {row}: an image of grid {grid.tolist()} needs {n} consecutive image tokens but the prompt "
+              f"row {row}: a {kind} of grid {grid.tolist()} needs {n} consecutive {kind} tokens but the prompt "
               f"has a run of {run}; likely causes: the prompt was truncated (max_prompt_length), or the "
-              f"<|image_pad|> expansion used a different max_pixels/min_pixels than pixel_values")
-        tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+              f"<|{kind}_pad|> expansion used a different max_pixels/min_pixels than the pixel values")
+        interval = 1.0
+        if kind == "video":
+          interval = config.vision.tokens_per_second * float(next(seconds, 1.0))
+        t_ids = (np.arange(gt) * interval).astype(np.int64)  # truncated as transformers' .long()
+        tt, hh, ww = np.meshgrid(t_ids, np.arange(gh), np.arange(gw), indexing="ij")
         chunks.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + cur)
         cur += max(gh, gw)
         i += n
       else:
-        j = i + int(np.argmax(np.append(is_image[i:], True)))
+        j = i + int(np.argmax(np.append(is_media[i:], True)))
         chunks.append(np.broadcast_to(np.arange(j - i) + cur, (3, j - i)))
         cur += j - i
         i = j
     pos = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
     positions[:, row, mask[row]] = pos
     deltas[row] = (pos.max() + 1 - len(seq)) if len(seq) else 0
-  if next(grids, None) is not None:
-    raise InputError("image_grid_thw lists more images than the prompts hold runs of image tokens")
+  for token, it in grids.items():
+    if next(it, None) is not None:
+      kind = "image" if token == config.image_token_id else "video"
+      raise InputError(f"{kind}_grid_thw lists more {kind}s than the prompts hold runs of {kind} tokens")
   return positions, deltas
+
+
+def _grid_list(grid: np.ndarray | None) -> list[np.ndarray]:
+  return [] if grid is None else list(np.asarray(grid, dtype=np.int64).reshape(-1, 3))
 
 
 def vision_layout(image_grid_thw: np.ndarray, vc: VisionConfig, min_windows: int = 1) -> dict[str, np.ndarray]:

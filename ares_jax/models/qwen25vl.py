@@ -7,7 +7,7 @@ concrete image sizes is prepared on the host (`positions`), then one jitted prog
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,16 +62,19 @@ class Qwen25VL(nn.Module):
                                 (tc.hidden_size, tc.vocab_size), pd)
 
   def embed(self, input_ids: jax.Array, vision: VisionInputs | None) -> jax.Array:
-    """Token embeddings with image placeholders replaced by merged vision features: [B, T, E]."""
+    """Token embeddings with image and video placeholders replaced by merged vision features: [B, T, E]."""
     x = self.embed_tokens(input_ids)
     if vision is None:
       return x
-    feats = self.visual(vision).astype(x.dtype)  # [M, E], Hugging Face order
+    feats = self.visual(vision).astype(x.dtype)  # [M, E]: every image's features, then every video's
     is_image = input_ids == self.config.image_token_id
-    # masked_scatter semantics: the k-th image token (row-major over the batch) takes feature k
-    k = jnp.cumsum(is_image.reshape(-1)).reshape(is_image.shape) - 1
+    is_video = input_ids == self.config.video_token_id
+    # masked_scatter semantics, per kind: the k-th image token (row-major over the batch) takes image
+    # feature k, the k-th video token video feature k, which follows all image features
+    count = lambda m: jnp.cumsum(m.reshape(-1)).reshape(m.shape) - 1
+    k = jnp.where(is_image, count(is_image), count(is_video) + is_image.sum())
     gathered = jnp.take(feats, jnp.clip(k, 0, feats.shape[0] - 1), axis=0)
-    return jnp.where(is_image[..., None], gathered, x)
+    return jnp.where((is_image | is_video)[..., None], gathered, x)
 
   def logits(self, x: jax.Array) -> jax.Array:
     """[B, T, E] final hidden states -> float32 logits [B, T, V] (float32 accumulation in bf16 too)."""
@@ -145,58 +148,88 @@ def decode_step(config: ModelConfig, params, layers: Sequence[Params], tokens, p
   return model.apply(top, x, method=Qwen25VL.logits)[:, 0], updates
 
 
-def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw) -> None:
-  """Raises `InputError` naming what was found and what was expected (shapes, token counts, video)."""
+def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, image_grid_thw,
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> None:
+  """Raises `InputError` naming what was found and what was expected (shapes, token counts)."""
   if input_ids.ndim != 2:
     raise pos_lib.InputError(f"input_ids must be [batch, length]; got shape {input_ids.shape}")
   if attention_mask.shape != input_ids.shape:
     raise pos_lib.InputError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
-  n_video = int((input_ids == config.video_token_id).sum())
-  if n_video:
-    raise pos_lib.InputError(
-        f"input_ids hold {n_video} video tokens: ares_jax supports text and still images "
-        "(pixel_values + image_grid_thw); videos are not supported")
-  n_tokens = int(((input_ids == config.image_token_id) & (attention_mask > 0)).sum())
-  if pixel_values is None or image_grid_thw is None:
+  _check_media(config, "image", config.image_token_id, input_ids, attention_mask, pixel_values, image_grid_thw,
+               "pixel_values", "image_grid_thw")
+  _check_media(config, "video", config.video_token_id, input_ids, attention_mask, pixel_values_videos,
+               video_grid_thw, "pixel_values_videos", "video_grid_thw")
+  if second_per_grid_ts is not None:
+    n_videos = 0 if video_grid_thw is None else len(np.asarray(video_grid_thw).reshape(-1, 3))
+    if np.asarray(second_per_grid_ts).reshape(-1).shape != (n_videos,):
+      raise pos_lib.InputError(f"second_per_grid_ts has shape {np.shape(second_per_grid_ts)}; expected one "
+                               f"value per video ({n_videos}, from video_grid_thw)")
+
+
+def _check_media(config: ModelConfig, kind: str, token_id: int, input_ids, attention_mask, pixels, grid,
+                 pixels_name: str, grid_name: str) -> None:
+  n_tokens = int(((input_ids == token_id) & (attention_mask > 0)).sum())
+  if pixels is None or grid is None:
     if n_tokens:
-      raise pos_lib.InputError(f"input_ids hold {n_tokens} image tokens but no pixel_values/image_grid_thw "
+      raise pos_lib.InputError(f"input_ids hold {n_tokens} {kind} tokens but no {pixels_name}/{grid_name} "
                                "were given")
     return
   vc = config.vision
-  grid = np.asarray(image_grid_thw).reshape(-1, 3)
+  grid = np.asarray(grid).reshape(-1, 3)
   n_patches = int(grid.prod(-1).sum())
-  if pixel_values.ndim != 2 or pixel_values.shape != (n_patches, vc.patch_dim):
+  if pixels.ndim != 2 or pixels.shape != (n_patches, vc.patch_dim):
     raise pos_lib.InputError(
-        f"pixel_values shape {tuple(pixel_values.shape)} does not match image_grid_thw, which implies "
+        f"{pixels_name} shape {tuple(pixels.shape)} does not match {grid_name}, which implies "
         f"({n_patches}, {vc.patch_dim}) = (sum of t*h*w, channels*temporal_patch*patch**2)")
   if np.any(grid[:, 1:] % vc.spatial_merge_size):
-    raise pos_lib.InputError(f"image_grid_thw {grid.tolist()}: h and w must be multiples of spatial_merge_size")
+    raise pos_lib.InputError(f"{grid_name} {grid.tolist()}: h and w must be multiples of spatial_merge_size")
   n_merged = int(pos_lib.merged_token_counts(grid, vc).sum())
   if n_tokens != n_merged:
     raise pos_lib.InputError(
-        f"input_ids hold {n_tokens} image tokens but image_grid_thw gives {n_merged} merged patches "
-        f"(t*h*w/{vc.merge_unit} per image); likely causes: the prompt was truncated (max_prompt_length) "
-        "through the image, or <|image_pad|> was expanded with a different max_pixels/min_pixels than the "
-        "image processor that produced pixel_values")
+        f"input_ids hold {n_tokens} {kind} tokens but {grid_name} gives {n_merged} merged patches "
+        f"(t*h*w/{vc.merge_unit} per {kind}); likely causes: the prompt was truncated (max_prompt_length) "
+        f"through the {kind}, or <|{kind}_pad|> was expanded with a different max_pixels/min_pixels than the "
+        f"processor that produced {pixels_name}")
 
 
-def prepare_vision(config: ModelConfig, pixel_values: np.ndarray, image_grid_thw: np.ndarray,
-                   min_windows: int = 1) -> VisionInputs:
-  """Host-side: pixel rows and image grids -> `VisionInputs` in the bucketed slot layout.
+def prepare_vision(config: ModelConfig, pixel_values, image_grid_thw, min_windows: int = 1, *,
+                   pixel_values_videos=None, video_grid_thw=None) -> VisionInputs | None:
+  """Host-side: pixel rows and grids -> `VisionInputs` in the bucketed slot layout; None without any.
 
-  `pixel_values` may be a `jax.ShapeDtypeStruct` (memory plans of many large images, whose pixel
-  rows need not exist): the layout is computed as usual and `patches` is abstract too.
+  The tower sees every image, then every video (a video is an image of t > 1 temporal patches: its frames
+  attend within themselves), the order in which `Qwen25VL.embed` places their features. Pixels may be
+  `jax.ShapeDtypeStruct`s (memory plans of many large images, whose pixel rows need not exist): the
+  layout is computed as usual and `patches` is abstract too.
   """
-  layout = pos_lib.vision_layout(image_grid_thw, config.vision, min_windows)
+  kinds = [(p, np.asarray(g, np.int64).reshape(-1, 3)) for p, g in
+           ((pixel_values, image_grid_thw), (pixel_values_videos, video_grid_thw)) if p is not None and g is not None]
+  kinds = [(p, g) for p, g in kinds if len(g)]
+  if not kinds:
+    return None
+  grid = np.concatenate([g for _, g in kinds])
+  layout = pos_lib.vision_layout(grid, config.vision, min_windows)
   src = layout["patch_src"]
-  if isinstance(pixel_values, jax.ShapeDtypeStruct):
+  if any(isinstance(p, jax.ShapeDtypeStruct) for p, _ in kinds):
     patches = jax.ShapeDtypeStruct((len(src), config.vision.patch_dim), jnp.float32)
   else:
-    pixel_values = np.asarray(pixel_values, dtype=np.float32)
-    patches = np.where((src >= 0)[:, None], pixel_values[np.maximum(src, 0)], 0.0).astype(np.float32)
+    pixels = np.concatenate([np.asarray(p, dtype=np.float32) for p, _ in kinds])
+    patches = np.where((src >= 0)[:, None], pixels[np.maximum(src, 0)], 0.0).astype(np.float32)
   full = np.isin(np.arange(config.vision.depth), config.vision.fullatt_block_indexes)
   return VisionInputs(patches=patches, slot_segment=layout["slot_segment"], pos_hw=layout["pos_hw"],
                       merged_index=layout["merged_index"], full_layer=full)
+
+
+def media_vision(config: ModelConfig, media: Mapping[str, Any], min_windows: int = 1) -> VisionInputs | None:
+  """`prepare_vision` of the images and videos of a processor-style dict (any of its keys may be absent)."""
+  return prepare_vision(config, media.get("pixel_values"), media.get("image_grid_thw"), min_windows,
+                        pixel_values_videos=media.get("pixel_values_videos"),
+                        video_grid_thw=media.get("video_grid_thw"))
+
+
+def media_positions(config: ModelConfig, input_ids, attention_mask, media: Mapping[str, Any]) -> np.ndarray:
+  """`positions.mrope_positions` [3, B, T] of rows whose images and videos are those of `media`."""
+  return pos_lib.mrope_positions(input_ids, attention_mask, media.get("image_grid_thw"), config,
+                                 media.get("video_grid_thw"), media.get("second_per_grid_ts"))[0]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -205,21 +238,29 @@ def _apply(config: ModelConfig, params, inputs: ModelInputs):
 
 
 def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixel_values=None,
-            image_grid_thw=None, *, length_bucket: int = 64) -> jax.Array:
+            image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
+            length_bucket: int = 64) -> jax.Array:
   """Logits [B, T, V] float32 for a batch as the Hugging Face processor returns it.
 
   Left or right padding; images as `pixel_values` [sum(t*h*w), 1176] with `image_grid_thw`
-  [num_images, 3]. The sequence is padded on the right to a multiple of `length_bucket` (and the
-  image slots to a bucket) so that nearby shapes share one compiled program; padding is cut off
-  again. Params may be sharded: the program then runs on their mesh.
+  [num_images, 3]; videos as `pixel_values_videos` with `video_grid_thw` [num_videos, 3] and
+  `second_per_grid_ts` [num_videos] (seconds per temporal patch; 1 when not given, as transformers).
+  The sequence is padded on the right to a multiple of `length_bucket` (and the vision slots to a
+  bucket) so that nearby shapes share one compiled program; padding is cut off again. Params may be
+  sharded: the program then runs on their mesh.
   """
   input_ids = np.asarray(input_ids)
   attention_mask = np.asarray(attention_mask)
-  check_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw)
-  vision = None
-  if pixel_values is not None and image_grid_thw is not None:
-    vision = prepare_vision(config, np.asarray(pixel_values), np.asarray(image_grid_thw))
-  positions, _ = pos_lib.mrope_positions(input_ids, attention_mask, image_grid_thw if vision else None, config)
+  host = lambda a: None if a is None else np.asarray(a)
+  pixel_values, image_grid_thw = host(pixel_values), host(image_grid_thw)
+  pixel_values_videos, video_grid_thw = host(pixel_values_videos), host(video_grid_thw)
+  check_inputs(config, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+               video_grid_thw, second_per_grid_ts)
+  vision = prepare_vision(config, pixel_values, image_grid_thw, pixel_values_videos=pixel_values_videos,
+                          video_grid_thw=video_grid_thw)
+  positions, _ = pos_lib.mrope_positions(
+      input_ids, attention_mask, image_grid_thw if pixel_values is not None else None, config,
+      video_grid_thw if pixel_values_videos is not None else None, second_per_grid_ts)
   b, t = input_ids.shape
   pad = -t % max(length_bucket, 1)
   ids = np.pad(input_ids, ((0, 0), (0, pad))).astype(np.int32)

@@ -4,8 +4,8 @@ A rollout's device memory grows with the prompts decoded together, so a step's 5
 cannot be one program. The paged engine (`refill.py`) keeps `prompts_in_flight` groups decoding and
 prefills the waiting prompts `chunk_prompts` at a time as groups end; the dense engine runs one
 compiled rollout per chunk of `chunk_prompts` (its KV cache is P x (n + branches) x (T + N) tokens, the
-vision tower sees every image of the chunk). The memory planner (`ares_jax.plan`) finds the largest
-size that fits. Every chunk has the same shapes (the prompt width of the whole batch, the image slot
+vision tower sees every image and video of the chunk). The memory planner (`ares_jax.plan`) finds the largest
+size that fits. Every chunk has the same shapes (the prompt width of the whole batch, the vision slot
 count of the largest chunk, the last chunk filled with copies of a prompt whose slots are dropped), so
 a step compiles one program per engine part whatever its chunking.
 Random streams are keyed by (prompt, slot, position), so chunking does not change what is sampled.
@@ -22,7 +22,7 @@ import numpy as np
 from ares_jax import sharding
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import ModelInputs, check_inputs, prepare_vision
+from ares_jax.models.qwen25vl import ModelInputs, check_inputs, media_positions, media_vision
 from ares_jax.models.vision import VisionInputs
 from ares_jax.sampling.config import Rollouts, SamplingConfig
 from ares_jax.sampling import refill
@@ -53,19 +53,51 @@ class _Chunk:
   inputs: ModelInputs  # ids / mask [P_chunk, T], positions [3, P_chunk, T], vision
 
 
-def _images_of_rows(config: ModelConfig, ids, mask, grid) -> list[np.ndarray]:
-  """For each prompt row, the indices of its images (images are concatenated in prompt order, each
-  taking t*h*w / merge_unit placeholder tokens)."""
-  per_image = pos_lib.merged_token_counts(grid, config.vision)
-  per_row = ((ids == config.image_token_id) & (mask > 0)).sum(axis=1)
-  out, nxt = [], 0
-  for n in per_row:
-    first = nxt
-    while n > 0:
-      n -= per_image[nxt]
-      nxt += 1
-    out.append(np.arange(first, nxt))
-  return out
+@dataclasses.dataclass(frozen=True)
+class _Media:
+  """The images or the videos of a batch (one kind): their pixel rows, grids, per-item extras and which
+  items each prompt row holds (items are concatenated in prompt order, each taking t*h*w / merge_unit
+  placeholder tokens of `token_id`)."""
+
+  pixels: np.ndarray | jax.ShapeDtypeStruct  # [sum t*h*w, patch_dim]; abstract in memory plans
+  grid: np.ndarray  # [I, 3]
+  seconds: np.ndarray | None  # [I] second_per_grid_ts (videos)
+  of_row: list[np.ndarray]  # per prompt row, the indices of its items
+
+  @classmethod
+  def of(cls, config: ModelConfig, ids, mask, pixels, grid, token_id: int, seconds=None) -> "_Media | None":
+    if pixels is None or grid is None:
+      return None
+    grid = np.asarray(grid).reshape(-1, 3)
+    per_item = pos_lib.merged_token_counts(grid, config.vision)
+    of_row, nxt = [], 0
+    for n in ((ids == token_id) & (mask > 0)).sum(axis=1):
+      first = nxt
+      while n > 0:
+        n -= per_item[nxt]
+        nxt += 1
+      of_row.append(np.arange(first, nxt))
+    pixels = pixels if isinstance(pixels, jax.ShapeDtypeStruct) else np.asarray(pixels)
+    seconds = None if seconds is None else np.asarray(seconds, np.float32).reshape(-1)
+    return cls(pixels, grid, seconds, of_row)
+
+  def select(self, rows: np.ndarray) -> tuple:
+    """(pixel rows, grid, seconds) of the items of prompt `rows`, in their order; Nones when they hold none."""
+    items = np.concatenate([self.of_row[r] for r in rows]).astype(np.int64)
+    if not len(items):
+      return None, None, None
+    start = np.concatenate([[0], np.cumsum(self.grid.prod(-1))])
+    if isinstance(self.pixels, jax.ShapeDtypeStruct):
+      pixels = jax.ShapeDtypeStruct((int((start[items + 1] - start[items]).sum()), self.pixels.shape[1]),
+                                    np.float32)
+    else:
+      pixels = np.concatenate([self.pixels[start[i]:start[i + 1]] for i in items])
+    return pixels, self.grid[items], None if self.seconds is None else self.seconds[items]
+
+
+def _host(a):
+  """numpy, except None and a memory plan's abstract pixels."""
+  return a if a is None or isinstance(a, jax.ShapeDtypeStruct) else np.asarray(a)
 
 
 def _pad_vision(v: VisionInputs, n: int, m: int) -> VisionInputs:
@@ -86,32 +118,26 @@ def make_chunks(config: ModelConfig, batch: dict, sc: SamplingConfig) -> list[_C
   """Checks the processor batch and splits it into equally shaped chunks of `sc.chunk_prompts`."""
   ids = np.asarray(batch["input_ids"])
   mask = np.asarray(batch["attention_mask"])
-  pixel_values, grid = batch.get("pixel_values"), batch.get("image_grid_thw")
-  check_inputs(config, ids, mask, pixel_values, grid)
+  get = lambda key: _host(batch.get(key))
+  check_inputs(config, ids, mask, get("pixel_values"), get("image_grid_thw"), get("pixel_values_videos"),
+               get("video_grid_thw"), get("second_per_grid_ts"))
   ids, mask = left_align(ids, mask, sc.prompt_bucket, sc.pad_id)
   n_prompts = ids.shape[0]
   size = min(sc.chunk_prompts or n_prompts, n_prompts)
-  with_images = pixel_values is not None and grid is not None
-  abstract = isinstance(pixel_values, jax.ShapeDtypeStruct)  # memory plans: layouts without pixel rows
-  if with_images:
-    grid = np.asarray(grid).reshape(-1, 3)
-    pixel_values = pixel_values if abstract else np.asarray(pixel_values)
-    images = _images_of_rows(config, ids, mask, grid)
-    patch_start = np.concatenate([[0], np.cumsum(grid.prod(-1))])
+  images = _Media.of(config, ids, mask, get("pixel_values"), get("image_grid_thw"), config.image_token_id)
+  videos = _Media.of(config, ids, mask, get("pixel_values_videos"), get("video_grid_thw"), config.video_token_id,
+                     get("second_per_grid_ts"))
   chunks = []
   for lo in range(0, n_prompts, size):
     real = np.arange(lo, min(lo + size, n_prompts))
     rows = np.concatenate([real, np.full(size - len(real), real[0])])
-    c_ids, c_mask, c_grid, vision = ids[rows], mask[rows], None, None
-    if with_images:
-      imgs = np.concatenate([images[r] for r in rows]).astype(np.int64)
-      if len(imgs):
-        c_grid = grid[imgs]
-        pv = (jax.ShapeDtypeStruct((int(patch_start[imgs + 1].sum() - patch_start[imgs].sum()),
-                                    pixel_values.shape[1]), np.float32) if abstract else
-              np.concatenate([pixel_values[patch_start[i]:patch_start[i + 1]] for i in imgs]))
-        vision = prepare_vision(config, pv, c_grid)
-    positions, _ = pos_lib.mrope_positions(c_ids, c_mask, c_grid, config)
+    c_ids, c_mask, media = ids[rows], mask[rows], {}
+    if images is not None:
+      media["pixel_values"], media["image_grid_thw"], _ = images.select(rows)
+    if videos is not None:
+      media["pixel_values_videos"], media["video_grid_thw"], media["second_per_grid_ts"] = videos.select(rows)
+    vision = media_vision(config, media)
+    positions = media_positions(config, c_ids, c_mask, media)
     chunks.append(_Chunk(rows, len(real), ModelInputs(c_ids, positions, c_mask, vision)))
   visions = [c.inputs.vision for c in chunks if c.inputs.vision is not None]
   if visions:  # one vision shape for all chunks; a chunk without images gets an all-padding layout
@@ -138,7 +164,7 @@ def generate(config: ModelConfig, params, batch: dict, sampling_config: Sampling
   """Samples `n` trajectories per prompt (plus HWE branches when `tau_high` is given).
 
   `batch` is the processor output: input_ids, attention_mask (left or right padding), and
-  optionally pixel_values / image_grid_thw. Deterministic for a given `key`, and the same for every
+  optionally pixel_values / image_grid_thw and pixel_values_videos / video_grid_thw / second_per_grid_ts. Deterministic for a given `key`, and the same for every
   `chunk_prompts`, `kv_cache`, `page_size` and `prompts_in_flight`. Slots are numbered over the whole
   batch: slot g * (n + branches) + i. `budgets` [B]: each prompt's response budget (at most, and by
   default, `max_new_tokens`). `on_done(prompt rows, their rollouts)` is called as groups of prompts end

@@ -28,10 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ares_jax.data.batching import Prompt, round_up
+from ares_jax.data.batching import Prompt, media, round_up
 from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import ModelInputs, prepare_vision
+from ares_jax.models.qwen25vl import ModelInputs, media_positions, media_vision
 from ares_jax.train import row_fill
 from ares_jax.train.row_fill import PackingSettings
 from ares_jax.train.sequences import pack
@@ -106,8 +106,7 @@ def layout(config: ModelConfig, prompts: Sequence[Prompt], group: Sequence[int],
 def prompt_positions(config: ModelConfig, prompt: Prompt) -> tuple[np.ndarray, int]:
   """A prompt's M-RoPE positions [3, p] on its own, and the position its first response token takes."""
   ids = np.asarray(prompt.ids)[None]
-  grid = prompt.image_grid_thw if prompt.image_grid_thw is not None and len(prompt.image_grid_thw) else None
-  pos, _ = pos_lib.mrope_positions(ids, np.ones_like(ids), grid, config)
+  pos = media_positions(config, ids, np.ones_like(ids), media([prompt]))
   return pos[:, 0], int(pos.max()) + 1
 
 
@@ -120,7 +119,7 @@ def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], *,
   src = np.zeros((n_rows, t), np.int32)
   seq = np.full((n_rows, t), -1, np.int32)
   col = np.full((n_rows, t), -1, np.int32)
-  pixels, grids = [], []  # in the order of their tokens, row-major: how `Qwen25VL.embed` places features
+  with_media = []  # prompts in the order of their tokens, row-major: how `Qwen25VL.embed` places features
   shared = packing == "shared_prompt"
   placed: dict[int, tuple[np.ndarray, int]] = {}
   for r, items in enumerate(rows):
@@ -134,9 +133,7 @@ def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], *,
       segment += 1
       prompt_segment = segment
       ids[r, c:c + p], mask[r, c:c + p], positions[:, r, c:c + p] = prompt.ids, segment, pos
-      if prompt.image_grid_thw is not None and len(prompt.image_grid_thw):
-        pixels.append(prompt.pixel_values)
-        grids.append(prompt.image_grid_thw)
+      with_media.append(prompt)
       last = c + p - 1
       c += p
       for k, i in enumerate(item.seqs):
@@ -151,9 +148,7 @@ def _packed_rows(config, prompts, responses, rows: list[list[row_fill.Item]], *,
         src[r, c] = last  # a shared prompt's responses all follow its last token
         seq[r, c:c + n], col[r, c:c + n] = i, np.arange(n)
         c += n
-  vision = None
-  if grids:
-    vision = prepare_vision(config, np.concatenate(pixels).astype(np.float32), np.concatenate(grids), min_windows)
+  vision = media_vision(config, media(with_media), min_windows)
   return Rows(ModelInputs(ids, positions, mask, vision, prefix if shared else None), src, seq, col)
 
 

@@ -19,9 +19,8 @@ import numpy as np
 
 from ares_jax.data.batching import Prompt, prompt_batch, round_up
 from ares_jax.models import lora
-from ares_jax.models import positions as pos_lib
 from ares_jax.models.config import ModelConfig
-from ares_jax.models.qwen25vl import ModelInputs, Qwen25VL, prepare_vision
+from ares_jax.models.qwen25vl import ModelInputs, Qwen25VL, media_positions, media_vision
 
 
 @dataclasses.dataclass
@@ -46,9 +45,8 @@ def pack(config: ModelConfig, prompts: Sequence[Prompt], responses: Sequence[np.
     rmask[i, :len(r)] = 1
   ids = np.concatenate([batch["input_ids"], resp], axis=1)
   mask = np.concatenate([batch["attention_mask"], rmask], axis=1)
-  grid = batch.get("image_grid_thw")
-  vision = None if grid is None else prepare_vision(config, batch["pixel_values"], grid, min_windows)
-  positions, _ = pos_lib.mrope_positions(ids, mask, grid, config)
+  vision = media_vision(config, batch, min_windows)
+  positions = media_positions(config, ids, mask, batch)
   return Packed(ModelInputs(ids, positions, mask, vision), p_width)
 
 
