@@ -1,5 +1,5 @@
 """train/packing.py: the three update-row layouts hold the same tokens at the same positions, and give the same
-log-probs, losses and gradients (AEPO and SFT, with an image prompt, with LoRA, on 1 and 8 devices)."""
+log-probs, losses and gradients (AEPO and SFT, with an image prompt and a video prompt, with LoRA, on 1 and 8 devices)."""
 
 from __future__ import annotations
 
@@ -46,14 +46,18 @@ def _model(adapters: bool = False):
 
 
 def _prompts(mcfg):
-  """A text prompt, one with an image (a 4 x 4 patch grid: 4 merged tokens) and a longer text prompt."""
+  """A text prompt, one with an image (a 4 x 4 patch grid: 4 merged tokens) and one with a video (2 temporal
+  patches of 4 x 4: 8 merged tokens, 1.5 s apart)."""
   rng = np.random.default_rng(0)
   text = lambda n: rng.integers(5, 300, n).astype(np.int32)
-  grid = np.array([[1, 4, 4]])
-  image = np.concatenate([[mcfg.vision_start_token_id], [mcfg.image_token_id] * 4, [mcfg.vision_end_token_id]])
-  pixels = rng.normal(size=(16, mcfg.vision.patch_dim)).astype(np.float32)
-  return [Prompt(text(20)), Prompt(np.concatenate([text(3), image, text(10)]).astype(np.int32), pixels, grid),
-          Prompt(text(33))]
+  run = lambda token, n: np.concatenate([[mcfg.vision_start_token_id], [token] * n, [mcfg.vision_end_token_id]])
+  pixels = lambda n: rng.normal(size=(n, mcfg.vision.patch_dim)).astype(np.float32)
+  image = Prompt(np.concatenate([text(3), run(mcfg.image_token_id, 4), text(10)]).astype(np.int32), pixels(16),
+                 np.array([[1, 4, 4]]))
+  video = Prompt(np.concatenate([text(11), run(mcfg.video_token_id, 8), text(12)]).astype(np.int32),
+                 pixel_values_videos=pixels(32), video_grid_thw=np.array([[2, 4, 4]]),
+                 second_per_grid_ts=np.array([1.5], np.float32))
+  return [Prompt(text(20)), image, video]
 
 
 def _rows(mcfg, layout, seed=0):
