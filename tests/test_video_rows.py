@@ -134,3 +134,12 @@ def test_clips_cross_processes_as_arrays_and_rates():
   assert len(images) == 1 and [c.fps for c in clips] == [1.25, 3.0]
   np.testing.assert_array_equal(clips[0].frames, frames)
   np.testing.assert_array_equal(clips[1].frames, frames[:1])
+
+
+def test_the_config_sets_the_video_settings():
+  from ares_jax import settings  # imports JAX: only this test needs it
+  from tiny_configs import load_config
+  c = load_config("tiny.py")
+  assert settings.video(c) == VideoSettings()  # qwen-vl-utils' defaults
+  c.processor.video_fps, c.processor.video_max_frames = 1.0, 16
+  assert settings.video(c) == VideoSettings(fps=1.0, max_frames=16)
