@@ -143,3 +143,11 @@ def test_the_config_sets_the_video_settings():
   assert settings.video(c) == VideoSettings()  # qwen-vl-utils' defaults
   c.processor.video_fps, c.processor.video_max_frames = 1.0, 16
   assert settings.video(c) == VideoSettings(fps=1.0, max_frames=16)
+
+
+def test_tfds_builds_refuse_video_rows_by_name():
+  from ares_jax.data import build  # imports tensorflow_datasets: only this test needs it
+  row = reader.Row(id="v", location="f.jsonl:1", question="<video>?", answer="1", videos=("a.mp4",))
+  with pytest.raises(reader.BadRow) as e:
+    build.prepare_images(row, build.ImageSettings())
+  assert e.value.reason == "video_unsupported"

@@ -9,7 +9,8 @@ vision_process.py), which is how Qwen2.5-VL's own training and evaluation prepar
   [min_frames, min(max_frames, total_frames)] and floored to a multiple of FRAME_FACTOR (the temporal
   patch, 2); indices = linspace(0, total_frames - 1, nframes).round(); the sampled frames' rate is
   nframes / total_frames * video_fps (what `second_per_grid_ts` is computed from);
-- folders and frame lists are frames already sampled (qwen-vl-utils takes them as they are, at `fps`);
+- folders and frame lists are frames already sampled (qwen-vl-utils takes them as they are, at `fps`;
+  here at most `max_frames` of them);
 - an odd frame count is made even by repeating the last frame (qwen-vl-utils' frame lists, transformers'
   video patchify); a one-frame file becomes two equal frames where qwen-vl-utils refuses it;
 - frames are resized to smart_resize(h, w, factor, min_pixels, max_pixels) with max_pixels =
@@ -282,6 +283,8 @@ def _sample(path: str, total: int, video_fps: float, s: VideoSettings) -> tuple[
   frames = _frames(path)
   try:
     for i, frame in enumerate(frames):
+      if frame.width * frame.height > s.max_source_pixels:  # a stream may change its size midway
+        raise VideoError("too_large", f"{path}: frame {i} is {frame.width}x{frame.height} > {s.max_source_pixels} pixels")
       if i in keep:
         if size is None:
           size = frame_size(frame.height, frame.width, n + n % FRAME_FACTOR, s)
