@@ -21,7 +21,8 @@ REQUIRED = ("path", "problem", "solution", "data_type")
 
 
 def records(path: str, limit: int | None = None) -> Iterator[tuple[int, Any]]:
-  """(0-based position in the list, the record as reader columns, or the raw item when it is no object)."""
+  """(0-based position in the list, the record as reader columns, or the raw item when it is no object).
+  The whole list is parsed, even for the first rows (JSON has no line to stop at)."""
   with open(path, "rb") as f:
     try:
       data = json.load(f)
