@@ -62,6 +62,13 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
   in_range("processor.min_pixels", c.processor.min_pixels, lambda v: v > 0, "> 0")
   need(c.processor.min_pixels <= c.processor.max_pixels,
        f"config.processor.min_pixels={c.processor.min_pixels} > config.processor.max_pixels={c.processor.max_pixels}")
+  p = c.processor
+  in_range("processor.video_fps", p.video_fps, lambda v: v > 0, "> 0")
+  for name in ("video_min_pixels", "video_max_pixels", "video_total_pixels", "video_min_frames", "video_max_frames"):
+    in_range(f"processor.{name}", p[name], lambda v: v >= 1 and v == int(v), "an integer >= 1")
+  for lo, hi in (("video_min_pixels", "video_max_pixels"), ("video_min_frames", "video_max_frames")):
+    if all(isinstance(p[k], (int, float)) for k in (lo, hi)):
+      need(p[lo] <= p[hi], f"config.processor.{lo}={p[lo]} > config.processor.{hi}={p[hi]}")
 
   m = c.model
   one_of("model.dtype", m.dtype, DTYPES)

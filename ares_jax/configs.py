@@ -51,6 +51,10 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
 
   # Image preprocessing bounds (pixels after smart_resize). EasyR1's defaults; the paper is silent.
   c.processor = ml_collections.ConfigDict(dict(min_pixels=262144, max_pixels=4194304))
+  # Videos (data/video.py): sampled at video_fps, video_min_frames..video_max_frames frames, each frame within
+  # video_min_pixels..video_max_pixels and the clip within video_total_pixels. qwen-vl-utils' defaults.
+  c.processor.update(dict(video_fps=2.0, video_min_pixels=128 * 28 * 28, video_max_pixels=768 * 28 * 28,
+                          video_total_pixels=int(128000 * 28 * 28 * 0.9), video_min_frames=4, video_max_frames=768))
 
   c.rollout = rollout_defaults()
   c.aepo = aepo_defaults()
@@ -133,7 +137,7 @@ def data_defaults() -> ml_collections.ConfigDict:
   d.instruction_position = "after"  # after | before
   # Column names when a layout names them otherwise ("" = found by name: question | problem | prompt, ...).
   d.columns = ml_collections.ConfigDict({k: "" for k in (
-      "question", "answer", "image", "id", "source", "category", "pass_rate", "difficulty", "response")})
+      "question", "answer", "image", "video", "id", "source", "category", "pass_rate", "difficulty", "response")})
   # The synthetic task (kind=synthetic): "Mod 10, start s, apply +d k times", k in [min_steps, max_steps].
   # task=steps: the difficulty is k; task=checks: the operand's level, and checking is the policy's choice
   # (data/synthetic.py): the solvers' steps have blind spots on a fraction slips.levels[L - 1] of level L's

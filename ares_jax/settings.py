@@ -15,6 +15,7 @@ them; a stage turns its config into them here, once, at its start:
     checkpoint   config.checkpoint*       -> train.checkpoint.CheckpointSettings
     benchmarks   config.eval              -> evaluation.benchmarks.Settings
     tfds         config.data (kind=tfds)  -> data.tfds_source.TfdsSettings
+    video        config.processor.video_* -> data.video.VideoSettings
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import ml_collections
 from ares_jax import sharding
 from ares_jax.aepo.step import LossSettings, PPOSettings, ShapingSettings
 from ares_jax.data.tfds_source import TfdsSettings
+from ares_jax.data.video import VideoSettings
 from ares_jax.evaluation import benchmarks
 from ares_jax.models.config import ConfigError, LoraConfig, ModelConfig, TextConfig, VisionConfig
 from ares_jax.sampling import SamplingConfig
@@ -196,3 +198,10 @@ def tfds(config: ml_collections.ConfigDict) -> TfdsSettings:
                       eval_paths_given=bool(d.get("eval_paths")), min_pixels=int(config.processor.min_pixels),
                       max_pixels=int(config.processor.max_pixels),
                       image_factor=int(v.patch_size) * int(v.spatial_merge_size))
+
+
+def video(config: ml_collections.ConfigDict) -> VideoSettings:
+  p = config.processor
+  return VideoSettings(fps=float(p.video_fps), min_pixels=int(p.video_min_pixels), max_pixels=int(p.video_max_pixels),
+                       total_pixels=int(p.video_total_pixels), min_frames=int(p.video_min_frames),
+                       max_frames=int(p.video_max_frames))

@@ -118,8 +118,10 @@ def test_processor_pixel_bounds_and_errors(tok):
   assert MIN_PIXELS <= h * w * 14 * 14 <= MAX_PIXELS and h % 2 == 0 and w % 2 == 0
   right = proc(["a", "a much longer prompt"], padding_side="right")
   assert right["attention_mask"][0, 0] == 1 and right["attention_mask"][0, -1] == 0
-  with pytest.raises(processor_lib.ProcessorError, match="videos are not supported"):
+  with pytest.raises(processor_lib.ProcessorError, match="give data.video.Clip"):
     proc(["<|vision_start|><|video_pad|><|vision_end|>"], videos=[np.zeros((2, 28, 28, 3))])
+  with pytest.raises(processor_lib.ProcessorError, match="1 <\\|video_pad\\|> placeholders but 0 videos"):
+    proc(["<|vision_start|><|video_pad|><|vision_end|>"])
   with pytest.raises(processor_lib.ProcessorError, match="1 <\\|image_pad\\|> placeholders but 2 images"):
     proc(["<|image_pad|>"], _images([(56, 56), (56, 56)]))
   with pytest.raises(processor_lib.ProcessorError, match="min_pixels"):

@@ -125,7 +125,9 @@ def encode_image(image: Image.Image, s: ImageSettings) -> bytes:
 
 def prepare_images(row: Row, s: ImageSettings) -> list[bytes]:
   """The row's images decoded, fitted and encoded. Raises BadRow (`load_images`' reasons, or
-  'unresizable' for sizes the processor refuses)."""
+  'unresizable' for sizes the processor refuses, 'video_unsupported': tfds datasets hold images only)."""
+  if row.videos:  # else the video would vanish from the prompt without a word
+    raise BadRow("video_unsupported", f"{len(row.videos)} videos: read video rows as files (data.kind=files)")
   out = []
   for image in load_images(row, s.max_image_pixels):
     try:

@@ -6,8 +6,9 @@ maps a position 0, 1, 2, ... over endless epochs to rows (a fresh permutation pe
 so a run's place in its data is one integer that a checkpoint records.
 
 Multi-process runs: every process holds the rows' text (cheap) and walks the same order, but decodes
-and resizes only the images of its own share of the positions; the resized images and the skip verdicts
-are exchanged, and every process then encodes the whole batch from the same pixels. The batch, and every
+and resizes only the images and videos of its own share of the positions (data/video.py samples a video's
+frames, within its limits); the resized images, the clips (frames and rate) and the skip verdicts are
+exchanged, and every process then encodes the whole batch from the same pixels. The batch, and every
 skip decision, is therefore the same on every process and the same as in a single-process run.
 """
 
@@ -30,6 +31,7 @@ from ares_jax.data.batching import Prompt
 from ares_jax.data.processor import ProcessorError, QwenVLProcessor
 from ares_jax.data.reader import BadRow, Row, load_images, skip
 from ares_jax.data.template import PromptTemplate
+from ares_jax.data.video import Clip, VideoError, load_clip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,12 +179,16 @@ class PromptStream:
   # Decoding (images: the costly, per-process part) and encoding (template, processor: on every process).
 
   def _decode(self, index: int) -> tuple[str, Any]:
-    """('ok', [uint8 images at the processor's size]) or ('skip', (reason, detail))."""
+    """('ok', ([uint8 images at the processor's size], [Clip])) or ('skip', (reason, detail)); a video
+    that cannot be used skips its row as 'video_<VideoError.reason>'."""
     row = self.source[index]
     try:
-      return "ok", [self.processor.resize(im) for im in load_images(row, self.max_image_pixels)]
+      images = [self.processor.resize(im) for im in load_images(row, self.max_image_pixels)]
+      return "ok", (images, [load_clip(v, self.processor.video_settings) for v in row.videos])
     except BadRow as e:
       return "skip", (e.reason, str(e))
+    except VideoError as e:
+      return "skip", (f"video_{e.reason}", str(e))
     except (OSError, ValueError) as e:  # a source that fails to produce the row at all
       return "skip", ("unreadable", str(e))
 
@@ -202,16 +208,18 @@ class PromptStream:
     status, value = decoded
     if status == "skip":
       return self._skip(row, *value)
-    images = [Image.fromarray(a) for a in value]
+    images = [Image.fromarray(a) for a in value[0]]
+    clips = value[1]
     try:
-      text = self.template.render(row.question, len(images))
-      enc = self.processor([text], images or None)
+      text = self.template.render(row.question, len(images), len(clips))
+      enc = self.processor([text], images or None, clips or None)
     except (ValueError, ProcessorError) as e:
       return self._skip(row, "placeholder_mismatch" if "placeholder" in str(e) else "unencodable", e)
     ids = enc["input_ids"][0][enc["attention_mask"][0] > 0].astype(np.int32)
     if len(ids) > self.max_prompt_length:
       return self._skip(row, "too_long", f"{len(ids)} tokens > rollout.max_prompt_length {self.max_prompt_length}")
-    return Example(index, Prompt(ids, enc.get("pixel_values"), enc.get("image_grid_thw")), row)
+    return Example(index, Prompt(ids, enc.get("pixel_values"), enc.get("image_grid_thw"), enc.get("pixel_values_videos"),
+                                 enc.get("video_grid_thw"), enc.get("second_per_grid_ts")), row)
 
   def _skip(self, row: Row, reason: str, detail: Any = "") -> None:
     if row.location not in self._bad:  # later epochs skip it again, silently
@@ -221,12 +229,15 @@ class PromptStream:
 
 
 def _pack(decoded: dict[int, tuple[str, Any]]) -> bytes:
-  """Decoded rows as bytes (npz of the images + a JSON header): no pickle crosses processes."""
+  """Decoded rows as bytes (npz of the images and clip frames + a JSON header with the counts and clip
+  rates): no pickle crosses processes."""
   header, arrays = {}, {}
   for k, (status, value) in decoded.items():
     if status == "ok":
-      header[k] = ["ok", len(value)]
-      arrays.update({f"{k}_{j}": a for j, a in enumerate(value)})
+      images, clips = value
+      header[k] = ["ok", [len(images), [c.fps for c in clips]]]
+      arrays.update({f"{k}_{j}": a for j, a in enumerate(images)})
+      arrays.update({f"{k}_v{j}": c.frames for j, c in enumerate(clips)})
     else:
       header[k] = ["skip", list(value)]
   buf = io.BytesIO()
@@ -237,5 +248,6 @@ def _pack(decoded: dict[int, tuple[str, Any]]) -> bytes:
 def _unpack(payload: bytes) -> dict[int, tuple[str, Any]]:
   with np.load(io.BytesIO(payload), allow_pickle=False) as z:
     header = json.loads(z["__header__"].tobytes())
-    return {int(k): ("ok", [z[f"{k}_{j}"] for j in range(v)]) if s == "ok" else ("skip", tuple(v))
-            for k, (s, v) in header.items()}
+    return {int(k): ("ok", ([z[f"{k}_{j}"] for j in range(v[0])],
+                            [Clip(z[f"{k}_v{j}"], float(fps)) for j, fps in enumerate(v[1])]))
+            if s == "ok" else ("skip", tuple(v)) for k, (s, v) in header.items()}

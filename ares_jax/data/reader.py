@@ -1,7 +1,11 @@
 """One reader for every data layout ares_jax trains or evaluates on: RL prompts, AdaCS pools, benchmarks.
 
-Files: JSONL, parquet (read in row batches) and VLMEvalKit TSV (base64 `image` column, option columns
-`A`..`H`); a folder stands for the data files below it (sorted; `images/` folders are not searched).
+Files: JSONL, parquet (read in row batches), VLMEvalKit TSV (base64 `image` column, option columns
+`A`..`H`) and Video-R1's JSON list (data/video_r1.py); a folder stands for the JSONL, parquet and TSV
+files below it (sorted; `images/` folders are not searched; a `.json` file is read only when named).
+Videos: a `video` column holds one video (a file or frame-folder path, or a list of frame paths, as
+qwen-vl-utils' `video`), a `videos` column a list of them; `<video>` placeholders place them like
+`<image>`; data/video.py decodes them when a row is used.
 Recognised as they ship (docs/design.md §11.1): ViRL39K (`39Krelease.parquet` + `images/`, `<image>`
 placeholders, `\\boxed{}` answers, pass rates with -1 for "not annotated"), EasyR1-style parquet
 (`problem` / `answer` / `images` with embedded bytes), the ARES cold-start layout (one teacher `response`
@@ -15,8 +19,6 @@ in `skipped` and logged once with its `file:row`; reading never stops on one bad
 
 from __future__ import annotations
 
-import base64
-import binascii
 import collections
 import csv
 import dataclasses
@@ -31,13 +33,18 @@ from typing import Any, Iterator, Sequence
 from absl import logging
 from PIL import Image
 
-from ares_jax.data import parquet
+from ares_jax.data import parquet, video_r1
 from ares_jax.data.grading import last_boxed
+from ares_jax.data.media_refs import Base64, describe, image_bytes, is_base64_image, shared_tsv_images
 from ares_jax.data.parquet import ParquetImage
 
-EXTENSIONS = (".jsonl", ".parquet", ".tsv")
+__all__ = ["describe", "image_bytes"]  # re-exported: callers read image references through the reader
+FOLDER_EXTENSIONS = (".jsonl", ".parquet", ".tsv")
+EXTENSIONS = FOLDER_EXTENSIONS + (".json",)  # .json: Video-R1's list layout only
+LAYOUTS = {".jsonl": "JSONL", ".parquet": "parquet", ".tsv": "VLMEvalKit TSV", ".json": "Video-R1 JSON"}
 OPTION_LETTERS = "ABCDEFGH"
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +55,8 @@ class Columns:
   question: tuple[str, ...] = ("question", "problem", "prompt")
   answer: tuple[str, ...] = ("answer", "solution")
   image: tuple[str, ...] = ("images", "image", "image_path")
-  id: tuple[str, ...] = ("id", "qid", "index")
+  video: tuple[str, ...] = ("videos", "video")  # "video": one video; "videos": a list of them
+  id: tuple[str, ...] = ("id", "qid", "index", "problem_id")
   source: tuple[str, ...] = ("source", "data_source")
   category: tuple[str, ...] = ("category",)
   pass_rate: tuple[str, ...] = ("pass_rate", "PassRate_7BBase")
@@ -76,6 +84,7 @@ class Row:
   question: str  # as in the file: may hold literal `<image>` placeholders
   answer: str  # the content of a `\boxed{}` answer, else the answer as given
   images: tuple = ()  # str path | bytes | ParquetImage | PIL image (synthetic rows)
+  videos: tuple = ()  # per video: a file or frame-folder path, or a tuple of frame paths
   options: dict = dataclasses.field(default_factory=dict)  # letter -> option text; empty: free form
   source: str = ""
   category: str | None = None
@@ -109,9 +118,9 @@ def data_files(paths: str | Sequence[str]) -> list[str]:
       found = []
       for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if d != "images" and not d.startswith("."))
-        found += [os.path.join(root, n) for n in names if n.endswith(EXTENSIONS)]
+        found += [os.path.join(root, n) for n in names if n.endswith(FOLDER_EXTENSIONS)]
       if not found:
-        raise ValueError(f"{path}: no {', '.join(EXTENSIONS)} files in this folder")
+        raise ValueError(f"{path}: no {', '.join(FOLDER_EXTENSIONS)} files in this folder")
       files += sorted(found)
     elif not os.path.exists(path):
       raise FileNotFoundError(f"{path}: no such file or folder")
@@ -139,23 +148,7 @@ def read_rows(paths: str | Sequence[str], columns: Columns = Columns(), image_ro
         rows.append(_parse(rec, path, location, columns, base, need_response))
       except BadRow as e:
         skip(skipped, e.reason, location, e)
-    out += _shared_tsv_images(rows) if path.endswith(".tsv") else rows
-  return out
-
-
-def _shared_tsv_images(rows: list[Row]) -> list[Row]:
-  """VLMEvalKit stores an image repeated across rows once: the other rows' `image` holds the `index` of
-  the row that has it. Such references are replaced by that row's image."""
-  by_index = {str(r.index): r for r in rows if r.index is not None}
-  out = []
-  for r in rows:
-    refs = []
-    for ref in r.images:
-      if isinstance(ref, _Base64) and len(ref.text) < 64 and ref.text.strip().isdigit():
-        other = by_index.get(ref.text.strip())
-        ref = other.images[0] if other is not None and other.images else ref  # else unreadable when used
-      refs.append(ref)
-    out.append(dataclasses.replace(r, images=tuple(refs)))
+    out += shared_tsv_images(rows) if path.endswith(".tsv") else rows
   return out
 
 
@@ -193,7 +186,7 @@ def head(path: str, columns: Columns = Columns(), rows: int = 16, need_response:
   letters = [k for k in OPTION_LETTERS if k in seen]
   if letters:
     fields["options"] = f"{letters[0]}..{letters[-1]}"
-  layout = {".jsonl": "JSONL", ".parquet": "parquet", ".tsv": "VLMEvalKit TSV"}[os.path.splitext(path)[1]]
+  layout = LAYOUTS[os.path.splitext(path)[1]]
   return Head(path, layout, tuple(seen), fields, read, usable, dict(skipped))
 
 
@@ -202,6 +195,8 @@ def _records(path: str, columns: Columns, limit: int | None = None) -> Iterator[
     yield from parquet.records(path, columns.image, limit)
   elif path.endswith(".tsv"):
     yield from itertools.islice(_tsv_records(path), limit)
+  elif path.endswith(".json"):
+    yield from video_r1.records(path, limit)
   else:
     with open(path, "rb") as f:
       yield from itertools.islice(((n, line) for n, line in enumerate(f, 1) if line.strip()), limit)
@@ -242,6 +237,8 @@ def _decoded(raw: Any) -> dict:
 
 def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need_response: bool) -> Row:
   rec = _decoded(raw)
+  if "malformed" in rec and path.endswith(".json"):  # a Video-R1 object without usable media
+    raise BadRow("malformed", rec["malformed"])
   _, question = _first(rec, columns.question)
   if question is None:
     raise BadRow("missing_question")
@@ -250,6 +247,7 @@ def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need
     answer = str(answer)
   if not isinstance(question, str) or (answer is not None and not isinstance(answer, str)):
     raise BadRow("malformed", "question and answer must be text")
+  answer = video_r1.answer_text(answer) if answer and "<answer>" in answer else answer
   answer = (last_boxed(answer) if answer and "\\boxed{" in answer else answer or "").strip()
   if not answer:
     raise BadRow("missing_answer")
@@ -283,10 +281,12 @@ def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need
   _, source = _first(rec, columns.source)
   _, category = _first(rec, columns.category)
   image_col, refs = _first(rec, columns.image)
+  video_col, videos = _first(rec, columns.video)
   used = columns.used() | set(OPTION_LETTERS)
   extra = {k: v for k, v in rec.items() if k not in used and (v is None or isinstance(v, (str, int, float, bool)))}
   return Row(id=_id_text(row_id) if row_id is not None else location, location=location, question=question,
-             answer=answer, images=_image_refs(refs, base, path, image_col), options=options,
+             answer=answer, images=_image_refs(refs, base, path, image_col),
+             videos=_video_refs(videos, base, video_col), options=options,
              source=str(source) if source is not None else os.path.splitext(os.path.basename(path))[0],
              category=None if category is None else str(category), pass_rate=pass_rate, difficulty=difficulty,
              response=response, index=rec.get("index"), extra=extra)
@@ -294,6 +294,24 @@ def _parse(raw: Any, path: str, location: str, columns: Columns, base: str, need
 
 def _id_text(v: Any) -> str:
   return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _video_refs(refs: Any, base: str, column: str | None) -> tuple:
+  """Paths of a row's videos: a `video` cell is one video (a path, or a list of frame paths), a `videos`
+  cell a list of videos (each a path or a list of frame paths); relative paths are under `base`."""
+  if refs is None:
+    return ()
+  videos = [refs] if isinstance(refs, str) or column == "video" else refs
+  if not isinstance(videos, (list, tuple)):
+    raise BadRow("malformed", f"videos {describe(refs)}")
+  out = []
+  for v in videos:
+    frames = v if isinstance(v, (list, tuple)) else [v]
+    if not frames or not all(isinstance(f, str) and f for f in frames):
+      raise BadRow("malformed", f"video reference {describe(v)}")
+    paths = tuple(os.path.normpath(os.path.join(base, os.path.expanduser(f))) for f in frames)
+    out.append(paths if isinstance(v, (list, tuple)) else paths[0])
+  return tuple(out)
 
 
 def _image_refs(refs: Any, base: str, path: str, column: str | None) -> tuple:
@@ -314,58 +332,14 @@ def _image_refs(refs: Any, base: str, path: str, column: str | None) -> tuple:
       out.append(ref if isinstance(ref, ParquetImage) else bytes(ref))
     elif isinstance(ref, str) and ref:
       if ref.startswith("data:image/") and ";base64," in ref:  # a data URL
-        out.append(_Base64(ref.split(";base64,", 1)[1]))
-      elif (path.endswith(".tsv") and column == "image") or _is_base64_image(ref):
-        out.append(_Base64(ref))
+        out.append(Base64(ref.split(";base64,", 1)[1]))
+      elif (path.endswith(".tsv") and column == "image") or is_base64_image(ref):
+        out.append(Base64(ref))
       else:
         out.append(os.path.normpath(os.path.join(base, os.path.expanduser(ref))))  # absolute refs stay
     else:
       raise BadRow("malformed", f"image reference {describe(ref)}")
   return tuple(out)
-
-
-_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*")
-
-
-def _is_base64_image(ref: str) -> bool:
-  """Whether a string column holds a base64-encoded image rather than a path: its first bytes decode to an
-  image file's signature (no path starts with those characters)."""
-  try:
-    head = base64.b64decode(ref[:24], validate=True)
-  except (binascii.Error, ValueError):
-    return False
-  return head.startswith(_IMAGE_MAGIC)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Base64:
-  """A base64-encoded image of a VLMEvalKit TSV; a short all-digit value is the `index` of another row
-  whose image it shares (VLMEvalKit stores a repeated image once)."""
-
-  text: str
-
-
-def describe(ref: Any) -> str:
-  if isinstance(ref, (bytes, bytearray)):
-    return f"<{len(ref)} bytes>"
-  if isinstance(ref, _Base64):
-    return f"<{len(ref.text)} base64 characters>"
-  return repr(ref)[:200]
-
-
-def image_bytes(ref: Any) -> bytes:
-  """The encoded bytes an image reference points at; raises OSError or ValueError when it cannot."""
-  if isinstance(ref, (bytes, bytearray)):
-    return bytes(ref)
-  if isinstance(ref, ParquetImage):
-    return parquet.read_image(ref)
-  if isinstance(ref, _Base64):
-    try:
-      return base64.b64decode(ref.text, validate=True)
-    except binascii.Error as e:
-      raise ValueError(f"bad base64 image: {e}") from None
-  with open(ref, "rb") as f:
-    return f.read()
 
 
 def load_images(row: Row, max_image_pixels: int = 89_478_485) -> list[Image.Image]:

@@ -1,5 +1,6 @@
 """The prompt template: one user turn rendered by the tokenizer's own chat template, with the question's
-images at its `<image>` placeholders (images first without placeholders) and an instruction.
+images and videos at its `<image>` / `<video>` placeholders (without placeholders: images first, then
+videos, then the text, the order of Qwen's chat template for content listed that way) and an instruction.
 
 The same `PromptTemplate` renders RL prompts, AdaCS SFT prompts and evaluation prompts, so a policy is
 trained and measured on the prompts it will be asked. The default instruction is the release's math
@@ -11,13 +12,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 from absl import logging
 
 from ares_jax import storage
 from ares_jax.data.processor import IMAGE_PLACEHOLDER as VISION_IMAGE
-from ares_jax.data.reader import IMAGE_PLACEHOLDER
+from ares_jax.data.processor import VIDEO_PLACEHOLDER as VISION_VIDEO
+from ares_jax.data.reader import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+
+_MARKS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 POSITIONS = ("after", "before")
@@ -74,21 +79,23 @@ class PromptTemplate:
     if self.position not in POSITIONS:
       raise ValueError(f"config.data.instruction_position={self.position!r}: expected one of {POSITIONS}")
 
-  def content(self, question: str, num_images: int) -> list[dict]:
-    """The user turn as chat content: text and image parts in reading order. Raises ValueError when the
-    question has `<image>` placeholders but not exactly `num_images` of them."""
-    pieces = question.split(IMAGE_PLACEHOLDER)
-    if len(pieces) > 1 and len(pieces) - 1 != num_images:
-      raise ValueError(f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders but {num_images} images")
+  def content(self, question: str, num_images: int, num_videos: int = 0) -> list[dict]:
+    """The user turn as chat content: text, image and video parts in reading order. Raises ValueError
+    when the question has `<image>` (`<video>`) placeholders but not exactly `num_images` (`num_videos`)."""
+    pieces = _MARKS.split(question)  # text, mark, text, mark, ..., text
+    marks = pieces[1::2]
     parts: list[dict] = []
-    if len(pieces) == 1:
-      parts = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-    else:
-      for k, text in enumerate(pieces):
-        if k:
-          parts.append({"type": "image"})
-        if text:
-          parts.append({"type": "text", "text": text})
+    for mark, n, kind in ((IMAGE_PLACEHOLDER, num_images, "image"), (VIDEO_PLACEHOLDER, num_videos, "video")):
+      given = marks.count(mark)
+      if given and given != n:
+        raise ValueError(f"{given} {mark} placeholders but {n} {kind}s")
+      if not given:  # unplaced ones go first
+        parts += [{"type": kind}] * n
+    for k, text in enumerate(pieces):
+      if k % 2:
+        parts.append({"type": "image" if text == IMAGE_PLACEHOLDER else "video"})
+      elif text:
+        parts.append({"type": "text", "text": text})
     if self.instruction:
       if self.position == "after":
         sep = "\n" if parts and parts[-1]["type"] == "text" else ""
@@ -97,11 +104,12 @@ class PromptTemplate:
         parts.insert(0, {"type": "text", "text": self.instruction + "\n"})
     return [p for p in parts if p.get("type") != "text" or p["text"]]
 
-  def render(self, question: str, num_images: int) -> str:
+  def render(self, question: str, num_images: int, num_videos: int = 0) -> str:
     """The prompt text, ending where the assistant's answer starts."""
-    content = self.content(question, num_images)
+    content = self.content(question, num_images, num_videos)
     if self.system == "":
-      body = "".join(VISION_IMAGE if p["type"] == "image" else p["text"] for p in content)
+      vision = {"image": VISION_IMAGE, "video": VISION_VIDEO}
+      body = "".join(vision[p["type"]] if p["type"] in vision else p["text"] for p in content)
       return f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
     messages = [{"role": "user", "content": content}]
     if self.system is not None:

@@ -124,6 +124,8 @@ def with_options(row: Row) -> Row:
   if not row.options:
     return row
   listed = "\n".join(f"{k}. {v}" for k, v in row.options.items())
+  if row.question.endswith(f"\nOptions:\n{listed}"):  # listed already (Video-R1 rows, data/video_r1.py)
+    return row
   return dataclasses.replace(row, question=f"{row.question}\nOptions:\n{listed}")
 
 

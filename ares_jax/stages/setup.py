@@ -152,7 +152,8 @@ def build_processor(config: ml_collections.ConfigDict, tok: Any,
   vc = mcfg.vision
   return processor_lib.QwenVLProcessor.create(
       tok, min_pixels=config.processor.min_pixels, max_pixels=config.processor.max_pixels,
-      patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size)
+      patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
+      video=settings_lib.video(config))
 
 
 def chunked(config: ml_collections.ConfigDict, b: Built, sc: sampling.SamplingConfig, most: int,
