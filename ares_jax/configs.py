@@ -95,6 +95,8 @@ def base_config(stage: str, workdir: str) -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # empty: problems of the synthetic task
+  # one video per prompt of `prompts` (a file, a folder of frames; "" = none), decoded as data rows' videos are
+  c.sample.videos = ()
   c.sample.num_prompts = 2
   c.sample.images = True  # synthetic prompts: every other one also shown as an image
   c.sample.tau_high = config_dict.placeholder(float)  # unset: from a warm-up batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,12 @@ def test_inspect_stage_on_tiny_config(cache_dir, monkeypatch, capsys):
   assert all(len(words) == 5 for words in summary["top_tokens"]) and summary["finite"]
   out = capsys.readouterr().out
   assert "visual/patch_embed/kernel" in out and "logits: shape" in out and "finite True" in out
+  # the video prompt's layout: text, then one run of video tokens with its grid and time step, then text
+  layout = out.split("a video prompt's tokens:\n")[1].split("\ninput_ids")[0]
+  run = re.search(r"<\|video_pad\|> x (\d+) \(video 0: grid t=(\d+) h=(\d+) w=(\d+), ([\d.]+) s per temporal patch\)",
+                  layout)
+  assert run and int(run[1]) == int(run[2]) * int(run[3]) * int(run[4]) // 4, layout
+  assert "top-5 next tokens (video prompt)" in out
 
 
 def test_inspect_real_shapes_without_weights():

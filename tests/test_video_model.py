@@ -35,9 +35,8 @@ def _batch(case, seed=0):
 
 
 def _forward(config, params, batch):
-  keys = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
   return np.asarray(models.forward(config, params, batch["input_ids"], batch["attention_mask"],
-                                   **{k: batch.get(k) for k in keys}))
+                                   **{k: batch.get(k) for k in models.MEDIA_KEYS}))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

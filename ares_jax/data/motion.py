@@ -22,7 +22,9 @@ from typing import Sequence
 import numpy as np
 
 DIRECTIONS = ("left", "right")
-QUESTION = "<video>Which way does the dot move? Answer \\boxed{left} or \\boxed{right}."
+PLACEHOLDER = "<video>"
+QUESTION = PLACEHOLDER + "Which way does the dot move? Answer \\boxed{left} or \\boxed{right}."
+COLDSTART_FIRST = 1_000_000
 # how far the dot travels across the clip, as a fraction of the frame's width, per difficulty level
 TRAVEL = {1: 0.7, 2: 0.35, 3: 0.12}
 
@@ -77,10 +79,13 @@ def response(answer: str) -> str:
 
 
 def write_dataset(folder: str, rows: int, seed: int = 0, *, n_frames: int = 8, size: Sequence[int] = (56, 56),
-                  fps: float = 4.0, coldstart: bool = False, first: int = 0) -> str:
+                  fps: float = 4.0, coldstart: bool = False, first: int | None = None) -> str:
   """Writes `rows` clips under `folder/clips/` and their rows to `folder/train.jsonl` (with `coldstart`,
   `folder/coldstart.jsonl`: each row also holds a `response` naming a direction drawn at random, right or
-  wrong, which teaches the answer format and nothing about the direction). Returns the JSONL path."""
+  wrong, which teaches the answer format and nothing about the direction). Clips are numbered from
+  `first`: 0 for training rows, 1,000,000 for a cold-start pool, so the two never share a clip or an id.
+  Returns the JSONL path."""
+  first = (COLDSTART_FIRST if coldstart else 0) if first is None else first
   os.makedirs(os.path.join(folder, "clips"), exist_ok=True)
   name = "coldstart.jsonl" if coldstart else "train.jsonl"
   path = os.path.join(folder, name)

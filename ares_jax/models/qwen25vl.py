@@ -24,6 +24,8 @@ from ares_jax.models.text import Decoder, DecoderLayer, mrope_cos_sin, segment_i
 from ares_jax.models.vision import VisionInputs, VisionTower
 
 Params = Any
+# What the processor returns besides input_ids and attention_mask, as `forward` and `generate` take them.
+MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 @struct.dataclass

@@ -3,8 +3,9 @@
 It is the first thing to run on a new machine or checkpoint: it exercises the whole path a training
 stage depends on (mesh, logical-axis shardings, checkpoint import or sharded random init, tokenizer,
 image processor, M-RoPE positions, the jitted forward) and prints what a person needs to check it:
-parameter counts, the mesh, every parameter's shape/dtype/PartitionSpec, and the model's top next
-tokens for a prompt with a procedurally drawn image.
+parameter counts, the mesh, every parameter's shape/dtype/PartitionSpec, a video prompt's token layout, and
+the model's top next tokens for a prompt with a procedurally drawn image, a text prompt and a video prompt
+(a drawn clip, `data/motion.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from flax import traverse_util
 from ares_jax import models, sharding
 from ares_jax import settings as settings_lib
 from ares_jax.data import images as images_lib
+from ares_jax.data import motion
+from ares_jax.data import video as video_lib
 from ares_jax.data import processor as processor_lib
 from ares_jax.stages.setup import build_mesh, build_params, build_processor, build_tokenizer, check_tokenizer
 
@@ -55,23 +58,58 @@ def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
   return "\n".join([line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
 
 
+KINDS = ("image prompt", "text prompt", "video prompt")
+
+
 def sample_batch(config: ml_collections.ConfigDict, proc: processor_lib.QwenVLProcessor,
                  rows: int) -> dict[str, np.ndarray]:
-  """`rows` prompts, alternating the configured prompt with a drawn image and a text-only one.
+  """`rows` prompts, cycling over the configured prompt with a drawn image, a text-only one and a question
+  about a drawn clip (`data.motion`, decoded as a video row's frames are: `settings.video`).
 
-  Two kinds of row exercise left padding and image-token placement in one batch; the row count is
-  a multiple of the batch-sharding axes so the batch dimension splits evenly over the mesh.
+  Three kinds of row exercise left padding and image- and video-token placement in one batch; the row
+  count is a multiple of the batch-sharding axes so the batch dimension splits evenly over the mesh.
   """
   h, w = config.inspect.image_size
-  questions, imgs = [], []
+  texts, imgs, clips = [], [], []
   for i in range(rows):
-    if i % 2 == 0:
-      questions.append(config.inspect.prompt)
-      imgs.append(images_lib.draw_polygon_image(h, w, sides=3 + (i // 2) % 4, seed=config.seed + i))
+    kind = KINDS[i % len(KINDS)]
+    if kind == "image prompt":
+      texts.append(proc.chat_prompt(config.inspect.prompt, 1))
+      imgs.append(images_lib.draw_polygon_image(h, w, sides=3 + (i // 3) % 4, seed=config.seed + i))
+    elif kind == "text prompt":
+      texts.append(proc.chat_prompt("What is 12 + 7? Put the answer in \\boxed{}."))
     else:
-      questions.append("What is 12 + 7? Put the answer in \\boxed{}.")
-      imgs.append(None)
-  return proc.encode_chat(questions, imgs)
+      frames = motion.frames(config.seed, i, n_frames=8, height=h, width=w)
+      clips.append(video_lib.load_clip(list(frames), settings_lib.video(config)))
+      texts.append(proc.chat_prompt(motion.QUESTION.replace(motion.PLACEHOLDER, ""), num_videos=1))
+  return proc(texts, imgs or None, clips or None)
+
+
+def token_layout(ids: np.ndarray, mcfg: models.ModelConfig, tok: Any, batch: dict[str, np.ndarray],
+                 video: int = 0) -> str:
+  """One prompt's tokens as runs: text (decoded, shortened), and each vision run with its grid, e.g.
+  `<|video_pad|> x 16 (video 0: grid t=2 h=4 w=4, 2.0 s per temporal patch)`."""
+  names = {mcfg.image_token_id: "image", mcfg.video_token_id: "video"}
+  grids = {"image": batch.get("image_grid_thw"), "video": batch.get("video_grid_thw")}
+  seen = {"image": 0, "video": video}
+  parts, i = [], 0
+  while i < len(ids):
+    j = i + 1
+    kind = names.get(int(ids[i]))
+    while j < len(ids) and (names.get(int(ids[j])) == kind if kind else int(ids[j]) not in names):
+      j += 1
+    if kind:
+      t, gh, gw = (int(v) for v in grids[kind][seen[kind]])
+      extra = ""
+      if kind == "video" and batch.get("second_per_grid_ts") is not None:
+        extra = f", {float(batch['second_per_grid_ts'][seen[kind]]):g} s per temporal patch"
+      parts.append(f"{tok.decode([int(ids[i])])} x {j - i} ({kind} {seen[kind]}: grid t={t} h={gh} w={gw}{extra})")
+      seen[kind] += 1
+    else:
+      text = tok.decode([int(v) for v in ids[i:j]])
+      parts.append(repr(text if len(text) <= 60 else text[:28] + " ... " + text[-28:]))
+    i = j
+  return "\n".join("  " + p for p in parts)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -114,11 +152,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
   proc = build_processor(config, tok, mcfg)
   batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-  rows = 2 * batch_axes // np.gcd(2, batch_axes)  # a multiple of both 2 (the two prompt kinds) and batch_axes
+  rows = len(KINDS) * batch_axes // np.gcd(len(KINDS), batch_axes)  # a multiple of the kinds and batch_axes
   batch = sample_batch(config, proc, rows)
+  video_row = KINDS.index("video prompt")
+  _say("a video prompt's tokens:\n" + token_layout(batch["input_ids"][video_row][batch["attention_mask"][video_row] > 0],
+                                                   mcfg, tok, batch))
   t1 = time.time()
   logits = models.forward(mcfg, params, batch["input_ids"], batch["attention_mask"],
-                          batch["pixel_values"], batch["image_grid_thw"])
+                          **{k: batch[k] for k in models.MEDIA_KEYS if k in batch})
   # Only the last position comes to the host (the full [B, T, V] is ~1 GB for 7B on a real prompt).
   last = _to_host(logits[:, -1])  # left padding: the last column is every row's last prompt token
   finite = bool(_to_host(jnp.isfinite(logits).all()))
@@ -129,13 +170,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   k = int(config.inspect.top_k)
   top = np.argsort(-last, axis=-1)[:, :k]
   _say(f"input_ids {batch['input_ids'].shape}  pixel_values {batch['pixel_values'].shape}  "
-       f"image_grid_thw {batch['image_grid_thw'].tolist()}")
+       f"image_grid_thw {batch['image_grid_thw'].tolist()}  pixel_values_videos {batch['pixel_values_videos'].shape}  "
+       f"video_grid_thw {batch['video_grid_thw'].tolist()}")
   _say(f"logits: shape {logits.shape} dtype {logits.dtype}  finite {finite}")
   decoded = []
-  for row in range(min(2, rows)):
+  for row in range(min(len(KINDS), rows)):
     words = [(_token_text(tok, int(i)), float(probs[row, i])) for i in top[row]]
     decoded.append(words)
-    kind = "image prompt" if row % 2 == 0 else "text prompt"
+    kind = KINDS[row]
     _say(f"top-{k} next tokens ({kind}): " + ", ".join(f"{w!r} {p:.3f}" for w, p in words))
   _say(f"inspect finished in {time.time() - t0:.1f}s")
   summary.update(logits_shape=tuple(logits.shape), finite=finite, top_tokens=decoded, batch_shape=batch["input_ids"].shape)

@@ -1,6 +1,7 @@
 """Stage `sample`: roll out the policy on a few prompts and show where it is uncertain.
 
-Prompts come from `config.sample.prompts` or, when empty, from the synthetic task. A warm-up batch
+Prompts come from `config.sample.prompts` (with `config.sample.videos`, one video each: a file or a folder
+of frames, "" for none) or, when empty, from the synthetic task. A warm-up batch
 without branching sets tau_high (docs/design.md §5.2) unless `config.sample.tau_high` is given; the
 second batch marks high-window-entropy (HWE) windows and forks there. Each answer is printed with
 the HWE window starts marked as `⟦token⟧` and its entropy statistics.
@@ -19,6 +20,7 @@ from absl import logging
 from ares_jax import aepo, sampling
 from ares_jax import settings as settings_lib
 from ares_jax.data import synthetic
+from ares_jax.data import video as video_lib
 from ares_jax.stages import setup
 
 
@@ -30,6 +32,21 @@ def prompts(config: ml_collections.ConfigDict) -> tuple[list[str], list[Any]]:
   probs = [synthetic.problem(config.seed, i) for i in range(s.num_prompts)]
   imgs = [synthetic.render(p) if s.images and i % 2 == 0 else None for i, p in enumerate(probs)]
   return [p.question for p in probs], imgs
+
+
+def videos(config: ml_collections.ConfigDict, n_prompts: int) -> list[Any]:
+  """`config.sample.videos` decoded (`data.video.load_clip` with the config's processor settings), None where
+  a prompt has none; a video that cannot be used stops the stage naming it."""
+  paths = list(config.sample.videos)
+  if paths and len(paths) != n_prompts:
+    raise ValueError(f"config.sample.videos has {len(paths)} entries for {n_prompts} prompts (one each; '' = none)")
+  out = []
+  for p in paths or [""] * n_prompts:
+    try:
+      out.append(video_lib.load_clip(p, settings_lib.video(config)) if p else None)
+    except video_lib.VideoError as e:
+      raise ValueError(f"config.sample.videos: {p}: {e}") from e
+  return out
 
 
 def marked_text(tokenizer: Any, tokens: np.ndarray, hwe: np.ndarray) -> str:
@@ -45,9 +62,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
   b = setup.build(config)
   mcfg, tok, proc, params = b.mcfg, b.tokenizer, b.processor, b.params
   questions, imgs = prompts(config)
+  clips = videos(config, len(questions))
   template = setup.prompt_template(config, tok)  # the prompts RL and evaluation use
-  texts = [template.render(q, int(im is not None)) for q, im in zip(questions, imgs)]
-  batch = proc(texts, [im for im in imgs if im is not None] or None)
+  texts = [template.render(q, int(im is not None), int(c is not None)) for q, im, c in zip(questions, imgs, clips)]
+  batch = proc(texts, [im for im in imgs if im is not None] or None, [c for c in clips if c is not None] or None)
   key = jax.random.key(config.seed)
   tau = config.sample.tau_high
   if tau is None:
