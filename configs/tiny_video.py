@@ -30,8 +30,8 @@ def get_config():
   c.rollout.max_response_length = 32
   c.adacs.max_response_length = 32
   c.adacs.budget = 128
-  c.adacs.epochs = 8
-  c.adacs.lr = 2e-3
+  c.adacs.epochs = 30
+  c.adacs.lr = 3e-3
   c.total_steps = 60
   c.eval.every = 10
   c.eval.prompts = 64
