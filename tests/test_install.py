@@ -8,7 +8,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -30,17 +29,18 @@ def test_ci_runs_the_readme_test_command_verbatim():
   assert f"{command} || status=$?" in ci.splitlines(), ".ci/run must run the README's test command as written"
 
 
-def test_torch_is_the_pinned_cpu_build_where_there_is_no_gpu():
+def test_torch_and_torchvision_are_the_pinned_pair():
+  """The parity references: torch at its pin, and the torchvision built against it (transformers' video
+  processor imports it; a torchvision of another build fails to load its operators). Either the CPU builds
+  (PyTorch's CPU index) or PyPI's CUDA builds, which run on the CPU too (README, tests section)."""
   import torch
+  import torchvision
+  from torchvision.transforms.v2 import functional  # loads the compiled operators
 
-  [pin] = [r.split("==")[1] for r in EXTRAS["test"] if r.startswith("torch==")]
-  assert torch.__version__.split("+")[0] == pin
-  if torch.cuda.is_available():
-    pytest.skip("a GPU is present: a CUDA build of torch is the one to have")
-  assert torch.version.cuda is None, (
-      f"torch {torch.__version__} is a CUDA {torch.version.cuda} build on a machine without a GPU (gigabytes of "
-      f"CUDA libraries the tests never use); the CPU build: pip uninstall -y torch && "
-      f"pip install 'torch=={pin}' --extra-index-url https://download.pytorch.org/whl/cpu")
+  pins = {r.split("==")[0]: r.split("==")[1] for r in EXTRAS["test"] if r.startswith(("torch==", "torchvision=="))}
+  assert torch.__version__.split("+")[0] == pins["torch"]
+  assert torchvision.__version__.split("+")[0] == pins["torchvision"]
+  assert functional.resize(torch.zeros(1, 3, 4, 4), [2, 2]).shape == (1, 3, 2, 2)
 
 
 def _documented_text() -> str:
