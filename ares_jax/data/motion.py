@@ -79,10 +79,11 @@ def response(answer: str) -> str:
 
 
 def write_dataset(folder: str, rows: int, seed: int = 0, *, n_frames: int = 8, size: Sequence[int] = (56, 56),
-                  fps: float = 4.0, coldstart: bool = False, first: int | None = None) -> str:
+                  fps: float = 4.0, coldstart: bool = False, first: int | None = None,
+                  truth_rate: float = 0.5) -> str:
   """Writes `rows` clips under `folder/clips/` and their rows to `folder/train.jsonl` (with `coldstart`,
-  `folder/coldstart.jsonl`: each row also holds a `response` naming a direction drawn at random, right or
-  wrong, which teaches the answer format and nothing about the direction). Clips are numbered from
+  `folder/coldstart.jsonl`: each row also holds a `response` naming the clip's direction with probability
+  `truth_rate`, else the other one: at 0.5 it teaches the answer format and nothing about the direction). Clips are numbered from
   `first`: 0 for training rows, 1,000,000 for a cold-start pool, so the two never share a clip or an id.
   Returns the JSONL path."""
   first = (COLDSTART_FIRST if coldstart else 0) if first is None else first
@@ -98,7 +99,8 @@ def write_dataset(folder: str, rows: int, seed: int = 0, *, n_frames: int = 8, s
       row = {"id": f"motion-{seed}-{i}", "question": QUESTION, "video": clip, "answer": direction(seed, i),
              "difficulty": difficulty(seed, i)}
       if coldstart:
-        row["response"] = response(DIRECTIONS[int(guess.integers(2))])
+        right = guess.random() < truth_rate
+        row["response"] = response(row["answer"] if right else DIRECTIONS[1 - DIRECTIONS.index(row["answer"])])
       f.write(json.dumps(row) + "\n")
   os.replace(path + ".tmp", path)
   return path
@@ -107,7 +109,7 @@ def write_dataset(folder: str, rows: int, seed: int = 0, *, n_frames: int = 8, s
 def main(argv: Sequence[str]) -> None:
   del argv
   out = write_dataset(FLAGS.out, FLAGS.rows, FLAGS.seed, n_frames=FLAGS.frames, coldstart=FLAGS.coldstart,
-                      fps=FLAGS.fps)
+                      fps=FLAGS.fps, truth_rate=FLAGS.truth_rate)
   print(out)
 
 
@@ -119,6 +121,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("seed", 0, "stream seed: clip i of a seed is always the same")
   flags.DEFINE_integer("frames", 8, "frames per clip")
   flags.DEFINE_float("fps", 4.0, "frame rate written into the mp4")
-  flags.DEFINE_bool("coldstart", False, "write coldstart.jsonl with (format-only) responses instead")
+  flags.DEFINE_bool("coldstart", False, "write coldstart.jsonl with responses instead")
+  flags.DEFINE_float("truth_rate", 0.5, "coldstart: how often a response names the true direction (0.5: format only)")
   FLAGS = flags.FLAGS
   app.run(main)
