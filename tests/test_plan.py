@@ -231,22 +231,23 @@ def test_each_compile_says_what_it_compiles_and_how_long_it_took(caplog):
 
 
 def test_video_shapes_follow_the_plan_fields_and_reach_the_vision_tower():
-  """Video-R1's training setting (16 frames of 128 x 28 x 28 pixels): 8 temporal patches of 22 x 22, 968
-  video tokens a prompt; the synthetic batch the plans compile carries them into the tower's slot layout
-  (no compile)."""
+  """Video-R1's training setting (16 frames of 128 x 28 x 28 pixels, which is also qwen-vl-utils' minimum: a
+  square frame rounds up to 336 x 336): 8 temporal patches of 24 x 24, 1,152 video tokens a prompt; the
+  synthetic batch the plans compile carries them into the tower's slot layout (no compile)."""
+  from ares_jax import plan_inputs  # pylint: disable=g-import-not-at-top
   from ares_jax.sampling import chunks as chunks_lib  # pylint: disable=g-import-not-at-top
   c = _config("aepo")
   c.plan.images_per_prompt, c.plan.videos_per_prompt = 0, 1
   st = mp.Setting.create(c, jax.devices(), 1.0)
   shapes = mp.step_shapes(c, st.mcfg, 64)
-  assert shapes.video_grid == (8, 22, 22) and shapes.video_tokens == 968
-  assert shapes.prompt_width >= 968 + 2 and "raised" in shapes.note
-  assert shapes.media(4) == ", 4 video 16 frames 308x308 px"
+  assert shapes.video_grid == (8, 24, 24) and shapes.video_tokens == 1152
+  assert shapes.prompt_width >= 1152 + 2 and "raised" in shapes.note
+  assert shapes.media(4) == ", 4 video 16 frames 336x336 px"
   sc = dataclasses.replace(settings_lib.sampling(c, st.mcfg, 0), chunk_prompts=2)
-  chunk = chunks_lib.make_chunks(st.mcfg, mp.synthetic_batch(st.mcfg, shapes, 2), sc)[0]
+  chunk = chunks_lib.make_chunks(st.mcfg, plan_inputs.synthetic_batch(st.mcfg, shapes, 2), sc)[0]
   vision = chunk.inputs.vision
-  assert vision.patches.shape[0] >= 2 * 8 * 22 * 22  # every frame's patches, abstract
-  assert int((np.asarray(chunk.inputs.ids) == st.mcfg.video_token_id).sum()) == 2 * 968
+  assert vision.patches.shape[0] >= 2 * 8 * 24 * 24  # every frame's patches, abstract
+  assert int((np.asarray(chunk.inputs.ids) == st.mcfg.video_token_id).sum()) == 2 * 1152
   # the frames of one video are its temporal patches: the time axis of its tokens steps by tokens_per_second
   t_ids = np.unique(np.asarray(chunk.inputs.positions)[0, 0][np.asarray(chunk.inputs.ids)[0] == st.mcfg.video_token_id])
   assert len(t_ids) == 8 and np.all(np.diff(t_ids) == st.mcfg.vision.tokens_per_second)
