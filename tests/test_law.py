@@ -2,7 +2,8 @@
 
 The whole `ares` pipeline of configs/tiny.py on one seed (the law table in docs/ runs three): on held-out
 problems, AdaCS raises Spearman(response length, difficulty) over the warm-started base; AEPO then raises
-the hardest level's accuracy and length and does not lengthen the easiest level's answers. This also
+the hardest level's accuracy and length and does not lengthen the easiest level's answers (by more than 1%,
+`law.EASY_TOLERANCE`). This also
 covers what tests/test_aepo_learning.py checked before the checks task: AEPO learns (the hardest level's
 accuracy rises).
 """

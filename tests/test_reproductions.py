@@ -48,6 +48,10 @@ def test_law_checks_read_the_easiest_and_hardest_difficulty():
   worse_hard = dict(rl, **{"eval/accuracy_d3": 0.2})
   assert not law.law_checks({"before AdaCS": base, "after AdaCS": sft, "after AEPO": longer_easy},
                             [1, 2, 3])["aepo_does_not_lengthen_easiest"]
+  # at the quick answer's floor, a tenth of a token is one careful sample, not a lengthening (up to 1%)
+  at_floor = dict(rl, **{"eval/length_d1": 60.55})
+  assert law.law_checks({"before AdaCS": base, "after AdaCS": sft, "after AEPO": at_floor},
+                        [1, 2, 3])["aepo_does_not_lengthen_easiest"]
   assert not law.law_checks({"before AdaCS": base, "after AdaCS": sft, "after AEPO": worse_hard},
                             [1, 2, 3])["aepo_raises_hardest_accuracy"]
   assert not law.law_checks({"before AdaCS": sft, "after AdaCS": base, "after AEPO": rl},
