@@ -19,6 +19,7 @@ import json
 import os
 from typing import Sequence
 
+import av
 import numpy as np
 
 DIRECTIONS = ("left", "right")
@@ -57,8 +58,6 @@ def frames(seed: int, index: int, n_frames: int = 8, height: int = 56, width: in
 
 def write_mp4(path: str, clip: np.ndarray, fps: float = 4.0) -> str:
   """Encodes uint8 [T, H, W, 3] frames as an H.264 mp4 (even sizes: yuv420p halves the chroma planes)."""
-  import av  # pylint: disable=g-import-not-at-top  (decoding is the data workers'; only writers need it here)
-
   t, h, w, _ = clip.shape
   if h % 2 or w % 2:
     raise ValueError(f"frames of {h}x{w}: H.264 in yuv420p needs even sizes")

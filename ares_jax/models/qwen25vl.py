@@ -158,9 +158,9 @@ def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, i
   if attention_mask.shape != input_ids.shape:
     raise pos_lib.InputError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
   _check_media(config, "image", config.image_token_id, input_ids, attention_mask, pixel_values, image_grid_thw,
-               "pixel_values", "image_grid_thw")
+               names=("pixel_values", "image_grid_thw"))
   _check_media(config, "video", config.video_token_id, input_ids, attention_mask, pixel_values_videos,
-               video_grid_thw, "pixel_values_videos", "video_grid_thw")
+               video_grid_thw, names=("pixel_values_videos", "video_grid_thw"))
   if second_per_grid_ts is not None:
     n_videos = 0 if video_grid_thw is None else len(np.asarray(video_grid_thw).reshape(-1, 3))
     if np.asarray(second_per_grid_ts).reshape(-1).shape != (n_videos,):
@@ -168,8 +168,9 @@ def check_inputs(config: ModelConfig, input_ids, attention_mask, pixel_values, i
                                f"value per video ({n_videos}, from video_grid_thw)")
 
 
-def _check_media(config: ModelConfig, kind: str, token_id: int, input_ids, attention_mask, pixels, grid,
-                 pixels_name: str, grid_name: str) -> None:
+def _check_media(config: ModelConfig, kind: str, token_id: int, input_ids, attention_mask, pixels, grid, *,
+                 names: tuple[str, str]) -> None:
+  pixels_name, grid_name = names
   n_tokens = int(((input_ids == token_id) & (attention_mask > 0)).sum())
   if pixels is None or grid is None:
     if n_tokens:
@@ -240,7 +241,7 @@ def _apply(config: ModelConfig, params, inputs: ModelInputs):
 
 
 def forward(config: ModelConfig, params: Params, input_ids, attention_mask, pixel_values=None,
-            image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, *,
+            image_grid_thw=None, *, pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
             length_bucket: int = 64) -> jax.Array:
   """Logits [B, T, V] float32 for a batch as the Hugging Face processor returns it.
 
