@@ -72,8 +72,9 @@ def step_shapes(config: ml_collections.ConfigDict, mcfg: models.ModelConfig, res
   need = shapes.image_tokens + shapes.video_tokens + 2 * (shapes.images_per_prompt + shapes.videos_per_prompt) + 32
   if need > width:
     raised = sequences.round_up(need, 64)
-    shapes = dataclasses.replace(shapes, prompt_width=raised,
-                                 note=f" (prompt raised from {width} to hold the images and videos)")
+    media = " and ".join(k for k, n in (("images", shapes.images_per_prompt), ("videos", shapes.videos_per_prompt))
+                         if n)
+    shapes = dataclasses.replace(shapes, prompt_width=raised, note=f" (prompt raised from {width} to hold the {media})")
   return shapes
 
 

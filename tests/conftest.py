@@ -22,27 +22,43 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # A persistent XLA compilation cache per xdist worker, shared with the processes its tests start: the tiny
 # model's programs compile once, not once per test (compiling is most of a short CPU run). Not one for all
 # workers: JAX writes an entry in place (no temporary file and rename), and a worker that read an entry the
-# other was still writing aborted in XLA's deserializer (once in a full run, 2026-12-06).
+# other was still writing aborted in XLA's deserializer (once in a full run, 2026-12-06; perhaps the mapping
+# limit below instead).
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"ares_jax_tests_xla_cache_{_worker}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-# The pytest workers themselves do not read or write it: JAX segfaulted in this process reading
-# (`get_executable_and_time`) or writing (`put_executable_and_time`) an entry in 2 of 3 full runs on
-# 2026-12-06/07, a crash that takes the worker and its remaining tests down. The processes the tests start
-# (whole runs, the slow tests' bulk) still share it through the variable above; the worker compiles its own
-# programs, which JAX's in-memory caches keep for the rest of its session.
-os.environ.setdefault("ARES_JAX_TESTS_WORKER_CACHE", "0")
 sys.path.insert(0, os.path.dirname(__file__))
 # gcsfs reads this when it is imported: without it, it probes each bucket over gRPC, 60 s per probe on an emulator.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
-def pytest_configure(config):
-  del config
-  if os.environ["ARES_JAX_TESTS_WORKER_CACHE"] != "1":
-    import jax  # pylint: disable=g-import-not-at-top  (after the XLA flags above)
-    jax.config.update("jax_compilation_cache_dir", None)
+# XLA's CPU runtime maps each compiled program's code and data into memory (about 7 mappings a program), and
+# JAX keeps every program a live function compiled. A pytest worker that runs hundreds of tests reached Linux's
+# limit of 65,530 mappings a process (vm.max_map_count), and then segfaulted in whatever mapped next: a compile,
+# or loading a program from the compilation cache (full runs of 2026-12-06/07; a worker at 52,017 mappings
+# 55% into one). Past MAX_MAPPINGS, the end of a test module drops JAX's compiled programs (later modules
+# compile theirs again, or load them from the cache).
+MAX_MAPPINGS = 20_000
+
+
+def mappings() -> int | None:
+  """This process's memory mappings (Linux), or None where /proc does not say."""
+  try:
+    with open("/proc/self/maps", "rb") as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bounded_mappings():
+  yield
+  n = mappings()
+  if n is not None and n > MAX_MAPPINGS and "jax" in sys.modules:
+    import gc  # pylint: disable=g-import-not-at-top
+    sys.modules["jax"].clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import uuid
 import jax
 import jax.numpy as jnp
 import ml_collections
+import pytest
 
 from ares_jax import compile_log
 from ares_jax import main as entry
@@ -71,3 +72,23 @@ def test_a_compile_is_one_line_and_jaxs_log_only_when_asked(caplog):
   messages = [r.getMessage() for r in caplog.records]
   assert any("loud_program" in m and "global shapes and types" in m for m in messages), messages
   assert len([m for m in _lines(caplog) if "loud_program" in m]) == 1  # installed once however often set up
+
+
+def test_dropping_compiled_programs_unmaps_their_code():
+  """What conftest.bounded_mappings relies on: a pytest worker stays under Linux's mapping limit because
+  jax.clear_caches() unmaps the code of the programs it drops."""
+  import gc
+  import conftest
+  if conftest.mappings() is None:
+    pytest.skip("no /proc/self/maps on this platform")
+  jax.clear_caches()
+  gc.collect()
+  before = conftest.mappings()
+  offset = float(uuid.uuid4().int % 1000)  # programs no cache has seen
+  fns = [jax.jit(lambda x, i=i: jnp.tanh(x * (i + offset)) + i) for i in range(40)]
+  for f in fns:
+    f(jnp.ones((3,))).block_until_ready()
+  grown = conftest.mappings()
+  jax.clear_caches()
+  gc.collect()
+  assert grown - before >= 40 and conftest.mappings() - before < (grown - before) / 4, (before, grown)

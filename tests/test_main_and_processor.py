@@ -195,7 +195,8 @@ def test_main_runs_inspect_on_simulated_mesh(cache_dir):
   r = _main("--config.mesh.fsdp=2", "--config.mesh.tensor=4", devices=8, cache=cache_dir)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "mesh: {'data': 1, 'fsdp': 2, 'tensor': 4}" in r.stdout
-  assert "P(None, 'fsdp', 'tensor')" in r.stdout and "logits: shape (2," in r.stdout
+  # image, text and video prompts, two each
+  assert "P(None, 'fsdp', 'tensor')" in r.stdout and "logits: shape (6," in r.stdout
 
 
 def test_main_bad_override_names_the_field():

@@ -22,6 +22,7 @@ from ares_jax import storage
 SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: one run each (per variant for the ablation).")
 WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs and the tables go (default: workdirs/<driver>).")
 PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs at once.")
+VARIANTS = flags.DEFINE_list("variants", [], "A subset of the AEPO variants by slug (default: all; variants.py).")
 
 
 @dataclasses.dataclass(frozen=True)

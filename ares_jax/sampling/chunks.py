@@ -63,6 +63,7 @@ class _Media:
   grid: np.ndarray  # [I, 3]
   seconds: np.ndarray | None  # [I] second_per_grid_ts (videos)
   of_row: list[np.ndarray]  # per prompt row, the indices of its items
+  start: np.ndarray  # [I + 1] each item's first pixel row (and the total)
 
   @classmethod
   def of(cls, config: ModelConfig, ids, mask, pixels, grid, token_id: int, seconds=None) -> "_Media | None":
@@ -79,14 +80,14 @@ class _Media:
       of_row.append(np.arange(first, nxt))
     pixels = pixels if isinstance(pixels, jax.ShapeDtypeStruct) else np.asarray(pixels)
     seconds = None if seconds is None else np.asarray(seconds, np.float32).reshape(-1)
-    return cls(pixels, grid, seconds, of_row)
+    return cls(pixels, grid, seconds, of_row, np.concatenate([[0], np.cumsum(grid.prod(-1))]))
 
   def select(self, rows: np.ndarray) -> tuple:
     """(pixel rows, grid, seconds) of the items of prompt `rows`, in their order; Nones when they hold none."""
     items = np.concatenate([self.of_row[r] for r in rows]).astype(np.int64)
     if not len(items):
       return None, None, None
-    start = np.concatenate([[0], np.cumsum(self.grid.prod(-1))])
+    start = self.start
     if isinstance(self.pixels, jax.ShapeDtypeStruct):
       pixels = jax.ShapeDtypeStruct((int((start[items + 1] - start[items]).sum()), self.pixels.shape[1]),
                                     np.float32)
