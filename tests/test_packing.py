@@ -222,6 +222,7 @@ def test_rows_come_in_multiples_of_the_batch_shards():
   s = packing.PackingSettings(packing="packed", row_tokens=64, tokens_per_micro_batch=64 * 10, batch_shards=4)
   assert s.rows_per_micro_batch == 8 and [s.rows_for(n) for n in (1, 3, 5, 8)] == [4, 4, 8, 8]
   c = load_config("tiny.py")
+  c.updates.row_tokens = 0  # the default rows (configs/tiny.py sets its own)
   c.rollout.max_prompt_length, c.rollout.max_response_length, c.aepo.micro_batch_size = 1000, 500, 8
   shared = packing.PackingSettings.from_config(c, "aepo", batch_shards=4)  # 8 x 1536 tokens over 4 devices
   assert (shared.row_tokens, shared.tokens_per_micro_batch, shared.rows_per_micro_batch) == (3072, 12288, 4)
