@@ -1,5 +1,5 @@
-"""Videos through the stages on the tiny model: clips written with PyAV (`data.motion`: a dot moving left or
-right) read from files by `sample`, `eval` (a benchmark whose rows carry videos) and AdaCS then AEPO on a
+"""Videos through the stages on the tiny model: clips written with PyAV (`data.motion`'s fade task: a clip getting
+brighter or darker) read from files by `sample`, `eval` (a benchmark whose rows carry videos) and AdaCS then AEPO on a
 video dataset, a clip that cannot be decoded skipped and counted with its location."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import pytest
 
 from ares_jax.data import motion
 from tiny_configs import load_config, small_rl
+
+FADE = motion.TASKS["fade"]
 
 
 def _video_settings(c):
@@ -27,13 +29,13 @@ def _video_settings(c):
 def clips(tmp_path_factory):
   """A training file of 12 clips plus one row whose clip is not a video, and a cold-start pool of 8."""
   folder = str(tmp_path_factory.mktemp("motion"))
-  train = motion.write_dataset(folder, 12, seed=0)
+  train = motion.write_dataset(folder, 12, seed=0, task="fade")
   with open(os.path.join(folder, "clips", "broken.mp4"), "wb") as f:
     f.write(b"not a video")
   with open(train, "a", encoding="utf-8") as f:
-    f.write(json.dumps({"id": "broken", "question": motion.QUESTION, "video": "clips/broken.mp4",
-                        "answer": "left"}) + "\n")
-  pool = motion.write_dataset(folder, 8, seed=0, coldstart=True)
+    f.write(json.dumps({"id": "broken", "question": FADE.question, "video": "clips/broken.mp4",
+                        "answer": "darker"}) + "\n")
+  pool = motion.write_dataset(folder, 8, seed=0, task="fade", coldstart=True)
   return folder, train, pool
 
 
@@ -43,8 +45,8 @@ def test_sample_stage_rolls_out_video_prompts(clips, capsys):
   folder, _, _ = clips
   c = _video_settings(load_config("tiny.py"))
   c.stage, c.warm_start.steps = "sample", 0
-  c.sample.prompts = (motion.QUESTION, "What is 2 + 2?")
-  c.sample.videos = (os.path.join(folder, "clips", "0_000000.mp4"), "")
+  c.sample.prompts = (FADE.question, "What is 2 + 2?")
+  c.sample.videos = (os.path.join(folder, "clips", "fade_0_000000.mp4"), "")
   c.rollout.max_response_length = 8
   out = sample_stage.run(c)
   assert {a["prompt"] for a in out["answers"]} == {0, 1} and all(a["length"] >= 1 for a in out["answers"])
@@ -66,7 +68,7 @@ def test_eval_stage_on_a_benchmark_whose_rows_carry_videos(clips, tmp_path):
   report = eval_stage.run(c)["motion"]
   assert report["n"] == 12 and report["skipped"] == {"video_undecodable": 1}
   rows = [json.loads(line) for line in (tmp_path / "eval" / "eval" / "motion.jsonl").read_text().splitlines()]
-  assert len(rows) == 12 and {r["answer"] for r in rows} == {"left", "right"}
+  assert len(rows) == 12 and {r["answer"] for r in rows} == set(FADE.answers)
 
 
 @pytest.mark.slow

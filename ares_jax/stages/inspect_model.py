@@ -79,9 +79,9 @@ def sample_batch(config: ml_collections.ConfigDict, proc: processor_lib.QwenVLPr
     elif kind == "text prompt":
       texts.append(proc.chat_prompt("What is 12 + 7? Put the answer in \\boxed{}."))
     else:
-      frames = motion.frames(config.seed, i, n_frames=8, height=h, width=w)
+      frames = motion.frames(config.seed, i, n_frames=8, height=h, width=w, task="fade")
       clips.append(video_lib.load_clip(list(frames), settings_lib.video(config)))
-      texts.append(proc.chat_prompt(motion.QUESTION.replace(motion.PLACEHOLDER, ""), num_videos=1))
+      texts.append(proc.chat_prompt(motion.TASKS["fade"].question.replace(motion.PLACEHOLDER, ""), num_videos=1))
   return proc(texts, imgs or None, clips or None)
 
 
