@@ -43,7 +43,7 @@ NOISE = 12.0  # per-pixel standard deviation of the background, in grey levels
 
 
 def _dot(rng: np.random.Generator, second: bool, level: int, n_frames: int, height: int, width: int) -> np.ndarray:
-  """A dot moving right (`second`) or left: float [T, H, W, 1 or 3] before clipping."""
+  """A dot moving right (`second`) or left: float [T, H, W, 3] before clipping."""
   travel = TRAVEL[level] * width
   sign = 1.0 if second else -1.0
   x0 = width / 2 - sign * travel / 2 + rng.uniform(-0.1, 0.1) * width
@@ -59,9 +59,10 @@ def _dot(rng: np.random.Generator, second: bool, level: int, n_frames: int, heig
 
 
 def _fade(rng: np.random.Generator, second: bool, level: int, n_frames: int, height: int, width: int) -> np.ndarray:
-  """A noisy grey clip getting darker (`second`) or brighter about a mean drawn apart from the answer."""
+  """A noisy grey clip getting darker (`second`) or brighter about a mean drawn apart from the answer:
+  float [T, H, W, 3] before clipping."""
   change = FADE[level] * (-1.0 if second else 1.0)
-  mean = rng.uniform(70, 185)  # the brightest clip's extremes stay inside [0, 255] after 3 sigma of noise
+  mean = rng.uniform(70, 185)  # frames() clips the rare pixels past [0, 255] (level 1 at the extremes)
   levels = mean + change * (np.linspace(0.0, 1.0, n_frames) - 0.5)
   return levels[:, None, None, None] + rng.normal(0, NOISE, (n_frames, height, width, 3))
 
