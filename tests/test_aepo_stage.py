@@ -176,7 +176,9 @@ def test_tiny_aepo_runs_and_resumes_step_for_step(tmp_path):
 def test_paged_and_dense_engines_run_the_same_steps(tmp_path):
   """The tiny AEPO stage's first steps are the same on either rollout engine (the paged one refilling
   three groups in flight two at a time and draining its tail, the dense one in chunks of two): every
-  metric of every step."""
+  metric of every step, to float rounding: the engines' attention sums in different orders, so a rollout's
+  entropies can differ in the last bit (measured: tau_high 6.2266378 vs 6.2266374 at step 2, with the
+  same sampled tokens and parameters equal after the step)."""
   runs = {}
   for kv, extra in (("dense", dict(chunk_prompts=2)), ("paged", dict(prompts_in_flight=3, chunk_prompts=2,
                                                                       page_size=4, drain_halvings=2))):
@@ -185,14 +187,16 @@ def test_paged_and_dense_engines_run_the_same_steps(tmp_path):
     c.rollout.max_response_length = 24
     c.rollout.kv_cache = kv
     c.rollout.update(extra)
-    # The default update rows, which this comparison was measured with: with configs/tiny.py's rows of 384
-    # the runs agree at step 1 and differ at step 2 (2026-12-07, not yet explained; exact equality of every
-    # metric is sensitive to any change in float rounding that flips a sampled token)
-    c.updates.row_tokens = 0
     aepo_stage.run(c)
     runs[kv] = _rows(c.workdir)
   assert any(r["branches"] > 0 for r in runs["dense"])
-  assert runs["paged"] == runs["dense"]
+  assert len(runs["paged"]) == len(runs["dense"])
+  for paged, dense in zip(runs["paged"], runs["dense"]):
+    assert paged.keys() == dense.keys()
+    assert {k: v for k, v in paged.items() if not isinstance(v, float)} == {
+        k: v for k, v in dense.items() if not isinstance(v, float)}
+    assert {k: v for k, v in paged.items() if isinstance(v, float)} == pytest.approx(
+        {k: v for k, v in dense.items() if isinstance(v, float)}, rel=1e-6, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", ["aepo_3b.py", "aepo_7b.py"])
