@@ -3,7 +3,7 @@ trajectory: the prompt region as wide as the micro-batch's longest prompt, every
 prompt and its image once per trajectory), "packed" (prompt + response sequences end to end in rows of
 `row_tokens`) and "shared_prompt" (each prompt once per group, its responses after it), at the sizes the
 config's defaults give (rows of the longest prompt + response, micro-batches of `micro_rows` such rows; a
-shared_prompt row `row_fill.ROW_SEQUENCES` of them). Each layout runs what
+shared_prompt row `row_fill.sequences_per_row` of them). Each layout runs what
 an AEPO step runs on its trajectories: old and reference log-probs (`aepo.step.old_and_ref_logprobs`) and one
 optimizer update over all of them (`micro_batches` + `Updater.update`). The benchmark asserts that the three
 give the same log-probs and loss.
@@ -93,9 +93,10 @@ def workload(mcfg: ModelConfig, prompts: int, budget: int, tiny: bool, seed: int
 
 def run_layout(mcfg, params, prompts, group, responses, budget, layout, micro_rows, repeats):
   # sizes as `PackingSettings.from_config` resolves the config's zeros: a micro-batch holds `micro_rows` rows of
-  # the longest prompt + response; a packed row one of them, a shared_prompt row ROW_SEQUENCES of them
+  # the longest prompt + response; a packed row one of them, a shared_prompt row `sequences_per_row` of them
   longest = -(-(max(len(p.ids) for p in prompts) + budget) // 128) * 128
-  row = min(micro_rows, row_fill.ROW_SEQUENCES) * longest if layout == "shared_prompt" else longest
+  shared = min(micro_rows, row_fill.sequences_per_row(mcfg.text, longest))
+  row = shared * longest if layout == "shared_prompt" else longest
   packing = PackingSettings(packing=layout, row_tokens=row, tokens_per_micro_batch=micro_rows * longest,
                             micro_batch_size=micro_rows)
   n = len(responses)

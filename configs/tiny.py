@@ -88,9 +88,4 @@ def get_config():
   c.aepo.global_batch_size = 48
   c.aepo.micro_batch_size = 48
   c.optim.lr = 5e-5  # a tiny policy takes larger steps than the paper's 7B (1e-6); 2e-4 diverged
-  # Update rows of one longest sequence (384 tokens), not three: a 64-wide model is attention-bound, and the
-  # CPU's attention computes every tile of a row, so a row's cost grows with its length squared while the
-  # task's sequences are a third of the longest. Warm-start steps (32 short traces): 0.48 s with rows of 384,
-  # 1.30 s with the default 1,152, 0.38 s unpacked (`updates.packing="none"`), 2-core CPU, 2026-12-07.
-  c.updates.row_tokens = 384
   return c

@@ -15,8 +15,8 @@ from ares_jax import models, sharding
 from ares_jax import settings as settings_lib
 from ares_jax.aepo import step as aepo_step
 from ares_jax.data.batching import Prompt
-from ares_jax.models import lora
-from ares_jax.train import packing, sft
+from ares_jax.models import blockwise_attention, lora
+from ares_jax.train import packing, row_fill, sft
 from ares_jax.train import optimizer as optim_lib
 from ares_jax.train.update import Updater
 from tiny_configs import load_config
@@ -221,8 +221,7 @@ def test_rows_come_in_multiples_of_the_batch_shards():
   at 4x the compute and the whole logits per device)."""
   s = packing.PackingSettings(packing="packed", row_tokens=64, tokens_per_micro_batch=64 * 10, batch_shards=4)
   assert s.rows_per_micro_batch == 8 and [s.rows_for(n) for n in (1, 3, 5, 8)] == [4, 4, 8, 8]
-  c = load_config("tiny.py")
-  c.updates.row_tokens = 0  # the default rows (configs/tiny.py sets its own)
+  c = load_config("aepo_7b.py")  # a model whose rows take three longest sequences (`row_fill.sequences_per_row`)
   c.rollout.max_prompt_length, c.rollout.max_response_length, c.aepo.micro_batch_size = 1000, 500, 8
   shared = packing.PackingSettings.from_config(c, "aepo", batch_shards=4)  # 8 x 1536 tokens over 4 devices
   assert (shared.row_tokens, shared.tokens_per_micro_batch, shared.rows_per_micro_batch) == (3072, 12288, 4)
@@ -235,3 +234,17 @@ def test_rows_come_in_multiples_of_the_batch_shards():
   rows.packing = packing.PackingSettings(packing="shared_prompt", row_tokens=64, tokens_per_micro_batch=128,
                                          batch_shards=4)
   assert all(r.inputs.ids.shape[0] % 4 == 0 for r in rows.layout(range(len(rows))))
+
+
+def test_rows_hold_fewer_sequences_where_attention_outweighs_the_linear_layers():
+  """shared_prompt rows take up to three longest sequences, one where a row's every-tile attention would cost
+  a token more than its linear layers: the tiny 64-wide model (measured 2.8x slower steps at three), not 7B."""
+  tiny, big = load_config("tiny.py"), load_config("aepo_7b.py")
+  layer = 2 * 64 * 4 * 16 + 2 * 64 * 2 * 16 + 3 * 64 * 128  # q and o, k and v, the MLP's three
+  assert row_fill.linear_flops_per_token(tiny.model) == 2 * (2 * layer + 64 * tiny.model.vocab_size)
+  assert row_fill.attention_flops_per_token(tiny.model, 384) == 4 * 64 * 384 * 2  # one tile: 384 keys a query
+  # 1,152 tokens: tiles of 512, 3 a side, 6 in the causal triangle, each query's share of their keys
+  assert row_fill.attention_flops_per_token(tiny.model, 1152) == pytest.approx(4 * 64 * (6 * 512 * 512 / 1152) * 2)
+  assert row_fill.sequences_per_row(tiny.model, 384) == 1 and row_fill.sequences_per_row(big.model, 4096) == 3
+  assert packing.PackingSettings.from_config(tiny, "aepo").row_tokens == 384
+  assert row_fill.ATTENTION_TILE == blockwise_attention.DEFAULT_BLOCK

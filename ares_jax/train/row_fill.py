@@ -9,11 +9,45 @@ import math
 from typing import Any, Sequence
 
 PACKINGS = ("shared_prompt", "packed", "none")
-# Longest sequences per shared_prompt row by default. Room for a group (a row shorter than a group repeats its
+# Longest sequences per shared_prompt row at most. Room for a group (a row shorter than a group repeats its
 # prompt in each part), but not much more: attention's tiles do not follow segments, so a long row costs
 # more than its segments. Gradient micro-steps of the CPU benchmark's batch (17,026 tokens, longest 1,536):
 # one row of 12,288 per micro-batch 97.8 s, 4 x 3,072 73.6 s, rows of 4,608 (3 longest) 55.7 s.
 ROW_SEQUENCES = 3
+# The query and key tile of blockwise attention (models.blockwise_attention.DEFAULT_BLOCK; this module
+# stays free of JAX, so the planner can import it before JAX starts)
+ATTENTION_TILE = 512
+
+
+def linear_flops_per_token(model: Any) -> float:
+  """Forward flops a token spends in the decoder's matrix products and the LM head: 2 x their weights.
+  `model`: anything with HF's text sizes (`config.model`, `models.TextConfig`)."""
+  d, heads, kv = model.hidden_size, model.num_heads, model.num_kv_heads
+  head_dim = d // heads
+  layer = 2 * d * heads * head_dim + 2 * d * kv * head_dim + 3 * d * model.intermediate_size
+  return 2.0 * (layer * model.num_layers + d * model.vocab_size)
+
+
+def attention_flops_per_token(model: Any, row_tokens: int) -> float:
+  """Forward flops a token of a row of `row_tokens` spends in attention (scores and the weighted sum,
+  4 x width x keys per layer) when every tile of the row's causal triangle is computed, as blockwise
+  attention does for a row whose segments share its tiles: the keys are the triangle's tiles' keys per query."""
+  tile = min(ATTENTION_TILE, row_tokens)
+  n = -(-row_tokens // tile)
+  keys = n * (n + 1) / 2 * tile * tile / row_tokens
+  return 4.0 * model.num_heads * (model.hidden_size // model.num_heads) * keys * model.num_layers
+
+
+def sequences_per_row(model: Any, longest: int) -> int:
+  """Longest sequences a shared_prompt row holds by default: the most, up to ROW_SEQUENCES, whose row's
+  attention costs no more than a token's linear layers; one when even that does. Measured (gradient steps on
+  a 2-core CPU): the tiny model (64 wide; 0.92 / 2.46 / 3.28 attention per linear flop at 1 / 2 / 3) took
+  0.36 s a warm-start step at rows of 1 x 384, 1.10 at 2, 1.00 at 3; the 34M benchmark model (0.62 at 3)
+  was fastest at 3; the 3B and 7B configs stay at 3 (under 0.35)."""
+  for k in range(ROW_SEQUENCES, 1, -1):
+    if attention_flops_per_token(model, k * longest) <= linear_flops_per_token(model):
+      return k
+  return 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +69,17 @@ class PackingSettings:
     """`config.updates` for `stage` ("aepo": rollout lengths and aepo.micro_batch_size; "adacs": its response
     limit and micro-batch size) on a mesh whose batch axis spans `batch_shards` devices, zeros resolved: a
     micro-batch holds as many tokens as `micro_batch_size` rows of the stage's longest prompt + response
-    (rounded up to 128); a packed row holds one such sequence; a shared_prompt row `ROW_SEQUENCES` of them,
-    at most a device's share of the micro-batch."""
+    (rounded up to 128); a packed row holds one such sequence; a shared_prompt row `sequences_per_row` of
+    them (up to ROW_SEQUENCES, fewer for an attention-bound model), at most a device's share of the micro-batch."""
     u = config.get("updates") or {}
     response = config.adacs.max_response_length if stage == "adacs" else config.rollout.max_response_length
     longest = -(-(config.rollout.max_prompt_length + response) // 128) * 128
     micro = int(config.adacs.micro_batch_size if stage == "adacs" else config.aepo.micro_batch_size)
     packing = u.get("packing", "shared_prompt")
     budget = int(u.get("tokens_per_micro_batch", 0)) or micro * longest
-    share = max(longest, min(budget // batch_shards, ROW_SEQUENCES * longest) // 128 * 128)
+    model = config.get("model")  # a config without one (planner tests) takes the most
+    k = ROW_SEQUENCES if model is None else sequences_per_row(model, longest)
+    share = max(longest, min(budget // batch_shards, k * longest) // 128 * 128)
     row_tokens = int(u.get("row_tokens", 0)) or (share if packing == "shared_prompt" else longest)
     return cls(packing=packing, row_tokens=row_tokens, tokens_per_micro_batch=budget, micro_batch_size=micro,
                batch_shards=batch_shards)
