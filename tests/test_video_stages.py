@@ -1,6 +1,6 @@
-"""Videos through the stages on the tiny model: clips written with PyAV (`data.motion`'s fade task: a clip getting
-brighter or darker) read from files by `sample`, `eval` (a benchmark whose rows carry videos) and AdaCS then AEPO on a
-video dataset, a clip that cannot be decoded skipped and counted with its location."""
+"""Videos through the stages on the tiny model: clips written with PyAV (`data.motion`'s fade task: a clip
+getting brighter or darker) read from files by `sample`, `eval` (a benchmark whose rows carry videos) and
+AdaCS then AEPO on a video dataset, a clip that cannot be decoded skipped and counted with its location."""
 
 from __future__ import annotations
 
