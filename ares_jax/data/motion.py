@@ -11,8 +11,8 @@ In both, the frames taken without their order look alike for the two answers (th
 clip's brightness levels are drawn symmetric about a centre that does not depend on the answer); only their
 order tells, so a policy that answers better than chance reads the video's time axis (temporal patches,
 time-scaled M-RoPE). A fade is visible inside one temporal patch (its two frames differ everywhere);
-the dot's direction needs the dot's position compared across patches, which the tiny model does not learn
-(README "Known limits"): `configs/tiny_video.py` trains on the fade task.
+the dot's direction needs a small dot's position compared between frames, which the tiny model does not
+learn (README "Known limits"): `configs/tiny_video.py` trains on the fade task.
 
 Clips are written as mp4 with PyAV and listed in a JSONL file in the reader's layout (`video` column,
 `<video>` placeholder, `answer`, `difficulty`), so training and evaluation read them the way they read a
