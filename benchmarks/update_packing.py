@@ -5,8 +5,12 @@ prompt and its image once per trajectory), "packed" (prompt + response sequences
 config's defaults give (rows of the longest prompt + response, micro-batches of `micro_rows` such rows; a
 shared_prompt row `row_fill.sequences_per_row` of them). Each layout runs what
 an AEPO step runs on its trajectories: old and reference log-probs (`aepo.step.old_and_ref_logprobs`) and one
-optimizer update over all of them (`micro_batches` + `Updater.update`). The benchmark asserts that the three
+optimizer update over all of them (`micro_batches` + `Updater.update`). The benchmark asserts that they all
 give the same log-probs and loss.
+
+A fourth row, "none_mixed", is the padded layout as updates ran before packing: mini-batches were cut from
+trajectories in a shuffled order, so a micro-batch mixed prompts and padded each to the longest of them
+(today's mini-batches hold whole groups, which the padded layout profits from too).
 
 Workload, like an ARES step: `--prompts` prompts of 256-1,024 tokens (every third with an image of 64 merged
 tokens), 8 responses each of 10-100% of `--budget` tokens, drawn from a fixed seed.
@@ -18,8 +22,8 @@ Columns: computed = token positions the programs run (rows x row width, padding 
 layout must compute at the least (every trajectory's prompt + response; shared_prompt: each prompt once +
 the responses); score s = old + reference log-probs; update s = the optimizer update (gradient micro-steps +
 apply); seconds = their sum, the best of `--repeats` timed passes after a pass that compiles; tokens/s = the
-tokens that count (each prompt once + the responses) / seconds; vs none = the padded layout's seconds / this
-layout's.
+tokens that count (each prompt once + the responses) / seconds; vs none, vs none_mixed = that padded layout's
+seconds / this layout's.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ PRESETS = {
                  prompts=3, budget=32, micro_rows=4),
 }
 N = 8  # responses per prompt
-LAYOUTS = ("none", "packed", "shared_prompt")
+LAYOUTS = ("none", "none_mixed", "packed", "shared_prompt")
 
 
 def model_config(p: dict) -> ModelConfig:
@@ -92,6 +96,12 @@ def workload(mcfg: ModelConfig, prompts: int, budget: int, tiny: bool, seed: int
 
 
 def run_layout(mcfg, params, prompts, group, responses, budget, layout, micro_rows, repeats):
+  """Times `layout` on the batch; returns (its best pass's numbers, old log-probs [n, budget] in the batch's
+  order)."""
+  order = np.arange(len(responses))
+  if layout == "none_mixed":  # the trajectories in a shuffled order, as mini-batches were cut before packing
+    layout, order = "none", np.random.default_rng(1).permutation(len(responses))
+    group, responses = group[order], [responses[i] for i in order]
   # sizes as `PackingSettings.from_config` resolves the config's zeros: a micro-batch holds `micro_rows` rows of
   # the longest prompt + response; a packed row one of them, a shared_prompt row `sequences_per_row` of them
   longest = -(-(max(len(p.ids) for p in prompts) + budget) // 128) * 128
@@ -101,7 +111,7 @@ def run_layout(mcfg, params, prompts, group, responses, budget, layout, micro_ro
                             micro_batch_size=micro_rows)
   n = len(responses)
   mask = np.arange(budget)[None] < np.array([len(r) for r in responses])[:, None]
-  adv = np.where(np.arange(n) % 2 == 0, 1.0, -1.0).astype(np.float32)
+  adv = np.where(order % 2 == 0, 1.0, -1.0).astype(np.float32)  # by trajectory, whatever the order
   settings = aepo_step.LossSettings(temperature=1.0, clip_low=0.2, clip_high=0.28, dual_clip=None,
                                     loss_agg="token_mean")
   updater = Updater(aepo_step.aepo_loss_fn(mcfg), optim_lib.make_optimizer(optim_lib.OptimSettings(lr=1e-6), 10),
@@ -127,8 +137,10 @@ def run_layout(mcfg, params, prompts, group, responses, budget, layout, micro_ro
   first, old = once()  # compiles
   timed = [once()[0] for _ in range(repeats)]
   best = min(timed, key=lambda r: r["seconds"])
-  best.update(layout=layout, row_tokens=row if layout != "none" else None, compile_pass_s=first["seconds"])
-  return best, old
+  best.update(row_tokens=row if layout != "none" else None, compile_pass_s=first["seconds"])
+  unshuffled = np.empty_like(old)
+  unshuffled[order] = old
+  return best, unshuffled
 
 
 def main(argv=None) -> dict:
@@ -150,7 +162,7 @@ def main(argv=None) -> dict:
   for layout in LAYOUTS:
     r, logps[layout] = run_layout(mcfg, params, prompts, group, responses, budget, layout, p["micro_rows"],
                                   args.repeats)
-    results.append(r)
+    results.append(dict(r, layout=layout))
   mask = np.arange(budget)[None] < np.array([len(x) for x in responses])[:, None]
   diff = max(float(np.abs(logps[k] - logps["none"])[mask].max()) for k in LAYOUTS)
   losses = [r["loss"] for r in results]
@@ -158,18 +170,18 @@ def main(argv=None) -> dict:
   assert diff < tol, f"layouts disagree: max |log-prob diff| {diff}"
   assert max(losses) - min(losses) < tol * max(1.0, abs(losses[0])), f"layouts disagree: losses {losses}"
 
-  base = results[0]["seconds"]
+  base, mixed = results[0]["seconds"], results[1]["seconds"]
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"\npreset {args.preset}: {jax.devices()[0].platform}, {n_params / 1e6:.0f}M parameters ({p['layers']} "
         f"layers, {p['hidden']} wide, {p['dtype']}); {prompts_n} prompts x {N} responses, budget {budget}: "
         f"{count:,} tokens that count (each prompt once + responses), {resp_tokens:,} response tokens\n")
   print("| layout | row tokens | rows (micro-batches) | computed | computed / needed | score s | update s | "
-        "seconds | tokens/s | vs none |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+        "seconds | tokens/s | vs none | vs none_mixed |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
     print(f"| {r['layout']} | {r['row_tokens'] or '-'} | {r['rows']} ({r['micro_batches']}) | {r['computed']:,} | "
           f"{r['computed'] / r['needed']:.2f} | {r['score_s']:.1f} | {r['update_s']:.1f} | {r['seconds']:.1f} | "
-          f"{count / r['seconds']:,.0f} | {base / r['seconds']:.2f}x |")
+          f"{count / r['seconds']:,.0f} | {base / r['seconds']:.2f}x | {mixed / r['seconds']:.2f}x |")
   print(f"\nsame numbers: max |log-prob diff| vs none {diff:.2g}; losses {', '.join(f'{x:.6g}' for x in losses)}")
   out = dict(preset=args.preset, model=p, parameters=int(n_params), prompts=prompts_n, responses_per_prompt=N,
              budget=budget, tokens_that_count=count, response_tokens=resp_tokens, max_logprob_diff=diff,

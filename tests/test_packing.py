@@ -248,3 +248,22 @@ def test_rows_hold_fewer_sequences_where_attention_outweighs_the_linear_layers()
   assert row_fill.sequences_per_row(tiny.model, 384) == 1 and row_fill.sequences_per_row(big.model, 4096) == 3
   assert packing.PackingSettings.from_config(tiny, "aepo").row_tokens == 384
   assert row_fill.ATTENTION_TILE == blockwise_attention.DEFAULT_BLOCK
+
+
+def test_part_filled_rows_share_the_narrow_micro_batches():
+  """Rows come fullest first, so micro-batches cut from them in order are each as wide as their own fullest
+  row: the part-filled rows share the last, narrow ones instead of widening every one."""
+  s = packing.PackingSettings(packing="packed", row_tokens=100, tokens_per_micro_batch=200)
+  lengths = [90, 25, 95, 15, 60, 100, 40, 30]  # one prompt of 0 tokens each: items are the responses alone
+  rows = row_fill.fill_rows(row_fill.items([0] * 8, range(8), lengths, range(8), s), 100)
+  fills = [sum(it.length for it in row) for row in rows]
+  # first-fit decreasing makes [100], [95], [90], [60 + 40], [30 + 25 + 15]; fullest first
+  assert [sum((it.seqs for it in row), []) for row in rows] == [[5], [4, 6], [2], [0], [7, 1, 3]]
+  assert fills == [100, 100, 95, 90, 70]
+  mcfg, _ = _model()
+  prompts = [Prompt(np.arange(3, 5, dtype=np.int32)) for _ in range(8)]
+  responses = [np.full(n - 2, 7, np.int32) for n in lengths]
+  widths = [r.inputs.ids.shape[1] for r in packing.layout(mcfg, prompts, np.arange(8), responses, 0, s)]
+  # rows (100, 100), (95, 90), (70): shape buckets 100, 96 and 80; in first-fit order the second
+  # micro-batch would hold (90, 100) and be 100 wide
+  assert widths == [100, 96, 80]

