@@ -252,7 +252,8 @@ def test_rows_hold_fewer_sequences_where_attention_outweighs_the_linear_layers()
 
 def test_part_filled_rows_share_the_narrow_micro_batches():
   """Rows come fullest first, so micro-batches cut from them in order are each as wide as their own fullest
-  row: the part-filled rows share the last, narrow ones instead of widening every one."""
+  row: the part-filled rows share the last, narrow ones instead of widening every one; a part-filled
+  micro-batch takes the place where the batch computes the fewest positions."""
   s = packing.PackingSettings(packing="packed", row_tokens=100, tokens_per_micro_batch=200)
   lengths = [90, 25, 95, 15, 60, 100, 40, 30]  # one prompt of 0 tokens each: items are the responses alone
   rows = row_fill.fill_rows(row_fill.items([0] * 8, range(8), lengths, range(8), s), 100)
@@ -267,3 +268,10 @@ def test_part_filled_rows_share_the_narrow_micro_batches():
   # rows (100, 100), (95, 90), (70): shape buckets 100, 96 and 80; in first-fit order the second
   # micro-batch would hold (90, 100) and be 100 wide
   assert widths == [100, 96, 80]
+  # a part-filled micro-batch goes where it costs least: one row of 100 alone (100 positions) rather than
+  # widening a full micro-batch of 64s to 100 (392 positions in order, 356 so); it runs last
+  lengths = [64, 100, 64, 64, 64]
+  responses = [np.full(n - 2, 7, np.int32) for n in lengths]
+  micro = packing.layout(mcfg, prompts[:5], np.arange(5), responses, 0, s)
+  assert [r.inputs.ids.shape for r in micro] == [(2, 64), (2, 64), (1, 100)]
+  assert sorted(np.concatenate([r.sequences() for r in micro]).tolist()) == list(range(5))

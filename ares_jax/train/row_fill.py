@@ -134,9 +134,9 @@ def items(prompt_lengths: Sequence[int], group: Sequence[int], response_lengths:
 
 def fill_rows(its: list[Item], capacity: int) -> list[list[Item]]:
   """First-fit decreasing bin packing (stable: equal lengths keep their order), the rows returned fullest
-  first: micro-batches are cut from them in order and each is as wide as its fullest row (a shape bucket),
-  so the part-filled rows share the narrow micro-batches instead of widening every one. On the CPU
-  benchmark's batch the rows of 1,536 then hold 1.09x the tokens they need, not 1.16x."""
+  first: `train.packing` cuts micro-batches from them in this order, each as wide as its fullest row, so the
+  part-filled rows share the narrow micro-batches instead of widening every one (on the CPU benchmark's
+  batch, packed rows of 1,536 then compute 1.09x the positions they need, not 1.16x)."""
   rows: list[list[Item]] = []
   free: list[int] = []
   for item in sorted(its, key=lambda it: -it.length):
