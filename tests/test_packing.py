@@ -216,24 +216,6 @@ def test_token_logprobs_read_the_named_column():
   np.testing.assert_allclose(logp[b, t], want, atol=1e-5)
 
 
-def test_token_logprobs_in_chunks_give_the_same_values_and_gradients():
-  """The LM head a chunk of tokens at a time (recomputed in the backward) is the same function as at once:
-  chunks of 24 over rows whose width is no multiple of it, against one chunk of the whole row."""
-  mcfg, params = _model()
-  r = _rows(mcfg, "shared_prompt").layout(range(len(GROUP)))[0]
-  from ares_jax.train.sequences import token_logprobs
-  weights = jnp.asarray(r.scored, jnp.float32) * jnp.linspace(0.5, 1.5, r.src.size).reshape(r.src.shape)
-
-  def loss(p, chunk):
-    return (token_logprobs(mcfg, p, r.inputs, jnp.asarray(r.src), 0.7, chunk=chunk) * weights).sum()
-
-  t = r.src.shape[1]
-  assert t % 24 and t > 24
-  whole, chunked = jax.value_and_grad(loss)(params, t), jax.value_and_grad(loss)(params, 24)
-  assert float(chunked[0]) == pytest.approx(float(whole[0]), rel=1e-6)
-  _assert_same_grads(jax.tree.map(np.asarray, chunked[1]), jax.tree.map(np.asarray, whole[1]), "chunked head")
-
-
 def test_rows_come_in_multiples_of_the_batch_shards():
   """A row count the batch axis cannot split would run whole on every device (7B, fsdp=4: B=1 was planned
   at 4x the compute and the whole logits per device)."""

@@ -88,16 +88,11 @@ class Qwen25VL(nn.Module):
 
   def __call__(self, inputs: ModelInputs):
     """Logits [B, T, V] float32 of every position of `inputs`."""
-    return self.logits(self.hidden(inputs))
-
-  def hidden(self, inputs: ModelInputs) -> jax.Array:
-    """The decoder's final hidden states [B, T, E] (before the final norm): what `logits` reads, for callers
-    that want logits of some positions only, or a few positions at a time."""
     x = self.embed(inputs.ids, inputs.vision)
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     cos, sin = mrope_cos_sin(self.config.text, inputs.positions)
     x, _ = self.decoder(x, cos, sin, segment_ids(inputs.mask), _prefix(inputs))
-    return x
+    return self.logits(x)
 
   def prefill(self, inputs: ModelInputs):
     """Runs the prompt and returns its KV cache entries (k, v) [L, B, T, K, D]; no LM head."""

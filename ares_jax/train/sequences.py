@@ -70,41 +70,18 @@ def response_logprobs(model_config: ModelConfig, params, inputs: ModelInputs, pr
   return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
 
 
-# Tokens whose logits [B, LOGIT_CHUNK, V] exist at once in `token_logprobs` (read at trace time). 7B: a
-# micro-step's rows of 12,288 tokens hold 7.0 GiB of float32 logits per row whole, 0.6 GiB a chunk.
-LOGIT_CHUNK = 1024
-
-
 def token_logprobs(model_config: ModelConfig, params, inputs: ModelInputs, src: jax.Array, temperature: float = 1.0,
-                   dropout_key=None, chunk: int | None = None) -> jax.Array:
+                   dropout_key=None) -> jax.Array:
   """log p(token at column t | what precedes it) [B, T] under softmax(logits / temperature), read from the
   logits of column `src[b, t]` (`packing.Rows.src`); meaningless where nothing is scored. Traceable.
 
-  The LM head runs on each token's predicting hidden state, `chunk` (default LOGIT_CHUNK) tokens at a time
-  with the chunk's logits recomputed in the backward pass (`jax.checkpoint`), so neither the forward nor the
-  gradient holds logits [B, T, V]: only one chunk's, and each token reads its own id's logit and the
-  log-sum-exp."""
-  model = Qwen25VL(model_config)
-  variables = lora.variables(model_config, params)
-  rngs = None if dropout_key is None else {"dropout": dropout_key}
-  x = model.apply(variables, inputs, rngs=rngs, method=Qwen25VL.hidden)  # [B, T, E]
-  h = jnp.take_along_axis(x, src[..., None], axis=1)  # the state that predicts each token
-  temp = temperature if temperature > 0 else 1.0
-
-  @jax.checkpoint
-  def part(h_c, ids_c):  # [B, C, E], [B, C] -> [B, C]
-    logits = model.apply(variables, h_c, method=Qwen25VL.logits) / temp
-    picked = jnp.take_along_axis(logits, ids_c[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-  b, t = src.shape
-  c = min(chunk or LOGIT_CHUNK, t)
-  n = -(-t // c)
-  h = jnp.pad(h, ((0, 0), (0, n * c - t), (0, 0)))
-  ids = jnp.pad(inputs.ids, ((0, 0), (0, n * c - t)))
-  blocks = lambda a: jnp.moveaxis(a.reshape(b, n, c, *a.shape[2:]), 1, 0)  # [n, B, C, ...]
-  out = jax.lax.map(lambda xs: part(*xs), (blocks(h), blocks(ids)))  # [n, B, C]
-  return jnp.moveaxis(out, 0, 1).reshape(b, n * c)[:, :t]
+  Only the scored tokens' logits and each column's log-sum-exp are read: no log-softmax over [B, T, V] is
+  materialised beside the logits."""
+  logits = scored_logits(model_config, params, inputs, dropout_key).astype(jnp.float32)
+  logits = logits / (temperature if temperature > 0 else 1.0)
+  lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+  rows = jnp.arange(src.shape[0])[:, None]
+  return logits[rows, src, inputs.ids] - lse[rows, src]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
