@@ -9,7 +9,6 @@ outputs / temporaries as `memory_analysis()` gives them, with its flops and byte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -27,7 +26,7 @@ from flax import linen as nn
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ares_jax import chips, models, sharding
+from ares_jax import chips, hlo_cost, models, sharding
 from ares_jax.models import lora
 
 GIB = 1 << 30
@@ -48,7 +47,7 @@ class ProgramPlan:
   hbm: int
   flops: Optional[float] = None
   bytes_accessed: Optional[float] = None
-  collective_bytes: Optional[int] = None  # what the program's collectives produce per device (`collectives`)
+  collective_bytes: Optional[int] = None  # what the program's collectives produce per device (`hlo_cost`)
   extra: tuple[tuple[str, Any], ...] = ()  # further (key, value) pairs of the JSON row
 
   @property
@@ -175,7 +174,8 @@ def cost(compiled: Any) -> tuple[Optional[float], Optional[float]]:
   its rows sharded 8 ways; with the contracted dimension sharded, an eighth plus the all-reduce's adds
   (4.26M); compiled for `v5p:2x2x1` / `v4:2x2x1` (4 / 8 devices), a quarter / an eighth. A while loop's
   body is counted once whatever its trip count (a `fori_loop` of 10 matmuls reports one matmul's flops):
-  a rollout program's figure is its prefill plus one decode step, not the decode loop (docs/design.md §10.4)."""
+  `compile_program` adds the other runs of loops whose trip count XLA knows (`hlo_cost`); a rollout
+  program's decode loop stops on its data and stays one decode step (docs/design.md §10.4)."""
   try:
     analysis = compiled.cost_analysis()
   except (NotImplementedError, jax.errors.JaxRuntimeError):  # a backend without a cost model (UNIMPLEMENTED)
@@ -185,26 +185,6 @@ def cost(compiled: Any) -> tuple[Optional[float], Optional[float]]:
   if not analysis:
     return None, None
   return float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0))
-
-
-_COLLECTIVE = re.compile(r"=\s*(\(?[a-z0-9]+\[[^=]*?)\s(all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(-start)?\(")
-_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-
-
-def collectives(hlo_text: str) -> int:
-  """Bytes produced per device by the collectives of an optimized HLO module (all-gather, all-reduce,
-  reduce-scatter, all-to-all, collective-permute; an async pair counted at its start): what crosses the
-  interconnect, up to each algorithm's constant. Like the cost analysis, a loop body counts once."""
-  total = 0
-  for shapes, _, _ in _COLLECTIVE.findall(hlo_text):
-    for dtype, dims in _ARRAY.findall(shapes):
-      bits = re.match(r"[a-z]+([0-9]+)", dtype)  # f32, bf16, s8, f8e4m3fn; pred is a byte
-      if not dims or (bits is None and dtype != "pred"):  # async contexts carry scalars and tokens
-        continue
-      size = max(int(bits.group(1)) // 8, 1) if bits else 1
-      total += size * int(np.prod([int(d) for d in dims.split(",") if d]))
-  return total
 
 
 def _size(n: int) -> str:
@@ -243,27 +223,25 @@ def describe_call(fn: Callable, args: tuple, kwargs: dict) -> str:
   return f"{name}({'; '.join(parts)})"
 
 
-def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, count_collectives: bool = False,
-                    **kwargs) -> Compiled:
+def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, **kwargs) -> Compiled:
   """`fn.lower(*args).compile()` under the mesh and the logical rules, as the run calls it, with a log line
   as it starts (`describe_call`) and one when it is done (its seconds and memory), flushed: a large
   program takes minutes to compile for a TPU.
 
   XLA refuses to compile a TPU program whose temporaries exceed HBM, naming what it wanted: that
   figure is the program's temporaries (its outputs are then unknown: counted as 0, and its cost is
-  unknown). Flops and bytes accessed are per device (`cost`). `count_collectives`: also the bytes its
-  collectives produce (`collectives`), read from the optimized HLO that XLA dumps (a TPU module read
-  back through `Compiled.as_text` can fail on its async wrappers: "async-update instruction should have
-  1 operands")."""
+  unknown). Flops and bytes accessed are per device: XLA's cost analysis (`cost`) plus what it leaves
+  out of loops with a known trip count (every body past its first run, `hlo_cost`), and the bytes the
+  program's collectives produce, loops counted the same way; both read from the optimized HLO that XLA
+  dumps (a TPU module read back through `Compiled.as_text` can fail on its async wrappers:
+  "async-update instruction should have 1 operands")."""
   what = describe_call(fn, args, kwargs)
   logging.info("compiling %s", what)
   start = time.perf_counter()
-  dump = tempfile.TemporaryDirectory() if count_collectives else contextlib.nullcontext()
-  with sharding.mesh_context(mesh), dump as where:
+  with sharding.mesh_context(mesh), tempfile.TemporaryDirectory() as where:
     lowered = fn.lower(*args, **kwargs)
     try:
-      options = {"xla_dump_to": where, "xla_dump_hlo_as_text": True} if where else None
-      compiled = lowered.compile(compiler_options=options)
+      compiled = lowered.compile(compiler_options={"xla_dump_to": where, "xla_dump_hlo_as_text": True})
     except jax.errors.JaxRuntimeError as e:
       found = _HBM_OOM.search(str(e))
       if not found:
@@ -272,18 +250,22 @@ def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, count_collecti
       logging.info("compiled %s in %.1f s: temporaries %s per device, more than the device's memory (XLA)",
                    what.split("(", 1)[0], time.perf_counter() - start, _size(int(temp)))
       return Compiled(None, device_bytes((args, kwargs)), 0, 0, int(temp))
-    n_collective = None
-    if where:
-      texts = [p for p in os.listdir(where) if p.endswith(".after_optimizations.txt")]
-      n_collective = sum(collectives(open(os.path.join(where, p)).read()) for p in texts) if texts else None
+    # TPU names the module's text "<module>.after_optimizations.txt", CPU "<module>.cpu_after_optimizations.txt"
+    texts = [os.path.join(where, p) for p in os.listdir(where) if p.endswith("after_optimizations.txt")]
+    loops = [hlo_cost.loop_cost(open(p).read()) for p in texts]
   m = compiled.memory_analysis()
   logging.info("compiled %s in %.1f s: arguments %s, outputs %s, temporaries %s per device", what.split("(", 1)[0],
                time.perf_counter() - start, _size(m.argument_size_in_bytes), _size(m.output_size_in_bytes),
                _size(m.temp_size_in_bytes))
   flops, bytes_accessed = cost(compiled)
+  collective = None
+  if loops:
+    missing = [sum(x) for x in zip(*(c.missing for c in loops))]
+    flops = None if flops is None else flops + missing[0]
+    bytes_accessed = None if bytes_accessed is None else bytes_accessed + missing[1]
+    collective = int(sum(c.run[2] for c in loops))
   return Compiled(compiled.out_info, int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), flops, bytes_accessed,
-                  n_collective)
+                  int(m.alias_size_in_bytes), int(m.temp_size_in_bytes), flops, bytes_accessed, collective)
 
 
 def plan_row(name: str, shapes: str, c: Compiled, resident: int, hbm_gib: float,

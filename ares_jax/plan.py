@@ -15,7 +15,9 @@ arguments' shapes) and when done (seconds, memory), each size the chunk search t
 
 Each program's per-device flops and bytes accessed come from XLA's `cost_analysis()`, and its roofline
 time, max(flops / peak, bytes / bandwidth), from the chip's public figures (`chips`; none for cpu:N).
-XLA counts a loop body once: a rollout chunk's figures are its prefill plus one decode step. After the
+XLA counts a loop body once; `hlo_cost` adds the runs it leaves out of every loop whose trip count XLA
+knows (the scanned decoder and vision layers, blockwise attention's tiles). A loop that stops on its data
+stays once: a rollout chunk's figures are its prefill plus one decode step. After the
 table, one line per stage: its predicted seconds per step, each program's time per call x its calls per step
 at the expected lengths (`step_time`; `plan.prompt_tokens`, `plan.response_tokens`, `plan.mfu`).
 
@@ -109,8 +111,9 @@ def format_table(rows: list[dict[str, Any]], topology: str, hbm: float, usable: 
             f"{device.hbm_bandwidth / 1e9:.0f} GB/s per device")
   else:
     roof = "no roofline: no peak figures for these devices (chips.py)"
-  lines += ["", "GFLOP and GiB accessed: XLA's cost analysis per device, a loop body counted once (a rollout chunk: "
-            f"prefill + one decode step); {roof}."]
+  lines += ["", "GFLOP and GiB accessed: per device, XLA's cost analysis with every loop of known trip count run "
+            "that many times (hlo_cost: the scanned layers); a loop that stops on its data counted once (a rollout "
+            f"chunk: prefill + one decode step); Pallas kernels not seen; {roof}."]
   return "\n".join(lines)
 
 

@@ -78,7 +78,7 @@ def paged_programs(st: Setting, sc: sampling.SamplingConfig, n_groups: int, shap
     live = max(sc.max_new_tokens // 2, 1)
     span = paged.block_pages_for(sc.page_size) * sc.page_size
     at_live = state.replace(cache=state.cache.replace(cost_blocks=-(-live // span)))
-    step = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out, at_live, key, count_collectives=True)
+    step = st.compile(sampler.one_step, st.mcfg, sc, branching, weights.out, at_live, key)
     # HBM a decode step must read: the decode weights and the KV in use (the prompt once per group, each
     # slot's `live` response tokens), against the dense engine's full rows. XLA's TPU cost model is no
     # guide here: it counts every in-place page write as a read and write of the whole pool.

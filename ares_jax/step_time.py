@@ -12,8 +12,9 @@ stage's step is the sum over its programs of calls x time per call, at the expec
 for AEPO a rollout batch and all its optimizer updates (`ppo_epochs` x its mini-batches), for AdaCS one SFT
 optimizer step (its pass-rate rollouts run before training and are not part of it).
 
-What the figures are not: XLA counts a loop body once, so the decode programs' cost columns are one decode
-step, multiplied here by an estimate of the steps; the paged engine's step is costed at half the response
+What the figures are not: a loop that stops on its data is counted once (the cost analysis counts every
+loop body once; `hlo_cost` restores only loops of known trip count, such as the scanned layers), so the
+decode programs' cost columns are one decode step, multiplied here by an estimate of the steps; the paged engine's step is costed at half the response
 budget live, whatever `plan.response_tokens`; communication, launch gaps and what XLA's cost model does not
 see (Pallas kernels) are left out. Nothing here imports JAX: it reads the plan's rows (`ProgramPlan.row`).
 """
@@ -181,8 +182,8 @@ def format_lines(config: Any, steps: dict[str, Any], device: Optional[chips.Devi
   lines.append(f"Step time: sum of calls x time per call at {prompt_tokens(config)} prompt + "
                f"{response_tokens(config)} response tokens (plan.prompt_tokens, plan.response_tokens up to "
                "rollout.max_prompt_length, max_response_length); "
-               "decode loop calls = ceil(prompts / groups in flight) x response tokens, each a decode step (XLA "
-               "counts a loop body once); at MFU = compute at plan.mfu of peak, memory at full bandwidth; "
+               "decode loop calls = ceil(prompts / groups in flight) x response tokens, each a decode step (a loop "
+               "that stops on its data is costed as one run of its body); at MFU = compute at plan.mfu of peak, memory at full bandwidth; "
                "communication and host work not counted.")
   return lines
 

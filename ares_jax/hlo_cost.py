@@ -1,0 +1,403 @@
+"""What XLA's cost analysis leaves out of a program with loops, read from its optimized HLO text.
+
+`cost_analysis()` walks each computation of a module once, so a while loop's body is counted once whatever
+its trip count: a `lax.scan` over 28 decoder layers reports one layer's flops and bytes, and the
+collectives in its body are seen once. XLA names the trip count of every loop it can bound (a scan, a
+`fori_loop` with static bounds) in the optimized HLO: `backend_config={..."known_trip_count":{"n":"28"}}`.
+
+`loop_cost(text)` counts, per computation, what XLA's cost model counts that matters at scale:
+  flops       matrix products: a dot's 2 x output elements x contracted elements, a convolution's
+              2 x output elements x kernel elements per output feature (TPU compiles dots as convolutions);
+              elementwise work (a few flops per element against a product's thousands) is not counted.
+  bytes       each top-level instruction's operands and output, as XLA's model does it for a fusion: an
+              operand the fusion only slices counts as the slices read, an in-place update as the update
+              written; bitcasts, tuples, parameters and loop plumbing move nothing.
+  collectives the bytes every collective produces per device (an async pair counted at its start).
+and returns the module's totals with each loop body x its known trip count ("run") and with every body
+once ("xla", what the cost analysis saw). A conditional counts its cheapest branch: which one runs is
+decided on the data, and in these programs a conditional is blockwise attention skipping a tile no query
+of which may see a key of it (causal, another segment, another vision window), so the expensive branch
+runs for a fraction of the tiles that only the data fixes (a 7B row's causal triangle about half; the
+vision tower's windows about one tile per row of tiles). Blockwise attention's tiles past each loop's first
+are therefore not counted: a low bound by the attention's share (XLA itself takes the dearest branch, once). `compiled_memory.compile_program` adds run - xla to XLA's own
+figures. A loop whose trip count XLA does not know (a decode loop that stops when every slot is done)
+stays counted once: `step_time` multiplies such a program by its own estimate of the steps. Matrix
+products XLA hands to a library (a GPU's cublas custom calls) and Pallas kernels are not seen here, as
+they are not by the cost analysis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Optional
+
+# what an instruction line is: [ROOT] %name = shape opcode(operands), attributes
+_LINE = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_ARRAY = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
+_CALLEE = re.compile(r"\b(calls|body|condition|to_apply|branch_computations|true_computation|false_computation)="
+                     r"(\{[^}]*\}|%?[\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"([0-9]+)"\}')
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# instructions that move no bytes of their own (plumbing, views) or whose cost is their callee's
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call", "conditional",
+         "after-all", "partition-id", "replica-id", "opt-barrier", "async-start", "async-update", "async-done",
+         "add-dependency", "domain", "iota"}
+_SLICES = {"dynamic-slice", "slice", "gather"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  shape: str  # "f32[32,64]{1,0}" or a tuple "(s32[], f32[8]{0})"
+  opcode: str
+  operands: tuple[str, ...]  # names
+  attrs: str
+  root: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopCost:
+  """A module's flops, bytes accessed and collective bytes per device: `run` with every while body times
+  its known trip count, `xla` with every body once (as the cost analysis counts them)."""
+
+  run: tuple[float, float, float]
+  xla: tuple[float, float, float]
+  loops: tuple[tuple[str, Optional[int]], ...]  # each while instruction and its known trip count (None: unknown)
+
+  @property
+  def missing(self) -> tuple[float, float, float]:
+    """What the cost analysis leaves out: run - xla (flops, bytes, collective bytes)."""
+    return tuple(r - x for r, x in zip(self.run, self.xla))
+
+
+def array_bytes(shape: str) -> int:
+  """Bytes of every array in a shape ("f32[2,3]{1,0}", a tuple of them); pred is a byte, s4 / u4 a byte
+  (rounded up, as the existing collective count did), tokens and opaque types none."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    bits = re.match(r"[a-z]+([0-9]+)", dtype)
+    if bits is None and dtype != "pred":
+      continue
+    size = max(int(bits.group(1)) // 8, 1) if bits else 1
+    total += size * math.prod(int(d) for d in dims.split(",") if d)
+  return total
+
+
+def _dims(shape: str) -> list[int]:
+  found = _ARRAY.search(shape)
+  return [int(d) for d in found.group(2).split(",") if d] if found else []
+
+
+def _split_top(text: str) -> list[str]:
+  """Split at the commas outside brackets and braces."""
+  parts, depth, start = [], 0, 0
+  for i, ch in enumerate(text):
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  parts.append(text[start:])
+  return [p.strip() for p in parts if p.strip()]
+
+
+def _closing(text: str, start: int) -> int:
+  """Index of the bracket closing the one at `start`."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += text[i] in "([{"
+    depth -= text[i] in ")]}"
+    if depth == 0:
+      return i
+  raise ValueError(f"unbalanced HLO text: {text[start:start + 80]!r}")
+
+
+def _instruction(line: str) -> Optional[Instruction]:
+  found = _LINE.match(line)
+  if found is None:
+    return None
+  root, name, rest = found.groups()
+  if rest.startswith("("):
+    end = _closing(rest, 0) + 1
+  else:
+    end = rest.find(" ")
+  shape, rest = rest[:end], rest[end:].lstrip()
+  op = re.match(r"([\w\-]+)\(", rest)
+  if op is None:
+    return None
+  close = _closing(rest, op.end() - 1)
+  operands = tuple(p.split()[-1].lstrip("%") for p in _split_top(rest[op.end():close]))
+  return Instruction(name, shape, op.group(1), operands, rest[close + 1:], bool(root))
+
+
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation: its instructions}, the entry computation's name) of an HLO module's text."""
+  computations: dict[str, list[Instruction]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      current = computations.setdefault(header.group(1), [])
+      entry = header.group(1) if line.startswith("ENTRY") else entry
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      ins = _instruction(line)
+      if ins is not None:
+        current.append(ins)
+  return computations, entry
+
+
+def _callees(ins: Instruction) -> list[str]:
+  names = []
+  for _, value in _CALLEE.findall(ins.attrs):
+    names += [v.strip().lstrip("%") for v in value.strip("{}").split(",") if v.strip()]
+  return names
+
+
+_PASS = {"copy", "convert", "bitcast", "reshape"}
+_FLIP = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "EQ": "EQ", "NE": "NE"}
+
+
+class _Counter:
+  """The trip count of a counted loop, for backends that do not write XLA's `known_trip_count` (TPU): the
+  condition compares a tuple element with a bound (`i < n`), the element starts at a constant and the body
+  adds a constant to it; the bound and the step may be constants or tuple elements the body passes through
+  unchanged from constant starts. Anything else (a loop that stops on its data) is unknown: None."""
+
+  def __init__(self, computations: dict[str, list[Instruction]]):
+    self.computations = computations
+    self.by_name = {c: {i.name: i for i in ins} for c, ins in computations.items()}
+
+  def _root(self, computation: str) -> Optional[Instruction]:
+    ins = self.computations.get(computation, [])
+    return next((i for i in ins if i.root), ins[-1] if ins else None)
+
+  def form(self, computation: str, name: str, known: dict[int, int], env: Optional[dict] = None):
+    """("const", c) or ("elem", tuple index, offset) of a scalar in a loop's body or condition (`known`:
+    tuple elements that hold a constant throughout); None when it is neither. `env`: a fused computation's
+    parameters as its caller's forms."""
+    ins = self.by_name.get(computation, {}).get(name)
+    if ins is None:
+      return None
+    op = ins.opcode
+    if op == "constant":
+      return ("const", int(ins.operands[0])) if re.fullmatch(r"-?[0-9]+", ins.operands[0] or "") else None
+    if op in _PASS:
+      return self.form(computation, ins.operands[0], known, env)
+    if op == "parameter":
+      return env.get(int(ins.operands[0])) if env is not None else None
+    source = self.by_name[computation].get(ins.operands[0]) if ins.operands else None
+    if op == "get-tuple-element" and env is None and source is not None and source.opcode == "parameter":
+      index = int(re.search(r"index=([0-9]+)", ins.attrs).group(1))
+      return ("const", known[index]) if index in known else ("elem", index, 0)
+    if op == "fusion":
+      inner = {k: self.form(computation, o, known, env) for k, o in enumerate(ins.operands)}
+      root = self._root(_callees(ins)[0])
+      return self.form(_callees(ins)[0], root.name, known, inner) if root else None
+    if op in ("add", "subtract") and len(ins.operands) == 2:
+      a, b = (self.form(computation, o, known, env) for o in ins.operands)
+      if a is None or b is None or (a[0] == "elem" and b[0] == "elem"):
+        return None
+      sign = 1 if op == "add" else -1
+      if a[0] == "const" and b[0] == "const":
+        return ("const", a[1] + sign * b[1])
+      if a[0] == "elem":
+        return ("elem", a[1], a[2] + sign * b[1])
+      return ("elem", b[1], b[2] + a[1]) if op == "add" else None
+    return None
+
+  def _compare(self, computation: str, name: str, known: dict[int, int], env: Optional[dict] = None):
+    """(element form, direction, bound) of the condition's root compare, the element on the left."""
+    ins = self.by_name[computation][name]
+    if ins.opcode == "fusion":
+      inner = {k: self.form(computation, o, known, env) for k, o in enumerate(ins.operands)}
+      root = self._root(_callees(ins)[0])
+      return self._compare(_callees(ins)[0], root.name, known, inner) if root else None
+    direction = re.search(r"direction=([A-Z]+)", ins.attrs)
+    if ins.opcode != "compare" or direction is None:
+      return None
+    a, b = (self.form(computation, o, known, env) for o in ins.operands)
+    if a and b and a[0] == "elem" and b[0] == "const":
+      return a, direction.group(1), b[1]
+    if a and b and b[0] == "elem" and a[0] == "const":
+      return b, _FLIP[direction.group(1)], a[1]
+    return None
+
+  def trips(self, computation: str, ins: Instruction) -> Optional[int]:
+    """The trip count of the while instruction `ins` of `computation`, or None."""
+    found = _TRIP.search(ins.attrs)
+    if found:
+      return int(found.group(1))
+    init = self.by_name[computation].get(ins.operands[0])
+    body_name, cond_name = (re.search(rf"{k}=%?([\w.\-]+)", ins.attrs) for k in ("body", "condition"))
+    if init is None or init.opcode != "tuple" or body_name is None or cond_name is None:
+      return None
+    starts = {k: self.form(computation, o, {}) for k, o in enumerate(init.operands)}
+    body, cond = body_name.group(1), cond_name.group(1)
+    out = self._root(body)
+    if out is None or out.opcode != "tuple":
+      return None
+    passed = {k for k, o in enumerate(out.operands) if self.form(body, o, {}) == ("elem", k, 0)}
+    known = {k: v[1] for k, v in starts.items() if k in passed and v and v[0] == "const"}
+    test = self._compare(cond, self._root(cond).name, known) if self._root(cond) else None
+    if test is None or test[0][2] != 0 or test[0][1] not in starts or test[0][1] in known:
+      return None
+    k, direction, bound = test[0][1], test[1], test[2]
+    start, step = starts[k], self.form(body, out.operands[k], known)
+    if start is None or start[0] != "const" or step is None or step[:2] != ("elem", k) or step[2] == 0:
+      return None
+    start, step = start[1], step[2]
+    span = {"LT": bound - start, "LE": bound - start + 1, "GT": start - bound, "GE": start - bound + 1,
+            "NE": bound - start}.get(direction)
+    if span is None or (direction in ("LT", "LE", "NE") and step < 0) or (direction in ("GT", "GE") and step > 0):
+      return None
+    return max(0, -(-span // abs(step)))
+
+
+def _matmul_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+  out = math.prod(_dims(ins.shape))
+  if ins.opcode == "dot":
+    lhs = _dims(shapes.get(ins.operands[0], ""))
+    found = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attrs)
+    contracted = math.prod(lhs[int(d)] for d in found.group(1).split(",") if d) if found and lhs else 1
+    return 2.0 * out * contracted
+  return _convolution_flops(ins, shapes)
+
+
+def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
+  found = re.search(rf"\b{key}=([0-9x_]+)", attrs)
+  return [int(v) for v in found.group(1).split("x")] if found else [default] * n
+
+
+def _taps(size_in: int, size_k: int, size_out: int, stride: int, pad_low: int, lhs_dilate: int,
+          rhs_dilate: int) -> int:
+  """(output, kernel) position pairs of one spatial dimension that land on an input element (not padding,
+  not a hole of lhs dilation): XLA's `valid_position_counts`. TPU writes batched products as
+  convolutions whose batch dimensions are windows with lhs dilation, one tap per output."""
+  count = 0
+  for k in range(size_k):
+    c = k * rhs_dilate - pad_low
+    if lhs_dilate == 1:  # 0 <= o * stride + c <= size_in - 1
+      lo, hi = max(0, -(c // stride)), min(size_out - 1, (size_in - 1 - c) // stride)
+      count += max(0, hi - lo + 1)
+      continue
+    for o in range(size_out):
+      at = o * stride + c
+      count += at >= 0 and at % lhs_dilate == 0 and at // lhs_dilate < size_in
+  return count
+
+
+def _convolution_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+  """XLA's convolution count: 2 x batch / batch groups x input features / feature groups x output features
+  x each spatial dimension's valid (output, kernel) pairs."""
+  lhs, kernel = _dims(shapes.get(ins.operands[0], "")), _dims(shapes.get(ins.operands[1], ""))
+  out = _dims(ins.shape)
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attrs)
+  if not lhs or not kernel or labels is None:
+    return 0.0
+  lhs_l, k_l, out_l = labels.groups()
+  spatial = sorted(ch for ch in lhs_l if ch.isdigit())
+  n = len(spatial)
+  size, stride = _window(ins.attrs, "size", n, 1), _window(ins.attrs, "stride", n, 1)
+  lhs_dilate, rhs_dilate = _window(ins.attrs, "lhs_dilate", n, 1), _window(ins.attrs, "rhs_dilate", n, 1)
+  pad = re.search(r"\bpad=([0-9_x-]+)", ins.attrs)
+  pads = [int(p.split("_")[0]) for p in pad.group(1).split("x")] if pad else [0] * n
+  taps = math.prod(_taps(lhs[lhs_l.index(d)], kernel[k_l.index(d)], out[out_l.index(d)], stride[j], pads[j],
+                         lhs_dilate[j], rhs_dilate[j]) for j, d in enumerate(spatial))
+  groups = lambda key: int(m.group(1)) if (m := re.search(rf"{key}=([0-9]+)", ins.attrs)) else 1
+  batch, features = lhs[lhs_l.index("b")], lhs[lhs_l.index("f")]
+  return 2.0 * batch / groups("batch_group_count") * features / groups("feature_group_count") * \
+      kernel[k_l.index("o")] * taps
+
+
+class _Module:
+  """Per-computation costs of one parsed module, each computation's total memoized per counting rule."""
+
+  def __init__(self, text: str):
+    self.computations, self.entry = parse(text)
+    self.shapes = {c: {i.name: i.shape for i in ins} for c, ins in self.computations.items()}
+    counter = _Counter(self.computations)
+    self.trips = {(c, i.name): counter.trips(c, i) for c, ins in self.computations.items() for i in ins
+                  if i.opcode == "while"}
+    self._totals: dict[tuple[str, bool, bool], tuple[float, float, float]] = {}
+
+  def _operand_bytes(self, ins: Instruction, shapes: dict[str, str]) -> float:
+    """Bytes a fusion reads of its operands: a parameter the fused computation only slices counts as the
+    slices, one it updates in place as nothing (the update is counted as the output)."""
+    fused = self.computations.get(_callees(ins)[0], []) if ins.opcode == "fusion" else []
+    # `parameter(2)` parses as an operand named "2"
+    by_index = {int(f.operands[0]): f.name for f in fused if f.opcode == "parameter" and f.operands}
+    total = 0.0
+    for k, operand in enumerate(ins.operands):
+      full = array_bytes(shapes.get(operand, ""))
+      param = by_index.get(k)
+      users = [f for f in fused if param is not None and param in f.operands]
+      if users and all(u.opcode in _SLICES and u.operands[0] == param for u in users):
+        total += min(full, sum(array_bytes(u.shape) for u in users))
+      elif users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param for u in users):
+        continue
+      else:
+        total += full
+    return total
+
+  def _output_bytes(self, ins: Instruction, shapes: dict[str, str]) -> float:
+    """An in-place update writes its update, not the buffer it updates."""
+    root = self.computations.get(_callees(ins)[0], [None])[-1] if ins.opcode == "fusion" else ins
+    if root is not None and root.opcode == "dynamic-update-slice":
+      fused = self.shapes.get(_callees(ins)[0], {}) if ins.opcode == "fusion" else shapes
+      return array_bytes(fused.get(root.operands[1], ""))
+    return array_bytes(ins.shape)
+
+  def _bytes(self, ins: Instruction, shapes: dict[str, str]) -> float:
+    if ins.opcode in _FREE or ins.opcode.endswith("-done"):
+      return 0.0
+    if ins.opcode in _SLICES:
+      return 2.0 * array_bytes(ins.shape)
+    if ins.opcode == "dynamic-update-slice":
+      return 2.0 * array_bytes(shapes.get(ins.operands[1], ""))
+    return self._operand_bytes(ins, shapes) + self._output_bytes(ins, shapes)
+
+  def total(self, computation: str, counted: bool, fused: bool = False) -> tuple[float, float, float]:
+    """(flops, bytes, collective bytes) of one run of `computation` and what it calls; `counted`: while
+    bodies times their known trip counts; `fused`: inside a fusion (its bytes are the fusion's)."""
+    key = (computation, counted, fused)
+    if key not in self._totals:
+      self._totals[key] = self._total(computation, counted, fused)
+    return self._totals[key]
+
+  def _total(self, computation: str, counted: bool, fused: bool) -> tuple[float, float, float]:
+    flops = moved = collective = 0.0
+    shapes = self.shapes.get(computation, {})
+    for ins in self.computations.get(computation, []):
+      if ins.opcode in ("dot", "convolution"):
+        flops += _matmul_flops(ins, shapes)
+      base = ins.opcode[:-len("-start")] if ins.opcode.endswith("-start") else ins.opcode
+      if base in _COLLECTIVES:
+        collective += array_bytes(ins.shape)
+      if not fused:
+        moved += self._bytes(ins, shapes)
+      callees = _callees(ins)
+      if ins.opcode in ("all-reduce", "reduce-scatter", "reduce", "map", "sort", "scatter", "select-and-scatter",
+                        "reduce-window", "all-reduce-start"):
+        continue  # their to_apply is a scalar function
+      times = (self.trips[computation, ins.name] or 1) if counted and ins.opcode == "while" else 1
+      parts = [self.total(c, counted, fused or ins.opcode == "fusion") for c in callees]
+      if ins.opcode == "conditional" and parts:  # one branch runs: the cheapest (see the module's docstring)
+        parts = [min(parts)]
+      for f, b, c in parts:
+        flops, moved, collective = flops + times * f, moved + times * b, collective + times * c
+    return flops, moved, collective
+
+
+def loop_cost(text: str) -> LoopCost:
+  """The flops, bytes accessed and collective bytes of an optimized HLO module's entry computation, with
+  its loops run (`LoopCost.run`) and each body once (`LoopCost.xla`)."""
+  module = _Module(text)
+  loops = tuple((name, n) for (_, name), n in module.trips.items())
+  return LoopCost(module.total(module.entry, True), module.total(module.entry, False), loops)
