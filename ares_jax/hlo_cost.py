@@ -14,12 +14,13 @@ collectives in its body are seen once. XLA names the trip count of every loop it
               written; bitcasts, tuples, parameters and loop plumbing move nothing.
   collectives the bytes every collective produces per device (an async pair counted at its start).
 and returns the module's totals with each loop body x its known trip count ("run") and with every body
-once ("xla", what the cost analysis saw). A conditional counts its cheapest branch: which one runs is
-decided on the data, and in these programs a conditional is blockwise attention skipping a tile no query
-of which may see a key of it (causal, another segment, another vision window), so the expensive branch
-runs for a fraction of the tiles that only the data fixes (a 7B row's causal triangle about half; the
-vision tower's windows about one tile per row of tiles). Blockwise attention's tiles past each loop's first
-are therefore not counted: a low bound by the attention's share (XLA itself takes the dearest branch, once). `compiled_memory.compile_program` adds run - xla to XLA's own
+once ("xla", what the cost analysis saw). A conditional counts the least of its branches' figures (flops,
+bytes and collectives each): which branch runs is decided on the data, and only the data fixes how often
+the dear one does. In these programs that is blockwise attention skipping a tile no query of which may see
+a key of it (a 7B row's causal triangle computes about half its tiles; the vision tower's whole-image layers
+a few per row of tiles) and the vision tower choosing, layer by layer, whole-image attention (4 of 32
+layers) or windows. Such work is therefore not counted past each loop's first run: the figures are a low
+bound by its share (XLA itself takes the dearest branch, once). `compiled_memory.compile_program` adds run - xla to XLA's own
 figures. A loop whose trip count XLA does not know (a decode loop that stops when every slot is done)
 stays counted once: `step_time` multiplies such a program by its own estimate of the steps. Matrix
 products XLA hands to a library (a GPU's cublas custom calls) and Pallas kernels are not seen here, as
@@ -322,37 +323,66 @@ class _Module:
   def __init__(self, text: str):
     self.computations, self.entry = parse(text)
     self.shapes = {c: {i.name: i.shape for i in ins} for c, ins in self.computations.items()}
+    self.computations_by_name = {c: {i.name: i for i in ins} for c, ins in self.computations.items()}
     counter = _Counter(self.computations)
     self.trips = {(c, i.name): counter.trips(c, i) for c, ins in self.computations.items() for i in ins
                   if i.opcode == "while"}
     self._totals: dict[tuple[str, bool, bool], tuple[float, float, float]] = {}
 
+  def _is_view(self, ins: Instruction) -> bool:
+    """A bitcast, or a nested fusion that only copies its operand to another tiling (TPU fuses such
+    layout changes, aliased in place, in front of a slice or an update of a loop's stacked buffer)."""
+    if ins.opcode == "bitcast":
+      return True
+    inner = self.computations.get(_callees(ins)[0], []) if ins.opcode == "fusion" else []
+    return bool(inner) and all(f.opcode in ("parameter", "copy", "bitcast") for f in inner) and len(ins.operands) == 1
+
+  def _users(self, computation: str, name: str) -> list[tuple[Instruction, str]]:
+    """(user, the name it uses) of a value in a fused computation, looking through views (`_is_view`)."""
+    found = []
+    for f in self.computations.get(computation, []):
+      if name in f.operands:
+        found += self._users(computation, f.name) if self._is_view(f) else [(f, name)]
+    return found
+
   def _operand_bytes(self, ins: Instruction, shapes: dict[str, str]) -> float:
     """Bytes a fusion reads of its operands: a parameter the fused computation only slices counts as the
     slices, one it updates in place as nothing (the update is counted as the output)."""
-    fused = self.computations.get(_callees(ins)[0], []) if ins.opcode == "fusion" else []
+    fused = _callees(ins)[0] if ins.opcode == "fusion" else ""
     # `parameter(2)` parses as an operand named "2"
-    by_index = {int(f.operands[0]): f.name for f in fused if f.opcode == "parameter" and f.operands}
+    by_index = {int(f.operands[0]): f.name for f in self.computations.get(fused, [])
+                if f.opcode == "parameter" and f.operands}
     total = 0.0
     for k, operand in enumerate(ins.operands):
       full = array_bytes(shapes.get(operand, ""))
-      param = by_index.get(k)
-      users = [f for f in fused if param is not None and param in f.operands]
-      if users and all(u.opcode in _SLICES and u.operands[0] == param for u in users):
-        total += min(full, sum(array_bytes(u.shape) for u in users))
-      elif users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == param for u in users):
-        continue
-      else:
-        total += full
+      users = self._users(fused, by_index[k]) if k in by_index else [(ins, operand)]
+      read = 0.0
+      for user, used in users:
+        if user.opcode in _SLICES and user.operands[0] == used:
+          read += array_bytes(user.shape)
+        elif not (user.opcode == "dynamic-update-slice" and user.operands[0] == used):
+          read = full
+          break
+      total += min(full, read)
     return total
 
-  def _output_bytes(self, ins: Instruction, shapes: dict[str, str]) -> float:
-    """An in-place update writes its update, not the buffer it updates."""
-    root = self.computations.get(_callees(ins)[0], [None])[-1] if ins.opcode == "fusion" else ins
-    if root is not None and root.opcode == "dynamic-update-slice":
-      fused = self.shapes.get(_callees(ins)[0], {}) if ins.opcode == "fusion" else shapes
-      return array_bytes(fused.get(root.operands[1], ""))
+  def _written(self, computation: str, name: str, shapes: dict[str, str]) -> float:
+    """Bytes a fusion's output writes: an in-place update its update, a tuple its elements."""
+    ins = self.computations_by_name.get(computation, {}).get(name)
+    if ins is None:
+      return 0.0
+    if ins.opcode == "dynamic-update-slice":
+      return array_bytes(shapes.get(ins.operands[1], ""))
+    if ins.opcode in ("tuple", "bitcast"):
+      return sum(self._written(computation, o, shapes) for o in ins.operands)
     return array_bytes(ins.shape)
+
+  def _output_bytes(self, ins: Instruction, shapes: dict[str, str]) -> float:
+    if ins.opcode != "fusion":
+      return array_bytes(ins.shape)
+    fused = _callees(ins)[0]
+    root = next((f for f in self.computations.get(fused, []) if f.root), None)
+    return array_bytes(ins.shape) if root is None else self._written(fused, root.name, self.shapes.get(fused, {}))
 
   def _bytes(self, ins: Instruction, shapes: dict[str, str]) -> float:
     if ins.opcode in _FREE or ins.opcode.endswith("-done"):
@@ -388,8 +418,8 @@ class _Module:
         continue  # their to_apply is a scalar function
       times = (self.trips[computation, ins.name] or 1) if counted and ins.opcode == "while" else 1
       parts = [self.total(c, counted, fused or ins.opcode == "fusion") for c in callees]
-      if ins.opcode == "conditional" and parts:  # one branch runs: the cheapest (see the module's docstring)
-        parts = [min(parts)]
+      if ins.opcode == "conditional" and parts:  # one branch runs: the least of each figure (module docstring)
+        parts = [tuple(min(figures) for figures in zip(*parts))]
       for f, b, c in parts:
         flops, moved, collective = flops + times * f, moved + times * b, collective + times * c
     return flops, moved, collective

@@ -185,6 +185,35 @@ def test_blockwise_temporaries_grow_linearly_not_quadratically(grad):
   assert large < xla_large / 8
 
 
+def _layers(attend):
+  """Two layers of `attend` in a scan, differentiated, as the decoder runs it: the segments are constants
+  of the loop, q, k and v its carry's."""
+  def grads(q, k, v, seg):
+    def loss(q, k, v):
+      def layer(c, _):
+        scale = 1.0 + 0.1 * c.mean()
+        return attend(c, k * scale, v * scale, seg), None
+      return jax.lax.scan(layer, q, None, length=2)[0].sum()
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return grads
+
+
+def test_blockwise_in_a_layer_scan_keeps_tiles_out_of_its_residuals():
+  """Differentiated inside a scan, JAX moves what depends on the loop's constants only (each tile's mask and
+  fill values) out of the loop, as residuals stacked over every (query, key) tile pair: memory quadratic in
+  the sequence (38 GiB a device at 7B) unless `_forward` ties them to q. Gradients as xla's in the scan."""
+  blockwise = lambda q, k, v, s: A.dot_product_attention(q, k, v, q_segment=s, kv_segment=s, causal=True,
+                                                         implementation="blockwise")
+  small, large = _temp_bytes(_layers(blockwise), 2048), _temp_bytes(_layers(blockwise), 4096)
+  assert large < 2.5 * small, (small >> 20, large >> 20)
+  q, k, v, seg = _inputs()
+  tiled = lambda q, k, v, s: BW.blockwise_attention(q, k, v, s, s, causal=True, block_q=8, block_k=8)
+  got = _layers(tiled)(q, k, v, seg)
+  want = _layers(lambda q, k, v, s: A.xla_attention(q, k, v, s, s, causal=True))(q, k, v, seg)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 def test_splash_glue_matches_xla_in_the_pallas_interpreter():
   """Padding to tiles, the q scale, [B, H, T, D] layout, segment ids and the MQA form, run by the
   Pallas interpreter on CPU; under a mesh the kernel runs in shard_map, both GQA layouts."""

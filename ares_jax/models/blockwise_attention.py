@@ -54,15 +54,14 @@ def blockwise_attention(q, k, v, q_segment, kv_segment, *, causal: bool, block_q
   return out[:, :t]
 
 
-def _tile_mask(q_seg, kv_seg, q_pre, qi, ki, bq, bk, causal):
-  """[B, bq, bk] bool for query block qi and key block ki; q_pre [B, bq] or None (no prefixes)."""
+def _tile_mask(q_seg, kv_seg, q_pre, q_pos, kv_pos, causal):
+  """[B, bq, bk] bool for one tile: segments [B, bq] / [B, bk], q_pre [B, bq] or None (no prefixes), and the
+  tile's absolute query and key indices q_pos [bq], kv_pos [bk] (for the causal test)."""
   mask = q_seg[:, :, None] == kv_seg[:, None, :]
   if q_pre is not None:
     mask |= q_pre[:, :, None] == kv_seg[:, None, :]
   if causal:
-    rows = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    cols = ki * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    mask &= rows >= cols
+    mask &= q_pos[:, None] >= kv_pos[None, :]
   return mask
 
 
@@ -88,43 +87,54 @@ def _scores(q_blk, k_blk, scale):
   return jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32, precision=_HI) * scale
 
 
+def _positions(t: int, s: int, bq: int, bk: int):
+  """Absolute query and key indices by block: [nq, bq], [nk, bk]."""
+  return jnp.arange(t, dtype=jnp.int32).reshape(t // bq, bq), jnp.arange(s, dtype=jnp.int32).reshape(s // bk, bk)
+
+
 def _forward(q, k, v, q_seg, kv_seg, q_pre, causal, blocks):
   """Returns (out [B, T, H, D], lse [nq, B, K, G, bq] float32 row log-sum-exp); blocks = (bq, bk)."""
   bq, bk = blocks
   b, t, h, d = q.shape
   kh = k.shape[2]
   g, scale = h // kh, d**-0.5
+  # Why the masks' inputs pass through a barrier with q, and no tile holds a broadcast constant: differentiated
+  # inside a scan over layers, JAX moves every value that depends on the loop's constants only (segments,
+  # positions, fill values) out of the loop, and inside these loops that makes each tile's mask and fill a
+  # residual, stacked [nq, nk, B, K, G, bq, bk]: 38 GiB a device in the 7B gradient micro-step (12,288-token
+  # rows, tiles of 512). Tied to q, they are computed tile by tile like everything else.
+  q, q_seg, kv_seg, q_pre, (q_pos, kv_pos) = jax.lax.optimization_barrier(
+      (q, q_seg, kv_seg, q_pre, _positions(t, k.shape[1], bq, bk)))
   qb, kb, vb, qsb, ksb, qpb = _blocks(q, k, v, q_seg, kv_seg, q_pre, bq, bk)
-  nq, nk = qb.shape[0], kb.shape[0]
 
   def q_step(_, xs):
-    qi, q_blk, qs, qp = xs
+    q_blk, qs, qp, q_at = xs
 
     def kv_step(carry, ys):
-      ki, k_blk, v_blk, ks = ys
-      mask = _tile_mask(qs, ks, qp, qi, ki, bq, bk, causal)[:, None, None]  # [B, 1, 1, bq, bk]
+      k_blk, v_blk, ks, kv_at = ys
+      keep = _tile_mask(qs, ks, qp, q_at, kv_at, causal)[:, None, None].astype(jnp.float32)  # [B, 1, 1, bq, bk]
 
       def tile(carry):
         m, l, acc = carry  # m, l [B, K, G, bq]; acc [B, K, G, bq, D] float32
-        sc = jnp.where(mask, _scores(q_blk, k_blk, scale), _MASKED)
+        sc = _scores(q_blk, k_blk, scale) + (1.0 - keep) * _MASKED  # masked: _MASKED (|scores| << it)
         m_new = jnp.maximum(m, sc.max(-1))
-        p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+        p = jnp.exp(sc - m_new[..., None]) * keep
         corr = jnp.exp(m - m_new)
         pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32,
                         precision=_HI)
         return m_new, l * corr + p.sum(-1), acc * corr[..., None] + pv
 
-      return jax.lax.cond(mask.any(), tile, lambda c: c, carry), None
+      return jax.lax.cond(keep.any(), tile, lambda c: c, carry), None
 
     init = (jnp.full((b, kh, g, bq), _MASKED, jnp.float32), jnp.zeros((b, kh, g, bq), jnp.float32),
             jnp.zeros((b, kh, g, bq, d), jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(nk), kb, vb, ksb))
+    (m, l, acc), _ = jax.lax.scan(kv_step, init, (kb, vb, ksb, kv_pos))
     seen = l > 0  # only internal padding rows can see nothing; they come out as zeros
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
     return None, (out.transpose(0, 3, 1, 2, 4).astype(q.dtype), lse)  # [B, bq, K, G, D]
 
-  _, (out, lse) = jax.lax.scan(q_step, None, (jnp.arange(nq), qb, qsb, qpb))
+  _, (out, lse) = jax.lax.scan(q_step, None, (qb, qsb, qpb, q_pos))
   return out.transpose(1, 0, 2, 3, 4, 5).reshape(b, t, h, d), lse
 
 
@@ -150,14 +160,14 @@ def _flash_bwd(causal, blocks, residuals, d_out):
   dob = _query_blocks(d_out, bq, kh)
   delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1)  # [B, T, H]
   delta = delta.reshape(b, t // bq, bq, kh, g).transpose(1, 0, 3, 4, 2)  # [nq, B, K, G, bq]
-  nq, nk = qb.shape[0], kb.shape[0]
+  q_pos, kv_pos = _positions(t, k.shape[1], bq, bk)
 
   def q_step(dkv, xs):
-    qi, q_blk, do_blk, lse_blk, delta_blk, qs, qp = xs
+    q_blk, do_blk, lse_blk, delta_blk, qs, qp, q_at = xs
 
     def kv_step(dq, ys):
-      ki, k_blk, v_blk, ks = ys
-      mask = _tile_mask(qs, ks, qp, qi, ki, bq, bk, causal)[:, None, None]
+      k_blk, v_blk, ks, kv_at = ys
+      mask = _tile_mask(qs, ks, qp, q_at, kv_at, causal)[:, None, None]
 
       def tile(dq):
         p = jnp.where(mask, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk[..., None]), 0.0)
@@ -177,11 +187,11 @@ def _flash_bwd(causal, blocks, residuals, d_out):
       dq, dk, dv = jax.lax.cond(mask.any(), tile, skip, dq)
       return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(kv_step, jnp.zeros(q_blk.shape, jnp.float32), (jnp.arange(nk), kb, vb, ksb))
+    dq, (dk, dv) = jax.lax.scan(kv_step, jnp.zeros(q_blk.shape, jnp.float32), (kb, vb, ksb, kv_pos))
     return (dkv[0] + dk, dkv[1] + dv), dq.astype(q.dtype)
 
   zeros = jnp.zeros(kb.shape, jnp.float32)
-  (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), (jnp.arange(nq), qb, dob, lse, delta, qsb, qpb))
+  (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), (qb, dob, lse, delta, qsb, qpb, q_pos))
   dq = dq.transpose(1, 0, 2, 3, 4, 5).reshape(q.shape)
   unblock = lambda a, like: a.transpose(1, 0, 2, 3, 4).reshape(like.shape).astype(like.dtype)
   return dq, unblock(dk, k), unblock(dv, v), None, None, None
