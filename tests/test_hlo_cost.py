@@ -163,7 +163,8 @@ def _decoder_costs(num_layers: int, tokens: int = 256):
   positions = jax.ShapeDtypeStruct((3, 2, tokens), jnp.int32)
 
   def logits(p, ids, positions):
-    return qwen25vl._apply(config, p, qwen25vl.ModelInputs(ids, positions, jnp.ones_like(ids), None))  # pylint: disable=protected-access
+    inputs = qwen25vl.ModelInputs(ids, positions, jnp.ones_like(ids), None)
+    return qwen25vl._apply(config, p, inputs)  # pylint: disable=protected-access
 
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   return text, cm.compile_program(jax.jit(logits), params, ids, positions, mesh=mesh), cm.cost(
