@@ -238,10 +238,13 @@ def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, **kwargs) -> C
   what = describe_call(fn, args, kwargs)
   logging.info("compiling %s", what)
   start = time.perf_counter()
+  on_cpu = mesh.devices.flat[0].platform == "cpu"
   with sharding.mesh_context(mesh), tempfile.TemporaryDirectory() as where:
     lowered = fn.lower(*args, **kwargs)
     try:
-      compiled = lowered.compile(compiler_options={"xla_dump_to": where, "xla_dump_hlo_as_text": True})
+      # A CPU dump also writes each module's LLVM IR and object code (slow); its text reads back whole.
+      compiled = lowered.compile(compiler_options=None if on_cpu else {"xla_dump_to": where,
+                                                                      "xla_dump_hlo_as_text": True})
     except jax.errors.JaxRuntimeError as e:
       found = _HBM_OOM.search(str(e))
       if not found:
@@ -250,9 +253,8 @@ def compile_program(fn: Callable, *args, mesh: jax.sharding.Mesh, **kwargs) -> C
       logging.info("compiled %s in %.1f s: temporaries %s per device, more than the device's memory (XLA)",
                    what.split("(", 1)[0], time.perf_counter() - start, _size(int(temp)))
       return Compiled(None, device_bytes((args, kwargs)), 0, 0, int(temp))
-    # TPU names the module's text "<module>.after_optimizations.txt", CPU "<module>.cpu_after_optimizations.txt"
-    texts = [os.path.join(where, p) for p in os.listdir(where) if p.endswith("after_optimizations.txt")]
-    loops = [hlo_cost.loop_cost(open(p).read()) for p in texts]
+    texts = [open(os.path.join(where, p)).read() for p in os.listdir(where) if p.endswith("after_optimizations.txt")]
+    loops = [hlo_cost.loop_cost(t) for t in ([compiled.as_text()] if on_cpu else texts)]
   m = compiled.memory_analysis()
   logging.info("compiled %s in %.1f s: arguments %s, outputs %s, temporaries %s per device", what.split("(", 1)[0],
                time.perf_counter() - start, _size(m.argument_size_in_bytes), _size(m.output_size_in_bytes),
